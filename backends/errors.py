@@ -1,0 +1,62 @@
+"""The errors drivers raise: transport faults and backend answers, mapped once to HTTP by gateway/errors.py.
+
+    BackendError
+    ├── BackendUnavailableError     connect refused/reset, 502/503 from the backend (retryable, fall back)
+    │   └── BackendRateLimitedError 429 from the backend, with retry_after_s when it said so
+    ├── BackendTimeoutError         a phase (connect, first byte, idle between chunks) ran out
+    ├── BackendProtocolError        the backend answered something that is not HTTP/SSE we understand
+    └── BackendRejectedError        the backend refused the request (4xx): status + a client-safe message
+"""
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base of every driver error; `backend` names the config backend that failed."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, backend: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.backend = backend
+
+
+class BackendUnavailableError(BackendError):
+    retryable = True
+
+
+class BackendRateLimitedError(BackendUnavailableError):
+    def __init__(self, message: str, *, backend: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message, backend=backend)
+        self.retry_after_s = retry_after_s
+
+
+class BackendTimeoutError(BackendError):
+    retryable = True
+
+
+class BackendProtocolError(BackendError):
+    retryable = True
+
+
+class BackendRejectedError(BackendError):
+    """A 4xx the client caused; `message` is already scrubbed and safe to show."""
+
+    def __init__(
+        self, message: str, *, status: int, backend: str = "", error_type: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None,
+    ) -> None:
+        super().__init__(message, backend=backend)
+        self.status = status
+        self.error_type = error_type
+        self.param = param
+        self.code = code
+
+
+class UnsupportedFeatureError(BackendError):
+    """The backend kind cannot do what the request asks (vision, a field, adapters): not retryable here,
+    but another target of the same route may do it."""
+
+    def __init__(self, message: str, *, backend: str = "", param: str | None = None) -> None:
+        super().__init__(message, backend=backend)
+        self.param = param

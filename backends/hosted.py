@@ -1,0 +1,110 @@
+"""MoonshotDriver: the hosted Moonshot API (reference/moonshot-api.md). Base models only, fixed sampling
+stripped instead of earning a 400, thinking as the top-level `thinking` field, model ids mapped.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Mapping, Sequence
+
+import orjson
+
+from backends.base import BackendRequest
+from backends.errors import (
+    BackendError,
+    BackendRateLimitedError,
+    BackendRejectedError,
+    BackendUnavailableError,
+    UnsupportedFeatureError,
+)
+from backends.openai_compat import OpenAICompatDriver
+from backends.protocol import HOSTED_FIXED_SAMPLING, SAMPLING_EXTENSION_FIELDS
+
+log = logging.getLogger(__name__)
+
+# Retryable only where waiting helps (§4, §6.4): overload and per-minute limits, never quota or TPD.
+RETRYABLE_429_TYPES = frozenset({"engine_overloaded_error", "rate_limit_reached_error"})
+TRY_AGAIN_AFTER = re.compile(r"after (\d+(?:\.\d+)?) seconds")
+
+
+def to_moonshot_body(request: BackendRequest, hosted_model: str) -> dict:
+    body = {key: value for key, value in request.body.items() if key not in HOSTED_FIXED_SAMPLING}
+    body.pop("chat_template_kwargs", None)
+    body["model"] = hosted_model
+    body["thinking"] = {"type": "enabled" if request.thinking else "disabled"}
+    return body
+
+
+def error_from_moonshot(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
+    try:
+        error = orjson.loads(raw).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        error = {}
+    error_type, message = str(error.get("type") or ""), str(error.get("message") or "")
+    if status == 429:
+        if error_type in RETRYABLE_429_TYPES and "TPD" not in message:
+            return BackendRateLimitedError(message or "rate limited", backend=backend,
+                                           retry_after_s=_retry_after(headers, message))
+        return BackendUnavailableError(f"the hosted account cannot serve more ({error_type or 429})", backend=backend)
+    if status in (401, 403):
+        return BackendUnavailableError(f"the gateway's hosted API key was refused ({status})", backend=backend)
+    if status == 404:
+        return BackendUnavailableError("the hosted model id is not available (retired or not permitted)", backend=backend)
+    if 400 <= status < 500:
+        return BackendRejectedError(message or "The hosted API refused the request.", status=status, backend=backend,
+                                    error_type="invalid_request_error")
+    return BackendUnavailableError(f"the hosted API answered HTTP {status}", backend=backend)
+
+
+def _retry_after(headers: Mapping[str, str], message: str) -> float | None:
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    found = TRY_AGAIN_AFTER.search(message)
+    return float(found.group(1)) if found else None
+
+
+class MoonshotDriver(OpenAICompatDriver):
+    kind = "moonshot"
+    health_path = "/v1/models"
+
+    def __init__(self, name: str, transports: Sequence, *, api_key: str | None, models: Mapping[str, str],
+                 vision: bool = True) -> None:
+        super().__init__(name, transports, vision=vision)
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._models = dict(models)
+        self.available: set[str] | None = None
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+    async def start(self) -> None:
+        """Check the hosted ids at start: `kimi-k2.5` was retired on 2026-08-31 (§0)."""
+        try:
+            listing = await self.get_json(self._transports[0], "/v1/models")
+            self.available = {card["id"] for card in listing.get("data", [])}
+        except (BackendError, ValueError, KeyError, AttributeError):
+            return
+        for route, hosted in self._models.items():
+            if hosted not in self.available:
+                log.warning("backend %s: hosted model %r (for route %r) is not offered", self.name, hosted, route)
+
+    def hosted_model(self, route: str) -> str:
+        return self._models.get(route, route)
+
+    def check(self, request: BackendRequest) -> None:
+        super().check(request)
+        if request.adapter is not None:
+            raise UnsupportedFeatureError("The hosted API serves no LoRA adapters.", backend=self.name)
+        for name in SAMPLING_EXTENSION_FIELDS:
+            if name in request.body:
+                raise UnsupportedFeatureError(f"The hosted API does not accept '{name}'.", backend=self.name, param=name)
+
+    def to_body(self, request: BackendRequest) -> dict:
+        return to_moonshot_body(request, self.hosted_model(request.route))
+
+    def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
+        return error_from_moonshot(status, headers, raw, self.name)

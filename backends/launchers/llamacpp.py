@@ -1,0 +1,102 @@
+"""LlamaServerLaunch -> argv, and ServerProcess: start, wait until /health answers 200, stop.
+
+Flags follow reference/llamacpp.md: every adapter preloaded with `--lora a,b` (comma form, gotcha 6),
+`--cache-ram 0` (the RAM prompt cache mixes adapters, gotcha 5), `--no-warmup` (start-up outliers, gotcha 8).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class LlamaServerLaunch:
+    binary: Path
+    model: Path
+    loras: Sequence[Path] = ()
+    host: str = "127.0.0.1"
+    port: int = 8081
+    alias: str | None = None
+    threads: int | None = None
+    extra: Sequence[str] = field(default_factory=tuple)
+
+    def argv(self) -> list[str]:
+        argv = [str(self.binary), "-m", str(self.model), "--host", self.host, "--port", str(self.port),
+                "--cache-ram", "0", "--no-warmup", "--metrics", "--jinja"]
+        if self.loras:
+            argv += ["--lora", ",".join(str(path) for path in self.loras)]
+        if self.alias:
+            argv += ["--alias", self.alias]
+        if self.threads:
+            argv += ["-t", str(self.threads)]
+        return argv + list(self.extra)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """A child server process with a health URL; stop() is SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(self, argv: Sequence[str], health_url: str, *, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.health_url = health_url
+        self.log_path = log_path
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.argv, stdout=output, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(self.env or {})}, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{Path(self.argv[0]).name} exited with code {self.process.returncode} "
+                                   f"before it was ready{self._log_hint()}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{Path(self.argv[0]).name} was not ready within {timeout_s} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        if not self.log_path or not Path(self.log_path).exists():
+            return ""
+        tail = Path(self.log_path).read_text(errors="replace").splitlines()[-15:]
+        return "; its log ends with:\n" + "\n".join(tail)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass

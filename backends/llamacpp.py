@@ -1,0 +1,124 @@
+"""LlamaCppDriver: llama-server with GGUF LoRA adapters selected by per-request scales (reference/llamacpp.md).
+
+llama-server can only rescale adapters loaded at start, treats `"lora": []` as "the global scales" and
+silently accepts unknown ids (gotchas 1-3), so every request carries a scale for every loaded id and
+the driver refuses adapters it did not find in `/lora-adapters`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import orjson
+
+from backends.base import BackendRequest
+from backends.errors import (
+    BackendError,
+    BackendRateLimitedError,
+    BackendRejectedError,
+    BackendUnavailableError,
+    UnsupportedFeatureError,
+)
+from backends.openai_compat import OpenAICompatDriver
+
+# OpenAI-style name -> llama-server's name for the same sampling knob.
+RENAMED_FIELDS = {"repetition_penalty": "repeat_penalty"}
+
+
+def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
+    """A scale for every loaded id: the base model is all zeros, never `[]` (gotcha 2)."""
+    return [{"id": i, "scale": 1.0 if i == selected else 0.0} for i in adapter_ids]
+
+
+def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None) -> dict:
+    body = dict(request.body)
+    body.update(request.sampling)
+    for name, native in RENAMED_FIELDS.items():
+        if name in body:
+            body[native] = body.pop(name)
+    kwargs = dict(body.get("chat_template_kwargs") or {})
+    kwargs["thinking"] = request.thinking
+    if request.path.endswith("chat/completions"):
+        body["chat_template_kwargs"] = kwargs
+    else:
+        body.pop("chat_template_kwargs", None)
+    if adapter_ids:
+        body["lora"] = lora_scales(adapter_ids, selected)
+    return body
+
+
+def error_from_llamacpp(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
+    """llama-server's errors are already OpenAI-shaped: `{"error": {"code", "message", "type"}}`."""
+    try:
+        error = orjson.loads(raw).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        error = {}
+    message = str(error.get("message") or f"llama-server answered HTTP {status}")
+    if status == 429:
+        return BackendRateLimitedError(message, backend=backend, retry_after_s=_seconds(headers.get("retry-after")))
+    if status in (502, 503, 504):
+        return BackendUnavailableError(message, backend=backend)
+    if 400 <= status < 500:
+        return BackendRejectedError(message, status=status, backend=backend,
+                                    error_type="invalid_request_error", code=error.get("type"))
+    return BackendRejectedError("The backend failed while serving the request.", status=502, backend=backend,
+                                error_type="server_error")
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+class LlamaCppDriver(OpenAICompatDriver):
+    kind = "llamacpp"
+
+    def __init__(self, name: str, transports: Sequence, *, adapter_files: Mapping[str, str], vision: bool = False) -> None:
+        super().__init__(name, transports, vision=vision)
+        self._adapter_files = dict(adapter_files)   # adapter name -> GGUF path as configured
+        self._ids: list[int] = []                    # every adapter id the server loaded
+        self._id_of: dict[str, int] = {}             # adapter name -> id, for those found on the server
+
+    async def start(self) -> None:
+        try:
+            await self.refresh_adapters()
+        except (BackendError, ValueError):
+            pass  # a server that is down now is retried by the health loop
+
+    async def refresh_adapters(self) -> None:
+        """Map configured adapter files to the ids llama-server reports in `/lora-adapters`, by real path.
+        Replicas must be started with the same `--lora` list, so the first that answers is the truth."""
+        for transport in self._transports:
+            try:
+                listing = await self.get_json(transport, "/lora-adapters")
+            except BackendError:
+                continue
+            by_path = {os.path.realpath(entry["path"]): entry["id"] for entry in listing}
+            self._ids = sorted(by_path.values())
+            self._id_of = {name: by_path[os.path.realpath(path)] for name, path in self._adapter_files.items()
+                           if os.path.realpath(path) in by_path}
+            return
+
+    async def health(self) -> bool:
+        healthy = await super().health()
+        if healthy and len(self._id_of) < len(self._adapter_files):
+            await self.refresh_adapters()
+        return healthy
+
+    def adapters(self) -> dict[str, bool]:
+        return {name: name in self._id_of for name in self._adapter_files}
+
+    def check(self, request: BackendRequest) -> None:
+        super().check(request)
+        if request.adapter is not None and request.adapter not in self._id_of:
+            raise UnsupportedFeatureError(
+                f"Adapter '{request.adapter}' is not loaded on llama.cpp backend '{self.name}'.", backend=self.name)
+
+    def to_body(self, request: BackendRequest) -> dict:
+        selected = self._id_of[request.adapter] if request.adapter is not None else None
+        return to_llamacpp_body(request, self._ids, selected)
+
+    def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
+        return error_from_llamacpp(status, headers, raw, self.name)

@@ -1,0 +1,189 @@
+"""What the three drivers share: the byte-level SSE relay, the non-stream rewrite, replica selection and
+the send path. Dialects (body translation, error bodies) are the subclasses' pure functions.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import AsyncIterator, Callable, Sequence
+
+import orjson
+
+from backends.base import BackendRequest
+from backends.errors import BackendError, BackendProtocolError, BackendUnavailableError, UnsupportedFeatureError
+from backends.transport import UpstreamResponse
+
+# `"model":"…"` cannot occur inside a JSON string value (its quotes would be escaped), so a plain
+# substitution over raw event bytes rewrites exactly the top-level field without parsing the event.
+MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
+DONE = b"data: [DONE]"
+EVENT_END = b"\n\n"
+MAX_ERROR_BODY = 64 * 1024
+
+
+class StreamErrorEvent(BackendError):
+    """The backend reported an error inside a stream it had already started (HTTP 200)."""
+
+    def __init__(self, message: str, *, backend: str = "", status: int = 500, error_type: str = "server_error") -> None:
+        super().__init__(message, backend=backend)
+        self.status = status
+        self.error_type = error_type
+
+
+def usage_of(doc: dict) -> dict | None:
+    """OpenAI puts usage at the top level; the hosted API also puts it in choices[i] (moonshot-api.md §3)."""
+    usage = doc.get("usage")
+    if usage:
+        return usage
+    for choice in doc.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("usage"):
+            return choice["usage"]
+    return None
+
+
+class RelayReply:
+    """A success reply from an OpenAI-compatible backend, relayed with as little work as possible."""
+
+    def __init__(self, upstream: UpstreamResponse, *, model: str, backend: str,
+                 stream_error: Callable[[bytes], StreamErrorEvent] | None = None) -> None:
+        self.status = upstream.status
+        self.usage: dict | None = None
+        self._upstream = upstream
+        self._model = model
+        self._model_field = b'"model":' + orjson.dumps(model)
+        self._backend = backend
+        self._stream_error = stream_error
+
+    async def read(self) -> bytes:
+        raw = await self._upstream.read()
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BackendProtocolError("the backend answered with a body that is not JSON", backend=self._backend) from exc
+        if not isinstance(doc, dict):
+            raise BackendProtocolError("the backend answered with a JSON body that is not an object", backend=self._backend)
+        doc["model"] = self._model
+        self.usage = usage_of(doc)
+        return orjson.dumps(doc)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        buffer = b""
+        async for piece in self._upstream.iter_bytes():
+            buffer += piece
+            cut = buffer.rfind(EVENT_END)
+            if cut < 0:
+                continue
+            block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+            error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
+            if error_at >= 0:
+                if error_at:
+                    yield self._rewrite(block[:error_at])
+                raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
+            yield self._rewrite(block)
+            if DONE in block:
+                return
+        raise BackendProtocolError("the backend ended the stream before data: [DONE]", backend=self._backend)
+
+    def _rewrite(self, block: bytes) -> bytes:
+        block = MODEL_FIELD.sub(self._replace_model, block)
+        if b'"usage"' in block:
+            self._note_usage(block)
+        return block
+
+    def _replace_model(self, _match: re.Match) -> bytes:
+        return self._model_field
+
+    def _note_usage(self, block: bytes) -> None:
+        for event in block.split(EVENT_END):
+            if b'"usage"' in event and event.startswith(b"data: {"):
+                try:
+                    usage = usage_of(orjson.loads(event[6:]))
+                except orjson.JSONDecodeError:
+                    continue
+                if usage:
+                    self.usage = usage
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+class OpenAICompatDriver:
+    """Send path shared by every backend kind; subclasses supply to_body() and error_from()."""
+
+    kind = ""
+    health_path = "/health"
+
+    def __init__(self, name: str, transports: Sequence, *, vision: bool) -> None:
+        self.name = name
+        self._transports = list(transports)
+        self._up = [True] * len(self._transports)
+        self._turn = itertools.cycle(range(len(self._transports)))
+        self.vision = vision
+
+    async def start(self) -> None:
+        """Discovery hook; the base has nothing to discover."""
+
+    async def aclose(self) -> None:
+        for transport in self._transports:
+            await transport.aclose()
+
+    def adapters(self) -> dict[str, bool]:
+        return {}
+
+    def check(self, request: BackendRequest) -> None:
+        if request.has_images and not self.vision:
+            raise UnsupportedFeatureError(
+                f"The route's backend '{self.name}' ({self.kind}) has no vision: image parts cannot be served there.",
+                backend=self.name, param="messages")
+
+    def to_body(self, request: BackendRequest) -> dict:
+        raise NotImplementedError
+
+    def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
+        raise NotImplementedError
+
+    stream_error: Callable[[bytes], StreamErrorEvent] | None = None  # set by dialects that report errors in-stream
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+    async def send(self, request: BackendRequest) -> RelayReply:
+        self.check(request)
+        payload = orjson.dumps(self.to_body(request))
+        upstream = await self._pick().request("POST", request.path, payload, self.headers())
+        if upstream.status >= 400:
+            try:
+                raw = await upstream.read()
+            finally:
+                await upstream.aclose()
+            raise self.error_from(upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        return RelayReply(upstream, model=request.model, backend=self.name, stream_error=self.stream_error)
+
+    def _pick(self):
+        """Round-robin over replicas, skipping those the health loop saw down (all down: try anyway)."""
+        for _ in range(len(self._transports)):
+            index = next(self._turn)
+            if self._up[index]:
+                return self._transports[index]
+        return self._transports[next(self._turn)]
+
+    async def health(self) -> bool:
+        for index, transport in enumerate(self._transports):
+            self._up[index] = await self._probe(transport)
+        return any(self._up)
+
+    async def _probe(self, transport) -> bool:
+        try:
+            response = await transport.request("GET", self.health_path, b"", self.headers())
+            await response.read()
+            return response.status < 300
+        except BackendError:
+            return False
+
+    async def get_json(self, transport, path: str) -> object:
+        """A control-plane GET; errors become BackendUnavailableError."""
+        response = await transport.request("GET", path, b"", self.headers())
+        raw = await response.read()
+        if response.status >= 300:
+            raise BackendUnavailableError(f"GET {path} answered {response.status}", backend=self.name)
+        return orjson.loads(raw)

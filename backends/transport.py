@@ -1,0 +1,487 @@
+"""The lean keep-alive HTTP/1.1 client for self-hosted backends: a bounded pool per backend, an asyncio.Protocol
+per connection, one httptools parser per response, per-phase timeouts, backpressure, abort on hang-up.
+
+httpx costs 1.3-2.7 ms of CPU per request here; this costs tens of µs (reference/hot-path.md). It speaks only
+what llama-server and SGLang need: one request at a time per connection, no pipelining, upgrades, proxies,
+redirects, compression or streamed request bodies.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from urllib.parse import urlsplit
+
+import httptools
+
+from backends.errors import BackendError, BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+
+_HIGH_WATER_BYTES = 1 << 20  # pause the socket when the reader lags this far behind; resume once it drained
+_SPLIT_WRITE_BYTES = 1 << 16  # a larger body is written on its own rather than copied onto the head
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _expire(waiter: asyncio.Future, make_error: Callable[[], BackendError]) -> None:
+    if not waiter.done():
+        waiter.set_exception(make_error())
+
+
+class UpstreamResponse:
+    """One response: status and headers once the head arrived, then the body as pieces.
+
+    The connection goes back to the pool the moment the body ended (pieces stay buffered here). If the caller
+    stops before that (cancel, error, aclose), the socket is aborted so the backend sees the hang-up at once.
+    """
+
+    __slots__ = (
+        "status", "headers", "_conn", "_owner", "_parser", "_no_body", "_pieces", "_buffered", "_head_done",
+        "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter",
+    )
+
+    def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._conn: _Connection | None = conn
+        self._owner = owner
+        self._parser = httptools.HttpResponseParser(self)
+        self._no_body = no_body  # HEAD: llhttp cannot be told, so the head alone ends the message
+        self._pieces: list[bytes] = []
+        self._buffered = 0
+        self._head_done = False
+        self._done = False
+        self._until_close = False
+        self._keep_alive = False
+        self._extra = False  # bytes past the end of the message: the connection is out of step
+        self._received = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+
+    async def read(self) -> bytes:
+        """The whole body (chunked decoding done); consumes it."""
+        parts = []
+        try:
+            while (piece := await self._next_piece()) is not None:
+                parts.append(piece)
+        finally:
+            self._abandon()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def iter_bytes(self) -> AsyncIterator[bytes]:
+        """Body pieces as they arrive: everything buffered since the last piece, never split into lines."""
+        try:
+            while (piece := await self._next_piece()) is not None:
+                yield piece
+        finally:
+            self._abandon()
+
+    async def aclose(self) -> None:
+        self._abandon()
+
+    # httptools callbacks, called inside feed_data
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self.headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # 1xx: an interim head we never asked for; the real one follows
+            self.headers = {}
+            return
+        self.status = status
+        self._head_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._no_body:
+            self._done = True
+        elif status not in (204, 304) and "content-length" not in self.headers:
+            self._until_close = "chunked" not in self.headers.get("transfer-encoding", "")
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:
+            self._extra = True
+            return
+        self._pieces.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER_BYTES:
+            self._conn.pause()
+
+    def on_message_complete(self) -> None:
+        if self._head_done:
+            self._done = True
+
+    # driven by the connection
+
+    def _feed(self, data: bytes) -> None:
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self._done:
+                self._fail(BackendProtocolError("malformed HTTP response", backend=self._owner.backend))
+                return
+            self._extra = True
+        if self._done:
+            self._finish()
+        self._wake()
+
+    def _lost(self) -> None:
+        backend = self._owner.backend
+        if self._head_done and self._until_close:  # a read-until-close body ends at EOF
+            self._done = True
+            self._conn = None
+            self._wake()
+        elif not self._received:
+            self._fail(BackendUnavailableError("connection closed before the response", backend=backend))
+        elif not self._head_done:
+            self._fail(BackendProtocolError("connection closed inside the response head", backend=backend))
+        else:
+            self._fail(BackendProtocolError("connection closed before the body ended", backend=backend))
+
+    # internals
+
+    async def _start(self, head: bytes, body: bytes) -> None:
+        """Send the request and wait for the response head."""
+        conn = self._conn
+        conn.response = self
+        if conn.dead:  # died between the pool and here: same as a stale keep-alive
+            self._lost()
+        else:
+            conn.send(head, body)
+        try:
+            while not self._head_done:
+                if self._error is not None:
+                    raise self._error
+                await self._wait(self._owner.first_byte_timeout_s, "first byte")
+        except BaseException:
+            self._abandon()
+            raise
+
+    async def _next_piece(self) -> bytes | None:
+        while not self._pieces:
+            if self._done:
+                return None
+            if self._error is not None:
+                raise self._error
+            await self._wait(self._owner.idle_timeout_s, "idle")
+        pieces = self._pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._buffered = 0
+        if self._conn is not None:
+            self._conn.resume()
+        return data
+
+    async def _wait(self, timeout_s: float, phase: str) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        backend = self._owner.backend
+        timer = loop.call_later(
+            timeout_s, _expire, waiter, lambda: BackendTimeoutError(f"{phase} timeout ({timeout_s}s)", backend=backend)
+        )
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _finish(self) -> None:
+        """The message ended: detach, and pool the connection if it can carry another request."""
+        conn, self._conn = self._conn, None
+        conn.response = None
+        if not self._until_close and not self._extra:
+            self._owner._pool.release(conn)
+        else:
+            conn.close()
+
+    def _fail(self, error: BackendError) -> None:
+        if self._error is None:
+            self._error = error
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.response = None
+            conn.close()
+        self._wake()
+
+    def _abandon(self) -> None:
+        """The caller is done with this response: if the body has not ended, abort the socket."""
+        if self._conn is not None:
+            self._fail(BackendProtocolError("response closed before the body ended", backend=self._owner.backend))
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: hands received bytes to the response in flight; frees its pool slot once when it dies."""
+
+    __slots__ = ("transport", "response", "reused", "dead", "_pool", "_paused")
+
+    def __init__(self, pool: _Pool) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.reused = False
+        self.dead = False
+        self._pool = pool
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # small requests and SSE events must not wait for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # bytes nobody asked for: the connection is out of step
+            self.close()
+        else:
+            response._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.dead:
+            self.dead = True
+            self._pool.forget(self)
+        if self.response is not None:
+            self.response._lost()
+
+    def send(self, head: bytes, body: bytes) -> None:
+        if len(body) > _SPLIT_WRITE_BYTES:
+            self.transport.write(head)
+            self.transport.write(body)
+        else:
+            self.transport.write(head + body)
+
+    def pause(self) -> None:
+        if not self._paused and not self.dead:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and not self.dead:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Abort at once (no flush, no lingering): this is how a hang-up reaches the backend."""
+        if not self.dead:
+            self.dead = True
+            if self.transport is not None:
+                self.transport.abort()
+            self._pool.forget(self)
+
+
+class _Pool:
+    """At most `max_connections` open connections: idle ones (LIFO, the warmest is least likely stale) and
+    callers waiting for one. A waiter is handed either a released connection or a free slot (None)."""
+
+    def __init__(self, connect: Callable[[_Connection], Awaitable[None]], max_connections: int,
+                 wait_timeout_s: float, backend: str) -> None:
+        self._connect = connect
+        self._max = max_connections
+        self._wait_timeout_s = wait_timeout_s
+        self._backend = backend
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._open = 0
+        self.closed = False
+
+    async def acquire(self, fresh: bool) -> _Connection:
+        """A live connection; `fresh` skips idle ones (after one turned out stale)."""
+        if self.closed:
+            raise BackendUnavailableError("transport closed", backend=self._backend)
+        if self._idle and not fresh:
+            return self._idle.pop()
+        if fresh and self._idle and self._open >= self._max:
+            self._idle.popleft().close()  # make room; its slot goes to the longest waiter, maybe us
+        if self._open < self._max:
+            self._open += 1
+            return await self._open_connection()
+        conn = await self._wait()
+        if conn is None:
+            return await self._open_connection()
+        return conn if not conn.dead else await self.acquire(fresh)
+
+    def release(self, conn: _Connection) -> None:
+        """A connection whose response ended cleanly: to the longest waiter, else idle."""
+        conn.resume()
+        if self.closed:
+            conn.close()
+            return
+        conn.reused = True
+        if not self._hand_over(conn):
+            self._idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        """A connection died: drop it from idle and pass its slot on."""
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+        if not self._hand_over(None):
+            self._open -= 1
+
+    def close(self) -> None:
+        self.closed = True
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(BackendUnavailableError("transport closed", backend=self._backend))
+        while self._idle:
+            self._idle.pop().close()
+
+    async def _open_connection(self) -> _Connection:
+        conn = _Connection(self)
+        try:
+            await self._connect(conn)
+        except BaseException:
+            conn.close()  # frees the slot exactly once, whatever connection_lost did meanwhile
+            raise
+        return conn
+
+    async def _wait(self) -> _Connection | None:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        backend = self._backend
+        timer = loop.call_later(
+            self._wait_timeout_s, _expire, waiter,
+            lambda: BackendUnavailableError("connection pool exhausted", backend=backend),
+        )
+        try:
+            return await waiter
+        except BaseException:
+            self._withdraw(waiter)
+            raise
+        finally:
+            timer.cancel()
+
+    def _withdraw(self, waiter: asyncio.Future) -> None:
+        """A waiter gave up (timeout, cancel): take it out of line and pass on anything it was just handed."""
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            self._give_back(waiter.result())
+
+    def _give_back(self, conn: _Connection | None) -> None:
+        if conn is None:
+            if not self._hand_over(None):
+                self._open -= 1
+        elif not conn.dead:
+            self.release(conn)
+
+    def _hand_over(self, conn: _Connection | None) -> bool:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+
+class LeanTransport:
+    """A pooled HTTP/1.1 client for one backend. request() returns at the response head; the caller then reads
+    the body to its end or acloses the response.
+
+    Per-request headers are added to `default_headers` (a name in both is sent once, the request's value).
+    Host, Connection and Content-Length belong to the transport."""
+
+    def __init__(
+        self, base_url: str, *, max_connections: int = 100, connect_timeout_s: float = 5.0,
+        first_byte_timeout_s: float = 300.0, idle_timeout_s: float = 300.0,
+        default_headers: Mapping[str, str] | None = None, backend: str = "",
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("base_url must look like http(s)://host[:port][/prefix]")
+        tls = url.scheme == "https"
+        self._host = url.hostname
+        self._port = url.port or (443 if tls else 80)
+        self._ssl = ssl.create_default_context() if tls else None
+        self._prefix = url.path.rstrip("/")
+        self._connect_timeout_s = connect_timeout_s
+        self.first_byte_timeout_s = first_byte_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.backend = backend
+        host = url.netloc.rpartition("@")[2]  # never send userinfo
+        self._defaults = {"host": ("Host", host), "connection": ("Connection", "keep-alive")}
+        for name, value in (default_headers or {}).items():
+            self._defaults[name.lower()] = (name, value)
+        self._default_block = self._encode_defaults(frozenset())
+        self._pool = _Pool(self._connect, max_connections, connect_timeout_s, backend)
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> UpstreamResponse:
+        head = self._encode_head(method, path, body, headers)
+        fresh = False
+        while True:
+            conn = await self._pool.acquire(fresh)
+            response = UpstreamResponse(conn, self, method == "HEAD")
+            try:
+                await response._start(head, body)
+                return response
+            except BackendUnavailableError:
+                # A reused connection the server had closed while idle: nothing was processed, so retry
+                # once on a new one. Never after a response byte arrived.
+                if fresh or not conn.reused or response._received:
+                    raise
+                fresh = True
+
+    async def aclose(self) -> None:
+        self._pool.close()
+
+    async def _connect(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        server_hostname = self._host if self._ssl is not None else None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await loop.create_connection(
+                    lambda: conn, self._host, self._port, ssl=self._ssl, server_hostname=server_hostname
+                )
+        except TimeoutError as exc:
+            raise BackendTimeoutError("connect timeout", backend=self.backend) from exc
+        except OSError as exc:
+            raise BackendUnavailableError(f"connect failed ({type(exc).__name__})", backend=self.backend) from exc
+
+    def _encode_head(self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None) -> bytes:
+        block = self._default_block
+        extra = ""
+        has_type = "content-type" in self._defaults
+        if headers:
+            extra, names = _encode_headers(headers)
+            has_type = has_type or "content-type" in names
+            overridden = names & self._defaults.keys()
+            if overridden:  # rare: rebuild the default block without them
+                block = self._encode_defaults(overridden)
+        if body or method in _BODY_METHODS:
+            extra += f"Content-Length: {len(body)}\r\n"
+        if body and not has_type:
+            extra += "Content-Type: application/json\r\n"
+        if " " in path or "\n" in path or "\r" in path:
+            raise ValueError("space or line break in the path")
+        line = f"{method} {self._prefix}{path} HTTP/1.1\r\n"
+        return b"".join((line.encode("ascii"), block, extra.encode("latin-1"), b"\r\n"))
+
+    def _encode_defaults(self, skip: frozenset[str] | set[str]) -> bytes:
+        lines = [f"{name}: {value}\r\n" for key, (name, value) in self._defaults.items() if key not in skip]
+        return "".join(lines).encode("latin-1")
+
+
+def _encode_headers(headers: Mapping[str, str]) -> tuple[str, set[str]]:
+    text = ""
+    names = set()
+    for name, value in headers.items():
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError("line break in a header")  # would smuggle a header or a request
+        text += f"{name}: {value}\r\n"
+        names.add(name.lower())
+    return text, names

@@ -1,0 +1,28 @@
+"""/healthz (process alive), /readyz (every route has a healthy target; 503 while draining), /metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.dependencies import StateDep
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> JSONResponse:
+    ready = state.ready()
+    body = {"status": "ready" if ready else ("draining" if state.draining else "not ready"),
+            "backends": {name: ("up" if up else "down") for name, up in state.healthy.items()}}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

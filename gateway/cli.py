@@ -1,0 +1,89 @@
+"""`kimi-gateway`: serve, check and demo (DESIGN.md "Commands")."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+
+def route_table(config: GatewayConfig) -> str:
+    """One line per route: model name -> targets in fallback order (adapter@backend), profile."""
+    from gateway.routing import RouteTable
+
+    table = RouteTable(config)
+    lines = []
+    for route in table.routes():
+        if route.experiment is not None:
+            variants = ", ".join(f"{name} {weight}" for name, weight in route.experiment.variants.items())
+            where = f"experiment [{variants}] sticky by {route.experiment.sticky_by}"
+        else:
+            where = " -> ".join(f"{t.adapter}@{t.backend}" if t.adapter else t.backend for t in route.targets)
+        profile = route.profile or config.sampling.default_profile
+        lines.append(f"  {route.name:<24} {where}   (profile {profile})")
+    return "routes:\n" + "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: ok, {len(config.backends)} backends, {len(config.adapters)} adapters, "
+          f"{len(config.routes)} routes, sampling mode {config.sampling.mode}")
+    print(route_table(config))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    serve(config, host=args.host or config.listen.host, port=args.port if args.port is not None else config.listen.port)
+    return 0
+
+
+def serve(config: GatewayConfig, *, host: str, port: int) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    app = create_app(config)
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+                access_log=False, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo.run import run_demo
+
+    return run_demo(port=args.port, workdir=args.workdir)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="kimi-gateway", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a config and print the route table")
+    check.add_argument("file")
+    check.set_defaults(run=cmd_check)
+    serve_cmd = commands.add_parser("serve", help="run the gateway")
+    serve_cmd.add_argument("--config", required=True)
+    serve_cmd.add_argument("--host")
+    serve_cmd.add_argument("--port", type=int)
+    serve_cmd.set_defaults(run=cmd_serve)
+    demo = commands.add_parser("demo", help="build/find llama-server, make a tiny model + 2 adapters, serve them")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--workdir", help="where the demo's model, adapters and config go (default: user cache)")
+    demo.set_defaults(run=cmd_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

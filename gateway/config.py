@@ -1,0 +1,249 @@
+"""GatewayConfig: the strict, immutable YAML config (DESIGN.md "Config file") and load_config(path)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Names become route names, metric labels and URL path segments: keep them to a safe charset.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
+Name = Annotated[str, Field(pattern=SAFE_NAME)]
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+EnvName = Annotated[str, Field(pattern=ENV_NAME)]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file, the key path and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class ClientKeyConfig(Strict):
+    name: Name
+    key_env: EnvName
+    models: tuple[str, ...] = ("*",)
+
+
+class AuthConfig(Strict):
+    admin_keys_env: EnvName = "KIMI_GATEWAY_ADMIN_KEYS"
+    client_keys: tuple[ClientKeyConfig, ...] | None = None  # None = open gateway (development)
+
+
+class SamplingProfile(Strict):
+    temperature: float = Field(ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    min_p: float | None = Field(0.01, ge=0.0, le=1.0)
+    thinking: bool = True
+
+
+DEFAULT_PROFILES = {
+    "thinking": SamplingProfile(temperature=1.0, top_p=0.95, min_p=0.01, thinking=True),
+    "instant": SamplingProfile(temperature=0.6, top_p=0.95, min_p=0.01, thinking=False),
+}
+
+
+class SamplingConfig(Strict):
+    mode: Literal["default", "enforce"] = "default"
+    default_profile: str = "thinking"
+    profiles: dict[str, SamplingProfile] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
+
+    @model_validator(mode="after")
+    def _default_profile_exists(self) -> SamplingConfig:
+        if self.default_profile not in self.profiles:
+            raise ValueError(f"default_profile {self.default_profile!r} is not one of profiles {sorted(self.profiles)}")
+        return self
+
+
+class TimeoutsConfig(Strict):
+    connect_s: float = Field(3.0, gt=0)
+    first_byte_s: float = Field(300.0, gt=0)
+    idle_s: float = Field(120.0, gt=0)
+
+
+class RetryConfig(Strict):
+    attempts: int = Field(2, ge=1, le=10)       # per target, before falling back to the next one
+    max_retry_after_s: float = Field(5.0, ge=0)  # a longer retry-after goes straight to fallback
+
+
+class BackendConfig(Strict):
+    name: Name
+    kind: Literal["sglang", "llamacpp", "moonshot"]
+    url: str | None = None
+    urls: tuple[str, ...] | None = None
+    api_key_env: EnvName | None = None
+    served_model_name: str | None = None        # sglang: its --served-model-name
+    models: dict[str, str] = Field(default_factory=dict)  # moonshot: route model -> hosted id
+    max_loaded_adapters: int | None = Field(None, ge=1)
+    expert_adapter: Name | None = None           # sglang+KT: the one expert adapter fixed at launch
+    vision: bool | None = None                   # None = the kind's default
+    max_connections: int = Field(100, ge=1)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    retry: RetryConfig = RetryConfig()
+    launch: dict | None = None                   # launch blocks are read by `kimi-gateway launch`
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_url_urls(self) -> BackendConfig:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give exactly one of `url` (one server) or `urls` (replicas)")
+        for url in self.urls or ():
+            self._http_url(url)
+        if self.kind == "moonshot" and not self.api_key_env:
+            raise ValueError("a moonshot backend needs `api_key_env` (the name of the env var holding the key)")
+        return self
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self.urls if self.urls is not None else (self.url,)  # type: ignore[return-value]
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision if self.vision is not None else self.kind != "llamacpp"
+
+
+class AdapterConfig(Strict):
+    name: Name
+    source: str | None = None                     # PEFT dir (adapter_config.json + adapter_model.safetensors)
+    gguf: str | None = None                       # GGUF LoRA for llama.cpp backends
+    profile: str | None = None
+    backends: tuple[Name, ...] = Field(min_length=1)
+
+
+class ExperimentConfig(Strict):
+    sticky_by: Literal["user", "header", "key"] = "user"
+    variants: dict[Name, int] = Field(min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _positive_weights(cls, variants: dict[str, int]) -> dict[str, int]:
+        if any(weight < 0 for weight in variants.values()) or sum(variants.values()) <= 0:
+            raise ValueError("variant weights must be >= 0 and sum to more than 0")
+        return variants
+
+
+class RouteConfig(Strict):
+    name: Name
+    targets: tuple[Name, ...] | None = None       # backends, in fallback order
+    experiment: ExperimentConfig | None = None
+    profile: str | None = None
+
+    @model_validator(mode="after")
+    def _targets_or_experiment(self) -> RouteConfig:
+        if (self.targets is None) == (self.experiment is None):
+            raise ValueError("a route has exactly one of `targets` or `experiment`")
+        return self
+
+
+class LimitsConfig(Strict):
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+
+class GatewayConfig(Strict):
+    listen: ListenConfig = ListenConfig()
+    state_dir: str = "~/.local/state/kimi-gateway"
+    adapter_roots: tuple[str, ...] = ()
+    auth: AuthConfig = AuthConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    adapters: tuple[AdapterConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> GatewayConfig:
+        check_cross_references(self)
+        return self
+
+    def backend(self, name: str) -> BackendConfig:
+        return next(b for b in self.backends if b.name == name)
+
+
+def check_cross_references(config: GatewayConfig) -> None:
+    """Names must be unique and every reference must resolve; errors carry the key path."""
+    backends = {b.name: b for b in config.backends}
+    _unique("backends", [b.name for b in config.backends])
+    _unique("adapters", [a.name for a in config.adapters])
+    route_names = [r.name for r in config.routes] + [a.name for a in config.adapters]
+    _unique("routes (adapters are routes too)", route_names)
+    profiles = config.sampling.profiles
+    for i, adapter in enumerate(config.adapters):
+        if adapter.profile and adapter.profile not in profiles:
+            raise ValueError(f"adapters[{i}].profile: {adapter.profile!r} is not a sampling profile ({sorted(profiles)})")
+        for j, name in enumerate(adapter.backends):
+            backend = backends.get(name)
+            if backend is None:
+                raise ValueError(f"adapters[{i}].backends[{j}]: {name!r} is not a backend ({sorted(backends)})")
+            if backend.kind == "moonshot":
+                raise ValueError(f"adapters[{i}].backends[{j}]: {name!r} is the hosted API, which serves no LoRA")
+            if backend.kind == "llamacpp" and not adapter.gguf:
+                raise ValueError(f"adapters[{i}]: backend {name!r} is llama.cpp, so the adapter needs `gguf`")
+            if backend.kind == "sglang" and not adapter.source:
+                raise ValueError(f"adapters[{i}]: backend {name!r} is SGLang, so the adapter needs `source`")
+    adapter_names = {a.name for a in config.adapters}
+    for i, route in enumerate(config.routes):
+        if route.profile and route.profile not in profiles:
+            raise ValueError(f"routes[{i}].profile: {route.profile!r} is not a sampling profile ({sorted(profiles)})")
+        for j, name in enumerate(route.targets or ()):
+            if name not in backends:
+                raise ValueError(f"routes[{i}].targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
+        for name in (route.experiment.variants if route.experiment else {}):
+            if name not in adapter_names and name not in {r.name for r in config.routes if r.targets}:
+                raise ValueError(f"routes[{i}].experiment.variants: {name!r} is not an adapter or a base route")
+
+
+def _unique(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what}: the name {name!r} is used twice")
+        seen.add(name)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a YAML config; every failure is a ConfigError naming file, key path and expectation."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(error) for error in exc.errors())) from exc
+
+
+def _describe(error: dict) -> str:
+    location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    if error["type"] == "missing":
+        return f"{location}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def resolve_secret(env_name: str) -> str | None:
+    """Secrets live in the environment; the config only names the variable."""
+    value = os.environ.get(env_name, "").strip()
+    return value or None

@@ -1,0 +1,208 @@
+"""The hot path as plain ASGI: read body -> orjson -> check -> auth -> route -> sampling -> driver -> relay.
+
+No FastAPI routing and no pydantic here (reference/hot-path.md: FastAPI's request handling alone costs
+more than a whole lean forward). One call per step; the steps live in their own modules.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from functools import partial
+
+import orjson
+
+from backends.base import BackendRequest
+from backends.errors import BackendError, BackendRejectedError, UnsupportedFeatureError
+from backends.openai_compat import StreamErrorEvent
+from gateway.auth import authenticate
+from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
+from gateway.metrics import RequestRecorder
+from gateway.policies.retry import with_retries
+from gateway.policies.sampling import apply_sampling_policy
+from gateway.routing import Resolved, Target
+from gateway.state import GatewayState
+from gateway.streaming import DisconnectWatcher, relay_stream
+from gateway.validation import check_request
+
+log = logging.getLogger(__name__)
+JSON_HEADERS = [(b"content-type", b"application/json")]
+STICKY_HEADER = b"x-kimi-sticky-key"
+
+
+class ClientGone(Exception):
+    """The client hung up before its request body arrived."""
+
+
+class Forwarded:
+    """A backend reply that passed its first byte, with where it came from."""
+
+    __slots__ = ("reply", "target", "first", "events")
+
+    def __init__(self, reply, target: Target, first: bytes | None = None, events=None) -> None:
+        self.reply, self.target, self.first, self.events = reply, target, first, events
+
+
+class DataPlane:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self.max_body = state.config.limits.max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        request_id = os.urandom(12).hex()
+        recorder = RequestRecorder(self.state.metrics)
+        headers = dict(scope["headers"])
+        extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id.encode())]
+        code, usage, watcher = 500, None, None
+        try:
+            doc = orjson.loads(await read_body(receive, self.max_body))
+            watcher = DisconnectWatcher(receive)
+            code, usage = await self.serve(scope["path"], doc, headers, request_id, recorder, extra, send)
+        except ClientGone:
+            code = 499
+        except orjson.JSONDecodeError:
+            code = await send_error(send, InvalidRequestError("We could not parse the JSON body of your request."), extra)
+        except GatewayError as exc:
+            code = await send_error(send, exc, extra)
+        except asyncio.CancelledError:
+            code = 499  # nginx's "client closed request": nothing is left to answer
+            if watcher is None or not watcher.disconnected:
+                raise
+            asyncio.current_task().uncancel()
+        except Exception:
+            log.exception("request %s failed", request_id)
+            code = await send_error(send, InternalError(request_id), extra)
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            recorder.finished(code, usage)
+
+    async def serve(self, path, doc, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
+        state = self.state
+        has_images = check_request(doc, path)
+        principal = authenticate(headers.get(b"authorization"), state.client_keys)
+        model = doc["model"]
+        principal.require(model)
+        resolved = state.routes.resolve(model, sticky_key(resolved_sticky(state, model), doc, headers, principal))
+        decision = apply_sampling_policy(doc, state.config.sampling, resolved.route.profile)
+        route = resolved.route
+        recorder.route = model
+        for param in decision.overrides:
+            state.metrics.sampling_overrides.labels(model, param).inc()
+        if resolved.variant is not None:
+            state.metrics.experiment_assignments.labels(model, resolved.variant).inc()
+        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
+                                 thinking=decision.thinking, sampling=decision.values,
+                                 stream=doc.get("stream", False), has_images=has_images, request_id=request_id)
+        forwarded = await self.forward(request, resolved, recorder)
+        target = forwarded.target
+        extra += [(b"x-kimi-backend", target.backend.encode()),
+                  (b"x-kimi-adapter", (target.adapter or "").encode()),
+                  (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
+        if resolved.variant is not None:
+            extra.append((b"x-kimi-variant", resolved.variant.encode()))
+        reply = forwarded.reply
+        if request.stream:
+            await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra)
+            return 200, reply.usage
+        try:
+            body = await reply.read()
+        except BackendError as exc:
+            raise from_backend_error(exc) from exc
+        finally:
+            await reply.aclose()
+        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra})
+        await send({"type": "http.response.body", "body": body})
+        return 200, reply.usage
+
+    async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder) -> Forwarded:
+        """Try the route's targets in order (healthy ones first), retrying each before its first byte."""
+        state, route = self.state, resolved.route
+        unsupported: UnsupportedFeatureError | None = None
+        failure: BackendError | None = None
+        healthy = state.healthy
+        targets = sorted(route.targets, key=lambda t: not healthy.get(t.backend, True))
+        for index, target in enumerate(targets):
+            driver = state.drivers[target.backend]
+            request.adapter = target.adapter
+            try:
+                driver.check(request)
+            except UnsupportedFeatureError as exc:
+                unsupported = unsupported or exc
+                continue
+            if failure is not None:
+                state.metrics.fallbacks.labels(route.name, target.backend).inc()
+            recorder.routed(request.model, target.adapter, target.backend)
+            policy = state.config.backend(target.backend).retry
+            try:
+                return await with_retries(partial(open_reply, driver, request, target), policy,
+                                          lambda exc: state.metrics.retries.labels(target.backend, type(exc).__name__).inc())
+            except (BackendRejectedError, StreamErrorEvent) as exc:
+                if exc.status < 500:
+                    raise from_backend_error(exc) from exc
+                failure = exc
+            except BackendError as exc:
+                log.warning("backend %s failed for %s: %s", target.backend, request.request_id, exc.message)
+                failure = exc
+        if failure is not None:
+            raise from_backend_error(failure)
+        raise from_backend_error(unsupported or UnsupportedFeatureError(f"Route '{route.name}' has no target."))
+
+
+async def open_reply(driver, request: BackendRequest, target: Target) -> Forwarded:
+    """Send, and for a stream pull its first event too: a failure up to there can still be retried."""
+    reply = await driver.send(request)
+    if not request.stream:
+        return Forwarded(reply, target, None)
+    events = reply.events()
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        await reply.aclose()
+        raise BackendError("the backend sent an empty stream", backend=target.backend)
+    except BaseException:
+        await reply.aclose()
+        raise
+    return Forwarded(reply, target, first, events)
+
+
+def resolved_sticky(state: GatewayState, model: str) -> str | None:
+    route = state.routes.get(model)
+    return route.experiment.sticky_by if route is not None and route.experiment is not None else None
+
+
+def sticky_key(sticky_by: str | None, doc: dict, headers: dict, principal) -> str | None:
+    if sticky_by is None:
+        return None
+    if sticky_by == "user":
+        user = doc.get("user")
+        return user if isinstance(user, str) and user else None
+    if sticky_by == "header":
+        value = headers.get(STICKY_HEADER)
+        return value.decode("latin-1") if value else None
+    return principal.name or None
+
+
+async def read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_error(send, error: GatewayError, extra: list[tuple[bytes, bytes]]) -> int:
+    headers = JSON_HEADERS + extra + [(k.encode(), v.encode()) for k, v in error.headers.items()]
+    try:
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": error.body()})
+    except OSError:
+        pass  # the client is gone
+    return error.status_code

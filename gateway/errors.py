@@ -1,0 +1,110 @@
+"""The GatewayError tree, the HTTP status of each, and the one OpenAI-shaped error body.
+
+Only GatewayError text reaches clients; anything else becomes a generic 500 with the request id.
+"""
+from __future__ import annotations
+
+import orjson
+
+from backends.errors import (
+    BackendError,
+    BackendRateLimitedError,
+    BackendRejectedError,
+    BackendTimeoutError,
+    UnsupportedFeatureError,
+)
+
+
+class GatewayError(Exception):
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class InvalidRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str = "Incorrect API key provided.") -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = 403
+    error_type = "permission_denied_error"
+
+
+class ModelNotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist or you do not have access to it.",
+                         param="model", code="model_not_found")
+
+
+class PayloadTooLargeError(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UpstreamRateLimitedError(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class BadGatewayError(GatewayError):
+    status_code = 502
+    error_type = "server_error"
+
+
+class ServiceUnavailableError(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+
+
+class GatewayTimeoutError(GatewayError):
+    status_code = 504
+    error_type = "server_error"
+
+
+class InternalError(GatewayError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"Internal error (request id {request_id}); the details are in the gateway log.")
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+
+
+def from_backend_error(exc: BackendError) -> GatewayError:
+    """The status a client sees for a backend that failed before the first byte."""
+    where = f" (backend {exc.backend})" if exc.backend else ""
+    if isinstance(exc, BackendRejectedError):
+        error = GatewayError(exc.message, param=exc.param, code=exc.code)
+        error.status_code, error.error_type = exc.status, exc.error_type
+        return error
+    if isinstance(exc, UnsupportedFeatureError):
+        return InvalidRequestError(exc.message, param=exc.param)
+    if isinstance(exc, BackendRateLimitedError):
+        retry_after = str(max(1, round(exc.retry_after_s or 1)))
+        return UpstreamRateLimitedError(f"The backend is rate limited{where}; retry later.",
+                                        headers={"retry-after": retry_after})
+    if isinstance(exc, BackendTimeoutError):
+        return GatewayTimeoutError(f"The backend timed out{where}: {exc.message}")
+    return ServiceUnavailableError(f"No backend could serve the request{where}: {exc.message}")

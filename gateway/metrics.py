@@ -1,0 +1,84 @@
+"""Every Prometheus collector of the gateway (DESIGN.md "Metrics"), and RequestRecorder, the one object
+handlers record a request through. Labels come only from config/registry names: bounded cardinality.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "kimi_gateway_"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    """The collectors, on a registry of their own so that several apps (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(f"{PREFIX}requests", "Requests answered", ["route", "adapter", "backend", "code"],
+                                registry=registry)
+        self.duration = Histogram(f"{PREFIX}request_duration_seconds", "Request duration, start to last byte",
+                                  ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to the first streamed event",
+                              ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token = Histogram(f"{PREFIX}inter_token_latency_seconds", "Mean gap between streamed events",
+                                     ["backend"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
+        self.tokens = Counter(f"{PREFIX}tokens", "Tokens reported by backends", ["route", "adapter", "kind"],
+                              registry=registry)
+        self.in_flight = Gauge(f"{PREFIX}in_flight_requests", "Requests being served", ["backend"], registry=registry)
+        self.backend_up = Gauge(f"{PREFIX}backend_up", "1 when the backend's health check passes", ["backend"],
+                                registry=registry)
+        self.adapter_loaded = Gauge(f"{PREFIX}adapter_loaded", "1 when the adapter is usable on the backend",
+                                    ["adapter", "backend"], registry=registry)
+        self.adapter_operations = Counter(f"{PREFIX}adapter_operations", "Adapter lifecycle operations",
+                                          ["op", "result"], registry=registry)
+        self.sampling_overrides = Counter(f"{PREFIX}sampling_overrides", "Client sampling values replaced",
+                                          ["route", "param"], registry=registry)
+        self.retries = Counter(f"{PREFIX}retries", "Retries before the first byte", ["backend", "reason"],
+                               registry=registry)
+        self.fallbacks = Counter(f"{PREFIX}fallbacks", "Requests moved to the route's next target",
+                                 ["route", "backend"], registry=registry)
+        self.experiment_assignments = Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
+                                              ["experiment", "variant"], registry=registry)
+
+
+class RequestRecorder:
+    """started -> routed -> first_event -> finished, the last one always (in a `finally`)."""
+
+    __slots__ = ("_metrics", "_start", "_first", "_events", "route", "adapter", "backend")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._start = time.perf_counter()
+        self._first = 0.0
+        self._events = 0
+        self.route = self.adapter = self.backend = ""
+
+    def routed(self, route: str, adapter: str | None, backend: str) -> None:
+        if self.backend:
+            self._metrics.in_flight.labels(self.backend).dec()
+        self.route, self.adapter, self.backend = route, adapter or "", backend
+        self._metrics.in_flight.labels(backend).inc()
+
+    def first_event(self) -> None:
+        self._first = time.perf_counter()
+        self._metrics.ttft.labels(self.route, self.backend).observe(self._first - self._start)
+
+    def event(self) -> None:
+        self._events += 1
+
+    def finished(self, code: int, usage: dict | None = None) -> None:
+        metrics, now = self._metrics, time.perf_counter()
+        metrics.requests.labels(self.route, self.adapter, self.backend, str(code)).inc()
+        if self.backend:
+            metrics.in_flight.labels(self.backend).dec()
+            metrics.duration.labels(self.route, self.backend).observe(now - self._start)
+            if self._first and self._events > 1:
+                metrics.inter_token.labels(self.backend).observe((now - self._first) / (self._events - 1))
+        if usage:
+            for kind in ("prompt", "completion"):
+                count = usage.get(f"{kind}_tokens")
+                if isinstance(count, int) and count > 0:
+                    metrics.tokens.labels(self.route, self.adapter, kind).inc(count)

@@ -1,0 +1,55 @@
+"""Retries before the first byte: which backend errors are worth another try, and how long to wait.
+
+The first attempt runs without tenacity (the common case stays cheap); only a retryable failure
+enters the tenacity loop for the remaining attempts.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from backends.errors import BackendError, BackendRateLimitedError
+from gateway.config import RetryConfig
+
+T = TypeVar("T")
+FIRST_BACKOFF_S = 0.05
+
+
+def is_retryable(exc: BaseException, policy: RetryConfig) -> bool:
+    """Connect errors, 502/503, timeouts; a 429 only when the backend said how long to wait and it is short."""
+    if isinstance(exc, BackendRateLimitedError):
+        return exc.retry_after_s is not None and exc.retry_after_s <= policy.max_retry_after_s
+    return isinstance(exc, BackendError) and exc.retryable
+
+
+def _wait(policy: RetryConfig):
+    backoff = wait_exponential(multiplier=0.05, max=1.0)
+
+    def wait(state) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, BackendRateLimitedError) and exc.retry_after_s is not None:
+            return exc.retry_after_s
+        return backoff(state)
+    return wait
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryConfig,
+                       on_retry: Callable[[BaseException], None]) -> T:
+    try:
+        return await attempt()
+    except BaseException as exc:
+        if policy.attempts <= 1 or not is_retryable(exc, policy):
+            raise
+        on_retry(exc)
+        delay = exc.retry_after_s if isinstance(exc, BackendRateLimitedError) else FIRST_BACKOFF_S
+    await asyncio.sleep(delay or FIRST_BACKOFF_S)
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.attempts - 1),
+        retry=retry_if_exception(lambda exc: is_retryable(exc, policy)),
+        wait=_wait(policy),
+        before_sleep=lambda state: on_retry(state.outcome.exception()),
+        reraise=True,
+    )
+    return await retrying(attempt)

@@ -1,0 +1,83 @@
+"""RouteTable: a request's `model` -> the backends (and adapter) to try, in fallback order.
+
+Every adapter is a route of its own name; an experiment route picks a variant by weight, sticky on a key.
+The table is immutable: a registry change builds a new one and swaps the reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from gateway.config import ExperimentConfig, GatewayConfig
+from gateway.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    backend: str
+    adapter: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    targets: tuple[Target, ...]
+    profile: str | None
+    adapter: str | None = None
+    experiment: ExperimentConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    route: Route              # the concrete (non-experiment) route that serves the request
+    variant: str | None       # the experiment's chosen variant, if the model named an experiment
+
+
+def sticky_fraction(experiment: str, key: str) -> float:
+    """A stable number in [0, 1) for (experiment, key): the same user always lands on the same variant."""
+    digest = hashlib.blake2b(f"{experiment}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def pick_variant(experiment: str, variants: dict[str, int], key: str | None) -> str:
+    point = (sticky_fraction(experiment, key) if key else random.random()) * sum(variants.values())
+    for name, weight in variants.items():
+        point -= weight
+        if point < 0:
+            return name
+    return next(name for name, weight in reversed(variants.items()) if weight > 0)
+
+
+class RouteTable:
+    def __init__(self, config: GatewayConfig) -> None:
+        routes: dict[str, Route] = {}
+        for adapter in config.adapters:
+            targets = tuple(Target(backend, adapter.name) for backend in adapter.backends)
+            routes[adapter.name] = Route(adapter.name, targets, adapter.profile, adapter=adapter.name)
+        for route in config.routes:
+            targets = tuple(Target(backend, None) for backend in route.targets or ())
+            routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment)
+        self._routes = routes
+
+    def names(self) -> list[str]:
+        return list(self._routes)
+
+    def routes(self) -> list[Route]:
+        return list(self._routes.values())
+
+    def get(self, name: str) -> Route | None:
+        return self._routes.get(name)
+
+    def resolve(self, model: str, sticky_key: str | None = None) -> Resolved:
+        route = self._routes.get(model)
+        if route is None:
+            raise ModelNotFoundError(model)
+        if route.experiment is None:
+            return Resolved(route, None)
+        variant = pick_variant(route.name, route.experiment.variants, sticky_key)
+        chosen = self._routes[variant]
+        # An experiment's own profile applies to every variant unless the variant sets one.
+        if chosen.profile is None and route.profile is not None:
+            chosen = Route(chosen.name, chosen.targets, route.profile, chosen.adapter)
+        return Resolved(chosen, variant)

@@ -1,0 +1,230 @@
+"""Plumbing shared by the SGLang and Moonshot emulators.
+
+Owns: JSON and SSE framing, bearer-auth middleware, the request log, fault injection and the
+test-only `/_emulator/*` endpoints. Nothing here knows a dialect: each emulator passes in its own
+error bodies. The fake model output lives in `generation.py`.
+
+Test-only API (both emulators; never authenticated):
+- `POST /_emulator/faults` queues one fault that applies to the next `count` chat/completions
+  requests: `{"status": 503, "count": 2}` (answer that status with the emulator's native error
+  body; optional `"message"`, `"type"` override it), `{"delay_first_byte_s": 2.0}` (sleep before
+  the response starts), `{"drop_mid_stream_after": 3}` (send 3 SSE events, then cut the
+  connection), `{"stream_error_after": 2}` (send 2 SSE events, then the native in-stream error
+  event and `data: [DONE]`). Keys may be combined in one fault. Stream-only faults wait for a
+  streaming request. Queued faults are consumed first in, first out.
+- `GET /_emulator/faults` lists pending faults; `GET /_emulator/requests` lists chat/completions
+  requests received, newest last: `{"path", "body" (parsed JSON or null), "raw" (text when not
+  JSON), "has_authorization", "headers" (minus authorization)}`.
+- `POST /_emulator/reset` clears faults, the log and the emulator's own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json")
+
+
+def sse_event(body: Any) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def read_json(request: Request) -> tuple[Any, bytes, str | None]:
+    """(parsed body or None, raw bytes, parse error text or None)."""
+    raw = await request.body()
+    try:
+        return orjson.loads(raw), raw, None
+    except orjson.JSONDecodeError as exc:
+        return None, raw, str(exc)
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+AuthCheck = Callable[[str | None, str], Response | None]
+
+
+class BearerAuthMiddleware:
+    """Pure ASGI: asks `check(authorization header, path)` and answers its response if it gives one."""
+
+    def __init__(self, app: ASGIApp, check: AuthCheck) -> None:
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(b"authorization")
+            rejection = self.check(raw.decode("latin-1") if raw is not None else None, scope["path"])
+            if rejection is not None:
+                await rejection(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return None
+    return authorization[7:].strip() or None
+
+
+# --- request log ---------------------------------------------------------------------------------
+
+
+class RequestLog:
+    """Chat/completions requests as received, for tests to see what the gateway forwarded."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def record(self, request: Request, body: Any, raw: bytes) -> None:
+        self.entries.append({
+            "path": request.url.path,
+            "body": body,
+            "raw": None if body is not None else raw.decode("utf-8", "replace"),
+            "has_authorization": "authorization" in request.headers,
+            "headers": {k: v for k, v in request.headers.items() if k != "authorization"},
+        })
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+
+class EmulatedDisconnect(Exception):
+    """Raised inside a response stream to cut the connection (`drop_mid_stream_after`)."""
+
+
+@dataclass
+class Fault:
+    count: int = 1
+    status: int | None = None
+    message: str | None = None
+    type: str | None = None
+    delay_first_byte_s: float | None = None
+    drop_mid_stream_after: int | None = None
+    stream_error_after: int | None = None
+
+    @property
+    def stream_only(self) -> bool:
+        return self.status is None and self.delay_first_byte_s is None
+
+    @classmethod
+    def parse(cls, body: Any) -> Fault:
+        """Validate a `POST /_emulator/faults` body; ValueError says what is wrong."""
+        if not isinstance(body, dict):
+            raise ValueError("fault must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ValueError(f"unknown fault keys: {unknown}")
+        fault = cls(**body)
+        effects = (fault.status, fault.delay_first_byte_s, fault.drop_mid_stream_after, fault.stream_error_after)
+        if all(effect is None for effect in effects):
+            raise ValueError("a fault needs status, delay_first_byte_s, drop_mid_stream_after or stream_error_after")
+        if not isinstance(fault.count, int) or fault.count < 1:
+            raise ValueError("count must be an integer >= 1")
+        return fault
+
+
+class FaultInjector:
+    """Queued faults; `take` hands the next applicable one to a request and counts it down."""
+
+    def __init__(self, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.pending: list[Fault] = []
+        self.sleep = sleep
+
+    def add(self, fault: Fault) -> None:
+        self.pending.append(fault)
+
+    def take(self, stream: bool) -> Fault | None:
+        for fault in self.pending:
+            if fault.stream_only and not stream:
+                continue
+            fault.count -= 1
+            if fault.count == 0:
+                self.pending.remove(fault)
+            return fault
+        return None
+
+    async def delay(self, fault: Fault | None) -> None:
+        if fault is not None and fault.delay_first_byte_s:
+            await self.sleep(fault.delay_first_byte_s)
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+
+async def faulty_events(events: Iterable[bytes], fault: Fault | None, error_event: bytes) -> AsyncIterator[bytes]:
+    """Yield SSE events, applying a drop or an in-stream error after N events."""
+    drop_after = fault.drop_mid_stream_after if fault else None
+    error_after = fault.stream_error_after if fault else None
+    for position, event in enumerate(events):
+        if drop_after is not None and position >= drop_after:
+            raise EmulatedDisconnect(f"connection dropped after {drop_after} events")
+        if error_after is not None and position >= error_after:
+            yield error_event
+            yield SSE_DONE
+            return
+        yield event
+        await asyncio.sleep(0)
+
+
+def sse_response(events: Iterable[bytes], fault: Fault | None, error_event: bytes) -> StreamingResponse:
+    return StreamingResponse(faulty_events(events, fault, error_event), media_type="text/event-stream")
+
+
+# --- the /_emulator router -----------------------------------------------------------------------
+
+
+def emulator_router(faults: FaultInjector, log: RequestLog, on_reset: Callable[[], None]) -> APIRouter:
+    router = APIRouter(prefix="/_emulator")
+
+    @router.post("/faults")
+    async def add_fault(request: Request) -> Response:
+        body, _, error = await read_json(request)
+        try:
+            if error is not None:
+                raise ValueError(f"invalid JSON: {error}")
+            faults.add(Fault.parse(body))
+        except (TypeError, ValueError) as exc:
+            return json_response({"detail": str(exc)}, 400)
+        return json_response({"pending": [asdict(f) for f in faults.pending]})
+
+    @router.get("/faults")
+    async def list_faults() -> Response:
+        return json_response({"pending": [asdict(f) for f in faults.pending]})
+
+    @router.get("/requests")
+    async def list_requests() -> Response:
+        return json_response(log.entries)
+
+    @router.post("/reset")
+    async def reset() -> Response:
+        faults.clear()
+        log.clear()
+        on_reset()
+        return json_response({"reset": True})
+
+    return router
+
+
+async def intake(request: Request, log: RequestLog, faults: FaultInjector) -> tuple[Any, str | None, Fault | None]:
+    """Read and log a chat/completions request and take its fault: (body, JSON error, fault)."""
+    body, raw, error = await read_json(request)
+    log.record(request, body, raw)
+    stream = isinstance(body, dict) and body.get("stream") is True
+    return body, error, faults.take(stream=stream)

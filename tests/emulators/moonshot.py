@@ -1,0 +1,267 @@
+"""Moonshot emulator: the hosted Kimi API (api.moonshot.ai/v1) as the gateway sees it, offline.
+
+Owns the app factory `create_moonshot_app(MoonshotOptions)`, the routes and the runner
+`python -m tests.emulators.moonshot --port N ...`. Behaviour per reference/moonshot-api.md:
+- bearer auth: a missing key -> 401 `incorrect_api_key_error`, a wrong one -> 401
+  `invalid_authentication_error` (§1, §4);
+- `GET /v1/models` lists the configured models (default kimi-k2.6, kimi-k3: kimi-k2.5 is retired, §0);
+  an unlisted model -> 404 `resource_not_found_error` (§4);
+- `POST /v1/chat/completions`: request rules in `moonshot_rules` (§2, §3); answers with
+  `reasoning_content` before `content` (§3), flat `usage.cached_tokens` (§3 "Usage"), and in a
+  stream a final chunk carrying `finish_reason` and `choices[0].usage`, the OpenAI-style usage
+  chunk with `include_usage`, then `data: [DONE]` (§3 "Streaming"); tool-call ids `{name}:{idx}`
+  (the hosted format is UNCONFIRMED, §3);
+- `POST /v1/tokenizers/estimate-token-count` (§1);
+- faults: 429 is `engine_overloaded_error` with `Retry-After: 1`, 504 an HTML page (§4). The
+  in-stream error event after `stream_error_after` is an emulator choice (nothing is documented).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import HTMLResponse, Response
+
+from tests.emulators.common import (
+    SSE_DONE,
+    AuthCheck,
+    BearerAuthMiddleware,
+    Fault,
+    FaultInjector,
+    RequestLog,
+    bearer_token,
+    emulator_router,
+    intake,
+    json_response,
+    read_json,
+    sse_event,
+    sse_response,
+)
+from tests.emulators.generation import Output, PromptCache, chat_deltas, chat_prompt_text, chat_prompt_tokens, plan_chat
+from tests.emulators.moonshot_rules import HostedError, check_chat_request, check_model, error_body, profile_of
+
+DEFAULT_MODELS = ("kimi-k2.6", "kimi-k3")
+HOSTED_TOOL_ID_FORMAT = "{name}:{idx}"
+FAULT_DEFAULTS = {
+    400: ("invalid_request_error", "Invalid request: emulated fault"),
+    401: ("invalid_authentication_error", "Invalid Authentication"),
+    403: ("permission_denied_error", "The API you are accessing is not open"),
+    404: ("resource_not_found_error", "Not found the model emulated or Permission denied"),
+    429: ("engine_overloaded_error", "The engine is currently overloaded, please try again later"),
+    500: ("server_error", "emulated server error"),
+    503: ("server_unavailable", "emulated: the service is scaling or under maintenance"),
+}
+TYPE_MESSAGES = {
+    "engine_overloaded_error": "The engine is currently overloaded, please try again later",
+    "rate_limit_reached_error": ("Your account org-emulator<ak-emulator> request reached organization max RPM: 3, "
+                                 "please try again after 1 seconds"),
+    "exceeded_current_quota_error": ("You exceeded your current token quota: <org-emulator> 0, "
+                                     "please check your account balance"),
+}
+GATEWAY_TIMEOUT_HTML = (
+    "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+    "<center><h1>504 Gateway Time-out</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+@dataclass(frozen=True)
+class MoonshotOptions:
+    api_key: str | None = None  # None: any bearer key is accepted, a missing one still fails
+    models: tuple[str, ...] = DEFAULT_MODELS
+    sleep: Callable[[float], Awaitable[Any]] = field(default=asyncio.sleep, compare=False)
+
+
+def auth_check(api_key: str | None) -> AuthCheck:
+    def check(authorization: str | None, path: str) -> Response | None:
+        if path.startswith("/_emulator"):
+            return None
+        token = bearer_token(authorization)
+        if token is None:
+            return json_response(error_body("incorrect_api_key_error", "Incorrect API key provided"), 401)
+        if api_key is not None and token != api_key:
+            return json_response(error_body("invalid_authentication_error", "Invalid Authentication"), 401)
+        return None
+    return check
+
+
+def hosted_error_response(error: HostedError) -> Response:
+    return json_response(error_body(error.error_type, error.message), error.status)
+
+
+def fault_response(fault: Fault) -> Response:
+    """A fault-injected error in the hosted shape; `Retry-After` only for engine overload (§4)."""
+    status = fault.status or 500
+    if status == 504:
+        return HTMLResponse(GATEWAY_TIMEOUT_HTML, status_code=504)
+    default_type, default_message = FAULT_DEFAULTS.get(status, ("server_error", "emulated error"))
+    error_type = fault.type or default_type
+    message = fault.message or TYPE_MESSAGES.get(error_type, default_message)
+    headers = {"Retry-After": "1"} if error_type == "engine_overloaded_error" else None
+    return json_response(error_body(error_type, message), status, headers)
+
+
+def model_card(model: str, created: int) -> dict[str, Any]:
+    """Beyond `id`, the card's fields are UNCONFIRMED (§7); these are plausible ones."""
+    profile = profile_of(model)
+    return {"id": model, "object": "model", "created": created, "owned_by": "moonshot", "root": model,
+            "parent": None, "context_length": profile.context_length, "supports_image_in": True,
+            "supports_video_in": True, "supports_reasoning": True}
+
+
+# --- response bodies -----------------------------------------------------------------------------
+
+
+def usage_body(output: Output, cached_tokens: int) -> dict[str, Any]:
+    """K2.5-era usage: `cached_tokens` is flat, not in `prompt_tokens_details` (§3 "Usage")."""
+    return {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens,
+            "total_tokens": output.prompt_tokens + output.completion_tokens, "cached_tokens": cached_tokens}
+
+
+def message_body(output: Output) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": output.content or ""}
+    if output.reasoning is not None:
+        message["reasoning_content"] = output.reasoning
+    if output.tool_call is not None:
+        call = output.tool_call
+        message["tool_calls"] = [{"index": 0, "id": call.call_id, "type": "function",
+                                  "function": {"name": call.name, "arguments": call.arguments}}]
+    return message
+
+
+def chat_response(output: Output, model: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "message": message_body(output),
+                                         "finish_reason": output.finish_reason}],
+            "usage": usage}
+
+
+def chat_events(output: Output, model: str, usage: dict[str, Any], include_usage: bool) -> list[bytes]:
+    """Role chunk, reasoning deltas, content/tool deltas, final chunk with `choices[0].usage`."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, choice_usage: dict | None = None) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        if choice_usage is not None:
+            choice["usage"] = choice_usage
+        return sse_event({**head, "choices": [choice]})
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk(delta) for delta in chat_deltas(output)]
+    events.append(chunk({}, output.finish_reason, usage))
+    if include_usage:
+        events.append(sse_event({**head, "choices": [], "usage": usage}))
+    return events + [SSE_DONE]
+
+
+def stream_error_event(fault: Fault) -> bytes:
+    return sse_event(error_body(fault.type or "server_error", fault.message or "emulated in-stream error"))
+
+
+# --- app -----------------------------------------------------------------------------------------
+
+
+class MoonshotState:
+    def __init__(self, options: MoonshotOptions) -> None:
+        self.options = options
+        self.faults = FaultInjector(options.sleep)
+        self.log = RequestLog()
+        self.cache = PromptCache()
+        self.created = int(time.time())
+
+    def reset(self) -> None:
+        self.cache.clear()
+
+
+def api_router(state: MoonshotState) -> APIRouter:
+    router = APIRouter()
+    models = state.options.models
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body, json_error, fault = await intake(request, state.log, state.faults)
+        await state.faults.delay(fault)
+        if fault is not None and fault.status is not None:
+            return fault_response(fault)
+        if json_error is not None:
+            return hosted_error_response(HostedError(400, "invalid_request_error", f"Invalid request: {json_error}"))
+        try:
+            model, thinking = check_chat_request(body, models)
+        except HostedError as error:
+            return hosted_error_response(error)
+        output = plan_chat(body, adapter=model, thinking=thinking, tool_id_format=HOSTED_TOOL_ID_FORMAT)
+        prompt = chat_prompt_text(body["messages"])
+        usage = usage_body(output, state.cache.cached_tokens(model, prompt, output.prompt_tokens))
+        if body.get("stream") is True:
+            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            return sse_response(chat_events(output, model, usage, include), fault,
+                                stream_error_event(fault) if fault else b"")
+        return json_response(chat_response(output, model, usage))
+
+    @router.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response({"object": "list", "data": [model_card(m, state.created) for m in models]})
+
+    @router.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> Response:
+        if model_id not in models:
+            return hosted_error_response(HostedError(
+                404, "resource_not_found_error", f"Not found the model {model_id} or Permission denied"))
+        return json_response(model_card(model_id, state.created))
+
+    @router.post("/v1/tokenizers/estimate-token-count")
+    async def estimate_token_count(request: Request) -> Response:
+        body, _, error = await read_json(request)
+        try:
+            if error is not None:
+                raise HostedError(400, "invalid_request_error", f"Invalid request: {error}")
+            check_model(body, models)
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                raise HostedError(400, "invalid_request_error", "Invalid request: messages must be an array")
+        except HostedError as exc:
+            return hosted_error_response(exc)
+        return json_response({"data": {"total_tokens": chat_prompt_tokens(messages)}})
+
+    return router
+
+
+def create_moonshot_app(options: MoonshotOptions) -> FastAPI:
+    state = MoonshotState(options)
+    app = FastAPI(title="Moonshot API emulator", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key))
+    app.include_router(emulator_router(state.faults, state.log, state.reset))
+    app.include_router(api_router(state))
+    return app
+
+
+# --- runner --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.emulators.moonshot", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--api-key", help="the only accepted key; without it any bearer key is accepted")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                        help="model ids for /v1/models, space- or comma-separated (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    models = tuple(m.strip() for entry in args.models for m in entry.split(",") if m.strip())
+    app = create_moonshot_app(MoonshotOptions(api_key=args.api_key, models=models))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

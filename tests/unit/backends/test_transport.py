@@ -1,0 +1,551 @@
+"""LeanTransport against real loopback servers that misbehave on purpose."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.errors import BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+from backends.transport import LeanTransport
+
+GENEROUS_S = 5.0  # only ever a bound on waiting for something that must happen; never a speed assertion
+
+
+class Conn:
+    """The server side of one accepted connection."""
+
+    def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.index = index
+        self.reader = reader
+        self.writer = writer
+        self.requests = 0
+
+    async def read_request(self) -> tuple[bytes, dict[str, str], bytes] | None:
+        """(request line, lower-cased headers, body), or None at EOF."""
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        line, *lines = head[:-4].split(b"\r\n")
+        headers = {}
+        for raw in lines:
+            name, _, value = raw.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        self.requests += 1
+        return line, headers, body
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def wait_eof(self) -> None:
+        while await self.reader.read(65536):
+            pass
+
+
+Handler = Callable[["Upstream", Conn], Awaitable[None]]
+
+
+class Upstream:
+    """A loopback HTTP/1.1 server: counts connections, runs `handler` on each, notes each client disconnect."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.active = 0
+        self.max_active = 0
+        self.requests: list[tuple[bytes, dict[str, str], bytes]] = []
+        self.disconnected = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self._tasks.append(asyncio.current_task())
+        try:
+            await self.handler(self, Conn(self.connections, reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # a cancelled handler must end normally: 3.11's start_server logs cancelled ones as errors
+        finally:
+            self.active -= 1
+            writer.close()
+
+    async def next_request(self, conn: Conn) -> bool:
+        request = await conn.read_request()
+        if request is not None:
+            self.requests.append(request)
+        return request is not None
+
+
+def ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n%b" % (
+        len(body), extra, body)
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def serve_ok(up: Upstream, conn: Conn) -> None:
+    while await up.next_request(conn):
+        await conn.send(ok())
+
+
+async def eof_then_signal(up: Upstream, conn: Conn) -> None:
+    await conn.wait_eof()
+    up.disconnected.set()
+
+
+@pytest.fixture
+async def start() -> Callable[..., Awaitable[tuple[Upstream, LeanTransport]]]:
+    opened: list[tuple[Upstream, LeanTransport]] = []
+
+    async def start(handler: Handler, **kwargs: object) -> tuple[Upstream, LeanTransport]:
+        up = Upstream(handler)
+        await up.start()
+        kwargs.setdefault("backend", "test")
+        transport = LeanTransport(up.url, **kwargs)
+        opened.append((up, transport))
+        return up, transport
+
+    yield start
+    for up, transport in opened:
+        await transport.aclose()
+        await up.stop()
+
+
+# --- bodies -------------------------------------------------------------------------------------------------
+
+
+async def test_content_length_body_status_and_headers(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(ok(b'{"id":1}', extra=b"X-Multi: a\r\nx-multi: b\r\n"))
+        await conn.wait_eof()
+
+    up, transport = await start(handler)
+    response = await transport.request("POST", "/v1/chat/completions", b'{"model":"m"}')
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-multi"] == "a, b"
+    assert await response.read() == b'{"id":1}'
+
+
+async def test_request_head_carries_the_transport_headers(start):
+    up = Upstream(serve_ok)
+    await up.start()
+    transport = LeanTransport(up.url + "/v1/", default_headers={"Authorization": "Bearer k", "X-A": "1"})
+    try:
+        await (await transport.request("POST", "/chat/completions", b"{}", {"X-A": "2", "X-B": "3"})).read()
+        await (await transport.request("GET", "/models")).read()
+    finally:
+        await transport.aclose()
+        await up.stop()
+    (line, headers, body), (get_line, get_headers, _) = up.requests
+    assert line == b"POST /v1/chat/completions HTTP/1.1"
+    assert headers["host"] == up.url.removeprefix("http://")
+    assert headers["content-length"] == "2" and body == b"{}"
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "keep-alive"
+    assert headers["authorization"] == "Bearer k"
+    assert (headers["x-a"], headers["x-b"]) == ("2", "3")
+    assert get_line == b"GET /v1/models HTTP/1.1"
+    assert "content-length" not in get_headers and "content-type" not in get_headers
+    assert get_headers["x-a"] == "1"
+
+
+async def test_caller_content_type_wins(start):
+    up, transport = await start(serve_ok)
+    await (await transport.request("POST", "/x", b"a=1", {"content-type": "text/plain"})).read()
+    assert up.requests[0][1]["content-type"] == "text/plain"
+
+
+async def test_line_breaks_in_headers_are_refused(start):
+    _, transport = await start(serve_ok)
+    with pytest.raises(ValueError):
+        await transport.request("GET", "/x", headers={"X-A": "1\r\nX-Injected: 1"})
+
+
+async def test_chunked_body_arrives_piece_by_piece(start):
+    events = [b'data: {"n":%d}\n\n' % i for i in range(3)]
+    sent_first = asyncio.Event()
+    got_first = asyncio.Event()
+
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(CHUNKED_HEAD + b"%x\r\n%b\r\n" % (len(events[0]), events[0]))
+        sent_first.set()
+        await got_first.wait()  # the client must see the first event before the rest exists
+        await conn.send(chunked(events[1:]))
+        await conn.wait_eof()
+
+    _, transport = await start(handler)
+    response = await transport.request("POST", "/v1/chat/completions", b"{}")
+    pieces = []
+    async for piece in response.iter_bytes():
+        pieces.append(piece)
+        got_first.set()
+    assert pieces[0] == events[0]
+    assert b"".join(pieces) == b"".join(events)
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_bodiless_statuses_and_head_keep_the_connection(start, status):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status)
+        await up.next_request(conn)  # HEAD: announces a length, sends no body
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        await serve_ok(up, conn)
+
+    up, transport = await start(handler)
+    assert await (await transport.request("GET", "/a")).read() == b""
+    head = await transport.request("HEAD", "/b")
+    assert (head.headers["content-length"], await head.read()) == ("100", b"")
+    assert await (await transport.request("GET", "/c")).read() == b'{"ok":true}'
+    assert up.connections == 1
+
+
+async def test_interim_1xx_head_is_skipped(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n" + ok(b"done"))
+        await conn.wait_eof()
+
+    _, transport = await start(handler)
+    response = await transport.request("POST", "/x", b"{}")
+    assert (response.status, "x-interim" in response.headers, await response.read()) == (200, False, b"done")
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    chunk_cuts=st.lists(st.integers(min_value=0), max_size=12),
+    write_cuts=st.lists(st.integers(min_value=0), max_size=12),
+    framing=st.sampled_from(["chunked", "content-length", "until-close"]),
+    streamed=st.booleans(),
+)
+def test_any_framing_and_split_round_trips(body, chunk_cuts, write_cuts, framing, streamed):
+    if framing == "chunked":
+        raw = CHUNKED_HEAD + chunked(split_at(body, chunk_cuts))
+    elif framing == "content-length":
+        raw = ok(body)
+    else:
+        raw = b"HTTP/1.1 200 OK\r\n\r\n" + body
+
+    async def handler(up, conn):
+        while await up.next_request(conn):
+            for piece in split_at(raw, write_cuts):
+                await conn.send(piece)
+                await asyncio.sleep(0)  # let the client read between writes, so TCP boundaries vary too
+                await asyncio.sleep(0)
+            if framing == "until-close":
+                return
+
+    async def run() -> None:
+        up = Upstream(handler)
+        await up.start()
+        transport = LeanTransport(up.url)
+        try:
+            for _ in range(2):  # the second request checks the connection was left in step
+                response = await transport.request("POST", "/x", b"{}")
+                received = b"".join([p async for p in response.iter_bytes()]) if streamed else await response.read()
+                assert received == body
+        finally:
+            await transport.aclose()
+            await up.stop()
+        assert up.connections == (2 if framing == "until-close" else 1)
+
+    asyncio.run(run())
+
+
+async def test_backpressure_pauses_reading_until_the_consumer_drains(start):
+    body = bytes(range(256)) * (8 * 4096)  # 8 MiB
+
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(CHUNKED_HEAD + chunked([body[i:i + 65536] for i in range(0, len(body), 65536)]))
+        await serve_ok(up, conn)
+
+    up, transport = await start(handler)
+    response = await transport.request("GET", "/big")
+    await asyncio.sleep(0.3)  # the consumer lags; the server keeps writing
+    assert response._buffered <= (1 << 20) + (1 << 18)  # high mark + one read, not the 8 MiB sent
+    assert await response.read() == body
+    assert await (await transport.request("GET", "/after")).read() == b'{"ok":true}'
+    assert up.connections == 1  # the paused connection was resumed and pooled
+
+
+# --- pooling ------------------------------------------------------------------------------------------------
+
+
+async def test_sequential_requests_share_one_connection(start):
+    up, transport = await start(serve_ok)
+    for _ in range(5):
+        assert await (await transport.request("POST", "/x", b"{}")).read() == b'{"ok":true}'
+    assert up.connections == 1
+
+
+async def test_connection_close_is_not_reused(start):
+    async def handler(up, conn):  # says close but leaves the socket open: the client must not reuse it
+        await up.next_request(conn)
+        await conn.send(ok(extra=b"Connection: close\r\n"))
+        await conn.wait_eof()
+
+    up, transport = await start(handler)
+    for _ in range(3):
+        assert await (await transport.request("GET", "/x")).read() == b'{"ok":true}'
+    assert up.connections == 3
+
+
+async def test_server_closing_an_idle_connection_is_survived(start):
+    closed = asyncio.Event()
+
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(ok())
+        if conn.index == 1:
+            conn.writer.close()
+            closed.set()
+            return
+        await serve_ok(up, conn)
+
+    up, transport = await start(handler)
+    assert await (await transport.request("GET", "/a")).read() == b'{"ok":true}'
+    await asyncio.wait_for(closed.wait(), GENEROUS_S)
+    assert await (await transport.request("GET", "/b")).read() == b'{"ok":true}'
+    assert up.connections == 2
+
+
+async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(ok())
+        if conn.index == 1:  # the race: the client reused the connection just as the server dropped it
+            await up.next_request(conn)
+            return
+        await serve_ok(up, conn)
+
+    up, transport = await start(handler)
+    assert await (await transport.request("POST", "/a", b"{}")).read() == b'{"ok":true}'
+    assert await (await transport.request("POST", "/b", b"{}")).read() == b'{"ok":true}'
+    assert up.connections == 2
+    assert [line for line, _, _ in up.requests] == [b"POST /a HTTP/1.1", b"POST /b HTTP/1.1", b"POST /b HTTP/1.1"]
+
+
+async def test_a_failure_on_a_fresh_connection_is_not_retried(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        if conn.index == 1:
+            await conn.send(ok())
+            await up.next_request(conn)  # drop the reused connection; every fresh one is dropped too
+
+    up, transport = await start(handler)
+    await (await transport.request("GET", "/a")).read()
+    with pytest.raises(BackendUnavailableError) as caught:
+        await transport.request("GET", "/b")
+    assert caught.value.backend == "test"
+    assert up.connections == 2
+
+
+@pytest.mark.parametrize("partial", [b"HTTP/1.1 200 OK\r\nContent-Len", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"])
+async def test_no_retry_once_response_bytes_arrived(start, partial):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(ok())
+        await up.next_request(conn)
+        await conn.send(partial)
+
+    up, transport = await start(handler)
+    await (await transport.request("GET", "/a")).read()
+    with pytest.raises(BackendProtocolError):
+        await (await transport.request("GET", "/b")).read()
+    assert up.connections == 1
+
+
+async def test_pool_never_exceeds_max_connections(start):
+    async def handler(up, conn):
+        while await up.next_request(conn):
+            await asyncio.sleep(0.05)
+            await conn.send(ok())
+
+    up, transport = await start(handler, max_connections=2)
+
+    async def one() -> bytes:
+        return await (await transport.request("POST", "/x", b"{}")).read()
+
+    assert await asyncio.gather(*(one() for _ in range(5))) == [b'{"ok":true}'] * 5
+    assert (up.connections, up.max_active) == (2, 2)
+
+
+async def test_pool_exhausted_after_waiting_connect_timeout(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(CHUNKED_HEAD)  # holds the only connection
+        await conn.wait_eof()
+
+    up, transport = await start(handler, max_connections=1, connect_timeout_s=0.2)
+    held = await transport.request("GET", "/stream")
+    with pytest.raises(BackendUnavailableError, match="pool exhausted"):
+        await transport.request("GET", "/x")
+    await held.aclose()
+    assert up.connections == 1
+
+
+async def test_closed_transport_refuses_and_closes_idle_connections(start):
+    async def handler(up, conn):
+        await serve_ok(up, conn)
+        up.disconnected.set()
+
+    up, transport = await start(handler)
+    await (await transport.request("GET", "/x")).read()
+    await transport.aclose()
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
+    with pytest.raises(BackendUnavailableError):
+        await transport.request("GET", "/x")
+
+
+# --- faults -------------------------------------------------------------------------------------------------
+
+
+async def test_connect_refused_is_unavailable():
+    with socket.socket() as sock:  # a port that was free a moment ago and has no listener
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    transport = LeanTransport(f"http://127.0.0.1:{port}", backend="llama")
+    with pytest.raises(BackendUnavailableError) as caught:
+        await transport.request("GET", "/health")
+    assert caught.value.backend == "llama"
+    await transport.aclose()
+
+
+async def test_stall_before_the_head_is_a_first_byte_timeout(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await eof_then_signal(up, conn)
+
+    up, transport = await start(handler, first_byte_timeout_s=0.2)
+    with pytest.raises(BackendTimeoutError, match="first byte"):
+        await transport.request("POST", "/x", b"{}")
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)  # the abandoned request was aborted
+    assert up.requests and up.connections == 1  # not retried
+
+
+async def test_stall_mid_body_is_an_idle_timeout(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
+        await eof_then_signal(up, conn)
+
+    up, transport = await start(handler, idle_timeout_s=0.2)
+    response = await transport.request("GET", "/stream")
+    pieces = response.iter_bytes()
+    assert await anext(pieces) == b"first"
+    with pytest.raises(BackendTimeoutError, match="idle"):
+        await anext(pieces)
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
+
+
+@pytest.mark.parametrize("garbage", [b"SSH-2.0-OpenSSH_9.6\r\n\r\n", CHUNKED_HEAD + b"zz\r\nnot a chunk\r\n"])
+async def test_garbage_is_a_protocol_error(start, garbage):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(garbage)
+        await conn.wait_eof()
+
+    _, transport = await start(handler)
+    with pytest.raises(BackendProtocolError, match="malformed"):
+        await (await transport.request("GET", "/x")).read()
+
+
+@pytest.mark.parametrize("partial", [CHUNKED_HEAD + b"5\r\nfirst\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
+async def test_close_mid_body_is_a_protocol_error(start, partial):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(partial)
+
+    _, transport = await start(handler)
+    response = await transport.request("GET", "/x")
+    with pytest.raises(BackendProtocolError, match="body ended"):
+        await response.read()
+
+
+# --- hang-ups -----------------------------------------------------------------------------------------------
+
+
+async def stream_forever(up: Upstream, conn: Conn) -> None:
+    await up.next_request(conn)
+    await conn.send(CHUNKED_HEAD + b"5\r\nfirst\r\n")
+    await eof_then_signal(up, conn)
+
+
+async def test_cancelling_the_consumer_aborts_the_upstream(start):
+    up, transport = await start(stream_forever)
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        response = await transport.request("POST", "/v1/chat/completions", b"{}")
+        async for _ in response.iter_bytes():
+            got_first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_first.wait(), GENEROUS_S)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
+
+
+async def test_cancelling_while_waiting_for_the_head_aborts_the_upstream(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await eof_then_signal(up, conn)
+
+    up, transport = await start(handler)
+    task = asyncio.create_task(transport.request("POST", "/x", b"{}"))
+    while not up.requests:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
+
+
+async def test_aclose_before_the_end_aborts_and_is_idempotent(start):
+    up, transport = await start(stream_forever)
+    response = await transport.request("GET", "/stream")
+    async for piece in response.iter_bytes():
+        assert piece == b"first"
+        break
+    await response.aclose()
+    await response.aclose()
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
+    with pytest.raises(BackendProtocolError):
+        await response.read()

@@ -1,0 +1,73 @@
+"""Config loading: a wrong config names the file, the key path and what was expected."""
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+
+EXAMPLE = Path(__file__).parents[3] / "deploy" / "kimi-gateway.example.yaml"
+MINIMAL = """
+backends:
+  - {name: gguf, kind: llamacpp, url: "http://127.0.0.1:8081"}
+adapters:
+  - {name: a, gguf: /adapters/a.gguf, backends: [gguf]}
+routes:
+  - {name: base, targets: [gguf]}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads():
+    config = load_config(EXAMPLE)
+    assert [b.name for b in config.backends] == ["kt-a", "gguf", "moonshot"]
+    assert config.backend("gguf").endpoints == ("http://10.0.0.6:8081", "http://10.0.0.7:8081")
+    assert config.sampling.profiles["instant"].thinking is False
+
+
+def test_minimal_config_gets_kimi_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    thinking = config.sampling.profiles["thinking"]
+    assert (thinking.temperature, thinking.top_p, thinking.min_p) == (1.0, 0.95, 0.01)
+    assert config.sampling.profiles["instant"].temperature == 0.6
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("url: \"http://127.0.0.1:8081\"", "url: \"http://127.0.0.1:8081\", colour: red"), "backends[0].colour: unknown key"),
+    (("targets: [gguf]", "targets: [nope]"), "routes[0].targets[0]: 'nope' is not a backend"),
+    (("backends: [gguf]", "backends: [ghost]"), "adapters[0].backends[0]: 'ghost' is not a backend"),
+    (("kind: llamacpp", "kind: vllm"), "backends[0].kind: Input should be 'sglang', 'llamacpp' or 'moonshot'"),
+    (("name: base", "name: a"), "the name 'a' is used twice"),
+    (("url: \"http://127.0.0.1:8081\"", "url: \"ftp://x\""), "backends[0].url: expected an http(s) URL"),
+    (("targets: [gguf]", "targets: [gguf], experiment: {variants: {a: 1}}"), "exactly one of `targets` or `experiment`"),
+])
+def test_wrong_config_names_file_path_and_expectation(tmp_path, change, expected):
+    path = write(tmp_path, MINIMAL.replace(*change))
+    with pytest.raises(ConfigError) as failure:
+        load_config(path)
+    assert str(failure.value).startswith(str(path))
+    assert expected in str(failure.value)
+
+
+def test_adapter_on_llamacpp_needs_gguf(tmp_path):
+    with pytest.raises(ConfigError, match=r"adapters\[0\]: backend 'gguf' is llama.cpp, so the adapter needs `gguf`"):
+        load_config(write(tmp_path, MINIMAL.replace("gguf: /adapters/a.gguf, ", "")))
+
+
+def test_moonshot_serves_no_adapters(tmp_path):
+    text = MINIMAL.replace("backends:\n", "backends:\n  - {name: hosted, kind: moonshot, url: \"https://api.moonshot.ai/v1\", api_key_env: K}\n")
+    with pytest.raises(ConfigError, match="is the hosted API, which serves no LoRA"):
+        load_config(write(tmp_path, text.replace("backends: [gguf]", "backends: [hosted]")))
+
+
+def test_unreadable_and_non_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "backends: [\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- 1\n"))

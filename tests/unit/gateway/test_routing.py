@@ -1,0 +1,43 @@
+"""Route resolution: base routes, adapter routes, sticky weighted experiments."""
+from collections import Counter
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.errors import ModelNotFoundError
+from gateway.routing import RouteTable, Target, pick_variant
+
+CONFIG = GatewayConfig.model_validate({
+    "backends": [{"name": "kt", "kind": "sglang", "url": "http://127.0.0.1:1"},
+                 {"name": "gguf", "kind": "llamacpp", "url": "http://127.0.0.1:2"}],
+    "adapters": [{"name": "a", "source": "/x/a", "gguf": "/x/a.gguf", "backends": ["kt", "gguf"]},
+                 {"name": "b", "source": "/x/b", "profile": "instant", "backends": ["kt"]}],
+    "routes": [{"name": "kimi", "targets": ["kt", "gguf"]},
+               {"name": "ab", "experiment": {"variants": {"a": 90, "b": 10}}}],
+})
+
+
+def test_base_and_adapter_routes():
+    table = RouteTable(CONFIG)
+    assert table.resolve("kimi").route.targets == (Target("kt", None), Target("gguf", None))
+    adapter = table.resolve("a").route
+    assert adapter.targets == (Target("kt", "a"), Target("gguf", "a")) and adapter.adapter == "a"
+    assert table.resolve("b").route.profile == "instant"
+
+
+def test_unknown_model_is_404():
+    with pytest.raises(ModelNotFoundError):
+        RouteTable(CONFIG).resolve("nope")
+
+
+def test_experiment_is_sticky_and_weighted():
+    table = RouteTable(CONFIG)
+    first = table.resolve("ab", "user-7").variant
+    assert all(table.resolve("ab", "user-7").variant == first for _ in range(20))
+    picks = Counter(table.resolve("ab", f"user-{i}").variant for i in range(2000))
+    assert 1650 < picks["a"] < 1950 and picks["a"] + picks["b"] == 2000
+    assert table.resolve("ab", "user-7").route.name == first
+
+
+def test_zero_weight_is_never_picked():
+    assert {pick_variant("e", {"a": 0, "b": 5}, f"k{i}") for i in range(200)} == {"b"}
