@@ -34,19 +34,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
     config = load_config(args.config)
     serve(config, host=args.host or config.listen.host, port=args.port if args.port is not None else config.listen.port)
     return 0
-
-
-def serve(config: GatewayConfig, *, host: str, port: int) -> None:
-    import uvicorn
-
-    from gateway.app import create_app
-
-    app = create_app(config)
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_level="warning", timeout_graceful_shutdown=10)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

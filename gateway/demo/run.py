@@ -56,7 +56,7 @@ the point is that each route answers differently and repeatably.
 
 
 def run_demo(port: int = 8080, workdir: str | None = None) -> int:
-    from gateway.cli import serve
+    from gateway.server import serve
     from gateway.demo.tiny_gguf import write_demo_set
 
     def say(message: str) -> None:

@@ -1,0 +1,166 @@
+"""State and self-description of the SGLang emulator.
+
+Owns `SglangOptions` (the launch flags the emulator understands), `SglangState` (adapters,
+faults, request log, prompt cache, counters, health) and the bodies that describe the server:
+`/model_info`, `/server_info` (sglang-kt.md §2.2) and `/metrics` (§2.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+from tests.emulators.common import Fault, FaultInjector, RequestLog, faulty_events
+from tests.emulators.generation import Output, PromptCache
+from tests.emulators.sglang_lora import LoraRegistry, LoraSettings
+from tests.emulators.sglang_protocol import stream_error_event
+
+FLUSH_TEXT = (
+    "Cache flushed.\nPlease check backend logs for more details. "
+    "(When there are running or waiting requests, the operation will not be performed.)\n"
+)
+
+
+@dataclass(frozen=True)
+class SglangOptions:
+    served_model_name: str = "kimi"
+    model_path: str = "moonshotai/Kimi-K2.5"
+    lora_paths: Mapping[str, str] = field(default_factory=dict)  # name -> dir
+    enable_lora: bool | None = None  # None: on when lora_paths is given (§1.5)
+    max_loaded_loras: int | None = None
+    max_loras_per_batch: int = 8
+    max_lora_rank: int | None = None
+    static_expert_adapter: str | None = None
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    api_key: str | None = None
+    context_length: int = 262144
+    startup_delay_s: float = 0.0
+    enable_metrics: bool = False
+    enable_cache_report: bool = False
+    weight_version: str = "default"
+    sleep: Callable[[float], Awaitable[Any]] = field(default=asyncio.sleep, compare=False)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+
+
+class SglangState:
+    """Everything the emulator remembers between requests."""
+
+    def __init__(self, options: SglangOptions) -> None:
+        self.options = options
+        enabled = bool(options.lora_paths) if options.enable_lora is None else options.enable_lora
+        self.lora = LoraRegistry(LoraSettings(
+            enabled=enabled,
+            initial=dict(options.lora_paths) if enabled else {},
+            max_loaded_loras=options.max_loaded_loras,
+            max_loras_per_batch=options.max_loras_per_batch,
+            max_lora_rank=options.max_lora_rank,
+            static_adapter=options.static_expert_adapter,
+        ))
+        self.faults = FaultInjector(options.sleep)
+        self.log = RequestLog()
+        self.cache = PromptCache()
+        self.counters: Counter[str] = Counter()
+        self.in_flight = 0
+        self.healthy = True
+        self.started_at = options.clock()
+        self.created = int(time.time())
+
+    def reset(self) -> None:
+        self.lora.reset()
+        self.cache.clear()
+        self.counters.clear()
+        self.healthy = True
+
+    def starting(self) -> bool:
+        return self.options.clock() - self.started_at < self.options.startup_delay_s
+
+    def record_usage(self, outputs: list[Output]) -> None:
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += sum(o.prompt_tokens for o in outputs)
+        self.counters["generation_tokens"] += sum(o.completion_tokens for o in outputs)
+
+    def cached_tokens(self, adapter: str | None, prompts: list[str], outputs: list[Output]) -> int | None:
+        """`prompt_tokens_details.cached_tokens` exists only with --enable-cache-report (§2.6)."""
+        if not self.options.enable_cache_report:
+            return None
+        return sum(self.cache.cached_tokens(adapter, p, o.prompt_tokens) for p, o in zip(prompts, outputs))
+
+    async def tracked(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self.in_flight += 1
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.in_flight -= 1
+
+    def stream(self, events: list[bytes], fault: Fault | None) -> StreamingResponse:
+        error = stream_error_event(fault.message or "emulated in-stream error", fault.type or "BadRequestError") \
+            if fault is not None else b""
+        return StreamingResponse(self.tracked(faulty_events(events, fault, error)), media_type="text/event-stream")
+
+
+def model_info_body(options: SglangOptions) -> dict[str, Any]:
+    return {
+        "model_path": options.model_path,
+        "tokenizer_path": options.model_path,
+        "is_generation": True,
+        "preferred_sampling_params": None,
+        "weight_version": options.weight_version,
+        "has_image_understanding": True,
+        "has_audio_understanding": False,
+        "model_type": "kimi_k25",
+        "architectures": ["KimiK25ForConditionalGeneration"],
+    }
+
+
+def server_info_body(state: SglangState) -> dict[str, Any]:
+    """A plausible subset of `ServerArgs` plus `internal_states` and `version` (§2.2)."""
+    options = state.options
+    return {
+        "model_path": options.model_path,
+        "served_model_name": options.served_model_name,
+        "context_length": options.context_length,
+        "enable_lora": state.lora.settings.enabled,
+        "lora_paths": dict(options.lora_paths),
+        "max_loaded_loras": options.max_loaded_loras,
+        "max_loras_per_batch": options.max_loras_per_batch,
+        "max_lora_rank": options.max_lora_rank,
+        "lora_backend": "csgmv",
+        "reasoning_parser": options.reasoning_parser,
+        "tool_call_parser": options.tool_call_parser,
+        "enable_metrics": options.enable_metrics,
+        "enable_cache_report": options.enable_cache_report,
+        "kt_expert_lora_path": options.static_expert_adapter and options.lora_paths.get(options.static_expert_adapter),
+        "internal_states": [{"last_gen_throughput": 0.0, "weight_version": options.weight_version}],
+        "version": "0.7.2",
+    }
+
+
+def metrics_text(state: SglangState) -> str:
+    """A few real `sglang:` series (§2.3); no per-adapter label exists (§0.4)."""
+    name = state.options.served_model_name
+    scheduler = f'engine_type="unified",model_name="{name}",moe_ep_rank="0",pp_rank="0",tp_rank="0"'
+    series = [
+        ("sglang:num_running_reqs", "gauge", scheduler, state.in_flight),
+        ("sglang:num_queue_reqs", "gauge", scheduler, 0),
+        ("sglang:prompt_tokens_total", "counter", f'model_name="{name}"', state.counters["prompt_tokens"]),
+        ("sglang:generation_tokens_total", "counter", f'model_name="{name}"', state.counters["generation_tokens"]),
+        ("sglang:num_requests_total", "counter", f'model_name="{name}"', state.counters["requests"]),
+    ]
+    if state.lora.settings.enabled:
+        series += [
+            ("sglang:lora_pool_slots_total", "gauge", scheduler, state.options.max_loras_per_batch),
+            ("sglang:lora_pool_slots_used", "gauge", scheduler, 0),
+        ]
+    lines = []
+    for metric, kind, labels, value in series:
+        family = metric.removesuffix("_total") if kind == "counter" else metric
+        lines += [f"# HELP {family} {family}", f"# TYPE {family} {kind}", f"{metric}{{{labels}}} {float(value)}"]
+    return "\n".join(lines) + "\n"
