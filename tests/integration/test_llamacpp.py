@@ -113,3 +113,21 @@ def test_dead_backend_is_a_prompt_503_or_the_next_target(llama_server, tiny_mode
     assert failure.value.status_code == 503
     raw = client.chat.completions.with_raw_response.create(model="kimi-k2.5", messages=PROMPT, max_tokens=2)
     assert raw.headers["x-kimi-backend"] == "llama"
+
+
+def test_client_hang_up_cancels_the_upstream_generation(gateway, llama_server):
+    """Read one event of a long stream, hang up, and check llama-server stopped well short of max_tokens."""
+    import time
+
+    body = {"model": "tiny-a", "messages": PROMPT, "max_tokens": 1900, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{gateway}/chat/completions", json=body, timeout=30) as response:
+        next(response.iter_raw())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        slot = httpx.get(f"{llama_server}/slots", timeout=10).json()[0]
+        if not slot["is_processing"]:
+            break
+        time.sleep(0.02)
+    assert not slot["is_processing"]
+    assert slot["next_token"][0]["n_decoded"] < 1900 if isinstance(slot["next_token"], list) else \
+        slot["next_token"]["n_decoded"] < 1900
