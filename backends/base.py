@@ -26,6 +26,13 @@ class BackendRequest:
     request_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterFiles:
+    """Where an adapter planned on a backend lives: a PEFT dir (SGLang) and/or a GGUF file (llama.cpp)."""
+    source: str | None
+    gguf: str | None
+
+
 class BackendReply(Protocol):
     status: int
     usage: dict | None              # filled in once the backend reported token usage
@@ -45,3 +52,4 @@ class BackendDriver(Protocol):
     async def send(self, request: BackendRequest) -> BackendReply: ...
     async def health(self) -> bool: ...
     def adapters(self) -> dict[str, bool]: ...               # adapter name -> loaded/usable here
+    def plan(self, adapters: dict[str, AdapterFiles]) -> None: ...  # the adapters this backend should serve

@@ -1,7 +1,7 @@
 """build_drivers(config): the one place that knows every backend kind (STYLE.md convention 5)."""
 from __future__ import annotations
 
-from backends.base import BackendDriver
+from backends.base import AdapterFiles, BackendDriver
 from backends.hosted import MoonshotDriver
 from backends.httpx_transport import HttpxTransport
 from backends.llamacpp import LlamaCppDriver
@@ -15,11 +15,17 @@ def base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def build_drivers(config, secrets) -> dict[str, BackendDriver]:
-    """One driver per configured backend. `config` is a GatewayConfig; `secrets(env_name)` resolves keys."""
+def adapter_plan(backend: str, adapters) -> dict[str, AdapterFiles]:
+    """The adapters (specs with name/source/gguf/backends) that `backend` should serve."""
+    return {a.name: AdapterFiles(a.source, a.gguf) for a in adapters if backend in a.backends}
+
+
+def build_drivers(config, secrets, adapters) -> dict[str, BackendDriver]:
+    """One driver per configured backend. `config` is a GatewayConfig, `adapters` the registered adapter
+    specs, and `secrets(env_name)` resolves keys."""
     drivers: dict[str, BackendDriver] = {}
     for backend in config.backends:
-        planned = [a for a in config.adapters if backend.name in a.backends]
+        planned = adapter_plan(backend.name, adapters)
         timeouts = dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
                         idle_timeout_s=backend.timeouts.idle_s, backend=backend.name,
                         max_connections=backend.max_connections)
@@ -27,13 +33,13 @@ def build_drivers(config, secrets) -> dict[str, BackendDriver]:
             case "llamacpp":
                 transports = [LeanTransport(base_url(url), **timeouts) for url in backend.endpoints]
                 drivers[backend.name] = LlamaCppDriver(
-                    backend.name, transports, adapter_files={a.name: a.gguf for a in planned},
+                    backend.name, transports, adapters=planned,
                     vision=backend.has_vision)
             case "sglang":
                 transports = [LeanTransport(base_url(url), **timeouts) for url in backend.endpoints]
                 drivers[backend.name] = SglangDriver(
                     backend.name, transports, served_model=backend.served_model_name,
-                    adapter_sources={a.name: a.source for a in planned}, expert_adapter=backend.expert_adapter,
+                    adapters=planned, expert_adapter=backend.expert_adapter,
                     vision=backend.has_vision)
             case "moonshot":
                 # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md).

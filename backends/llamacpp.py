@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import orjson
 
-from backends.base import BackendRequest
+from backends.base import AdapterFiles, BackendRequest
 from backends.errors import (
     BackendError,
     BackendRateLimitedError,
@@ -75,11 +75,23 @@ def _seconds(value: str | None) -> float | None:
 class LlamaCppDriver(OpenAICompatDriver):
     kind = "llamacpp"
 
-    def __init__(self, name: str, transports: Sequence, *, adapter_files: Mapping[str, str], vision: bool = False) -> None:
+    def __init__(self, name: str, transports: Sequence, *, adapters: Mapping[str, AdapterFiles],
+                 vision: bool = False) -> None:
         super().__init__(name, transports, vision=vision)
-        self._adapter_files = dict(adapter_files)   # adapter name -> GGUF path as configured
+        self._adapter_files: dict[str, str] = {}     # adapter name -> GGUF path as registered
         self._ids: list[int] = []                    # every adapter id the server loaded
+        self._by_path: dict[str, int] = {}           # real path -> id, from /lora-adapters
         self._id_of: dict[str, int] = {}             # adapter name -> id, for those found on the server
+        self.plan(adapters)
+
+    def plan(self, adapters: Mapping[str, AdapterFiles]) -> None:
+        """A new adapter file needs a llama-server restart to load (gotcha 7): until then it is not usable."""
+        self._adapter_files = {name: files.gguf for name, files in adapters.items() if files.gguf}
+        self._match_ids()
+
+    def _match_ids(self) -> None:
+        self._id_of = {name: self._by_path[os.path.realpath(path)] for name, path in self._adapter_files.items()
+                       if os.path.realpath(path) in self._by_path}
 
     async def start(self) -> None:
         try:
@@ -95,10 +107,9 @@ class LlamaCppDriver(OpenAICompatDriver):
                 listing = await self.get_json(transport, "/lora-adapters")
             except BackendError:
                 continue
-            by_path = {os.path.realpath(entry["path"]): entry["id"] for entry in listing}
-            self._ids = sorted(by_path.values())
-            self._id_of = {name: by_path[os.path.realpath(path)] for name, path in self._adapter_files.items()
-                           if os.path.realpath(path) in by_path}
+            self._by_path = {os.path.realpath(entry["path"]): entry["id"] for entry in listing}
+            self._ids = sorted(self._by_path.values())
+            self._match_ids()
             return
 
     async def health(self) -> bool:

@@ -130,6 +130,9 @@ class OpenAICompatDriver:
     def adapters(self) -> dict[str, bool]:
         return {}
 
+    def plan(self, adapters: dict) -> None:
+        """Backends without adapters have nothing to plan."""
+
     def check(self, request: BackendRequest) -> None:
         if request.has_images and not self.vision:
             raise UnsupportedFeatureError(

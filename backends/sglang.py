@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import orjson
 
-from backends.base import BackendRequest
+from backends.base import AdapterFiles, BackendRequest
 from backends.errors import (
     BackendError,
     BackendRateLimitedError,
@@ -70,13 +70,18 @@ class SglangDriver(OpenAICompatDriver):
     health_path = "/health"
 
     def __init__(self, name: str, transports: Sequence, *, served_model: str | None,
-                 adapter_sources: Mapping[str, str], expert_adapter: str | None = None, vision: bool = True) -> None:
+                 adapters: Mapping[str, AdapterFiles], expert_adapter: str | None = None, vision: bool = True) -> None:
         super().__init__(name, transports, vision=vision)
         self._served_model = served_model
-        self._sources = dict(adapter_sources)        # adapter name -> PEFT dir the server can read
+        self._sources: dict[str, str] = {}           # adapter name -> PEFT dir the server can read
         self._expert_adapter = expert_adapter        # KT expert LoRA: the server serves only this one
         self._loaded: set[str] = set()
         self._load_lock = asyncio.Lock()
+        self.plan(adapters)
+
+    def plan(self, adapters: Mapping[str, AdapterFiles]) -> None:
+        """Attention-only adapters load on demand at the first request that names them."""
+        self._sources = {name: files.source for name, files in adapters.items() if files.source}
 
     async def start(self) -> None:
         try:

@@ -197,7 +197,7 @@ class UpstreamResponse:
         """The message ended: detach, and pool the connection if it can carry another request."""
         conn, self._conn = self._conn, None
         conn.response = None
-        if not self._until_close and not self._extra:
+        if self._keep_alive and not self._until_close and not self._extra:
             self._owner._pool.release(conn)
         else:
             conn.close()

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 
 from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
-from gateway.api import health, models
+from gateway.api import admin, health, models
 from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidRequestError, error_body
@@ -36,6 +36,7 @@ def control_plane(state: GatewayState) -> FastAPI:
     app.state.gateway = state
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> Response:
@@ -48,25 +49,41 @@ def control_plane(state: GatewayState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        error = InvalidRequestError(f"Invalid request: {exc.errors()[0].get('msg', 'malformed body')}")
-        return Response(error.body(), status_code=400, media_type="application/json")
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        error = InvalidRequestError(f"Invalid request: {where}: {first.get('msg', 'malformed body')}")
+        return Response(error.body(), status_code=422, media_type="application/json")
 
     return app
 
 
 class GatewayApp:
-    """The ASGI entry point: the data plane never touches FastAPI."""
+    """The ASGI entry point: the data plane never touches FastAPI. With `admin_listen` set, /admin is
+    served only on that port and nothing else is."""
 
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.data_plane = DataPlane(state)
         self.control = control_plane(state)
+        admin_listen = state.config.admin_listen
+        self.admin_port = admin_listen.port if admin_listen is not None else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] in DATA_PATHS:
-            if scope["method"] == "POST":
+        if scope["type"] == "http":
+            if scope["path"] in DATA_PATHS and scope["method"] == "POST" and not self._on_admin_port(scope):
                 return await self.data_plane(scope, receive, send)
+            if self.admin_port is not None and self._on_admin_port(scope) != scope["path"].startswith("/admin"):
+                return await not_found(send)
         return await self.control(scope, receive, send)
+
+    def _on_admin_port(self, scope) -> bool:
+        server = scope.get("server")
+        return self.admin_port is not None and server is not None and server[1] == self.admin_port
+
+
+async def not_found(send) -> None:
+    await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": error_body("Not found.", "invalid_request_error")})
 
 
 def create_app(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayApp:

@@ -1,10 +1,19 @@
-"""authenticate(): the client's bearer key -> a Principal with a model allowlist (globs)."""
+"""Client and admin keys: bearer key -> Principal with a model allowlist (globs) and optional rate limits.
+
+Keys come from env vars named in config or from a key file of SHA-256 hashes. Presented keys are hashed
+and compared with every known hash in constant time, so neither timing nor early exits tell anything.
+"""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import hmac
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
+
+from gateway.config import ConfigError, GatewayConfig, resolve_secret
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 
@@ -12,6 +21,8 @@ from gateway.errors import AuthenticationError, PermissionDeniedError
 class Principal:
     name: str                   # the key's config name ("" for an open gateway); never the key itself
     models: tuple[str, ...]     # glob patterns
+    rpm: int | None = None
+    tpm: int | None = None
 
     def may_use(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -27,22 +38,81 @@ OPEN = Principal("", ("*",))
 
 @dataclass(frozen=True, slots=True)
 class ClientKey:
-    name: str
-    secret: bytes
-    models: tuple[str, ...]
+    digest: bytes               # sha256 of the key
+    principal: Principal
+
+
+def digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def bearer(authorization: bytes | None) -> bytes | None:
+    if not authorization or authorization[:7].lower() != b"bearer ":
+        return None
+    return authorization[7:].strip() or None
+
+
+def match_key(presented: bytes, digests: list[bytes]) -> int:
+    """Index of the matching digest or -1; every digest is compared, whatever matched."""
+    presented_digest, found = digest(presented), -1
+    for index, known in enumerate(digests):
+        if hmac.compare_digest(presented_digest, known):
+            found = index
+    return found
 
 
 def authenticate(authorization: bytes | None, keys: tuple[ClientKey, ...] | None) -> Principal:
-    """None as `keys` means an open gateway. Every key is compared, in constant time each."""
+    """None as `keys` means an open gateway."""
     if keys is None:
         return OPEN
-    if not authorization or not authorization[:7].lower() == b"bearer ":
+    presented = bearer(authorization)
+    if presented is None:
         raise AuthenticationError("You didn't provide an API key (Authorization: Bearer <key>).")
-    presented = authorization[7:].strip()
-    found = None
-    for key in keys:
-        if hmac.compare_digest(presented, key.secret):
-            found = key
-    if found is None:
+    found = match_key(presented, [key.digest for key in keys])
+    if found < 0:
         raise AuthenticationError()
-    return Principal(found.name, found.models)
+    return keys[found].principal
+
+
+def load_client_keys(config: GatewayConfig) -> tuple[ClientKey, ...] | None:
+    auth = config.auth
+    if auth.client_keys is None and auth.key_file is None:
+        return None
+    keys = []
+    for key in auth.client_keys or ():
+        secret = resolve_secret(key.key_env)
+        if secret is None:
+            raise ConfigError(f"auth.client_keys[{key.name}]: the env var {key.key_env} is not set")
+        keys.append(ClientKey(digest(secret.encode()), Principal(key.name, key.models, key.rpm, key.tpm)))
+    if auth.key_file is not None:
+        keys.extend(read_key_file(Path(auth.key_file)))
+    return tuple(keys)
+
+
+def read_key_file(path: Path) -> list[ClientKey]:
+    """A YAML list of `{name, sha256, models, rpm, tpm}`; `kimi-gateway hash-key` prints the sha256."""
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the key file: {exc}") from exc
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected a list of keys")
+    keys = []
+    for index, entry in enumerate(entries):
+        hexdigest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(hexdigest, str) or len(hexdigest) != 64:
+            raise ConfigError(f"{path}: [{index}].sha256: expected 64 hex digits (kimi-gateway hash-key)")
+        try:
+            raw = bytes.fromhex(hexdigest)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: [{index}].sha256: not hexadecimal") from exc
+        name = str(entry.get("name") or f"key-{index}")
+        models = tuple(entry.get("models") or ("*",))
+        keys.append(ClientKey(raw, Principal(name, models, entry.get("rpm"), entry.get("tpm"))))
+    return keys
+
+
+def load_admin_digests(config: GatewayConfig) -> list[bytes]:
+    """Comma-separated admin keys from the named env var; none configured = the admin API refuses all."""
+    value = resolve_secret(config.auth.admin_keys_env) or ""
+    return [digest(key.strip().encode()) for key in value.split(",") if key.strip()]

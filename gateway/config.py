@@ -9,9 +9,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Names become route names, metric labels and URL path segments: keep them to a safe charset.
-SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
-Name = Annotated[str, Field(pattern=SAFE_NAME)]
+from adapters.models import AdapterSpec, Name
+
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 EnvName = Annotated[str, Field(pattern=ENV_NAME)]
 
@@ -33,11 +32,27 @@ class ClientKeyConfig(Strict):
     name: Name
     key_env: EnvName
     models: tuple[str, ...] = ("*",)
+    rpm: int | None = Field(None, ge=1)       # requests per minute
+    tpm: int | None = Field(None, ge=1)       # tokens per minute, charged as prompt estimate + max_tokens
+
+    @field_validator("key_env", mode="before")
+    @classmethod
+    def _a_name_not_a_secret(cls, value: object) -> object:
+        return _env_name_not_secret(value, "key_env")
 
 
 class AuthConfig(Strict):
     admin_keys_env: EnvName = "KIMI_GATEWAY_ADMIN_KEYS"
-    client_keys: tuple[ClientKeyConfig, ...] | None = None  # None = open gateway (development)
+    client_keys: tuple[ClientKeyConfig, ...] | None = None  # None (and no key_file) = open gateway (development)
+    key_file: str | None = None                # hashed keys: [{name, sha256, models, rpm, tpm}]
+
+
+def _env_name_not_secret(value: object, field: str) -> object:
+    """A secret pasted where an env-var name belongs must fail without echoing it."""
+    if isinstance(value, str) and not re.match(ENV_NAME, value):
+        raise ValueError(f"expected the NAME of an environment variable (like TEAM_KEY), not a value: secrets "
+                         f"never go in the config file; put it in the environment and write `{field}: NAME`")
+    return value
 
 
 class SamplingProfile(Strict):
@@ -82,6 +97,11 @@ class BackendConfig(Strict):
     url: str | None = None
     urls: tuple[str, ...] | None = None
     api_key_env: EnvName | None = None
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _a_name_not_a_secret(cls, value: object) -> object:
+        return _env_name_not_secret(value, "api_key_env")
     served_model_name: str | None = None        # sglang: its --served-model-name
     models: dict[str, str] = Field(default_factory=dict)  # moonshot: route model -> hosted id
     max_loaded_adapters: int | None = Field(None, ge=1)
@@ -118,12 +138,7 @@ class BackendConfig(Strict):
         return self.vision if self.vision is not None else self.kind != "llamacpp"
 
 
-class AdapterConfig(Strict):
-    name: Name
-    source: str | None = None                     # PEFT dir (adapter_config.json + adapter_model.safetensors)
-    gguf: str | None = None                       # GGUF LoRA for llama.cpp backends
-    profile: str | None = None
-    backends: tuple[Name, ...] = Field(min_length=1)
+AdapterConfig = AdapterSpec  # a config `adapters:` entry is exactly an adapter spec
 
 
 class ExperimentConfig(Strict):
@@ -152,11 +167,18 @@ class RouteConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(2048, ge=1)
+    max_tokens: int = Field(65536, ge=1)
+    max_data_url_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    allow_private_image_urls: bool = False     # backends fetch image URLs on the gateway's behalf (SSRF)
+    unknown_fields: Literal["reject", "forward"] = "reject"
+    forward_fields: tuple[str, ...] = ()       # forwarded as-is even when unknown_fields is reject
 
 
 class GatewayConfig(Strict):
     listen: ListenConfig = ListenConfig()
+    admin_listen: ListenConfig | None = None   # the admin API on its own listener (then not on `listen`)
     state_dir: str = "~/.local/state/kimi-gateway"
     adapter_roots: tuple[str, ...] = ()
     auth: AuthConfig = AuthConfig()
@@ -184,18 +206,7 @@ def check_cross_references(config: GatewayConfig) -> None:
     _unique("routes (adapters are routes too)", route_names)
     profiles = config.sampling.profiles
     for i, adapter in enumerate(config.adapters):
-        if adapter.profile and adapter.profile not in profiles:
-            raise ValueError(f"adapters[{i}].profile: {adapter.profile!r} is not a sampling profile ({sorted(profiles)})")
-        for j, name in enumerate(adapter.backends):
-            backend = backends.get(name)
-            if backend is None:
-                raise ValueError(f"adapters[{i}].backends[{j}]: {name!r} is not a backend ({sorted(backends)})")
-            if backend.kind == "moonshot":
-                raise ValueError(f"adapters[{i}].backends[{j}]: {name!r} is the hosted API, which serves no LoRA")
-            if backend.kind == "llamacpp" and not adapter.gguf:
-                raise ValueError(f"adapters[{i}]: backend {name!r} is llama.cpp, so the adapter needs `gguf`")
-            if backend.kind == "sglang" and not adapter.source:
-                raise ValueError(f"adapters[{i}]: backend {name!r} is SGLang, so the adapter needs `source`")
+        check_adapter_references(adapter, config, f"adapters[{i}]")
     adapter_names = {a.name for a in config.adapters}
     for i, route in enumerate(config.routes):
         if route.profile and route.profile not in profiles:
@@ -206,6 +217,24 @@ def check_cross_references(config: GatewayConfig) -> None:
         for name in (route.experiment.variants if route.experiment else {}):
             if name not in adapter_names and name not in {r.name for r in config.routes if r.targets}:
                 raise ValueError(f"routes[{i}].experiment.variants: {name!r} is not an adapter or a base route")
+
+
+def check_adapter_references(adapter: AdapterConfig, config: GatewayConfig, where: str) -> None:
+    """An adapter's profile and backends must exist, and each backend kind must be able to serve it."""
+    backends = {b.name: b for b in config.backends}
+    profiles = config.sampling.profiles
+    if adapter.profile and adapter.profile not in profiles:
+        raise ValueError(f"{where}.profile: {adapter.profile!r} is not a sampling profile ({sorted(profiles)})")
+    for j, name in enumerate(adapter.backends):
+        backend = backends.get(name)
+        if backend is None:
+            raise ValueError(f"{where}.backends[{j}]: {name!r} is not a backend ({sorted(backends)})")
+        if backend.kind == "moonshot":
+            raise ValueError(f"{where}.backends[{j}]: {name!r} is the hosted API, which serves no LoRA")
+        if backend.kind == "llamacpp" and not adapter.gguf:
+            raise ValueError(f"{where}: backend {name!r} is llama.cpp, so the adapter needs `gguf`")
+        if backend.kind == "sglang" and not adapter.source:
+            raise ValueError(f"{where}: backend {name!r} is SGLang, so the adapter needs `source`")
 
 
 def _unique(what: str, names: list[str]) -> None:
@@ -233,9 +262,16 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError(f"{path}: " + "; ".join(_describe(error) for error in exc.errors())) from exc
 
 
+SECRET_WORDS = ("key", "secret", "token", "password")
+
+
 def _describe(error: dict) -> str:
+    """One error as `key.path: what was expected`; never the offending value (it may be a secret)."""
     location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     if error["type"] == "extra_forbidden":
+        name = str(error["loc"][-1]).lower()
+        if any(word in name for word in SECRET_WORDS):
+            return f"{location}: unknown key; secrets never go in the config file: name an env var with `*_env`"
         return f"{location}: unknown key"
     if error["type"] == "missing":
         return f"{location}: required key is missing"

@@ -15,7 +15,10 @@ import orjson
 from backends.base import BackendRequest
 from backends.errors import BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.openai_compat import StreamErrorEvent
+from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.auth import authenticate
+from gateway.policies.content import check_image_urls, check_limits
+from gateway.policies.ratelimit import RateLimiter
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
 from gateway.metrics import RequestRecorder
 from gateway.policies.retry import with_retries
@@ -46,7 +49,12 @@ class Forwarded:
 class DataPlane:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
-        self.max_body = state.config.limits.max_body_bytes
+        self.limits = limits = state.config.limits
+        self.max_body = limits.max_body_bytes
+        self.rate_limiter = RateLimiter()
+        forwarded = frozenset(limits.forward_fields)
+        self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
+                        for path in (CHAT_PATH, COMPLETIONS_PATH)}
 
     async def __call__(self, scope, receive, send) -> None:
         request_id = os.urandom(12).hex()
@@ -55,9 +63,12 @@ class DataPlane:
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id.encode())]
         code, usage, watcher = 500, None, None
         try:
-            doc = orjson.loads(await read_body(receive, self.max_body))
+            body = await read_body(receive, self.max_body)
+            principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
+            doc = orjson.loads(body)
             watcher = DisconnectWatcher(receive)
-            code, usage = await self.serve(scope["path"], doc, headers, request_id, recorder, extra, send)
+            code, usage = await self.serve(scope["path"], doc, len(body), principal, headers, request_id,
+                                           recorder, extra, send)
         except ClientGone:
             code = 499
         except orjson.JSONDecodeError:
@@ -77,12 +88,15 @@ class DataPlane:
                 watcher.stop()
             recorder.finished(code, usage)
 
-    async def serve(self, path, doc, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
+    async def serve(self, path, doc, size, principal, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
         state = self.state
-        has_images = check_request(doc, path)
-        principal = authenticate(headers.get(b"authorization"), state.client_keys)
+        has_images = check_request(doc, path, self.allowed[path])
+        check_limits(doc, self.limits)
         model = doc["model"]
         principal.require(model)
+        self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
+        if has_images:
+            await check_image_urls(doc, self.limits)
         resolved = state.routes.resolve(model, sticky_key(resolved_sticky(state, model), doc, headers, principal))
         decision = apply_sampling_policy(doc, state.config.sampling, resolved.route.profile)
         route = resolved.route

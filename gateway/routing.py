@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Sequence
+
+from adapters.models import AdapterSpec
 
 from gateway.config import ExperimentConfig, GatewayConfig
 from gateway.errors import ModelNotFoundError
@@ -50,9 +53,9 @@ def pick_variant(experiment: str, variants: dict[str, int], key: str | None) -> 
 
 
 class RouteTable:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, adapters: Sequence[AdapterSpec] | None = None) -> None:
         routes: dict[str, Route] = {}
-        for adapter in config.adapters:
+        for adapter in config.adapters if adapters is None else adapters:
             targets = tuple(Target(backend, adapter.name) for backend in adapter.backends)
             routes[adapter.name] = Route(adapter.name, targets, adapter.profile, adapter=adapter.name)
         for route in config.routes:

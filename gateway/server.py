@@ -6,7 +6,10 @@ its first chunk written separately would otherwise meet Nagle and delayed ACKs (
 """
 from __future__ import annotations
 
+import asyncio
 import socket
+
+import uvloop
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -22,8 +25,29 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
 
 
+def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, loop="uvloop", http=NoDelayHttpToolsProtocol,
+                          lifespan=lifespan, access_log=False, log_level="warning", timeout_graceful_shutdown=10)
+
+
 def serve(config: GatewayConfig, *, host: str, port: int) -> None:
+    """One process, one app; a second listener when the admin API has its own."""
     from gateway.app import create_app
 
-    uvicorn.run(create_app(config), host=host, port=port, loop="uvloop", http=NoDelayHttpToolsProtocol,
-                lifespan="on", access_log=False, log_level="warning", timeout_graceful_shutdown=10)
+    app = create_app(config)
+    configs = [server_config(app, host, port, "on")]
+    if config.admin_listen is not None:
+        configs.append(server_config(app, config.admin_listen.host, config.admin_listen.port, "off"))
+    if len(configs) == 1:
+        uvicorn.Server(configs[0]).run()
+        return
+    uvloop.run(serve_all([uvicorn.Server(c) for c in configs]))
+
+
+async def serve_all(servers: list[uvicorn.Server]) -> None:
+    """Each server catches the stop signal for itself; when one stops, the others follow."""
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*pending)

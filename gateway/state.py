@@ -5,10 +5,14 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
+from adapters.models import AdapterSpec
+from adapters.registry import AdapterRegistry
 from backends.base import BackendDriver
-from backends.factory import build_drivers
-from gateway.auth import ClientKey
-from gateway.config import ConfigError, GatewayConfig, resolve_secret
+from backends.factory import adapter_plan, build_drivers
+from gateway.auth import ClientKey, load_admin_digests, load_client_keys
+from gateway.config import GatewayConfig, check_adapter_references, resolve_secret
 from gateway.metrics import Metrics
 from gateway.routing import RouteTable
 
@@ -23,6 +27,9 @@ class GatewayState:
     drivers: dict[str, BackendDriver]
     metrics: Metrics
     client_keys: tuple[ClientKey, ...] | None
+    registry: AdapterRegistry
+    adapters: list[AdapterSpec]
+    admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
     _health_task: asyncio.Task | None = None
@@ -56,6 +63,13 @@ class GatewayState:
             except Exception:  # a failing probe must never stop the loop
                 log.exception("health check failed")
 
+    def replan(self, adapters: list[AdapterSpec]) -> None:
+        """A registry change: a new route table (swapped, never mutated) and each driver's adapter plan."""
+        self.adapters = adapters
+        self.routes = RouteTable(self.config, adapters)
+        for name, driver in self.drivers.items():
+            driver.plan(adapter_plan(name, adapters))
+
     def ready(self) -> bool:
         """Every route has at least one healthy target."""
         return not self.draining and all(
@@ -63,23 +77,30 @@ class GatewayState:
             for route in self.routes.routes() if route.experiment is None)
 
 
-def client_keys(config: GatewayConfig) -> tuple[ClientKey, ...] | None:
-    if config.auth.client_keys is None:
-        return None
-    keys = []
-    for key in config.auth.client_keys:
-        secret = resolve_secret(key.key_env)
-        if secret is None:
-            raise ConfigError(f"auth.client_keys[{key.name}]: the env var {key.key_env} is not set")
-        keys.append(ClientKey(key.name, secret.encode(), key.models))
-    return tuple(keys)
+def usable_adapters(config: GatewayConfig, specs: list[AdapterSpec]) -> list[AdapterSpec]:
+    """Registered adapters whose backends and profile still exist in this config; the rest are logged."""
+    usable = []
+    for spec in specs:
+        try:
+            check_adapter_references(spec, config, f"registry adapter {spec.name!r}")
+        except ValueError as exc:
+            log.error("not serving %s", exc)
+            continue
+        usable.append(spec)
+    return usable
 
 
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
+    registry = AdapterRegistry(Path(config.state_dir).expanduser())
+    registry.seed(config.adapters)
+    adapters = usable_adapters(config, registry.specs())
     return GatewayState(
         config=config,
-        routes=RouteTable(config),
-        drivers=drivers if drivers is not None else build_drivers(config, resolve_secret),
+        routes=RouteTable(config, adapters),
+        drivers=drivers if drivers is not None else build_drivers(config, resolve_secret, adapters),
+        registry=registry,
+        adapters=adapters,
         metrics=Metrics(),
-        client_keys=client_keys(config),
+        client_keys=load_client_keys(config),
+        admin_digests=load_admin_digests(config),
     )

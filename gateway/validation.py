@@ -4,7 +4,7 @@ Deliberately not a pydantic model: the request stays a dict on the hot path (STY
 """
 from __future__ import annotations
 
-from backends.protocol import CHAT_PATH, known_fields
+from backends.protocol import CHAT_PATH
 from gateway.errors import InvalidRequestError
 
 NUMERIC_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -16,11 +16,12 @@ def _type_error(field: str, expected: str) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid type for '{field}': expected {expected}.", param=field)
 
 
-def check_request(doc: object, path: str) -> bool:
-    """Raise InvalidRequestError for a body no backend should see; return whether it carries images."""
+def check_request(doc: object, path: str, allowed: frozenset[str] | None) -> bool:
+    """Raise InvalidRequestError for a body no backend should see; return whether it carries images.
+    `allowed` is the set of top-level fields accepted (None: forward unknown fields)."""
     if not isinstance(doc, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
-    unknown = doc.keys() - known_fields(path)
+    unknown = doc.keys() - allowed if allowed is not None else ()
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)

@@ -31,6 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SSE_DONE = b"data: [DONE]\n\n"
+LOGGED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -56,11 +57,17 @@ AuthCheck = Callable[[str | None, str], Response | None]
 
 
 class BearerAuthMiddleware:
-    """Pure ASGI: asks `check(authorization header, path)` and answers its response if it gives one."""
+    """Pure ASGI: asks `check(authorization header, path)` and answers its response if it gives one.
 
-    def __init__(self, app: ASGIApp, check: AuthCheck) -> None:
+    A rejected request to one of `logged_paths` still goes into `log`, so tests can see it.
+    """
+
+    def __init__(self, app: ASGIApp, check: AuthCheck, log: RequestLog | None = None,
+                 logged_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.check = check
+        self.log = log
+        self.logged_paths = logged_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -68,6 +75,10 @@ class BearerAuthMiddleware:
             raw = headers.get(b"authorization")
             rejection = self.check(raw.decode("latin-1") if raw is not None else None, scope["path"])
             if rejection is not None:
+                if self.log is not None and scope["path"] in self.logged_paths:
+                    request = Request(scope, receive)
+                    body, raw_body, _ = await read_json(request)
+                    self.log.record(request, body, raw_body)
                 await rejection(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -181,6 +192,23 @@ async def faulty_events(events: Iterable[bytes], fault: Fault | None, error_even
             return
         yield event
         await asyncio.sleep(0)
+
+
+class QuietDisconnects:
+    """Runner-only ASGI wrapper: an `EmulatedDisconnect` ends the app without a traceback.
+
+    The server then closes the connection mid-body (uvicorn logs one line); in-process tests use
+    the bare app and see the exception instead.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except EmulatedDisconnect:
+            return
 
 
 def sse_response(events: Iterable[bytes], fault: Fault | None, error_event: bytes) -> StreamingResponse:

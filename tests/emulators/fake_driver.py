@@ -61,6 +61,9 @@ class FakeDriver:
     def adapters(self) -> dict[str, bool]:
         return {}
 
+    def plan(self, adapters) -> None:
+        self.planned = dict(adapters)
+
     def check(self, request: BackendRequest) -> None:
         if request.has_images and not self.vision:
             raise UnsupportedFeatureError(f"backend '{self.name}' has no vision", backend=self.name, param="messages")

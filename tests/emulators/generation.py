@@ -247,7 +247,7 @@ def plan_chat(
     key = output_key(adapter, chat_prompt_text(messages), body.get("temperature"), max_tokens)
     words = words_for(key, DEFAULT_CHAT_WORDS if max_tokens is None else max_tokens)
     split = len(words) // 2 if thinking else 0
-    reasoning = " ".join(words[:split]) if thinking else None
+    reasoning = " ".join(words[:split]) or None if thinking else None
     answer_words = words[split:]
     tool_call = plan_tool_call(body, key, tool_id_format) if tool_id_format else None
     if tool_call is not None:

@@ -31,11 +31,13 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import HTMLResponse, Response
 
 from tests.emulators.common import (
+    LOGGED_PATHS,
     SSE_DONE,
     AuthCheck,
     BearerAuthMiddleware,
     Fault,
     FaultInjector,
+    QuietDisconnects,
     RequestLog,
     bearer_token,
     emulator_router,
@@ -237,7 +239,8 @@ def api_router(state: MoonshotState) -> APIRouter:
 def create_moonshot_app(options: MoonshotOptions) -> FastAPI:
     state = MoonshotState(options)
     app = FastAPI(title="Moonshot API emulator", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key))
+    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key), log=state.log,
+                       logged_paths=LOGGED_PATHS)
     app.include_router(emulator_router(state.faults, state.log, state.reset))
     app.include_router(api_router(state))
     return app
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     models = tuple(m.strip() for entry in args.models for m in entry.split(",") if m.strip())
     app = create_moonshot_app(MoonshotOptions(api_key=args.api_key, models=models))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(QuietDisconnects(app), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

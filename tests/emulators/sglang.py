@@ -15,7 +15,8 @@ Owns the app factory `create_sglang_app(SglangOptions)`, the routes and the runn
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
@@ -24,10 +25,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import PlainTextResponse, Response
 
 from tests.emulators.common import (
+    LOGGED_PATHS,
     SSE_DONE,
     AuthCheck,
     BearerAuthMiddleware,
     Fault,
+    QuietDisconnects,
     bearer_token,
     emulator_router,
     intake,
@@ -246,8 +249,16 @@ def server_router(state: SglangState) -> APIRouter:
 
 def create_sglang_app(options: SglangOptions) -> FastAPI:
     state = SglangState(options)
-    app = FastAPI(title="sglang-kt 0.7.2 emulator", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.started_at = options.clock()  # a served app counts its startup delay from here
+        yield
+
+    app = FastAPI(title="sglang-kt 0.7.2 emulator", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key), log=state.log,
+                       logged_paths=LOGGED_PATHS)
     app.include_router(emulator_router(state.faults, state.log, state.reset))
     app.include_router(openai_router(state))
     app.include_router(server_router(state))
@@ -304,7 +315,7 @@ def options_from_args(args: argparse.Namespace) -> SglangOptions:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     app = create_sglang_app(options_from_args(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(QuietDisconnects(app), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

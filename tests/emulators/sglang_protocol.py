@@ -16,7 +16,7 @@ import uuid
 from http import HTTPStatus
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from tests.emulators.common import SSE_DONE, sse_event
 from tests.emulators.generation import Output, chat_deltas, plan_chat
@@ -82,10 +82,6 @@ def bad_request_body(message: str) -> dict[str, Any]:
     return error_body(message, HTTPStatus.BAD_REQUEST.phrase, 400)
 
 
-def validation_message(exc: ValidationError) -> str:
-    return str(exc)
-
-
 def status_error_body(status: int, message: str | None, error_type: str | None) -> dict[str, Any]:
     """A fault-injected error in SGLang's flat shape."""
     defaults = {400: "BadRequest", 500: "InternalServerError"}
@@ -130,7 +126,7 @@ def chat_output(body: dict[str, Any], adapter: str | None, reasoning_parser: str
     tool_format = KIMI_TOOL_ID_FORMAT if tool_call_parser else None
     output = plan_chat(body, adapter=adapter, thinking=thinking, tool_id_format=tool_format)
     if thinking and not (reasoning_parser and body.get("separate_reasoning", True)):
-        raw = f"{output.reasoning}</think>{output.content or ''}"
+        raw = f"{output.reasoning or ''}</think>{output.content or ''}"
         output = dataclasses.replace(output, reasoning=None, content=raw, reasoning_tokens=0)
     return output
 

@@ -126,6 +126,8 @@ async def start() -> Callable[..., Awaitable[tuple[Upstream, LeanTransport]]]:
         up = Upstream(handler)
         await up.start()
         kwargs.setdefault("backend", "test")
+        kwargs.setdefault("first_byte_timeout_s", GENEROUS_S)  # a broken client fails instead of hanging
+        kwargs.setdefault("idle_timeout_s", GENEROUS_S)
         transport = LeanTransport(up.url, **kwargs)
         opened.append((up, transport))
         return up, transport
@@ -156,7 +158,9 @@ async def test_content_length_body_status_and_headers(start):
 async def test_request_head_carries_the_transport_headers(start):
     up = Upstream(serve_ok)
     await up.start()
-    transport = LeanTransport(up.url + "/v1/", default_headers={"Authorization": "Bearer k", "X-A": "1"})
+    transport = LeanTransport(
+        up.url + "/v1/", default_headers={"Authorization": "Bearer k", "X-A": "1"}, first_byte_timeout_s=GENEROUS_S
+    )
     try:
         await (await transport.request("POST", "/chat/completions", b"{}", {"X-A": "2", "X-B": "3"})).read()
         await (await transport.request("GET", "/models")).read()
@@ -272,7 +276,7 @@ def test_any_framing_and_split_round_trips(body, chunk_cuts, write_cuts, framing
     async def run() -> None:
         up = Upstream(handler)
         await up.start()
-        transport = LeanTransport(up.url)
+        transport = LeanTransport(up.url, first_byte_timeout_s=GENEROUS_S, idle_timeout_s=GENEROUS_S)
         try:
             for _ in range(2):  # the second request checks the connection was left in step
                 response = await transport.request("POST", "/x", b"{}")

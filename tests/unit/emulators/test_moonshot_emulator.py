@@ -373,3 +373,10 @@ async def test_request_log_keeps_rejected_bodies_and_reset_clears_it():
         await client.post("/_emulator/reset")
         assert (await client.get("/_emulator/requests")).json() == []
     assert log[0]["body"]["min_p"] == 0.01 and log[0]["has_authorization"] is True
+
+
+async def test_requests_rejected_by_auth_are_logged_without_authorization():
+    async with client_for(create_moonshot_app(OPTIONS)) as client:
+        await client.post("/v1/chat/completions", json=request())
+        log = (await client.get("/_emulator/requests")).json()
+    assert len(log) == 1 and log[0]["has_authorization"] is False and log[0]["body"]["model"] == "kimi-k2.6"

@@ -432,3 +432,20 @@ async def test_request_log_records_bodies_and_authorization_presence_then_resets
     assert [entry["has_authorization"] for entry in log] == [False, True]
     assert "authorization" not in log[1]["headers"]
     assert after == []
+
+
+async def test_requests_rejected_by_auth_are_logged_too():
+    async with client_for(create_sglang_app(SglangOptions(api_key="secret"))) as client:
+        rejected = await client.post("/v1/chat/completions", json={"messages": user("no key")})
+        await client.post("/v1/chat/completions", json={"messages": user("key")},
+                          headers={"Authorization": "Bearer secret"})
+        log = (await client.get("/_emulator/requests")).json()
+    assert rejected.status_code == 401
+    assert [(e["body"]["messages"][0]["content"], e["has_authorization"]) for e in log] == [
+        ("no key", False), ("key", True)]
+
+
+async def test_one_token_while_thinking_has_no_reasoning_content():
+    body = (await chat(KIMI, {"messages": user("hi"), "max_tokens": 1})).json()
+    message = body["choices"][0]["message"]
+    assert message["reasoning_content"] is None and len(message["content"].split()) == 1

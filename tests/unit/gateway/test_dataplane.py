@@ -18,6 +18,11 @@ CONFIG = {
 CHAT = {"model": "kimi", "messages": [{"role": "user", "content": "hi"}]}
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setitem(CONFIG, "state_dir", str(tmp_path / "state"))
+
+
 def make_client(one: FakeDriver, two: FakeDriver, **overrides) -> httpx.AsyncClient:
     config = GatewayConfig.model_validate({**CONFIG, **overrides})
     app = create_app(config, drivers={"one": one, "two": two})

@@ -1,0 +1,913 @@
+"""The benchmark harness behind `bench/run` (issue #7): direct vs kimi-gateway vs LiteLLM, interleaved, medians.
+
+Run it through `bench/run`, which installs what is missing and pins this process to cpu0. Everything talks to
+127.0.0.1 only; every load run is bounded in count and time. See bench/README.md for what each figure means.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as metadata
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+README = HERE / "README.md"
+RESULTS = HERE / "results"
+START_MARK, END_MARK = "<!-- results:start -->", "<!-- results:end -->"
+PROFILE_START, PROFILE_END = "<!-- profile:start -->", "<!-- profile:end -->"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+UPSTREAM_CPU, GATEWAY_CPU = "0", "1"  # cpu0: upstreams + load generators + this harness; cpu1: the proxy measured
+
+DIRECT, GATEWAY, LITELLM = "direct", "kimi-gateway", "LiteLLM"
+CHAT_BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}],
+                        "max_tokens": 16}, separators=(",", ":"))
+STREAM_BODY = json.dumps({"model": "bench-stream", "messages": [{"role": "user", "content": "Count."}],
+                          "stream": True}, separators=(",", ":"))
+TTFT_BODY = STREAM_BODY.replace("bench-stream", "bench-ttft")
+SLOW_BODY = STREAM_BODY.replace("bench-stream", "bench-slow")
+BENCH_KEY = "sk-bench-" + os.urandom(16).hex()  # the gateway's client key and LiteLLM's master key, this run only
+AUTH_HEADER = f"Authorization: Bearer {BENCH_KEY}"
+CANNED = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench-model",
+    "system_fingerprint": "b1-bench",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+                 "logprobs": None, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+}, separators=(",", ":"))
+
+# Durations in seconds (requests for counts). `quick` checks that the harness works; `full` is the real run.
+PLANS = {
+    "full": dict(rounds=3, rate_warmup=2, rate_duration=10, rates=(200, 500), closed_duration=8, stream_warmup=1,
+                 stream_duration=6, stream_chunks=200, ttft_count=300, ttft_max_s=20, hold_streams=1000,
+                 hold_open_s=90, growth_requests=100_000, growth_warmup=5_000, litellm_growth_requests=3_000,
+                 growth_max_s=240, litellm_growth_max_s=120, profile_s=15),
+    "quick": dict(rounds=3, rate_warmup=0.5, rate_duration=2, rates=(200, 500), closed_duration=2, stream_warmup=0.5,
+                  stream_duration=2, stream_chunks=200, ttft_count=100, ttft_max_s=8, hold_streams=1000,
+                  hold_open_s=30, growth_requests=10_000, growth_warmup=1_000, litellm_growth_requests=300,
+                  growth_max_s=60, litellm_growth_max_s=30, profile_s=5),
+}
+TARGETS = {  # what the gateway must reach (one worker on one core)
+    "added_p50_200": 0.3, "added_p99_200": 1.5, "max_rps": 3000, "events_per_s": 40000, "added_ttft": 0.5,
+    "rss_streams_mb": 150, "rss_growth_mb": 10,
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- processes and /proc
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """A process this harness started, in its own session so it (and only it) can be ended by its id."""
+
+    def __init__(self, name: str, argv: list[str], logfile: Path, env: dict | None = None) -> None:
+        self.name = name
+        self.log = logfile
+        with open(logfile, "ab") as out:
+            self.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, env=env)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+            self.popen.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, ()))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / CLK_TCK
+
+
+def rss_mb(pids: list[int]) -> float:
+    total_kb = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+def wait_quiet(pids: list[int], max_s: float = 20, busy_fraction: float = 0.1) -> None:
+    """Wait (bounded) until these processes use less than `busy_fraction` of a core: the last run has drained."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pids)
+        time.sleep(0.5)
+        if cpu_seconds(pids) - before <= busy_fraction * 0.5:
+            return
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def wait_http(port: int, path: str, proc: Proc | None, max_s: float) -> float:
+    """Seconds until GET path answers 200; raises if the process died or time ran out."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.tail()}")
+        try:
+            if http_get(port, path)[0] == 200:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"GET 127.0.0.1:{port}{path} did not answer 200 within {max_s:.0f}s"
+                       + (f":\n{proc.tail()}" if proc else ""))
+
+
+# ---------------------------------------------------------------- the setup
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.plan = PLANS["quick" if args.quick else "full"]
+        self.work = Path(tempfile.mkdtemp(prefix="kimi-bench-"))
+        self.python = sys.executable
+        self.procs: list[Proc] = []
+        self.ports = {name: free_port() for name in ("nginx", "sse", "gateway", "litellm")}
+        self.litellm_reason: str | None = None
+        self.litellm_python = args.litellm_python
+        if args.skip_litellm:
+            self.litellm_reason = "skipped (--skip-litellm)"
+        elif args.litellm_unavailable:
+            self.litellm_reason = args.litellm_unavailable
+        elif not args.litellm_bin or not Path(args.litellm_bin).exists():
+            self.litellm_reason = "not installed (bench/run installs it; see its log)"
+        self.gateway: Proc | None = None
+        self.litellm: Proc | None = None
+        self.nginx: Proc | None = None
+        self.sse: Proc | None = None
+        self.results: dict = {"latency": {}, "closed": {}, "stream": {}, "ttft": {}, "rss": {}, "notes": []}
+        self.startup: dict[str, float] = {}
+
+    def targets(self) -> list[str]:
+        return [DIRECT, GATEWAY] + ([LITELLM] if self.litellm_reason is None else [])
+
+    def url(self, target: str, stream: bool) -> str:
+        port = {DIRECT: self.ports["sse" if stream else "nginx"], GATEWAY: self.ports["gateway"],
+                LITELLM: self.ports["litellm"]}[target]
+        return f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def pids(self, target: str, stream: bool = False) -> list[int]:
+        proc = {DIRECT: self.sse if stream else self.nginx, GATEWAY: self.gateway, LITELLM: self.litellm}[target]
+        return process_tree(proc.pid) if proc is not None else []
+
+    def start(self) -> None:
+        self.start_nginx()
+        self.start_sse()
+        self.start_gateway()
+        if self.litellm_reason is None:
+            try:
+                self.start_litellm()
+            except RuntimeError as exc:
+                self.litellm_reason = f"did not start: {str(exc).splitlines()[0]}"
+                log(f"LiteLLM {self.litellm_reason}\n{self.litellm.tail() if self.litellm else ''}")
+                if self.litellm is not None:
+                    self.litellm.stop()
+                    self.litellm = None
+
+    def spawn(self, name: str, argv: list[str], env: dict | None = None) -> Proc:
+        proc = Proc(name, argv, self.work / f"{name}.log", env)
+        self.procs.append(proc)
+        return proc
+
+    def start_nginx(self) -> None:
+        root = self.work / "nginx"
+        (root / "tmp").mkdir(parents=True)
+        canned = CANNED.replace("'", "\\'")
+        (root / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/tmp;
+  proxy_temp_path {root}/tmp;
+  fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp;
+  scgi_temp_path {root}/tmp;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_buffer_size 64k;
+  server {{
+    listen 127.0.0.1:{self.ports['nginx']} backlog=4096;
+    default_type application/json;
+    location = /v1/chat/completions {{ return 200 '{canned}'; }}
+    location = /health {{ return 200 '{{"status":"ok"}}'; }}
+    location = /lora-adapters {{ return 200 '[]'; }}
+    location / {{ return 404 '{{"error":{{"message":"not found"}}}}'; }}
+  }}
+}}
+""")
+        self.nginx = self.spawn("nginx", ["taskset", "-c", UPSTREAM_CPU, shutil.which("nginx") or "nginx",
+                                          "-p", str(root), "-c", str(root / "nginx.conf")])
+        wait_http(self.ports["nginx"], "/health", self.nginx, 15)
+
+    def start_sse(self) -> None:
+        plan = self.plan
+        self.sse = self.spawn("sse_upstream", [
+            "taskset", "-c", UPSTREAM_CPU, self.python, str(HERE / "sse_upstream.py"), "--port", str(self.ports["sse"]),
+            "--chunks", str(plan["stream_chunks"]), "--delay-ms", "0",
+            "--profile", "bench-ttft=8:0", "--profile", "bench-slow=600:1000"])
+        wait_http(self.ports["sse"], "/health", self.sse, 15)
+
+    def start_gateway(self) -> None:
+        config = self.work / "gateway.yaml"
+        config.write_text(f"""# written by bench/harness.py
+listen: {{host: 127.0.0.1, port: {self.ports['gateway']}}}
+state_dir: {self.work / 'gateway-state'}
+auth:
+  client_keys:
+    - {{name: bench, key_env: KIMI_BENCH_CLIENT_KEY, models: ["*"]}}
+backends:
+  - {{name: nginx, kind: llamacpp, url: "http://127.0.0.1:{self.ports['nginx']}", max_connections: 256}}
+  - {{name: sse, kind: llamacpp, url: "http://127.0.0.1:{self.ports['sse']}", max_connections: 1200}}
+routes:
+  - {{name: bench-model, targets: [nginx]}}
+  - {{name: bench-stream, targets: [sse]}}
+  - {{name: bench-ttft, targets: [sse]}}
+  - {{name: bench-slow, targets: [sse]}}
+""")
+        exe = str(Path(self.python).with_name("kimi-gateway"))
+        argv = [exe] if Path(exe).exists() else [self.python, "-m", "gateway.cli"]
+        env = dict(os.environ, KIMI_BENCH_CLIENT_KEY=BENCH_KEY)
+        self.gateway = self.spawn("gateway", ["taskset", "-c", GATEWAY_CPU, *argv, "serve", "--config", str(config)],
+                                  env)
+        self.startup[GATEWAY] = wait_http(self.ports["gateway"], "/readyz", self.gateway, 60)
+        log(f"kimi-gateway ready in {self.startup[GATEWAY]:.1f}s (pid {self.gateway.pid})")
+
+    def start_litellm(self) -> None:
+        config = self.work / "litellm.yaml"
+        models = []
+        for name, port in (("bench-model", self.ports["nginx"]), ("bench-stream", self.ports["sse"]),
+                           ("bench-ttft", self.ports["sse"]), ("bench-slow", self.ports["sse"])):
+            models.append(f"""  - model_name: {name}
+    litellm_params:
+      model: openai/{name}
+      api_base: http://127.0.0.1:{port}/v1
+      api_key: none
+      timeout: 600
+      stream_timeout: 600""")
+        config.write_text("# written by bench/harness.py\nmodel_list:\n" + "\n".join(models) + """
+litellm_settings:
+  telemetry: false
+  drop_params: true
+  set_verbose: false
+  request_timeout: 600
+general_settings:
+  disable_spend_logs: true
+  disable_adding_master_key_hash_to_db: true
+""")
+        env = dict(os.environ)
+        env.update({  # nothing may try the network: local cost map, no telemetry, no UI, quiet logs
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY_DISABLED": "true", "LITELLM_TELEMETRY": "False",
+            "DISABLE_ADMIN_UI": "True", "LITELLM_LOG": "ERROR", "DO_NOT_TRACK": "1", "ANONYMIZED_TELEMETRY": "false",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "*", "no_proxy": "*",
+            "LITELLM_MASTER_KEY": BENCH_KEY,  # it refuses to start without one (and so should a gateway)
+        })
+        for key in ("DATABASE_URL", "REDIS_HOST", "REDIS_URL", "OPENAI_API_KEY", "HTTP_PROXY", "HTTPS_PROXY",
+                    "http_proxy", "https_proxy"):
+            env.pop(key, None)
+        self.litellm = self.spawn("litellm", [
+            "taskset", "-c", GATEWAY_CPU, self.args.litellm_bin, "--config", str(config), "--host", "127.0.0.1",
+            "--port", str(self.ports["litellm"]), "--num_workers", "1"], env)
+        self.startup[LITELLM] = wait_http(self.ports["litellm"], "/health/liveliness", self.litellm, 240)
+        log(f"LiteLLM ready in {self.startup[LITELLM]:.1f}s (pid {self.litellm.pid})")
+        status, body = self.post_once(self.url(LITELLM, False), CHAT_BODY)
+        if status != 200:
+            raise RuntimeError(f"a chat completion through LiteLLM answered {status}: {body[:200]!r}")
+
+    def post_once(self, url: str, body: str) -> tuple[int, bytes]:
+        port = int(url.split(":")[2].split("/")[0])
+        payload = body.encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         f"{AUTH_HEADER}\r\n"
+                         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    # ------------------------------------------------------------ load runners
+
+    def loadgen(self, mode: str, url: str, body: str, *extra: str, timeout: float = 300) -> dict:
+        argv = ["taskset", "-c", UPSTREAM_CPU, self.python, str(HERE / "loadgen.py"), mode, "--url", url,
+                "--body", body, "--header", AUTH_HEADER, *extra]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"loadgen {mode} failed ({done.returncode}): {done.stderr[-800:]}")
+        return json.loads(lines[-1])
+
+    def wrk(self, url: str, connections: int, duration: float, timeout_s: int = 5) -> dict:
+        script = self.work / "post.lua"
+        if not script.exists():
+            script.write_text(f'wrk.method = "POST"\nwrk.body = [[{CHAT_BODY}]]\n'
+                              'wrk.headers["Content-Type"] = "application/json"\n'
+                              f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n')
+        argv = ["taskset", "-c", UPSTREAM_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
+                "--timeout", f"{timeout_s}s", "-s", str(script), url]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+        out = done.stdout
+        total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+        if done.returncode != 0 or total is None:
+            raise RuntimeError(f"wrk failed: {out[-500:]} {done.stderr[-500:]}")
+        seconds = float(total.group(2)) * {"s": 1, "ms": 1e-3, "m": 60}.get(total.group(3), 1)
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        requests = int(total.group(1))
+        non2xx = int(bad.group(1)) if bad else 0
+        return {"requests": requests, "ok": requests - non2xx, "non2xx": non2xx, "seconds": seconds,
+                "rps": (requests - non2xx) / seconds, "socket_errors": [int(g) for g in sock.groups()] if sock else None}
+
+    # ------------------------------------------------------------ figures
+
+    def rounds(self):
+        for index in range(self.plan["rounds"]):
+            yield index + 1
+
+    def fig_latency(self) -> None:
+        plan = self.plan
+        for rate in plan["rates"]:
+            self.results["latency"][str(rate)] = {t: [] for t in self.targets()}
+        for number in self.rounds():
+            for rate in plan["rates"]:
+                for target in self.targets():
+                    wait_quiet(self.pids(target))
+                    result = self.loadgen("rate", self.url(target, False), CHAT_BODY, "--rate", str(rate),
+                                          "--duration", str(plan["rate_duration"]), "--warmup", str(plan["rate_warmup"]),
+                                          "--max-connections", "64", "--drain-seconds", "5",
+                                          timeout=plan["rate_duration"] + plan["rate_warmup"] + 120)
+                    self.results["latency"][str(rate)][target].append(result)
+                    log(f"latency round {number} @{rate}/s {target}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} "
+                        f"ms, ok {result['ok']}/{result['sent']}, dropped {result['dropped']}")
+
+    def fig_closed(self) -> None:
+        plan = self.plan
+        self.results["closed"] = {t: [] for t in self.targets()}
+        for number in self.rounds():
+            for target in self.targets():
+                pids = self.pids(target)
+                wait_quiet(pids)
+                before = cpu_seconds(pids)
+                result = self.wrk(self.url(target, False), 32, plan["closed_duration"],
+                                  timeout_s=30 if target == LITELLM else 5)
+                used = cpu_seconds(pids) - before
+                result["cpu_s"] = used
+                result["cpu_us_per_request"] = used * 1e6 / result["ok"] if result["ok"] else None
+                self.results["closed"][target].append(result)
+                log(f"closed loop round {number} {target}: {result['rps']:.0f} req/s, "
+                    f"{result['cpu_us_per_request'] or 0:.0f} µs CPU/request, non-2xx {result['non2xx']}")
+
+    def fig_stream(self) -> None:
+        plan = self.plan
+        self.results["stream"] = {t: [] for t in self.targets()}
+        for number in self.rounds():
+            for target in self.targets():
+                wait_quiet(self.pids(target, stream=True))
+                result = self.loadgen("stream", self.url(target, True), STREAM_BODY, "--streams", "100",
+                                      "--duration", str(plan["stream_duration"]), "--warmup", str(plan["stream_warmup"]),
+                                      timeout=plan["stream_duration"] + plan["stream_warmup"] + 120)
+                self.results["stream"][target].append(result)
+                log(f"streaming round {number} {target}: {result['events_per_s']:.0f} events/s, "
+                    f"{result['streams_completed']} streams completed, errors {result['errors']}")
+
+    def fig_ttft(self) -> None:
+        plan = self.plan
+        self.results["ttft"] = {t: [] for t in self.targets()}
+        for number in self.rounds():
+            for target in self.targets():
+                wait_quiet(self.pids(target, stream=True))
+                result = self.loadgen("ttft", self.url(target, True), TTFT_BODY, "--count", str(plan["ttft_count"]),
+                                      "--max-seconds", str(plan["ttft_max_s"]), timeout=plan["ttft_max_s"] + 120)
+                self.results["ttft"][target].append(result)
+                log(f"TTFT round {number} {target}: p50 {result['p50_ms']} ms over {result['measured']} streams")
+
+    def fig_rss_idle(self) -> None:
+        for target in self.targets()[1:]:
+            self.results["rss"].setdefault(target, {})["idle_mb"] = rss_mb(self.pids(target))
+            log(f"RSS idle {target}: {self.results['rss'][target]['idle_mb']:.1f} MB")
+
+    def fig_rss_streams(self) -> None:
+        plan = self.plan
+        for target in self.targets()[1:]:
+            self.results["rss"].setdefault(target, {})["streams"] = []
+        for number in self.rounds():
+            for target in self.targets()[1:]:
+                pids = self.pids(target)
+                wait_quiet(pids, max_s=30)
+                argv = ["taskset", "-c", UPSTREAM_CPU, self.python, str(HERE / "loadgen.py"), "hold",
+                        "--url", self.url(target, True), "--body", SLOW_BODY, "--header", AUTH_HEADER, "--streams", str(plan["hold_streams"]),
+                        "--open-seconds", str(plan["hold_open_s"]), "--hold-seconds", str(plan["hold_open_s"] + 60)]
+                holder = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True)
+                try:
+                    ready, _, _ = select.select([holder.stdout], [], [], plan["hold_open_s"] + 60)
+                    line = holder.stdout.readline() if ready else ""
+                    report = json.loads(line) if line.startswith("{") else {"streaming": 0, "error": line[-300:]}
+                    time.sleep(1.0)  # let the relay settle into its steady state
+                    report["rss_mb"] = rss_mb(pids)
+                    report["upstream_open"] = None
+                finally:
+                    try:
+                        os.killpg(holder.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                    holder.wait(15)
+                self.results["rss"][target]["streams"].append(report)
+                log(f"RSS with streams round {number} {target}: {report['rss_mb']:.1f} MB, "
+                    f"{report.get('streaming')} of {plan['hold_streams']} streaming")
+
+    def fig_rss_growth(self) -> None:
+        plan = self.plan
+        for target in self.targets()[1:]:
+            pids = self.pids(target)
+            wait_quiet(pids, max_s=30)
+            is_litellm = target == LITELLM
+            count = plan["litellm_growth_requests"] if is_litellm else plan["growth_requests"]
+            limit = plan["litellm_growth_max_s"] if is_litellm else plan["growth_max_s"]
+            warm = self.loadgen("closed", self.url(target, False), CHAT_BODY, "--connections", "32", "--requests",
+                                str(max(count // 20, 100) if is_litellm else plan["growth_warmup"]),
+                                "--max-seconds", str(limit), timeout=limit + 60)
+            wait_quiet(pids)
+            before = rss_mb(pids)
+            run = self.loadgen("closed", self.url(target, False), CHAT_BODY, "--connections", "32", "--requests",
+                               str(count), "--max-seconds", str(limit), timeout=limit + 60)
+            wait_quiet(pids)
+            after = rss_mb(pids)
+            self.results["rss"][target]["growth"] = {
+                "warmup_requests": warm["ok"], "requests": run["ok"], "errors": run["errors"], "planned": count,
+                "before_mb": before, "after_mb": after, "growth_mb": after - before, "rps": run["rps"]}
+            log(f"RSS growth {target}: {before:.1f} -> {after:.1f} MB over {run['ok']} requests")
+
+    def fig_profile(self, pyspy: str | None) -> None:
+        if not pyspy:
+            self.results["profile"] = {"error": "py-spy is not installed"}
+            return
+        duration = self.plan["profile_s"]
+        out = self.work / "profile.speedscope.json"
+        wait_quiet(self.pids(GATEWAY))
+        spy = subprocess.Popen(["taskset", "-c", UPSTREAM_CPU, pyspy, "record", "--pid", str(self.gateway.pid),
+                                "--duration", str(duration), "--rate", "250",
+                                "--format", "speedscope", "--output", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        load = self.wrk(self.url(GATEWAY, False), 32, duration + 1)
+        try:
+            spy_out, _ = spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy_out = "timed out"
+        if not out.exists():
+            self.results["profile"] = {"error": f"py-spy wrote no profile: {spy_out[-400:]}"}
+            return
+        RESULTS.mkdir(exist_ok=True)
+        shutil.copy(out, RESULTS / "gateway-profile.speedscope.json")
+        profile = summarise_speedscope(json.loads(out.read_text()))
+        profile["load_rps"] = load["rps"]
+        profile["seconds"] = duration
+        self.results["profile"] = profile
+        log(f"profile: {profile['samples']} samples under {load['rps']:.0f} req/s")
+
+
+ENTRY_FRAMES = re.compile(r"\((gateway/cli\.py|gateway/server\.py|uvicorn/main\.py|uvicorn/server\.py|uvicorn/_compat\.py|"
+                          r"asyncio/runners\.py|.*bin/kimi-gateway)\)$")
+LOOP_FRAME = "Runner.run (asyncio/runners.py)"
+
+
+def summarise_speedscope(doc: dict, top: int = 15) -> dict:
+    """Own and cumulative shares of samples per function (lines merged) in a py-spy speedscope profile.
+
+    A sample whose innermost Python frame is asyncio's Runner.run is time spent in the event loop's C code
+    (uvloop: epoll, socket reads and writes, callbacks into C): it is reported as such. The entry frames that
+    sit under every sample (main, uvicorn's run, the asyncio runner) are left out of the cumulative table."""
+    frames = doc["shared"]["frames"]
+
+    def key(index: int) -> str:
+        frame = frames[index]
+        path = frame.get("file") or "?"
+        path = re.sub(r"^.*/(site-packages|python3\.\d+)/", "", path)
+        path = path.replace(str(REPO) + "/", "")
+        return f"{frame['name']} ({path})"
+
+    own: dict[str, int] = {}
+    cumulative: dict[str, int] = {}
+    total = 0
+    for profile in doc["profiles"]:
+        for stack in profile["samples"]:
+            if not stack:
+                continue
+            total += 1
+            leaf = key(stack[-1])
+            if leaf == LOOP_FRAME:
+                leaf = "event loop in C: uvloop I/O, epoll and C callbacks (innermost Python frame: Runner.run)"
+            own[leaf] = own.get(leaf, 0) + 1
+            for name in {key(i) for i in stack}:
+                if not ENTRY_FRAMES.search(name):
+                    cumulative[name] = cumulative.get(name, 0) + 1
+
+    def ranked(table: dict[str, int]) -> list[tuple[str, float]]:
+        return [(name, 100 * value / total) for name, value in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+    return {"samples": total, "own": ranked(own), "cumulative": ranked(cumulative)}
+
+
+# ---------------------------------------------------------------- report
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits=0, suffix=""):
+    if value is None:
+        return "—"
+    if digits == 0:
+        return f"{value:,.0f}{suffix}"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def versions(litellm_python: str | None, litellm_reason: str | None) -> dict:
+    def pkg(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    def cmd(argv, pattern):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            match = re.search(pattern, done.stdout + done.stderr)
+            return match.group(1) if match else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    litellm = "—"
+    if litellm_python and Path(litellm_python).exists():
+        litellm = cmd([litellm_python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                      r"([\d][\w.\-+]*)")
+    if litellm_reason and litellm == "—":
+        litellm = "not run"
+    return {"python": platform.python_version(), "kimi-gateway": f"{pkg('kimi-gateway')} ({git_commit()})",
+            "uvicorn": pkg("uvicorn"), "uvloop": pkg("uvloop"), "httptools": pkg("httptools"), "orjson": pkg("orjson"),
+            "litellm": litellm, "nginx": cmd(["nginx", "-v"], r"nginx/([\d.]+)"),
+            "wrk": cmd(["wrk", "-v"], r"wrk (?:debian/)?(\S+)")}
+
+
+def git_commit() -> str:
+    """The checked-out commit, read from .git's files (the harness runs no git command)."""
+    gitdir = REPO / ".git"
+    try:
+        head = (gitdir / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            branch = ref.rsplit("/", 1)[-1]
+            path = gitdir / ref
+            if path.exists():
+                return f"{branch} @ {path.read_text().strip()[:10]}"
+            packed = gitdir / "packed-refs"
+            for line in packed.read_text().splitlines() if packed.exists() else ():
+                if line.endswith(" " + ref):
+                    return f"{branch} @ {line[:10]}"
+            return branch
+        return head[:10]
+    except OSError:
+        return "no git checkout"
+
+
+def machine() -> dict:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+    return {"nproc": os.cpu_count(), "cpu": model, "memory_gib": round(mem_kb / 1024 / 1024, 1),
+            "kernel": platform.release(), "loadavg_at_start": Path("/proc/loadavg").read_text().split()[0]}
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else (" ✅" if ok else " ❌")
+
+
+def render(bench: Bench, meta: dict) -> str:
+    r, plan = bench.results, bench.plan
+    targets = bench.targets()
+    has_litellm = LITELLM in targets
+    reason = bench.litellm_reason
+    lines = []
+    mode = "quick (short durations: a check that the harness works, not a result)" if bench.args.quick else "full"
+    lines.append(f"Run {meta['date']} · mode: {mode} · {plan['rounds']} interleaved rounds, medians · "
+                 f"took {meta['minutes']:.1f} min")
+    m, v = meta["machine"], meta["versions"]
+    lines.append("")
+    lines.append(f"Machine: {m['nproc']} vCPU {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+                 f"load average {m['loadavg_at_start']} at start.  ")
+    lines.append(f"Versions: Python {v['python']}, kimi-gateway {v['kimi-gateway']}, uvicorn {v['uvicorn']}, "
+                 f"uvloop {v['uvloop']}, httptools {v['httptools']}, orjson {v['orjson']}, LiteLLM {v['litellm']}, "
+                 f"nginx {v['nginx']}, wrk {v['wrk']}.")
+    if float(m["loadavg_at_start"]) > 0.5:
+        lines.append("")
+        lines.append(f"⚠️ The machine was not idle when the run started (load average {m['loadavg_at_start']}): "
+                     "figures are noisier than usual.")
+    lines.append("")
+    lines.append(f"| figure | direct | kimi-gateway | LiteLLM | gateway target |")
+    lines.append("|---|---:|---:|---:|---|")
+
+    def litellm_cell(value: str) -> str:
+        return value if has_litellm else f"not run: {reason}"
+
+    # latency
+    for rate in plan["rates"]:
+        data = r["latency"][str(rate)]
+        for pct in ("p50", "p99"):
+            d = med(x[f"{pct}_ms"] for x in data[DIRECT])
+            g = med(x[f"{pct}_ms"] for x in data[GATEWAY])
+            added = g - d if g is not None and d is not None else None
+            target = TARGETS.get(f"added_{pct}_{rate}")
+            goal = f"added ≤ {target} ms{verdict(added <= target if added is not None else None)}" if target else ""
+            lcell = ""
+            if has_litellm:
+                lcell = latency_cell(data[LITELLM], pct, d, rate)
+            lines.append(f"| latency {pct} at {rate} req/s, non-streaming (ms) | {fmt(d, 3)} | "
+                         f"{fmt(g, 3)} (+{fmt(added, 3)}) | {litellm_cell(lcell)} | {goal} |")
+    # closed loop
+    c = r["closed"]
+    d, g = med(x["rps"] for x in c[DIRECT]), med(x["rps"] for x in c[GATEWAY])
+    l = med(x["rps"] for x in c[LITELLM]) if has_litellm else None
+    lines.append(f"| max req/s, 1 worker, closed loop 32 connections (wrk) | {fmt(d)} | {fmt(g)} ({fmt(g / d, 3)}× direct) | "
+                 f"{litellm_cell(f'{fmt(l, 1)} ({fmt(l / d, 4)}× direct)' if l is not None else '')} | "
+                 f"≥ {TARGETS['max_rps']:,}{verdict(g >= TARGETS['max_rps'] if g else None)} |")
+    d, g = med(x["cpu_us_per_request"] for x in c[DIRECT]), med(x["cpu_us_per_request"] for x in c[GATEWAY])
+    l = med(x["cpu_us_per_request"] for x in c[LITELLM]) if has_litellm else None
+    lines.append(f"| CPU per request in that run (µs, /proc utime+stime; direct = nginx) | {fmt(d)} | {fmt(g)} | "
+                 f"{litellm_cell(fmt(l))} | |")
+    # streaming
+    s = r["stream"]
+    d, g = med(x["events_per_s"] for x in s[DIRECT]), med(x["events_per_s"] for x in s[GATEWAY])
+    l = med(x["events_per_s"] for x in s[LITELLM]) if has_litellm else None
+    lines.append(f"| SSE events/s received, 100 concurrent streams | {fmt(d)} | {fmt(g)} ({fmt(g / d, 2)}× direct) | "
+                 f"{litellm_cell(fmt(l))} | ≥ {TARGETS['events_per_s']:,}"
+                 f"{verdict(g >= TARGETS['events_per_s'] if g else None)} |")
+    t = r["ttft"]
+    d, g = med(x["p50_ms"] for x in t[DIRECT]), med(x["p50_ms"] for x in t[GATEWAY])
+    added = g - d if g is not None and d is not None else None
+    l = med(x["p50_ms"] for x in t[LITELLM]) if has_litellm else None
+    lines.append(f"| TTFT p50, one stream at a time, keep-alive (ms) | {fmt(d, 3)} | {fmt(g, 3)} (+{fmt(added, 3)}) | "
+                 f"{litellm_cell(f'{fmt(l, 2)} (+{fmt(l - d, 2) if l is not None and d is not None else None})')} | "
+                 f"added ≤ {TARGETS['added_ttft']} ms{verdict(added <= TARGETS['added_ttft'] if added is not None else None)} |")
+    # RSS
+    rss = r["rss"]
+    g = rss.get(GATEWAY, {}).get("idle_mb")
+    l = rss.get(LITELLM, {}).get("idle_mb")
+    lines.append(f"| RSS idle, after start-up (MB) | — | {fmt(g, 1)} | {litellm_cell(fmt(l, 1))} | |")
+    g = med(x["rss_mb"] for x in rss.get(GATEWAY, {}).get("streams", []))
+    gs = med(x.get("streaming") for x in rss.get(GATEWAY, {}).get("streams", []))
+    lcell = ""
+    if has_litellm:
+        lst = rss.get(LITELLM, {}).get("streams", [])
+        lv, ls = med(x["rss_mb"] for x in lst), med(x.get("streaming") for x in lst)
+        lcell = f"{fmt(lv, 1)}" + (f" ({fmt(ls)} of {plan['hold_streams']:,} streaming)" if ls != plan["hold_streams"] else "")
+    gnote = f" ({fmt(gs)} of {plan['hold_streams']:,} streaming)" if gs != plan["hold_streams"] else ""
+    lines.append(f"| RSS with {plan['hold_streams']:,} open streams (MB) | — | {fmt(g, 1)}{gnote} | {litellm_cell(lcell)} | "
+                 f"≤ {TARGETS['rss_streams_mb']}{verdict(g <= TARGETS['rss_streams_mb'] if g and gs == plan['hold_streams'] else None)} |")
+    gg = rss.get(GATEWAY, {}).get("growth")
+    lcell = ""
+    if has_litellm and rss.get(LITELLM, {}).get("growth"):
+        lg = rss[LITELLM]["growth"]
+        lcell = f"{lg['growth_mb']:+.1f} over {lg['requests']:,} requests"
+    gcell = f"{gg['growth_mb']:+.1f} over {gg['requests']:,} requests" if gg else "—"
+    ok = gg["growth_mb"] < TARGETS["rss_growth_mb"] and gg["requests"] >= 100_000 if gg else None
+    if gg and gg["requests"] < 100_000:
+        ok = None
+    lines.append(f"| RSS growth over {plan['growth_requests']:,} requests (MB) | — | {gcell} | {litellm_cell(lcell)} | "
+                 f"< {TARGETS['rss_growth_mb']} over 100,000{verdict(ok)} |")
+    lines.append("")
+    lines.append(per_round_table(bench))
+    notes = list(r.get("notes", []))
+    if bench.args.quick:
+        notes.append(f"quick mode: RSS growth is over {plan['growth_requests']:,} requests, not 100,000, and every "
+                     "duration is short; run `bench/run` for the real figures.")
+    if has_litellm and rss.get(LITELLM, {}).get("growth"):
+        notes.append(f"LiteLLM's RSS growth is over {rss[LITELLM]['growth']['requests']:,} requests (its rate makes "
+                     f"{plan['growth_requests']:,} take too long).")
+    if notes:
+        lines.append("")
+        lines.extend(f"- {note}" for note in notes)
+    return "\n".join(lines)
+
+
+def latency_cell(runs: list[dict], pct: str, direct: float | None, rate: int) -> str:
+    """LiteLLM cannot keep some rates: say what it completed rather than quote a meaningless percentile."""
+    completed = med(x["ok"] / (x["send_seconds"] or 1) for x in runs)
+    saturated = any(x["dropped"] or x["unfinished"] or x["ok"] < 0.98 * x["sent"] for x in runs)
+    value = med(x[f"{pct}_ms"] for x in runs)
+    if saturated:
+        return f"saturated: {fmt(completed)} of {rate} req/s answered"
+    added = value - direct if value is not None and direct is not None else None
+    return f"{fmt(value, 2)} (+{fmt(added, 2)})"
+
+
+def per_round_table(bench: Bench) -> str:
+    r = bench.results
+    rows = ["<details><summary>Per-round values (the medians above come from these)</summary>", "",
+            "| figure | target | rounds |", "|---|---|---|"]
+
+    def add(figure, target, values, digits):
+        rows.append(f"| {figure} | {target} | {' · '.join(fmt(v, digits) for v in values)} |")
+    for rate, data in r["latency"].items():
+        for target, runs in data.items():
+            add(f"latency p50 / p99 at {rate}/s (ms)", target,
+                [x["p50_ms"] for x in runs] + [x["p99_ms"] for x in runs], 3)
+    for target, runs in r["closed"].items():
+        add("closed-loop req/s", target, [x["rps"] for x in runs], 0)
+        add("CPU µs/request", target, [x["cpu_us_per_request"] for x in runs], 0)
+    for target, runs in r["stream"].items():
+        add("SSE events/s", target, [x["events_per_s"] for x in runs], 0)
+    for target, runs in r["ttft"].items():
+        add("TTFT p50 (ms)", target, [x["p50_ms"] for x in runs], 3)
+    for target, data in r["rss"].items():
+        add("RSS with open streams (MB)", target, [x["rss_mb"] for x in data.get("streams", [])], 1)
+    rows += ["", "Latency rows list the p50 of each round, then the p99 of each round.", "</details>"]
+    return "\n".join(rows)
+
+
+def render_profile(bench: Bench) -> str:
+    profile = bench.results.get("profile") or {}
+    if "error" in profile:
+        return f"No profile: {profile['error']}"
+    lines = [f"py-spy {bench.args.pyspy_version or ''} sampled the gateway at 250 Hz for {profile['seconds']} s under wrk "
+             f"(closed loop, 32 connections, {profile['load_rps']:,.0f} req/s while sampled: py-spy pauses the process "
+             f"for each sample, so this is below the max req/s above). {profile['samples']:,} samples of the busy "
+             f"thread; idle time (the loop blocked in epoll) is not sampled, so the shares are of on-CPU time. Time "
+             f"inside C code (httptools, orjson, prometheus' lock, the kernel's socket calls) is charged to the "
+             f"Python frame that called it; time in uvloop's own C loop has the line of its own. The raw profile is "
+             f"bench/results/gateway-profile.speedscope.json (open it in speedscope).", "",
+             "| own time | function (file) |", "|---:|---|"]
+    lines += [f"| {share:.1f}% | `{name}` |" for name, share in profile["own"]]
+    lines += ["", "| cumulative | function (file) |", "|---:|---|"]
+    lines += [f"| {share:.1f}% | `{name}` |" for name, share in profile["cumulative"]]
+    return "\n".join(lines)
+
+
+def write_between(text: str, start: str, end: str, content: str) -> str:
+    block = f"{start}\n{content}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="kimi-gateway benchmark (run it through bench/run)")
+    parser.add_argument("--quick", action="store_true", help="short durations: check that everything works")
+    parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument("--litellm-bin", help="the `litellm` executable of its venv")
+    parser.add_argument("--litellm-python", help="the python of LiteLLM's venv (for its version)")
+    parser.add_argument("--litellm-unavailable", help="why LiteLLM could not be installed (shown in the table)")
+    parser.add_argument("--pyspy", help="the py-spy executable")
+    parser.add_argument("--pyspy-version", default="")
+    parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
+    parser.add_argument("--only", help="comma-separated figures to run (debugging): latency,closed,stream,ttft,rss,profile")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
+    bench = Bench(args)
+    only = set(args.only.split(",")) if args.only else None
+    log(f"work dir {bench.work}; ports {bench.ports}; plan {'quick' if args.quick else 'full'}")
+    try:
+        bench.start()
+        meta["versions"] = versions(bench.litellm_python, bench.litellm_reason)
+        if bench.litellm_reason:
+            log(f"LiteLLM: {bench.litellm_reason}")
+        # warm every path once so no figure pays a first-request cost
+        for target in bench.targets():
+            bench.loadgen("closed", bench.url(target, False), CHAT_BODY, "--connections", "4", "--requests", "200",
+                          "--max-seconds", "60", timeout=120)
+            bench.loadgen("ttft", bench.url(target, True), TTFT_BODY, "--count", "5", "--warmup-count", "0",
+                          "--max-seconds", "30", timeout=90)
+        bench.fig_rss_idle()
+        figures = [("latency", bench.fig_latency), ("closed", bench.fig_closed), ("stream", bench.fig_stream),
+                   ("ttft", bench.fig_ttft), ("rss", bench.fig_rss_streams), ("rss", bench.fig_rss_growth),
+                   ("profile", lambda: bench.fig_profile(args.pyspy))]
+        for name, run in figures:
+            if only is None or name in only:
+                run()
+            for proc in (bench.gateway, bench.nginx, bench.sse):
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} died:\n{proc.tail()}")
+        if bench.litellm is not None and not bench.litellm.alive():
+            bench.results["notes"].append(f"LiteLLM exited during the run: {bench.litellm.tail(3)}")
+    except BaseException:
+        log(f"failed; logs are in {bench.work}")
+        for proc in bench.procs:
+            log(f"--- {proc.name} log tail ---\n{proc.tail(10)}")
+        bench.stop()
+        raise
+    bench.stop()
+    meta["minutes"] = (time.monotonic() - started) / 60
+    if only is not None:
+        print(json.dumps(bench.results, indent=1, default=str))
+        return 0
+    table = render(bench, meta)
+    profile = render_profile(bench)
+    print("\n" + table + "\n\n" + profile + "\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / ("last-quick-run.json" if args.quick else "last-run.json")).write_text(
+        json.dumps({"meta": meta, "plan": bench.plan, "litellm": bench.litellm_reason or "ran",
+                    "results": bench.results}, indent=1, default=str))
+    if not args.no_readme:
+        text = README.read_text() if README.exists() else "# Benchmarks\n"
+        text = write_between(text, START_MARK, END_MARK, table)
+        text = write_between(text, PROFILE_START, PROFILE_END, profile)
+        README.write_text(text)
+        log(f"wrote the table into {README.relative_to(REPO)}")
+    shutil.rmtree(bench.work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The admin API: its own keys, adapter registration with validation (422), persistence across restarts."""
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from tests.emulators.fake_driver import FakeDriver
+from tests.unit.adapters.test_validation import write_peft
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture
+def roots(tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def make_client(tmp_path, roots, monkeypatch):
+    monkeypatch.setenv("KIMI_GATEWAY_ADMIN_KEYS", "other-key, admin-secret")
+
+    def make(**overrides) -> httpx.AsyncClient:
+        config = GatewayConfig.model_validate({
+            "state_dir": str(tmp_path / "state"), "adapter_roots": [str(roots)],
+            "backends": [{"name": "kt", "kind": "sglang", "url": "http://127.0.0.1:9"}],
+            "routes": [{"name": "kimi", "targets": ["kt"]}], **overrides})
+        app = create_app(config, drivers={"kt": FakeDriver("kt")})
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+    return make
+
+
+async def test_admin_refuses_all_without_configured_keys(make_client, monkeypatch):
+    monkeypatch.delenv("KIMI_GATEWAY_ADMIN_KEYS")
+    async with make_client() as client:
+        response = await client.get("/admin/adapters", headers=ADMIN)
+    assert response.status_code == 403 and "KIMI_GATEWAY_ADMIN_KEYS" in response.json()["error"]["message"]
+
+
+async def test_admin_needs_an_admin_key(make_client):
+    async with make_client() as client:
+        assert (await client.get("/admin/adapters")).status_code == 401
+        assert (await client.get("/admin/adapters", headers={"authorization": "Bearer nope"})).status_code == 401
+        assert (await client.get("/admin/adapters", headers=ADMIN)).status_code == 200
+
+
+async def test_register_persist_and_remove(make_client, roots):
+    source = write_peft(roots / "legal")
+    async with make_client() as client:
+        created = await client.post("/admin/adapters", headers=ADMIN,
+                                    json={"name": "legal", "source": str(source), "backends": ["kt"]})
+        assert created.status_code == 201, created.text
+        duplicate = await client.post("/admin/adapters", headers=ADMIN,
+                                      json={"name": "legal", "source": str(source), "backends": ["kt"]})
+        assert duplicate.status_code == 409
+    async with make_client() as restarted:  # a new app on the same state_dir
+        models = (await restarted.get("/v1/models")).json()["data"]
+        assert "legal" in [m["id"] for m in models]
+        assert (await restarted.delete("/admin/adapters/legal", headers=ADMIN)).status_code == 204
+        assert (await restarted.delete("/admin/adapters/legal", headers=ADMIN)).status_code == 404
+    async with make_client() as again:
+        assert "legal" not in [m["id"] for m in (await again.get("/v1/models")).json()["data"]]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("../etc", "'..' is not allowed"),
+    ("/etc", "resolves outside the adapter roots"),
+])
+async def test_bad_paths_are_422(make_client, source, message):
+    async with make_client() as client:
+        response = await client.post("/admin/adapters", headers=ADMIN,
+                                     json={"name": "bad", "source": source, "backends": ["kt"]})
+    assert response.status_code == 422 and message in response.json()["error"]["message"]
+
+
+async def test_unsafe_name_is_422(make_client, roots):
+    async with make_client() as client:
+        response = await client.post("/admin/adapters", headers=ADMIN,
+                                     json={"name": "../evil", "source": str(roots), "backends": ["kt"]})
+    assert response.status_code == 422 and response.json()["error"]["message"].startswith("Invalid request: name")
+
+
+async def test_separate_admin_listener_hides_admin_from_the_main_port(make_client):
+    async with make_client(admin_listen={"host": "127.0.0.1", "port": 9999}) as client:
+        # httpx's ASGITransport reports the server as ("gateway", 80): the main port.
+        assert (await client.get("/admin/adapters", headers=ADMIN)).status_code == 404
+        assert (await client.get("/v1/models")).status_code == 200
