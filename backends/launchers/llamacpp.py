@@ -62,9 +62,14 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
-        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.argv, stdout=output, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(self.env or {})}, start_new_session=True)
+        env = {**os.environ, **(self.env or {})}
+        if self.log_path is None:
+            self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+            return self
+        with open(self.log_path, "ab") as output:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(self.argv, stdout=output, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> ServerProcess:
