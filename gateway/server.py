@@ -7,6 +7,8 @@ its first chunk written separately would otherwise meet Nagle and delayed ACKs (
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
 
 import uvloop
@@ -30,24 +32,35 @@ def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
                           lifespan=lifespan, access_log=False, log_level="warning", timeout_graceful_shutdown=10)
 
 
+class QuietServer(uvicorn.Server):
+    """Signals are handled once for all listeners (below), not re-raised after a clean shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 def serve(config: GatewayConfig, *, host: str, port: int) -> None:
-    """One process, one app; a second listener when the admin API has its own."""
+    """One process, one app; a second listener when the admin API has its own. SIGINT/SIGTERM drain all."""
     from gateway.app import create_app
 
     app = create_app(config)
     configs = [server_config(app, host, port, "on")]
     if config.admin_listen is not None:
         configs.append(server_config(app, config.admin_listen.host, config.admin_listen.port, "off"))
-    if len(configs) == 1:
-        uvicorn.Server(configs[0]).run()
-        return
-    uvloop.run(serve_all([uvicorn.Server(c) for c in configs]))
+    uvloop.run(serve_all([QuietServer(c) for c in configs]))
 
 
 async def serve_all(servers: list[uvicorn.Server]) -> None:
-    """Each server catches the stop signal for itself; when one stops, the others follow."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
     tasks = [asyncio.create_task(server.serve()) for server in servers]
-    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for server in servers:
-        server.should_exit = True
-    await asyncio.gather(*pending)
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    stop()  # when one listener stops (or fails to bind), the others follow
+    await asyncio.gather(*tasks)

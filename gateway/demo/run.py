@@ -3,6 +3,7 @@ adapters, launches llama-server, and serves the gateway with a base route, both 
 experiment. Ctrl-C stops everything it started."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ kimi-gateway demo is ready on {base}   (Ctrl-C stops the gateway and llama-serve
   curl -sN {base}/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "demo-a", "stream": true, "messages": [{{"role": "user", "content": "hello"}}], "max_tokens": 8}}'
 
-  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="none");
+  {sys.executable} -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="none");
 for m in ["{BASE_ROUTE}", "demo-a", "demo-b", "demo-ab"]:
     r = c.chat.completions.create(model=m, messages=[{{"role": "user", "content": "the blue river"}}], max_tokens=12, temperature=0, user="alice")
     print(m, "->", r.choices[0].message.content)'
@@ -64,6 +65,7 @@ def run_demo(port: int = 8080, workdir: str | None = None) -> int:
 
     home = Path(workdir) if workdir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kimi-gateway" / "demo"
     home.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("gguf").setLevel(logging.WARNING)
     try:
         binary = ensure_llama_server(say)
     except BuildError as exc:
