@@ -25,13 +25,16 @@ log = logging.getLogger(__name__)
 # Retryable only where waiting helps (§4, §6.4): overload and per-minute limits, never quota or TPD.
 RETRYABLE_429_TYPES = frozenset({"engine_overloaded_error", "rate_limit_reached_error"})
 TRY_AGAIN_AFTER = re.compile(r"after (\d+(?:\.\d+)?) seconds")
+# Hosted families that always think and refuse the `thinking` field (§1: kimi-k3 takes reasoning_effort).
+ALWAYS_THINKING = ("kimi-k3",)
 
 
 def to_moonshot_body(request: BackendRequest, hosted_model: str) -> dict:
     body = {key: value for key, value in request.body.items() if key not in HOSTED_FIXED_SAMPLING}
     body.pop("chat_template_kwargs", None)
     body["model"] = hosted_model
-    body["thinking"] = {"type": "enabled" if request.thinking else "disabled"}
+    if not hosted_model.startswith(ALWAYS_THINKING):
+        body["thinking"] = {"type": "enabled" if request.thinking else "disabled"}
     return body
 
 
@@ -99,6 +102,9 @@ class MoonshotDriver(OpenAICompatDriver):
         super().check(request)
         if request.adapter is not None:
             raise UnsupportedFeatureError("The hosted API serves no LoRA adapters.", backend=self.name)
+        if not request.thinking and self.hosted_model(request.route).startswith(ALWAYS_THINKING):
+            raise UnsupportedFeatureError(f"Hosted model '{self.hosted_model(request.route)}' always thinks: "
+                                          "instant mode is not available there.", backend=self.name, param="thinking")
         for name in SAMPLING_EXTENSION_FIELDS:
             if name in request.body:
                 raise UnsupportedFeatureError(f"The hosted API does not accept '{name}'.", backend=self.name, param=name)

@@ -5,7 +5,7 @@ import pytest
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from tests.emulators.fake_driver import FakeDriver
-from tests.unit.adapters.test_validation import write_peft
+from tests.adapter_files import write_peft
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 
