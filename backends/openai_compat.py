@@ -10,7 +10,13 @@ from typing import AsyncIterator, Callable, Sequence
 import orjson
 
 from backends.base import BackendRequest
-from backends.errors import BackendError, BackendProtocolError, BackendUnavailableError, UnsupportedFeatureError
+from backends.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendRejectedError,
+    BackendUnavailableError,
+    UnsupportedFeatureError,
+)
 from backends.transport import UpstreamResponse
 
 # `"model":"…"` cannot occur inside a JSON string value (its quotes would be escaped), so a plain
@@ -21,13 +27,13 @@ EVENT_END = b"\n\n"
 MAX_ERROR_BODY = 64 * 1024
 
 
-class StreamErrorEvent(BackendError):
-    """The backend reported an error inside a stream it had already started (HTTP 200)."""
+class StreamErrorEvent(BackendRejectedError):
+    """The backend reported an error inside a stream it had already started (HTTP 200); `status` is the
+    one it would have answered. Before the client saw a byte it is an ordinary rejection."""
 
-    def __init__(self, message: str, *, backend: str = "", status: int = 500, error_type: str = "server_error") -> None:
-        super().__init__(message, backend=backend)
-        self.status = status
-        self.error_type = error_type
+    def __init__(self, message: str, *, backend: str = "", status: int = 500) -> None:
+        super().__init__(message, status=status, backend=backend,
+                         error_type="invalid_request_error" if status < 500 else "server_error")
 
 
 def usage_of(doc: dict) -> dict | None:

@@ -172,12 +172,15 @@ async def mode_rate(args, host, port, data) -> dict:
         in_flight -= 1
         if ok and index >= measuring_from:
             latencies.append(conn.t_end - conn.t_send)
+            if trace is not None:
+                trace.append((conn.t_send - wall_start, conn.t_end - conn.t_send))
         if not conn.dead:
             idle.append(conn)
         if in_flight == 0 and sent_all:
             all_done.set()
 
     sent_all = False
+    trace: list[tuple[float, float]] | None = [] if args.trace else None
     start = loop.time() + 0.02
     wall_start = time.perf_counter()
     for index in range(total):
@@ -218,6 +221,9 @@ async def mode_rate(args, host, port, data) -> dict:
     unfinished = in_flight
     for conn in conns:
         conn.abort()
+    if trace is not None:
+        with open(args.trace, "w") as out:
+            out.writelines(f"{at:.6f} {latency * 1e3:.4f}\n" for at, latency in trace)
     return {
         "mode": "rate", "rate": args.rate, "duration_s": args.duration, "sent": total - dropped, "dropped": dropped,
         "ok": stats.ok, "errors": stats.errors, "unfinished": unfinished, "status": stats.status,
@@ -364,6 +370,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=1)
     parser.add_argument("--max-connections", type=int, default=256)
+    parser.add_argument("--trace", help="rate: write 'seconds-since-start latency-ms' per measured request here")
     parser.add_argument("--drain-seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--requests", type=int, default=10000)

@@ -41,6 +41,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """Reads a client key on stdin (so it stays out of shell history) and prints its key-file entry."""
+    import hashlib
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key on standard input", file=sys.stderr)
+        return 1
+    print(f"- {{name: {args.name}, sha256: {hashlib.sha256(key.encode()).hexdigest()}, models: [\"*\"]}}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo.run import run_demo
 
@@ -58,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host")
     serve_cmd.add_argument("--port", type=int)
     serve_cmd.set_defaults(run=cmd_serve)
+    hash_key = commands.add_parser("hash-key", help="print a key-file entry for the client key read on stdin")
+    hash_key.add_argument("--name", default="client")
+    hash_key.set_defaults(run=cmd_hash_key)
     demo = commands.add_parser("demo", help="build/find llama-server, make a tiny model + 2 adapters, serve them")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--workdir", help="where the demo's model, adapters and config go (default: user cache)")

@@ -14,7 +14,6 @@ import orjson
 
 from backends.base import BackendRequest
 from backends.errors import BackendError, BackendRejectedError, UnsupportedFeatureError
-from backends.openai_compat import StreamErrorEvent
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.auth import authenticate
 from gateway.policies.content import check_image_urls, check_limits
@@ -151,7 +150,7 @@ class DataPlane:
             try:
                 return await with_retries(partial(open_reply, driver, request, target), policy,
                                           lambda exc: state.metrics.retries.labels(target.backend, type(exc).__name__).inc())
-            except (BackendRejectedError, StreamErrorEvent) as exc:
+            except BackendRejectedError as exc:
                 if exc.status < 500:
                     raise from_backend_error(exc) from exc
                 failure = exc

@@ -4,6 +4,8 @@ Only GatewayError text reaches clients; anything else becomes a generic 500 with
 """
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from backends.errors import (
@@ -88,6 +90,21 @@ class InternalError(GatewayError):
         super().__init__(f"Internal error (request id {request_id}); the details are in the gateway log.")
 
 
+# Backend messages may name server paths (SGLang lists adapter dirs) or echo keys: never pass those on.
+SERVER_PATH = re.compile(r"(?<![\w:/])/(?:[\w.\-]+/)+[\w.\-]*")
+SECRET_LIKE = re.compile(r"\b(?:sk|key|tok)-[A-Za-z0-9_\-]{6,}|\bBearer\s+\S+", re.IGNORECASE)
+TRACEBACK = re.compile(r"Traceback \(most recent call last\).*", re.DOTALL)
+MAX_MESSAGE = 500
+
+
+def scrub(message: str) -> str:
+    """A backend's error text made safe for clients: no paths, no key-like tokens, no tracebacks."""
+    message = TRACEBACK.sub("", message)
+    message = SERVER_PATH.sub("<path>", message)
+    message = SECRET_LIKE.sub("<redacted>", message)
+    return message.strip()[:MAX_MESSAGE] or "The backend refused the request."
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
@@ -96,7 +113,7 @@ def from_backend_error(exc: BackendError) -> GatewayError:
     """The status a client sees for a backend that failed before the first byte."""
     where = f" (backend {exc.backend})" if exc.backend else ""
     if isinstance(exc, BackendRejectedError):
-        error = GatewayError(exc.message, param=exc.param, code=exc.code)
+        error = GatewayError(scrub(exc.message), param=exc.param, code=exc.code)
         error.status_code, error.error_type = exc.status, exc.error_type
         return error
     if isinstance(exc, UnsupportedFeatureError):

@@ -10,7 +10,7 @@ import logging
 
 from backends.errors import BackendError
 from backends.openai_compat import StreamErrorEvent
-from gateway.errors import error_body
+from gateway.errors import error_body, scrub
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -20,9 +20,9 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 def error_event(exc: BackendError) -> bytes:
     if isinstance(exc, StreamErrorEvent) and exc.status < 500:
-        body = error_body(exc.message, "invalid_request_error", None, exc.status)
+        body = error_body(scrub(exc.message), "invalid_request_error", None, exc.status)
     else:
-        body = error_body(f"The backend failed during the stream: {exc.message}", "server_error", None, 502)
+        body = error_body(f"The backend failed during the stream: {scrub(exc.message)}", "server_error", None, 502)
     return b"data: " + body + b"\n\n" + DONE_EVENT
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.errors import BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+from backends import transport as transport_module
 from backends.transport import LeanTransport
 
 GENEROUS_S = 5.0  # only ever a bound on waiting for something that must happen; never a speed assertion
@@ -34,7 +35,8 @@ class Conn:
         headers = {}
         for raw in lines:
             name, _, value = raw.decode().partition(":")
-            headers[name.strip().lower()] = value.strip()
+            key, value = name.strip().lower(), value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value  # a repeat stays visible
         body = await self.reader.readexactly(int(headers.get("content-length", "0")))
         self.requests += 1
         return line, headers, body
@@ -307,6 +309,14 @@ async def test_backpressure_pauses_reading_until_the_consumer_drains(start):
     assert up.connections == 1  # the paused connection was resumed and pooled
 
 
+async def test_a_connection_paused_as_its_message_ended_is_pooled_resumed(start, monkeypatch):
+    monkeypatch.setattr(transport_module, "_HIGH_WATER_BYTES", 16)  # one small read crosses it and ends the body
+    up, transport = await start(serve_ok)
+    for _ in range(2):
+        assert await (await transport.request("GET", "/x")).read() == b'{"ok":true}'
+    assert up.connections == 1
+
+
 # --- pooling ------------------------------------------------------------------------------------------------
 
 
@@ -418,7 +428,7 @@ async def test_pool_exhausted_after_waiting_connect_timeout(start):
     up, transport = await start(handler, max_connections=1, connect_timeout_s=0.2)
     held = await transport.request("GET", "/stream")
     with pytest.raises(BackendUnavailableError, match="pool exhausted"):
-        await transport.request("GET", "/x")
+        await asyncio.wait_for(transport.request("GET", "/x"), GENEROUS_S)
     await held.aclose()
     assert up.connections == 1
 
@@ -457,7 +467,7 @@ async def test_stall_before_the_head_is_a_first_byte_timeout(start):
 
     up, transport = await start(handler, first_byte_timeout_s=0.2)
     with pytest.raises(BackendTimeoutError, match="first byte"):
-        await transport.request("POST", "/x", b"{}")
+        await asyncio.wait_for(transport.request("POST", "/x", b"{}"), GENEROUS_S)
     await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)  # the abandoned request was aborted
     assert up.requests and up.connections == 1  # not retried
 
@@ -473,7 +483,7 @@ async def test_stall_mid_body_is_an_idle_timeout(start):
     pieces = response.iter_bytes()
     assert await anext(pieces) == b"first"
     with pytest.raises(BackendTimeoutError, match="idle"):
-        await anext(pieces)
+        await asyncio.wait_for(anext(pieces), GENEROUS_S)
     await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
 
 
