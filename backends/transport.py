@@ -49,12 +49,8 @@ class UpstreamResponse:
         self._no_body = no_body  # HEAD: llhttp cannot be told, so the head alone ends the message
         self._pieces: list[bytes] = []
         self._buffered = 0
-        self._head_done = False
-        self._done = False
-        self._until_close = False
-        self._keep_alive = False
-        self._extra = False  # bytes past the end of the message: the connection is out of step
-        self._received = False
+        # _extra: bytes past the end of the message, so the connection is out of step and can't be reused
+        self._head_done = self._done = self._until_close = self._keep_alive = self._extra = self._received = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
 
@@ -119,7 +115,7 @@ class UpstreamResponse:
         self._received = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             if not self._done:
                 self._fail(BackendProtocolError("malformed HTTP response", backend=self._owner.backend))
                 return
@@ -131,17 +127,13 @@ class UpstreamResponse:
     def _lost(self) -> None:
         backend = self._owner.backend
         if self._head_done and self._until_close:  # a read-until-close body ends at EOF
-            self._done = True
-            self._conn = None
+            self._done, self._conn = True, None
             self._wake()
-        elif not self._received:
+        elif not self._received:  # nothing came back: unavailable, and retryable if it was a stale keep-alive
             self._fail(BackendUnavailableError("connection closed before the response", backend=backend))
-        elif not self._head_done:
-            self._fail(BackendProtocolError("connection closed inside the response head", backend=backend))
         else:
-            self._fail(BackendProtocolError("connection closed before the body ended", backend=backend))
-
-    # internals
+            where = "before the body ended" if self._head_done else "inside the response head"
+            self._fail(BackendProtocolError(f"connection closed {where}", backend=backend))
 
     async def _start(self, head: bytes, body: bytes) -> None:
         """Send the request and wait for the response head."""
@@ -262,7 +254,7 @@ class _Connection(asyncio.Protocol):
             self._paused = True
             self.transport.pause_reading()
 
-    def resume(self) -> None:
+    def resume(self) -> None:  # when the reader drained the buffer, or the connection goes back to the pool
         if self._paused and not self.dead:
             self._paused = False
             self.transport.resume_reading()
@@ -282,10 +274,8 @@ class _Pool:
 
     def __init__(self, connect: Callable[[_Connection], Awaitable[None]], max_connections: int,
                  wait_timeout_s: float, backend: str) -> None:
-        self._connect = connect
-        self._max = max_connections
-        self._wait_timeout_s = wait_timeout_s
-        self._backend = backend
+        self._connect, self._max = connect, max_connections
+        self._wait_timeout_s, self._backend = wait_timeout_s, backend
         self._idle: collections.deque[_Connection] = collections.deque()
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._open = 0
@@ -319,12 +309,9 @@ class _Pool:
 
     def forget(self, conn: _Connection) -> None:
         """A connection died: drop it from idle and pass its slot on."""
-        try:
+        if conn in self._idle:
             self._idle.remove(conn)
-        except ValueError:
-            pass
-        if not self._hand_over(None):
-            self._open -= 1
+        self._free_slot()
 
     def close(self) -> None:
         self.closed = True
@@ -368,14 +355,15 @@ class _Pool:
         except ValueError:
             pass
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-            self._give_back(waiter.result())
+            conn = waiter.result()
+            if conn is None:
+                self._free_slot()
+            elif not conn.dead:
+                self.release(conn)
 
-    def _give_back(self, conn: _Connection | None) -> None:
-        if conn is None:
-            if not self._hand_over(None):
-                self._open -= 1
-        elif not conn.dead:
-            self.release(conn)
+    def _free_slot(self) -> None:
+        if not self._hand_over(None):
+            self._open -= 1
 
     def _hand_over(self, conn: _Connection | None) -> bool:
         waiters = self._waiters
@@ -430,8 +418,8 @@ class LeanTransport:
                 await response._start(head, body)
                 return response
             except BackendUnavailableError:
-                # A reused connection the server had closed while idle: nothing was processed, so retry
-                # once on a new one. Never after a response byte arrived.
+                # A reused connection that died before any response byte was most likely closed by the server
+                # while idle (stale keep-alive): retry once on a new one. Never once a response byte arrived.
                 if fresh or not conn.reused or response._received:
                     raise
                 fresh = True

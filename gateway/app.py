@@ -12,7 +12,10 @@ from starlette.exceptions import HTTPException
 
 from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
+from fastapi.openapi.utils import get_openapi
+
 from gateway.api import admin, health, models
+from gateway.api.openapi import data_plane_paths
 from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidRequestError, error_body
@@ -37,6 +40,15 @@ def control_plane(state: GatewayState) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="0.1.0", routes=app.routes)
+            schema["paths"] = {**data_plane_paths(), **schema["paths"]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> Response:

@@ -310,7 +310,7 @@ async def test_backpressure_pauses_reading_until_the_consumer_drains(start):
 
 
 async def test_a_connection_paused_as_its_message_ended_is_pooled_resumed(start, monkeypatch):
-    monkeypatch.setattr(transport_module, "_HIGH_WATER_BYTES", 16)  # one small read crosses it and ends the body
+    monkeypatch.setattr(transport_module, "_HIGH_WATER_BYTES", 4)  # one small read crosses it and ends the body
     up, transport = await start(serve_ok)
     for _ in range(2):
         assert await (await transport.request("GET", "/x")).read() == b'{"ok":true}'
