@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 
+@dataclass(frozen=True, slots=True)
+class AgentRules:
+    """A route's answers to the hosted API's thinking-mode rules (reference/moonshot-api.md §2.2, §3)."""
+    forced_tool_choice: str = "downgrade"   # thinking + tool_choice required/named: downgrade | instant | reject
+    missing_reasoning: str = "instant"      # thinking + a tool-call turn without reasoning: instant | reject
+    strip_reasoning: bool = False           # remove reasoning_content from replies (clients that choke on it)
+
+
+DEFAULT_RULES = AgentRules()
+
+
 @dataclass(slots=True)
 class BackendRequest:
     path: str                       # protocol.CHAT_PATH or protocol.COMPLETIONS_PATH
@@ -24,6 +35,10 @@ class BackendRequest:
     stream: bool = False
     has_images: bool = False
     request_id: str = ""
+    rules: AgentRules = DEFAULT_RULES
+    adjustments: list[str] = field(default_factory=list)  # what a driver changed, for x-kimi-adjusted
+    hide_usage_chunk: bool = False  # the gateway asked for stream usage for its metrics, not the client
+    observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
 
 
 @dataclass(frozen=True, slots=True)

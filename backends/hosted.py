@@ -29,12 +29,65 @@ TRY_AGAIN_AFTER = re.compile(r"after (\d+(?:\.\d+)?) seconds")
 ALWAYS_THINKING = ("kimi-k3",)
 
 
+MAX_TOOLS = 128
+# The documented pattern's lower bound is lost in the stored copy (§3): one leading letter or underscore.
+FUNCTION_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
+
+
+def forced_tool_choice(choice: object) -> bool:
+    """`required` or a named function: both refused by the hosted API while thinking (§2.2)."""
+    return choice == "required" or isinstance(choice, dict)
+
+
+def missing_reasoning(messages: list) -> bool:
+    return any(isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+               and not m.get("reasoning_content") for m in messages)
+
+
+def apply_thinking_rules(body: dict, request: BackendRequest) -> bool:
+    """The thinking mode to send, after the route's rules met the hosted API's (reference §2.2, §3).
+    Every change is recorded in request.adjustments; a `reject` rule raises a 400 naming the rule."""
+    thinking, rules = request.thinking, request.rules
+    if thinking and forced_tool_choice(body.get("tool_choice")):
+        if rules.forced_tool_choice == "reject":
+            raise BackendRejectedError("With thinking on, the hosted API accepts only tool_choice 'auto' or "
+                                       "'none' (route rule: reject).", status=400, param="tool_choice")
+        if rules.forced_tool_choice == "downgrade":
+            body["tool_choice"] = "auto"
+            request.adjustments.append("tool_choice=auto")
+        else:
+            thinking = False
+            request.adjustments.append("thinking=off:tool_choice")
+    if thinking and missing_reasoning(body.get("messages") or ()):
+        if rules.missing_reasoning == "reject":
+            raise BackendRejectedError("With thinking on, the hosted API needs the reasoning_content of every "
+                                       "earlier assistant tool-call turn, and the gateway has none for at least "
+                                       "one (route rule: reject).", status=400, param="messages")
+        thinking = False
+        request.adjustments.append("thinking=off:reasoning_missing")
+    return thinking
+
+
+def check_tools(body: dict, backend: str) -> None:
+    tools = body.get("tools") or []
+    if len(tools) > MAX_TOOLS:
+        raise UnsupportedFeatureError(f"The hosted API accepts at most {MAX_TOOLS} tools; this request has "
+                                      f"{len(tools)}.", backend=backend, param="tools")
+    for index, tool in enumerate(tools):
+        name = (tool.get("function") or {}).get("name", "")
+        if not FUNCTION_NAME.match(name):
+            raise UnsupportedFeatureError(f"tools[{index}].function.name {name!r} does not match the hosted API's "
+                                          f"pattern {FUNCTION_NAME.pattern}.", backend=backend,
+                                          param=f"tools[{index}].function.name")
+
+
 def to_moonshot_body(request: BackendRequest, hosted_model: str) -> dict:
     body = {key: value for key, value in request.body.items() if key not in HOSTED_FIXED_SAMPLING}
     body.pop("chat_template_kwargs", None)
     body["model"] = hosted_model
     if not hosted_model.startswith(ALWAYS_THINKING):
-        body["thinking"] = {"type": "enabled" if request.thinking else "disabled"}
+        thinking = apply_thinking_rules(body, request)
+        body["thinking"] = {"type": "enabled" if thinking else "disabled"}
     return body
 
 
@@ -108,6 +161,7 @@ class MoonshotDriver(OpenAICompatDriver):
         for name in SAMPLING_EXTENSION_FIELDS:
             if name in request.body:
                 raise UnsupportedFeatureError(f"The hosted API does not accept '{name}'.", backend=self.name, param=name)
+        check_tools(request.body, self.name)
 
     def to_body(self, request: BackendRequest) -> dict:
         return to_moonshot_body(request, self.hosted_model(request.route))

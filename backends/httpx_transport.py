@@ -49,7 +49,8 @@ class HttpxResponse:
                 except StopAsyncIteration:
                     return
                 except TimeoutError as exc:
-                    raise BackendTimeoutError(f"idle timeout ({self._idle_timeout_s}s)", backend=self._backend) from exc
+                    message = f"idle timeout ({self._idle_timeout_s}s)"
+                    raise BackendTimeoutError(message, backend=self._backend) from exc
                 except httpx.HTTPError as exc:
                     raise map_httpx_error(exc, backend=self._backend, in_body=True) from exc
                 yield piece
@@ -94,7 +95,8 @@ class HttpxTransport:
             async with asyncio.timeout(self._first_byte_timeout_s):
                 response = await self._client.send(request, stream=True)
         except TimeoutError as exc:
-            raise BackendTimeoutError(f"first byte timeout ({self._first_byte_timeout_s}s)", backend=self._backend) from exc
+            message = f"first byte timeout ({self._first_byte_timeout_s}s)"
+            raise BackendTimeoutError(message, backend=self._backend) from exc
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc, backend=self._backend) from exc
         return HttpxResponse(response, self._idle_timeout_s, self._backend)

@@ -23,6 +23,30 @@ from backends.openai_compat import OpenAICompatDriver
 
 # OpenAI-style name -> llama-server's name for the same sampling knob.
 RENAMED_FIELDS = {"repetition_penalty": "repeat_penalty"}
+# A template with these markers gets llama-server's dedicated Kimi K2 handler (llamacpp.md §9).
+KIMI_TEMPLATE_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def fix_reasoning(doc: dict, request: BackendRequest) -> None:
+    """Known K2.5 gaps on llama.cpp (moonshot-api.md §5.4): with thinking off the answer can land in
+    `reasoning_content` with `content` empty, and raw `<think>…</think>` can show up inside `content`."""
+    for choice in doc.get("choices") or ():
+        message = choice.get("message") or {}
+        content, reasoning = message.get("content") or "", message.get("reasoning_content")
+        if not request.thinking and not content and reasoning:
+            message["content"] = message.pop("reasoning_content")
+        elif THINK_CLOSE in content:
+            thought, _, answer = content.partition(THINK_CLOSE)
+            message["reasoning_content"] = (reasoning or "") + thought.replace(THINK_OPEN, "", 1).strip()
+            message["content"] = answer.lstrip()
+
+
+def fix_reasoning_stream(block: bytes, request: BackendRequest) -> bytes:
+    """With thinking off, reasoning deltas are the answer (the same gap, streamed)."""
+    if not request.thinking and b'"reasoning_content"' in block:
+        return block.replace(b'"reasoning_content":', b'"content":')
+    return block
 
 
 def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
@@ -82,6 +106,7 @@ class LlamaCppDriver(OpenAICompatDriver):
         self._ids: list[int] = []                    # every adapter id the server loaded
         self._by_path: dict[str, int] = {}           # real path -> id, from /lora-adapters
         self._id_of: dict[str, int] = {}             # adapter name -> id, for those found on the server
+        self.kimi_template: bool | None = None       # unknown until /props answered
         self.plan(adapters)
 
     def plan(self, adapters: Mapping[str, AdapterFiles]) -> None:
@@ -96,6 +121,7 @@ class LlamaCppDriver(OpenAICompatDriver):
     async def start(self) -> None:
         try:
             await self.refresh_adapters()
+            await self.refresh_template()
         except (BackendError, ValueError):
             pass  # a server that is down now is retried by the health loop
 
@@ -116,13 +142,37 @@ class LlamaCppDriver(OpenAICompatDriver):
         healthy = await super().health()
         if healthy and len(self._id_of) < len(self._adapter_files):
             await self.refresh_adapters()
+        if healthy and self.kimi_template is None:
+            await self.refresh_template()
         return healthy
 
     def adapters(self) -> dict[str, bool]:
         return {name: name in self._id_of for name in self._adapter_files}
 
+    fix_document = staticmethod(fix_reasoning)
+    fix_block = staticmethod(fix_reasoning_stream)
+
+    async def refresh_template(self) -> None:
+        """Which chat handler the server runs decides what `response_format` means there."""
+        for transport in self._transports:
+            try:
+                props = await self.get_json(transport, "/props")
+            except (BackendError, ValueError):
+                continue
+            template = props.get("chat_template") or "" if isinstance(props, dict) else ""
+            self.kimi_template = all(marker in template for marker in KIMI_TEMPLATE_MARKERS)
+            return
+
     def check(self, request: BackendRequest) -> None:
         super().check(request)
+        response_format = request.body.get("response_format")
+        if self.kimi_template and isinstance(response_format, dict) and response_format.get("type") != "text":
+            # This build ignores response_format under its Kimi handler (llamacpp.md §9): never pass
+            # unconstrained text off as structured output.
+            raise UnsupportedFeatureError(
+                f"llama.cpp backend '{self.name}' runs a Kimi chat template, under which it cannot enforce "
+                "response_format; use a route with an SGLang or hosted target for structured output.",
+                backend=self.name, param="response_format")
         if request.adapter is not None and request.adapter not in self._id_of:
             raise UnsupportedFeatureError(
                 f"Adapter '{request.adapter}' is not loaded on llama.cpp backend '{self.name}'.", backend=self.name)

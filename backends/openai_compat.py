@@ -47,18 +47,38 @@ def usage_of(doc: dict) -> dict | None:
     return None
 
 
-class RelayReply:
-    """A success reply from an OpenAI-compatible backend, relayed with as little work as possible."""
+REASONING_FIELD = re.compile(rb',?"reasoning_content":(?:null|"(?:[^"\\]|\\.)*")')
+USAGE_ONLY_EVENT = b'"choices":[]'
 
-    def __init__(self, upstream: UpstreamResponse, *, model: str, backend: str,
-                 stream_error: Callable[[bytes], StreamErrorEvent] | None = None) -> None:
+
+def strip_reasoning(doc: dict) -> None:
+    for choice in doc.get("choices") or ():
+        for part in ("message", "delta"):
+            if isinstance(choice.get(part), dict):
+                choice[part].pop("reasoning_content", None)
+
+
+class RelayReply:
+    """A success reply from an OpenAI-compatible backend, relayed with as little work as possible.
+
+    Per stream block (one TCP read's worth of whole events) it always rewrites `model`; everything else
+    happens only for requests that asked for it: dropping the usage chunk the gateway requested for its
+    own metrics, stripping reasoning, and showing tool-using replies to the request's observer.
+    """
+
+    def __init__(self, upstream: UpstreamResponse, request: BackendRequest, *, backend: str,
+                 stream_error: Callable[[bytes], StreamErrorEvent] | None = None,
+                 fix_document: Callable[[dict, BackendRequest], None] | None = None,
+                 fix_block: Callable[[bytes, BackendRequest], bytes] | None = None) -> None:
         self.status = upstream.status
         self.usage: dict | None = None
         self._upstream = upstream
-        self._model = model
-        self._model_field = b'"model":' + orjson.dumps(model)
+        self._request = request
+        self._model_field = b'"model":' + orjson.dumps(request.model)
         self._backend = backend
         self._stream_error = stream_error
+        self._fix_document = fix_document
+        self._fix_block = fix_block
 
     async def read(self) -> bytes:
         raw = await self._upstream.read()
@@ -68,8 +88,15 @@ class RelayReply:
             raise BackendProtocolError("the backend answered with a body that is not JSON", backend=self._backend) from exc
         if not isinstance(doc, dict):
             raise BackendProtocolError("the backend answered with a JSON body that is not an object", backend=self._backend)
-        doc["model"] = self._model
+        request = self._request
+        doc["model"] = request.model
         self.usage = usage_of(doc)
+        if self._fix_document is not None:
+            self._fix_document(doc, request)
+        if request.observer is not None:
+            request.observer.on_document(doc)
+        if request.rules.strip_reasoning:
+            strip_reasoning(doc)
         return orjson.dumps(doc)
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -85,15 +112,30 @@ class RelayReply:
                 if error_at:
                     yield self._rewrite(block[:error_at])
                 raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
-            yield self._rewrite(block)
-            if DONE in block:
+            done = DONE in block
+            block = self._rewrite(block)
+            if block:
+                yield block
+            if done:
+                if self._request.observer is not None:
+                    self._request.observer.finish()
                 return
         raise BackendProtocolError("the backend ended the stream before data: [DONE]", backend=self._backend)
 
     def _rewrite(self, block: bytes) -> bytes:
+        request = self._request
         block = MODEL_FIELD.sub(self._replace_model, block)
+        if self._fix_block is not None:
+            block = self._fix_block(block, request)
         if b'"usage"' in block:
             self._note_usage(block)
+            if request.hide_usage_chunk and USAGE_ONLY_EVENT in block:
+                block = b"".join(event + EVENT_END for event in block.split(EVENT_END)
+                                 if event and USAGE_ONLY_EVENT not in event)
+        if request.observer is not None:
+            request.observer.on_block(block)
+        if request.rules.strip_reasoning and b'"reasoning_content"' in block:
+            block = REASONING_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         return block
 
     def _replace_model(self, _match: re.Match) -> bytes:
@@ -152,6 +194,8 @@ class OpenAICompatDriver:
         raise NotImplementedError
 
     stream_error: Callable[[bytes], StreamErrorEvent] | None = None  # set by dialects that report errors in-stream
+    fix_document: Callable[[dict, BackendRequest], None] | None = None  # dialect repairs of a whole reply
+    fix_block: Callable[[bytes, BackendRequest], bytes] | None = None  # ... and of stream blocks
 
     def headers(self) -> dict[str, str] | None:
         return None
@@ -166,7 +210,8 @@ class OpenAICompatDriver:
             finally:
                 await upstream.aclose()
             raise self.error_from(upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
-        return RelayReply(upstream, model=request.model, backend=self.name, stream_error=self.stream_error)
+        return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error,
+                          fix_document=self.fix_document, fix_block=self.fix_block)
 
     def _pick(self):
         """Round-robin over replicas, skipping those the health loop saw down (all down: try anyway)."""

@@ -33,6 +33,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 UPSTREAM_CPU, GATEWAY_CPU = "0", "1"  # cpu0: upstreams + load generators + this harness; cpu1: the proxy measured
 
 DIRECT, GATEWAY, LITELLM = "direct", "kimi-gateway", "LiteLLM"
+DIRECT_X = "direct, client on cpu1"  # control: the cross-core wake-ups every proxy run has, without a proxy
 CHAT_BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}],
                         "max_tokens": 16}, separators=(",", ":"))
 STREAM_BODY = json.dumps({"model": "bench-stream", "messages": [{"role": "user", "content": "Count."}],
@@ -237,12 +238,14 @@ class Bench:
         return [DIRECT, GATEWAY] + ([LITELLM] if self.litellm_reason is None else [])
 
     def url(self, target: str, stream: bool) -> str:
-        port = {DIRECT: self.ports["sse" if stream else "nginx"], GATEWAY: self.ports["gateway"],
+        port = {DIRECT: self.ports["sse" if stream else "nginx"], DIRECT_X: self.ports["nginx"],
+                GATEWAY: self.ports["gateway"],
                 LITELLM: self.ports["litellm"]}[target]
         return f"http://127.0.0.1:{port}/v1/chat/completions"
 
     def pids(self, target: str, stream: bool = False) -> list[int]:
-        proc = {DIRECT: self.sse if stream else self.nginx, GATEWAY: self.gateway, LITELLM: self.litellm}[target]
+        proc = {DIRECT: self.sse if stream else self.nginx, DIRECT_X: self.nginx, GATEWAY: self.gateway,
+                LITELLM: self.litellm}[target]
         return process_tree(proc.pid) if proc is not None else []
 
     def start(self) -> None:
@@ -390,8 +393,9 @@ general_settings:
 
     # ------------------------------------------------------------ load runners
 
-    def loadgen(self, mode: str, url: str, body: str, *extra: str, timeout: float = 300) -> dict:
-        argv = ["taskset", "-c", UPSTREAM_CPU, self.python, str(HERE / "loadgen.py"), mode, "--url", url,
+    def loadgen(self, mode: str, url: str, body: str, *extra: str, timeout: float = 300,
+                cpu: str = UPSTREAM_CPU) -> dict:
+        argv = ["taskset", "-c", cpu, self.python, str(HERE / "loadgen.py"), mode, "--url", url,
                 "--body", body, "--header", AUTH_HEADER, *extra]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, start_new_session=True,
                               preexec_fn=boost)
@@ -430,16 +434,18 @@ general_settings:
 
     def fig_latency(self) -> None:
         plan = self.plan
+        targets = [DIRECT, DIRECT_X] + self.targets()[1:]
         for rate in plan["rates"]:
-            self.results["latency"][str(rate)] = {t: [] for t in self.targets()}
+            self.results["latency"][str(rate)] = {t: [] for t in targets}
         for number in self.rounds():
             for rate in plan["rates"]:
-                for target in self.targets():
+                for target in targets:
                     wait_quiet(self.pids(target))
                     result = self.loadgen("rate", self.url(target, False), CHAT_BODY, "--rate", str(rate),
                                           "--duration", str(plan["rate_duration"]), "--warmup", str(plan["rate_warmup"]),
                                           "--max-connections", "64", "--drain-seconds", "5",
-                                          timeout=plan["rate_duration"] + plan["rate_warmup"] + 120)
+                                          timeout=plan["rate_duration"] + plan["rate_warmup"] + 120,
+                                          cpu=GATEWAY_CPU if target == DIRECT_X else UPSTREAM_CPU)
                     self.results["latency"][str(rate)][target].append(result)
                     log(f"latency round {number} @{rate}/s {target}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} "
                         f"ms, ok {result['ok']}/{result['sent']}, dropped {result['dropped']}")
@@ -596,6 +602,8 @@ def summarise_speedscope(doc: dict, top: int = 15) -> dict:
     cumulative: dict[str, int] = {}
     total = 0
     for profile in doc["profiles"]:
+        if "MainThread" not in profile.get("name", "MainThread"):
+            continue  # anyio's idle worker thread (FastAPI's sync dependencies) is not the data plane
         for stack in profile["samples"]:
             if not stack:
                 continue
@@ -732,6 +740,12 @@ def render(bench: Bench, meta: dict) -> str:
                 lcell = latency_cell(data[LITELLM], pct, d, rate)
             lines.append(f"| latency {pct} at {rate} req/s, non-streaming (ms) | {fmt(d, 3)} | "
                          f"{fmt(g, 3)} (+{fmt(added, 3)}) | {litellm_cell(lcell)} | {goal} |")
+    xs = [run for rate in plan["rates"] for run in r["latency"][str(rate)].get(DIRECT_X, [])]
+    if xs:
+        cells = " / ".join(f"{fmt(med(x[f'{pct}_ms'] for x in r['latency'][str(rate)][DIRECT_X]), 3)}"
+                           for rate in plan["rates"] for pct in ("p50", "p99"))
+        lines.append(f"| control: direct with the client on cpu1, p50 / p99 at {' and '.join(map(str, plan['rates']))} "
+                     f"req/s (ms) | {cells} | | | cross-core wake-ups alone |")
     # closed loop
     c = r["closed"]
     d, g = med(x["rps"] for x in c[DIRECT]), med(x["rps"] for x in c[GATEWAY])
@@ -874,6 +888,7 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated figures to run (debugging): latency,closed,stream,ttft,rss,profile")
     args = parser.parse_args()
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `except` below still stops every child
     started = time.monotonic()
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     bench = Bench(args)

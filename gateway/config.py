@@ -153,11 +153,26 @@ class ExperimentConfig(Strict):
         return variants
 
 
+class AgentConfig(Strict):
+    """What to do where the hosted API's thinking rules would refuse an agent's request (DESIGN.md)."""
+    forced_tool_choice: Literal["downgrade", "instant", "reject"] = "downgrade"
+    missing_reasoning: Literal["instant", "reject"] = "instant"
+    strip_reasoning: bool = False
+
+
+class ReasoningMemoryConfig(Strict):
+    enabled: bool = True
+    max_entries: int = Field(10000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    ttl_s: float = Field(3600.0, gt=0)
+
+
 class RouteConfig(Strict):
     name: Name
     targets: tuple[Name, ...] | None = None       # backends, in fallback order
     experiment: ExperimentConfig | None = None
     profile: str | None = None
+    agent: AgentConfig = AgentConfig()
 
     @model_validator(mode="after")
     def _targets_or_experiment(self) -> RouteConfig:
@@ -184,6 +199,7 @@ class GatewayConfig(Strict):
     auth: AuthConfig = AuthConfig()
     sampling: SamplingConfig = SamplingConfig()
     limits: LimitsConfig = LimitsConfig()
+    reasoning_memory: ReasoningMemoryConfig = ReasoningMemoryConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()

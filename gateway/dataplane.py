@@ -15,7 +15,9 @@ import orjson
 from backends.base import BackendRequest
 from backends.errors import BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
+from gateway.agents import AgentSupport
 from gateway.auth import authenticate
+from gateway.policies.tools import check_agent_fields
 from gateway.policies.content import check_image_urls, check_limits
 from gateway.policies.ratelimit import RateLimiter
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
@@ -51,6 +53,7 @@ class DataPlane:
         self.limits = limits = state.config.limits
         self.max_body = limits.max_body_bytes
         self.rate_limiter = RateLimiter()
+        self.agents = AgentSupport(state.config.reasoning_memory, state.metrics)
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
@@ -88,32 +91,9 @@ class DataPlane:
             recorder.finished(code, usage)
 
     async def serve(self, path, doc, size, principal, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
-        state = self.state
-        has_images = check_request(doc, path, self.allowed[path])
-        check_limits(doc, self.limits)
-        model = doc["model"]
-        principal.require(model)
-        self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
-        if has_images:
-            await check_image_urls(doc, self.limits)
-        resolved = state.routes.resolve(model, sticky_key(resolved_sticky(state, model), doc, headers, principal))
-        decision = apply_sampling_policy(doc, state.config.sampling, resolved.route.profile)
-        route = resolved.route
-        recorder.route = model
-        for param in decision.overrides:
-            state.metrics.sampling_overrides.labels(model, param).inc()
-        if resolved.variant is not None:
-            state.metrics.experiment_assignments.labels(model, resolved.variant).inc()
-        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
-                                 thinking=decision.thinking, sampling=decision.values,
-                                 stream=doc.get("stream", False), has_images=has_images, request_id=request_id)
+        request, resolved, decision = await self.admit(path, doc, size, principal, headers, request_id, recorder)
         forwarded = await self.forward(request, resolved, recorder)
-        target = forwarded.target
-        extra += [(b"x-kimi-backend", target.backend.encode()),
-                  (b"x-kimi-adapter", (target.adapter or "").encode()),
-                  (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
-        if resolved.variant is not None:
-            extra.append((b"x-kimi-variant", resolved.variant.encode()))
+        extra += self.response_headers(forwarded.target, resolved, decision, request)
         reply = forwarded.reply
         if request.stream:
             await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra)
@@ -128,6 +108,45 @@ class DataPlane:
         await send({"type": "http.response.body", "body": body})
         return 200, reply.usage
 
+    async def admit(self, path, doc, size, principal, headers, request_id, recorder):
+        """Every check and policy, in order; returns the BackendRequest to forward."""
+        state, metrics = self.state, self.state.metrics
+        has_images = check_request(doc, path, self.allowed[path])
+        check_limits(doc, self.limits)
+        check_agent_fields(doc)
+        model = doc["model"]
+        principal.require(model)
+        self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
+        if has_images:
+            await check_image_urls(doc, self.limits)
+        resolved = state.routes.resolve(model, sticky_key(resolved_sticky(state, model), doc, headers, principal))
+        route = resolved.route
+        decision = apply_sampling_policy(doc, state.config.sampling, route.profile)
+        recorder.route = model
+        for param in decision.overrides:
+            metrics.sampling_overrides.labels(model, param).inc()
+        if resolved.variant is not None:
+            metrics.experiment_assignments.labels(model, resolved.variant).inc()
+        stream = doc.get("stream", False)
+        observer = self.agents.prepare(doc, principal.name, model) if "tools" in doc else None
+        return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
+                              thinking=decision.thinking, sampling=decision.values, stream=stream,
+                              has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
+                              hide_usage_chunk=stream and ask_for_usage(doc)), resolved, decision
+
+    def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
+        headers = [(b"x-kimi-backend", target.backend.encode()),
+                   (b"x-kimi-adapter", (target.adapter or "").encode()),
+                   (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
+        if resolved.variant is not None:
+            headers.append((b"x-kimi-variant", resolved.variant.encode()))
+        if request.adjustments:
+            adjustments = list(dict.fromkeys(request.adjustments))
+            headers.append((b"x-kimi-adjusted", ",".join(adjustments).encode()))
+            for adjustment in adjustments:
+                self.state.metrics.adjustments.labels(request.model, adjustment).inc()
+        return headers
+
     async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder) -> Forwarded:
         """Try the route's targets in order (healthy ones first), retrying each before its first byte."""
         state, route = self.state, resolved.route
@@ -138,6 +157,7 @@ class DataPlane:
         for index, target in enumerate(targets):
             driver = state.drivers[target.backend]
             request.adapter = target.adapter
+            request.adjustments = []
             try:
                 driver.check(request)
             except UnsupportedFeatureError as exc:
@@ -177,6 +197,16 @@ async def open_reply(driver, request: BackendRequest, target: Target) -> Forward
         await reply.aclose()
         raise
     return Forwarded(reply, target, first, events)
+
+
+def ask_for_usage(doc: dict) -> bool:
+    """Ask the backend for stream usage (for token metrics) when the client did not; True means the
+    usage chunk is the gateway's and must not reach the client."""
+    options = doc.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return False
+    doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
 
 
 def resolved_sticky(state: GatewayState, model: str) -> str | None:

@@ -40,6 +40,10 @@ class Metrics:
                                registry=registry)
         self.fallbacks = Counter(f"{PREFIX}fallbacks", "Requests moved to the route's next target",
                                  ["route", "backend"], registry=registry)
+        self.adjustments = Counter(f"{PREFIX}request_adjustments", "Requests the gateway changed to satisfy a "
+                                   "backend rule (x-kimi-adjusted)", ["route", "adjustment"], registry=registry)
+        self.reasoning_memory = Counter(f"{PREFIX}reasoning_memory", "Reasoning put back into tool-call history "
+                                        "(restored) or not found (missed)", ["route", "result"], registry=registry)
         self.experiment_assignments = Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
                                               ["experiment", "variant"], registry=registry)
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from adapters.models import AdapterSpec
+from backends.base import DEFAULT_RULES, AgentRules
 
 from gateway.config import ExperimentConfig, GatewayConfig
 from gateway.errors import ModelNotFoundError
@@ -29,6 +30,7 @@ class Route:
     profile: str | None
     adapter: str | None = None
     experiment: ExperimentConfig | None = None
+    rules: AgentRules = DEFAULT_RULES
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +62,8 @@ class RouteTable:
             routes[adapter.name] = Route(adapter.name, targets, adapter.profile, adapter=adapter.name)
         for route in config.routes:
             targets = tuple(Target(backend, None) for backend in route.targets or ())
-            routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment)
+            rules = AgentRules(**route.agent.model_dump())
+            routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment, rules=rules)
         self._routes = routes
 
     def names(self) -> list[str]:
@@ -80,7 +83,5 @@ class RouteTable:
             return Resolved(route, None)
         variant = pick_variant(route.name, route.experiment.variants, sticky_key)
         chosen = self._routes[variant]
-        # An experiment's own profile applies to every variant unless the variant sets one.
-        if chosen.profile is None and route.profile is not None:
-            chosen = Route(chosen.name, chosen.targets, route.profile, chosen.adapter)
-        return Resolved(chosen, variant)
+        # An experiment's agent rules apply to its variants, and so does its profile unless the variant has one.
+        return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules), variant)

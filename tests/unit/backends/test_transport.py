@@ -389,7 +389,9 @@ async def test_a_failure_on_a_fresh_connection_is_not_retried(start):
     assert up.connections == 2
 
 
-@pytest.mark.parametrize("partial", [b"HTTP/1.1 200 OK\r\nContent-Len", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"])
+@pytest.mark.parametrize(
+    "partial", [b"HTTP/1.1 200 OK\r\nContent-Len", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"]
+)
 async def test_no_retry_once_response_bytes_arrived(start, partial):
     async def handler(up, conn):
         await up.next_request(conn)
@@ -499,7 +501,9 @@ async def test_garbage_is_a_protocol_error(start, garbage):
         await (await transport.request("GET", "/x")).read()
 
 
-@pytest.mark.parametrize("partial", [CHUNKED_HEAD + b"5\r\nfirst\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
+@pytest.mark.parametrize(
+    "partial", [CHUNKED_HEAD + b"5\r\nfirst\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"]
+)
 async def test_close_mid_body_is_a_protocol_error(start, partial):
     async def handler(up, conn):
         await up.next_request(conn)
