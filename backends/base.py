@@ -16,7 +16,7 @@ from typing import AsyncIterator, Protocol
 class AgentRules:
     """A route's answers to the hosted API's thinking-mode rules (reference/moonshot-api.md §2.2, §3)."""
     forced_tool_choice: str = "downgrade"   # thinking + tool_choice required/named: downgrade | instant | reject
-    missing_reasoning: str = "instant"      # thinking + a tool-call turn without reasoning: instant | reject
+    missing_reasoning: str = "instant"      # thinking + a tool-call turn without reasoning: instant | reject | forward
     strip_reasoning: bool = False           # remove reasoning_content from replies (clients that choke on it)
 
 

@@ -58,7 +58,7 @@ def apply_thinking_rules(body: dict, request: BackendRequest) -> bool:
         else:
             thinking = False
             request.adjustments.append("thinking=off:tool_choice")
-    if thinking and missing_reasoning(body.get("messages") or ()):
+    if thinking and rules.missing_reasoning != "forward" and missing_reasoning(body.get("messages") or ()):
         if rules.missing_reasoning == "reject":
             raise BackendRejectedError("With thinking on, the hosted API needs the reasoning_content of every "
                                        "earlier assistant tool-call turn, and the gateway has none for at least "

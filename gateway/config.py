@@ -156,7 +156,7 @@ class ExperimentConfig(Strict):
 class AgentConfig(Strict):
     """What to do where the hosted API's thinking rules would refuse an agent's request (DESIGN.md)."""
     forced_tool_choice: Literal["downgrade", "instant", "reject"] = "downgrade"
-    missing_reasoning: Literal["instant", "reject"] = "instant"
+    missing_reasoning: Literal["instant", "reject", "forward"] = "instant"  # forward: let the backend decide
     strip_reasoning: bool = False
 
 

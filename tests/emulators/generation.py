@@ -191,7 +191,10 @@ def chosen_function(body: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
         return functions.get(name) or {"name": name}
-    named = mentioned_function(last_user_text(body.get("messages") or []), list(functions))
+    messages = body.get("messages") or []
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool" and choice != "required":
+        return None  # a tool result just came back: the fake model answers it instead of calling again
+    named = mentioned_function(last_user_text(messages), list(functions))
     if named is not None:
         return functions[named]
     return next(iter(functions.values())) if choice == "required" else None
