@@ -1,0 +1,121 @@
+"""Agent traffic on the real llama-server: the Kimi-template reasoning split, structured output under both
+templates, and a real tool call parsed by llama-server's Kimi K2 handler (llamacpp.md §9)."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from backends.launchers.llamacpp import LlamaServerLaunch, free_port
+from gateway.demo.tiny_gguf import write_demo_set
+from tests.integration.conftest import sdk
+
+PROMPT = [{"role": "user", "content": "Tell me about the blue river"}]
+OFF = {"chat_template_kwargs": {"thinking": False}}
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}},
+          "required": ["city", "days"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def kimi_llama(llama_binary, tmp_path_factory, start_process) -> str:
+    models = write_demo_set(tmp_path_factory.mktemp("kimi-models"), chat_template="kimi")
+    launch = LlamaServerLaunch(llama_binary, models.model, (models.lora_a,), port=free_port(), alias="tiny-kimi",
+                               threads=1, extra=("-np", "1"))
+    start_process("llama-server-kimi", launch.argv(), f"{launch.url}/health")
+    return launch.url
+
+
+@pytest.fixture(scope="module")
+def gateways(kimi_llama, llama_server, start_gateway) -> dict[str, str]:
+    config = {"backends": [{"name": "kimi-tpl", "kind": "llamacpp", "url": kimi_llama},
+                           {"name": "chatml", "kind": "llamacpp", "url": llama_server}],
+              "routes": [{"name": "kimi-k2.5", "targets": ["kimi-tpl"]}, {"name": "chatml", "targets": ["chatml"]}]}
+    url = start_gateway(config, name="gateway-llama-agents")
+    return {"kimi": url}
+
+
+def complete(client, stream: bool, **extra) -> tuple[str, str]:
+    """(reasoning, content) of one greedy answer, whole or streamed."""
+    kwargs = dict(model="kimi-k2.5", messages=PROMPT, max_tokens=12, temperature=0, **extra)
+    if not stream:
+        message = client.chat.completions.create(**kwargs).choices[0].message
+        return getattr(message, "reasoning_content", None) or "", message.content or ""
+    reasoning, content = [], []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
+            content.append(choice.delta.content or "")
+    return "".join(reasoning), "".join(content)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_kimi_template_reasoning_split(gateways, stream):
+    client = sdk(gateways["kimi"])
+    reasoning, content = complete(client, stream)
+    assert reasoning and not content.strip()
+    for switch in (OFF, {"thinking": {"type": "disabled"}}):
+        reasoning_off, content_off = complete(client, stream, extra_body=switch)
+        assert content_off and not reasoning_off
+
+
+def test_kimi_template_stream_equals_non_stream(gateways):
+    client = sdk(gateways["kimi"])
+    assert complete(client, True) == complete(client, False)
+    assert complete(client, True, extra_body=OFF) == complete(client, False, extra_body=OFF)
+
+
+def test_structured_output_is_enforced_under_chatml(gateways):
+    response = sdk(gateways["kimi"]).chat.completions.create(
+        model="chatml", messages=PROMPT, max_tokens=256, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA}})
+    doc = json.loads(response.choices[0].message.content)
+    assert set(doc) == {"city", "days"} and isinstance(doc["city"], str) and isinstance(doc["days"], int)
+
+
+def test_structured_output_under_the_kimi_template_is_refused_not_faked(gateways):
+    with pytest.raises(openai.BadRequestError, match="cannot enforce response_format"):
+        sdk(gateways["kimi"]).chat.completions.create(
+            model="kimi-k2.5", messages=PROMPT, max_tokens=16,
+            response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA}})
+
+
+def test_real_tool_call_parsed_by_llama_server(gateways, kimi_llama):
+    """A random model never reaches the call marker by itself; a logit bias on <|tool_call_begin|> (a single
+    token in the tiny vocabulary) makes it, and llama-server's Kimi handler parses the call."""
+    marker = httpx.post(f"{kimi_llama}/tokenize", json={"content": "<|tool_call_begin|>", "parse_special": True},
+                        timeout=10).json()["tokens"]
+    assert len(marker) == 1
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]
+    kwargs = dict(model="kimi-k2.5", messages=[{"role": "user", "content": "weather in Paris"}], tools=tools,
+                  max_tokens=512, temperature=0, parallel_tool_calls=False,
+                  logit_bias={str(marker[0]): 100}, extra_body=OFF)
+    client = sdk(gateways["kimi"])
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    streamed = "".join(d.function.arguments or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       for ch in c.choices for d in (ch.delta.tool_calls or ()) if d.function)
+    assert json.loads(streamed) == json.loads(call.function.arguments)
+
+
+def test_two_turn_tool_loop_through_llama_server(gateways, kimi_llama):
+    """Turn one calls the tool (forced as above); turn two sends the result back, the reasoning dropped."""
+    marker = httpx.post(f"{kimi_llama}/tokenize", json={"content": "<|tool_call_begin|>", "parse_special": True},
+                        timeout=10).json()["tokens"][0]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]
+    ask = [{"role": "user", "content": "weather in Paris"}]
+    client = sdk(gateways["kimi"])
+    first = client.chat.completions.create(model="kimi-k2.5", messages=ask, tools=tools, max_tokens=512,
+                                           temperature=0, parallel_tool_calls=False,
+                                           logit_bias={str(marker): 100}, extra_body=OFF).choices[0].message
+    call = first.tool_calls[0]
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]
+    second = client.chat.completions.create(model="kimi-k2.5", messages=history, tools=tools, max_tokens=8,
+                                            temperature=0).choices[0]
+    assert second.finish_reason == "length" and getattr(second.message, "reasoning_content", None)
