@@ -4,6 +4,7 @@ Only GatewayError text reaches clients; anything else becomes a generic 500 with
 """
 from __future__ import annotations
 
+import math
 import re
 
 import orjson
@@ -60,9 +61,35 @@ class ModelNotFoundError(GatewayError):
                          param="model", code="model_not_found")
 
 
+class NotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class ConflictError(GatewayError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class UnprocessableAdapterError(GatewayError):
+    status_code = 422
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLargeError(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
+
+
+class RateLimitedError(GatewayError):
+    """The client's own key ran out of its rpm/tpm budget."""
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, what: str, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(f"Rate limit reached for this API key ({what} per minute); retry in {seconds} s.",
+                         code="rate_limit_exceeded", headers={"retry-after": str(seconds)})
 
 
 class UpstreamRateLimitedError(GatewayError):

@@ -10,23 +10,14 @@ from adapters.validation import AdapterValidationError, validate_adapter
 from gateway.auth import bearer, match_key
 from gateway.config import check_adapter_references
 from gateway.dependencies import StateDep
-from gateway.errors import AuthenticationError, GatewayError, PermissionDeniedError
+from gateway.errors import (
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnprocessableAdapterError,
+)
 from gateway.state import GatewayState
-
-
-class UnprocessableAdapterError(GatewayError):
-    status_code = 422
-    error_type = "invalid_request_error"
-
-
-class ConflictError(GatewayError):
-    status_code = 409
-    error_type = "invalid_request_error"
-
-
-class NotFoundError(GatewayError):
-    status_code = 404
-    error_type = "invalid_request_error"
 
 
 def require_admin(request: Request, state: StateDep) -> None:

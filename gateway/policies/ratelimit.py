@@ -5,24 +5,13 @@ requests is refused before it reaches a backend. Buckets live in this process: e
 """
 from __future__ import annotations
 
-import math
 import time
 
 from gateway.auth import Principal
-from gateway.errors import GatewayError
+from gateway.errors import RateLimitedError
 
 DEFAULT_COMPLETION_CHARGE = 1024   # tokens charged when a request names no max_tokens
 BYTES_PER_TOKEN = 4                # a rough prompt estimate from the body size, without a tokenizer
-
-
-class RateLimitedError(GatewayError):
-    status_code = 429
-    error_type = "rate_limit_error"
-
-    def __init__(self, what: str, retry_after_s: float) -> None:
-        seconds = max(1, math.ceil(retry_after_s))
-        super().__init__(f"Rate limit reached for this API key ({what} per minute); retry in {seconds} s.",
-                         code="rate_limit_exceeded", headers={"retry-after": str(seconds)})
 
 
 class Bucket:

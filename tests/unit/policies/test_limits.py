@@ -1,0 +1,70 @@
+"""Per-key rate limits and the image-URL policy."""
+import re
+
+import pytest
+
+from gateway.auth import Principal
+from gateway.config import LimitsConfig
+from gateway.errors import InvalidRequestError, RateLimitedError
+from gateway.policies import ratelimit
+from gateway.policies.content import check_image_urls, is_public
+from gateway.policies.ratelimit import RateLimiter
+
+
+def test_rpm_refuses_then_refills(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
+    limiter, key = RateLimiter(), Principal("k", ("*",), rpm=2)
+    limiter.admit(key, 100, 10)
+    limiter.admit(key, 100, 10)
+    with pytest.raises(RateLimitedError) as refused:
+        limiter.admit(key, 100, 10)
+    assert refused.value.headers["retry-after"] == "30"
+    now[0] += 30
+    limiter.admit(key, 100, 10)
+
+
+def test_tpm_charges_prompt_estimate_plus_max_tokens(monkeypatch):
+    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: 5.0)
+    limiter, key = RateLimiter(), Principal("k", ("*",), tpm=1000)
+    limiter.admit(key, 400, 800)          # 100 + 800 = 900 tokens
+    with pytest.raises(RateLimitedError, match="tokens per minute"):
+        limiter.admit(key, 400, 200)      # 300 more would exceed 1000
+    limiter.admit(Principal("other", ("*",), tpm=1000), 400, 800)  # budgets are per key
+
+
+def test_keys_without_limits_are_never_counted():
+    limiter = RateLimiter()
+    for _ in range(1000):
+        limiter.admit(Principal("k", ("*",)), 10**6, 10**6)
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("127.0.0.1", False), ("10.1.2.3", False), ("169.254.169.254", False),
+    ("::1", False), ("::ffff:127.0.0.1", False), ("fe80::1%eth0", False), ("2606:4700::1111", True),
+    ("0.0.0.0", False), ("224.0.0.1", False),
+])
+def test_is_public(address, public):
+    assert is_public(address) is public
+
+
+def image_doc(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+@pytest.mark.parametrize("url, message", [
+    ("file:///etc/passwd", "only data: and http(s)"),
+    ("gopher://x/", "only data: and http(s)"),
+    ("http://localhost/x.png", "public addresses"),
+    ("http://2130706433/x.png", "public addresses"),      # 127.0.0.1 written as a number
+    ("http://[::1]/x.png", "public addresses"),
+    ("data:image/png;base64," + "A" * 200, "data URL is"),
+])
+async def test_image_urls_refused(url, message):
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        await check_image_urls(image_doc(url), LimitsConfig(max_data_url_bytes=100))
+
+
+async def test_allowed_images_pass():
+    await check_image_urls(image_doc("data:image/png;base64,AAAA"), LimitsConfig())
+    await check_image_urls(image_doc("http://127.0.0.1/x.png"), LimitsConfig(allow_private_image_urls=True))
