@@ -54,12 +54,12 @@ CANNED = json.dumps({
 PLANS = {
     "full": dict(rounds=3, rate_warmup=2, rate_duration=10, rates=(200, 500), closed_duration=8, stream_warmup=1,
                  stream_duration=6, stream_chunks=200, ttft_count=300, ttft_max_s=20, hold_streams=1000,
-                 hold_open_s=90, growth_requests=100_000, growth_warmup=5_000, litellm_growth_requests=3_000,
-                 growth_max_s=240, litellm_growth_max_s=120, profile_s=15),
+                 hold_open_s=60, growth_requests=100_000, growth_warmup=5_000, litellm_growth_requests=3_000,
+                 growth_max_s=240, litellm_growth_max_s=120, profile_s=15, gc_requests=30_000),
     "quick": dict(rounds=3, rate_warmup=0.5, rate_duration=2, rates=(200, 500), closed_duration=2, stream_warmup=0.5,
                   stream_duration=2, stream_chunks=200, ttft_count=100, ttft_max_s=8, hold_streams=1000,
                   hold_open_s=30, growth_requests=10_000, growth_warmup=1_000, litellm_growth_requests=300,
-                  growth_max_s=60, litellm_growth_max_s=30, profile_s=5),
+                  growth_max_s=60, litellm_growth_max_s=30, profile_s=5, gc_requests=10_000),
 }
 TARGETS = {  # what the gateway must reach (one worker on one core)
     "added_p50_200": 0.3, "added_p99_200": 1.5, "max_rps": 3000, "events_per_s": 40000, "added_ttft": 0.5,
@@ -309,10 +309,10 @@ http {{
             "--profile", "bench-ttft=8:0", "--profile", "bench-slow=600:1000"])
         wait_http(self.ports["sse"], "/health", self.sse, 15)
 
-    def start_gateway(self) -> None:
-        config = self.work / "gateway.yaml"
+    def gateway_config(self, name: str, port: int) -> Path:
+        config = self.work / name
         config.write_text(f"""# written by bench/harness.py
-listen: {{host: 127.0.0.1, port: {self.ports['gateway']}}}
+listen: {{host: 127.0.0.1, port: {port}}}
 state_dir: {self.work / 'gateway-state'}
 auth:
   client_keys:
@@ -326,6 +326,10 @@ routes:
   - {{name: bench-ttft, targets: [sse]}}
   - {{name: bench-slow, targets: [sse]}}
 """)
+        return config
+
+    def start_gateway(self) -> None:
+        config = self.gateway_config("gateway.yaml", self.ports["gateway"])
         exe = str(Path(self.python).with_name("kimi-gateway"))
         argv = [exe] if Path(exe).exists() else [self.python, "-m", "gateway.cli"]
         env = dict(os.environ, KIMI_BENCH_CLIENT_KEY=BENCH_KEY)
@@ -578,8 +582,56 @@ general_settings:
         log(f"profile: {profile['samples']} samples under {load['rps']:.0f} req/s")
 
 
+    def fig_gc(self) -> None:
+        """A second gateway, wrapped by bench/gc_probe.py: reference-cycle garbage per request, time in the GC."""
+        plan = self.plan
+        port = free_port()
+        stats = self.work / "gc.json"
+        config = self.gateway_config("gateway-gc.yaml", port)
+        env = dict(os.environ, KIMI_BENCH_CLIENT_KEY=BENCH_KEY)
+        probe = self.spawn("gc_probe", ["taskset", "-c", GATEWAY_CPU, self.python, str(HERE / "gc_probe.py"),
+                                        "--stats", str(stats), "--", "--config", str(config)], env)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def signal_and_read(sig: int) -> dict:
+            stats.unlink(missing_ok=True)
+            os.kill(probe.pid, sig)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    return json.loads(stats.read_text())
+                except (OSError, ValueError):
+                    time.sleep(0.1)
+            raise RuntimeError("gc_probe wrote no statistics")
+        try:
+            wait_http(port, "/readyz", probe, 60)
+            self.loadgen("closed", url, CHAT_BODY, "--connections", "32", "--requests", "3000", timeout=120)
+            os.kill(probe.pid, signal.SIGUSR2)
+            time.sleep(0.5)
+            census_run = self.loadgen("closed", url, CHAT_BODY, "--connections", "8", "--requests", "1000", timeout=120)
+            census = signal_and_read(signal.SIGUSR1)["census"]
+            wait_quiet(process_tree(probe.pid))
+            os.kill(probe.pid, signal.SIGHUP)
+            time.sleep(0.2)
+            run = self.loadgen("closed", url, CHAT_BODY, "--connections", "32", "--requests",
+                               str(plan["gc_requests"]), "--max-seconds", "120", timeout=180)
+            timing = signal_and_read(signal.SIGUSR1)["generations"]
+        finally:
+            probe.stop()
+        total_ms = sum(g["total_ms"] for g in timing.values())
+        self.results["gc"] = {
+            "census_requests": census_run["ok"], "garbage_objects": census["objects"] if census else None,
+            "garbage_per_request": census["objects"] / census_run["ok"] if census and census_run["ok"] else None,
+            "by_type": census["by_type"] if census else [], "requests": run["ok"], "seconds": run["seconds"],
+            "rps": run["rps"], "generations": timing, "gc_share": total_ms / 1000 / run["seconds"],
+            "max_pause_ms": max(g["max_ms"] for g in timing.values())}
+        log(f"GC: {self.results['gc']['garbage_per_request']:.1f} cyclic-garbage objects per request; "
+            f"{100 * self.results['gc']['gc_share']:.1f}% of wall time in GC at {run['rps']:.0f} req/s, "
+            f"longest pause {self.results['gc']['max_pause_ms']:.1f} ms")
+
+
 ENTRY_FRAMES = re.compile(r"\((gateway/cli\.py|gateway/server\.py|uvicorn/main\.py|uvicorn/server\.py|uvicorn/_compat\.py|"
-                          r"asyncio/runners\.py|.*bin/kimi-gateway)\)$")
+                          r"asyncio/runners\.py|uvloop/__init__\.py|.*bin/kimi-gateway)\)$")
 LOOP_FRAME = "Runner.run (asyncio/runners.py)"
 
 
@@ -684,6 +736,18 @@ def git_commit() -> str:
         return "no git checkout"
 
 
+def busy_percent(seconds: float = 2.0) -> float:
+    """How busy the whole machine is (all cores, from /proc/stat) over a short window: other people's work."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields), idle
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 100 * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def machine() -> dict:
     model = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -692,7 +756,12 @@ def machine() -> dict:
             break
     mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
     return {"nproc": os.cpu_count(), "cpu": model, "memory_gib": round(mem_kb / 1024 / 1024, 1),
-            "kernel": platform.release(), "loadavg_at_start": Path("/proc/loadavg").read_text().split()[0]}
+            "kernel": platform.release(), "loadavg_at_start": Path("/proc/loadavg").read_text().split()[0],
+            "busy_before": busy_percent()}
+
+
+def signed(value: float) -> str:
+    return "+0.0" if abs(value) < 0.05 else f"{value:+.1f}"
 
 
 def verdict(ok: bool | None) -> str:
@@ -711,14 +780,14 @@ def render(bench: Bench, meta: dict) -> str:
     m, v = meta["machine"], meta["versions"]
     lines.append("")
     lines.append(f"Machine: {m['nproc']} vCPU {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-                 f"load average {m['loadavg_at_start']} at start.  ")
+                 f"{m['busy_before']:.0f}% busy before the run and {meta.get('busy_after', 0):.0f}% after it "
+                 f"(other processes; load average {m['loadavg_at_start']} at start).  ")
     lines.append(f"Versions: Python {v['python']}, kimi-gateway {v['kimi-gateway']}, uvicorn {v['uvicorn']}, "
                  f"uvloop {v['uvloop']}, httptools {v['httptools']}, orjson {v['orjson']}, LiteLLM {v['litellm']}, "
                  f"nginx {v['nginx']}, wrk {v['wrk']}.")
-    if float(m["loadavg_at_start"]) > 0.5:
+    if max(m["busy_before"], meta.get("busy_after", 0)) > 10:
         lines.append("")
-        lines.append(f"⚠️ The machine was not idle when the run started (load average {m['loadavg_at_start']}): "
-                     "figures are noisier than usual.")
+        lines.append("⚠️ Other processes were using the machine around this run: figures are noisier than usual.")
     lines.append("")
     lines.append(f"| figure | direct | kimi-gateway | LiteLLM | gateway target |")
     lines.append("|---|---:|---:|---:|---|")
@@ -790,13 +859,19 @@ def render(bench: Bench, meta: dict) -> str:
     lcell = ""
     if has_litellm and rss.get(LITELLM, {}).get("growth"):
         lg = rss[LITELLM]["growth"]
-        lcell = f"{lg['growth_mb']:+.1f} over {lg['requests']:,} requests"
-    gcell = f"{gg['growth_mb']:+.1f} over {gg['requests']:,} requests" if gg else "—"
+        lcell = f"{signed(lg['growth_mb'])} over {lg['requests']:,} requests"
+    gcell = f"{signed(gg['growth_mb'])} over {gg['requests']:,} requests" if gg else "—"
     ok = gg["growth_mb"] < TARGETS["rss_growth_mb"] and gg["requests"] >= 100_000 if gg else None
     if gg and gg["requests"] < 100_000:
         ok = None
     lines.append(f"| RSS growth over {plan['growth_requests']:,} requests (MB) | — | {gcell} | {litellm_cell(lcell)} | "
                  f"< {TARGETS['rss_growth_mb']} over 100,000{verdict(ok)} |")
+    gc_result = r.get("gc")
+    if gc_result:
+        lines.append(f"| objects left in reference cycles per request, freed only by the cyclic GC (gc_probe) | — | "
+                     f"{fmt(gc_result['garbage_per_request'], 1)} | | |")
+        lines.append(f"| time in the cyclic GC under closed-loop load, share of wall time · longest pause (gc_probe) "
+                     f"| — | {100 * gc_result['gc_share']:.1f}% · {gc_result['max_pause_ms']:.1f} ms | | |")
     lines.append("")
     lines.append(per_round_table(bench))
     notes = list(r.get("notes", []))
@@ -862,6 +937,19 @@ def render_profile(bench: Bench) -> str:
     lines += [f"| {share:.1f}% | `{name}` |" for name, share in profile["own"]]
     lines += ["", "| cumulative | function (file) |", "|---:|---|"]
     lines += [f"| {share:.1f}% | `{name}` |" for name, share in profile["cumulative"]]
+    gc_result = bench.results.get("gc")
+    if gc_result and gc_result.get("by_type"):
+        per = gc_result["census_requests"] or 1
+        gens = gc_result["generations"]
+        lines += ["", f"Cyclic garbage (bench/gc_probe.py, a second gateway instance): over {per:,} requests the "
+                      f"collector freed {gc_result['garbage_objects']:,} objects that sat in reference cycles, "
+                      f"{gc_result['garbage_per_request']:.1f} per request. Under closed-loop load "
+                      f"({gc_result['rps']:,.0f} req/s, {gc_result['requests']:,} requests) the collector ran "
+                      + ", ".join(f"{gens[g]['collections']:,} generation-{g} collections ({gens[g]['total_ms']:,.0f} ms"
+                                  f", longest {gens[g]['max_ms']:.1f} ms)" for g in ("0", "1", "2"))
+                      + f": {100 * gc_result['gc_share']:.1f}% of the wall time.", "",
+                  "| freed objects per request | type |", "|---:|---|"]
+        lines += [f"| {count / per:.1f} | `{name}` |" for name, count in gc_result["by_type"][:12]]
     return "\n".join(lines)
 
 
@@ -886,7 +974,11 @@ def main() -> int:
     parser.add_argument("--pyspy-version", default="")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
     parser.add_argument("--only", help="comma-separated figures to run (debugging): latency,closed,stream,ttft,rss,profile")
+    parser.add_argument("--from-json", help="re-render the table of a saved run (bench/results/*.json) and stop")
     args = parser.parse_args()
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        return publish(Saved(data), data["meta"], args.no_readme)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `except` below still stops every child
     started = time.monotonic()
@@ -908,7 +1000,7 @@ def main() -> int:
         bench.fig_rss_idle()
         figures = [("latency", bench.fig_latency), ("closed", bench.fig_closed), ("stream", bench.fig_stream),
                    ("ttft", bench.fig_ttft), ("rss", bench.fig_rss_streams), ("rss", bench.fig_rss_growth),
-                   ("profile", lambda: bench.fig_profile(args.pyspy))]
+                   ("profile", lambda: bench.fig_profile(args.pyspy)), ("gc", bench.fig_gc)]
         for name, run in figures:
             if only is None or name in only:
                 run()
@@ -925,24 +1017,43 @@ def main() -> int:
         raise
     bench.stop()
     meta["minutes"] = (time.monotonic() - started) / 60
+    meta["busy_after"] = busy_percent()
     if only is not None:
         print(json.dumps(bench.results, indent=1, default=str))
         return 0
+    RESULTS.mkdir(exist_ok=True)
+    saved = RESULTS / ("last-quick-run.json" if args.quick else "last-run.json")
+    saved.write_text(json.dumps({"meta": meta, "quick": args.quick, "pyspy_version": args.pyspy_version,
+                                 "litellm_reason": bench.litellm_reason, "results": bench.results},
+                                indent=1, default=str))
+    shutil.rmtree(bench.work, ignore_errors=True)
+    return publish(bench, meta, args.no_readme)
+
+
+def publish(bench, meta: dict, no_readme: bool) -> int:
     table = render(bench, meta)
     profile = render_profile(bench)
     print("\n" + table + "\n\n" + profile + "\n")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / ("last-quick-run.json" if args.quick else "last-run.json")).write_text(
-        json.dumps({"meta": meta, "plan": bench.plan, "litellm": bench.litellm_reason or "ran",
-                    "results": bench.results}, indent=1, default=str))
-    if not args.no_readme:
+    if not no_readme:
         text = README.read_text() if README.exists() else "# Benchmarks\n"
         text = write_between(text, START_MARK, END_MARK, table)
         text = write_between(text, PROFILE_START, PROFILE_END, profile)
         README.write_text(text)
         log(f"wrote the table into {README.relative_to(REPO)}")
-    shutil.rmtree(bench.work, ignore_errors=True)
     return 0
+
+
+class Saved:
+    """A finished run read back from bench/results/*.json, for `--from-json` (re-render without re-running)."""
+
+    def __init__(self, data: dict) -> None:
+        self.results = data["results"]
+        self.litellm_reason = data["litellm_reason"]
+        self.plan = PLANS["quick" if data["quick"] else "full"]
+        self.args = argparse.Namespace(quick=data["quick"], pyspy_version=data.get("pyspy_version", ""))
+
+    def targets(self) -> list[str]:
+        return [DIRECT, GATEWAY] + ([LITELLM] if self.litellm_reason is None else [])
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class DataPlane:
         self.limits = limits = state.config.limits
         self.max_body = limits.max_body_bytes
         self.rate_limiter = RateLimiter()
+        self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
         self.agents = AgentSupport(state.config.reasoning_memory, state.metrics)
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
@@ -166,7 +167,7 @@ class DataPlane:
             if failure is not None:
                 state.metrics.fallbacks.labels(route.name, target.backend).inc()
             recorder.routed(request.model, target.adapter, target.backend)
-            policy = state.config.backend(target.backend).retry
+            policy = self.retry_policies[target.backend]
             try:
                 return await with_retries(partial(open_reply, driver, request, target), policy,
                                           lambda exc: state.metrics.retries.labels(target.backend, type(exc).__name__).inc())

@@ -12,40 +12,58 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+class Labeled:
+    """A collector whose labelled children are looked up once: prometheus_client's labels() costs a few
+    µs per call, and the hot path makes six of them per request. Labels are config names, so the cache
+    is as bounded as the metric's cardinality."""
+
+    __slots__ = ("collector", "_children")
+
+    def __init__(self, collector) -> None:
+        self.collector = collector
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def labels(self, *values: str):
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.collector.labels(*values)
+        return child
+
+
 class Metrics:
     """The collectors, on a registry of their own so that several apps (tests) never collide."""
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter(f"{PREFIX}requests", "Requests answered", ["route", "adapter", "backend", "code"],
-                                registry=registry)
-        self.duration = Histogram(f"{PREFIX}request_duration_seconds", "Request duration, start to last byte",
-                                  ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to the first streamed event",
-                              ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.inter_token = Histogram(f"{PREFIX}inter_token_latency_seconds", "Mean gap between streamed events",
-                                     ["backend"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
-        self.tokens = Counter(f"{PREFIX}tokens", "Tokens reported by backends", ["route", "adapter", "kind"],
-                              registry=registry)
-        self.in_flight = Gauge(f"{PREFIX}in_flight_requests", "Requests being served", ["backend"], registry=registry)
-        self.backend_up = Gauge(f"{PREFIX}backend_up", "1 when the backend's health check passes", ["backend"],
-                                registry=registry)
-        self.adapter_loaded = Gauge(f"{PREFIX}adapter_loaded", "1 when the adapter is usable on the backend",
-                                    ["adapter", "backend"], registry=registry)
-        self.adapter_operations = Counter(f"{PREFIX}adapter_operations", "Adapter lifecycle operations",
-                                          ["op", "result"], registry=registry)
-        self.sampling_overrides = Counter(f"{PREFIX}sampling_overrides", "Client sampling values replaced",
-                                          ["route", "param"], registry=registry)
-        self.retries = Counter(f"{PREFIX}retries", "Retries before the first byte", ["backend", "reason"],
-                               registry=registry)
-        self.fallbacks = Counter(f"{PREFIX}fallbacks", "Requests moved to the route's next target",
-                                 ["route", "backend"], registry=registry)
-        self.adjustments = Counter(f"{PREFIX}request_adjustments", "Requests the gateway changed to satisfy a "
-                                   "backend rule (x-kimi-adjusted)", ["route", "adjustment"], registry=registry)
-        self.reasoning_memory = Counter(f"{PREFIX}reasoning_memory", "Reasoning put back into tool-call history "
-                                        "(restored) or not found (missed)", ["route", "result"], registry=registry)
-        self.experiment_assignments = Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
-                                              ["experiment", "variant"], registry=registry)
+        self.requests = Labeled(Counter(f"{PREFIX}requests", "Requests answered", ["route", "adapter", "backend", "code"],
+                                registry=registry))
+        self.duration = Labeled(Histogram(f"{PREFIX}request_duration_seconds", "Request duration, start to last byte",
+                                  ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry))
+        self.ttft = Labeled(Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to the first streamed event",
+                              ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry))
+        self.inter_token = Labeled(Histogram(f"{PREFIX}inter_token_latency_seconds", "Mean gap between streamed events",
+                                     ["backend"], buckets=TOKEN_GAP_BUCKETS, registry=registry))
+        self.tokens = Labeled(Counter(f"{PREFIX}tokens", "Tokens reported by backends", ["route", "adapter", "kind"],
+                              registry=registry))
+        self.in_flight = Labeled(Gauge(f"{PREFIX}in_flight_requests", "Requests being served", ["backend"], registry=registry))
+        self.backend_up = Labeled(Gauge(f"{PREFIX}backend_up", "1 when the backend's health check passes", ["backend"],
+                                registry=registry))
+        self.adapter_loaded = Labeled(Gauge(f"{PREFIX}adapter_loaded", "1 when the adapter is usable on the backend",
+                                    ["adapter", "backend"], registry=registry))
+        self.adapter_operations = Labeled(Counter(f"{PREFIX}adapter_operations", "Adapter lifecycle operations",
+                                          ["op", "result"], registry=registry))
+        self.sampling_overrides = Labeled(Counter(f"{PREFIX}sampling_overrides", "Client sampling values replaced",
+                                          ["route", "param"], registry=registry))
+        self.retries = Labeled(Counter(f"{PREFIX}retries", "Retries before the first byte", ["backend", "reason"],
+                               registry=registry))
+        self.fallbacks = Labeled(Counter(f"{PREFIX}fallbacks", "Requests moved to the route's next target",
+                                 ["route", "backend"], registry=registry))
+        self.adjustments = Labeled(Counter(f"{PREFIX}request_adjustments", "Requests the gateway changed to satisfy a "
+                                   "backend rule (x-kimi-adjusted)", ["route", "adjustment"], registry=registry))
+        self.reasoning_memory = Labeled(Counter(f"{PREFIX}reasoning_memory", "Reasoning put back into tool-call history "
+                                        "(restored) or not found (missed)", ["route", "result"], registry=registry))
+        self.experiment_assignments = Labeled(Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
+                                              ["experiment", "variant"], registry=registry))
 
 
 class RequestRecorder:

@@ -1,0 +1,100 @@
+"""CPU per request of the gateway's own work on the hot path (parse, auth, route, sampling, metrics,
+headers, relay of a canned reply), in process, with the upstream transport replaced by canned bytes.
+
+    python bench/dataplane_micro.py [--requests 20000] [--profile]
+
+reference/hot-path.md budgets this at about 80 µs to stay ahead of a Rust router.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import tempfile
+import time
+
+import orjson
+
+from backends.llamacpp import LlamaCppDriver
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+
+REPLY = orjson.dumps({"id": "x", "object": "chat.completion", "model": "up", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+BODY = orjson.dumps({"model": "kimi", "messages": [{"role": "user", "content": "Hello, how are you today?"}],
+                     "max_tokens": 16})
+
+
+class CannedResponse:
+    status, headers = 200, {}
+
+    async def read(self) -> bytes:
+        return REPLY
+
+    async def aclose(self) -> None:
+        pass
+
+
+class CannedTransport:
+    async def request(self, method, path, body=b"", headers=None):
+        return CannedResponse()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def run(requests: int) -> float:
+    config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
+                                           "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+                                           "routes": [{"name": "kimi", "targets": ["up"]}]})
+    app = create_app(config, drivers={"up": LlamaCppDriver("up", [CannedTransport()], adapters={})})
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
+        (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    def receiver():
+        """ASGI receive for one request: the body, then nothing until the client would hang up."""
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if delivered:
+                await asyncio.sleep(3600)
+            delivered = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        return receive
+
+    for _ in range(500):  # warm up
+        await app(scope, receiver(), send)
+    sent.clear()
+    start = time.process_time()
+    for _ in range(requests):
+        await app(scope, receiver(), send)
+    spent = time.process_time() - start
+    assert sent[0]["status"] == 200, sent[:2]
+    return spent / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        asyncio.run(run(args.requests))
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+        return
+    import uvloop
+    print(f"gateway work per request (no transport, no HTTP server): {uvloop.run(run(args.requests)):.1f} µs CPU")
+
+
+if __name__ == "__main__":
+    main()
