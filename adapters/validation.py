@@ -130,7 +130,7 @@ def validate_gguf_lora(path: Path) -> None:
     with path.open("rb") as handle:
         if handle.read(4) != GGUF_MAGIC:
             raise AdapterValidationError(f"gguf: {path.name} is not a GGUF file")
-    from gguf import GGUFReader   # reads metadata and maps tensors lazily; no tensor data is loaded
+    from gguf import GGUFReader  # reads metadata and maps tensors lazily; no tensor data is loaded
 
     try:
         reader = GGUFReader(str(path))

@@ -7,13 +7,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
-from fastapi.openapi.utils import get_openapi
-
 from gateway.api import admin, health, models
 from gateway.api.openapi import data_plane_paths
 from gateway.config import GatewayConfig

@@ -17,13 +17,13 @@ from backends.errors import BackendError, BackendRejectedError, UnsupportedFeatu
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
-from gateway.policies.tools import check_agent_fields
-from gateway.policies.content import check_image_urls, check_limits
-from gateway.policies.ratelimit import RateLimiter
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
 from gateway.metrics import RequestRecorder
+from gateway.policies.content import check_image_urls, check_limits
+from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import with_retries
 from gateway.policies.sampling import apply_sampling_policy
+from gateway.policies.tools import check_agent_fields
 from gateway.routing import Resolved, Target
 from gateway.state import GatewayState
 from gateway.streaming import DisconnectWatcher, relay_stream

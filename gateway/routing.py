@@ -12,7 +12,6 @@ from typing import Sequence
 
 from adapters.models import AdapterSpec
 from backends.base import DEFAULT_RULES, AgentRules
-
 from gateway.config import ExperimentConfig, GatewayConfig
 from gateway.errors import ModelNotFoundError
 

@@ -11,9 +11,8 @@ import contextlib
 import signal
 import socket
 
-import uvloop
-
 import uvicorn
+import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import GatewayConfig

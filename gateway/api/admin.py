@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from adapters.models import AdapterSpec

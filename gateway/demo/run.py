@@ -57,8 +57,8 @@ the point is that each route answers differently and repeatably.
 
 
 def run_demo(port: int = 8080, workdir: str | None = None) -> int:
-    from gateway.server import serve
     from gateway.demo.tiny_gguf import write_demo_set
+    from gateway.server import serve
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

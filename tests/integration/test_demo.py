@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from backends.launchers.llamacpp import ServerProcess, free_port
 from tests.integration.conftest import ROOT, sdk

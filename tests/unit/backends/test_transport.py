@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.errors import BackendProtocolError, BackendTimeoutError, BackendUnavailableError
 from backends import transport as transport_module
+from backends.errors import BackendProtocolError, BackendTimeoutError, BackendUnavailableError
 from backends.transport import LeanTransport
 
 GENEROUS_S = 5.0  # only ever a bound on waiting for something that must happen; never a speed assertion

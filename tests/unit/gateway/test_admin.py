@@ -4,8 +4,8 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from tests.emulators.fake_driver import FakeDriver
 from tests.adapter_files import write_peft
+from tests.emulators.fake_driver import FakeDriver
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 
