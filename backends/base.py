@@ -9,7 +9,7 @@ which aborts the upstream request).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Mapping, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ class BackendRequest:
     route: str                      # the base route or adapter route that served it (hosted model mapping)
     adapter: str | None             # registry adapter name, None for the base model
     thinking: bool                  # the resolved mode; each driver writes its own form
-    sampling: dict = field(default_factory=dict)  # profile values to set (temperature, top_p, min_p)
+    sampling: Mapping = field(default_factory=dict)  # profile values to set (temperature, top_p, min_p); read-only
     stream: bool = False
     has_images: bool = False
     request_id: str = ""

@@ -127,7 +127,7 @@ class UpstreamResponse:
     def _lost(self) -> None:
         backend = self._owner.backend
         if self._head_done and self._until_close:  # a read-until-close body ends at EOF
-            self._done, self._conn = True, None
+            self._done, self._conn, self._parser = True, None, None
             self._wake()
         elif not self._received:  # nothing came back: unavailable, and retryable if it was a stale keep-alive
             self._fail(BackendUnavailableError("connection closed before the response", backend=backend))
@@ -187,6 +187,7 @@ class UpstreamResponse:
 
     def _finish(self) -> None:
         """The message ended: detach, and pool the connection if it can carry another request."""
+        self._parser = None  # the parser holds this response as its callback target: break the cycle
         conn, self._conn = self._conn, None
         conn.response = None
         if self._keep_alive and not self._until_close and not self._extra:
@@ -195,6 +196,7 @@ class UpstreamResponse:
             conn.close()
 
     def _fail(self, error: BackendError) -> None:
+        self._parser = None
         if self._error is None:
             self._error = error
         conn, self._conn = self._conn, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import tempfile
 import time
@@ -45,7 +46,7 @@ class CannedTransport:
         pass
 
 
-async def run(requests: int) -> float:
+async def run(requests: int, cycles: bool = False) -> float:
     config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
                                            "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
                                            "routes": [{"name": "kimi", "targets": ["up"]}]})
@@ -54,29 +55,40 @@ async def run(requests: int) -> float:
         (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
     sent = []
 
-    async def send(message):
-        sent.append(message)
-
-    def receiver():
-        """ASGI receive for one request: the body, then nothing until the client would hang up."""
-        delivered = False
+    def exchange():
+        """ASGI receive/send for one request, as uvicorn behaves: the body, then `http.disconnect` once the
+        response is complete."""
+        delivered, complete = False, asyncio.Event()
 
         async def receive():
             nonlocal delivered
             if delivered:
-                await asyncio.sleep(3600)
+                await complete.wait()
+                return {"type": "http.disconnect"}
             delivered = True
             return {"type": "http.request", "body": BODY, "more_body": False}
-        return receive
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete.set()
+        return receive, send
 
     for _ in range(500):  # warm up
-        await app(scope, receiver(), send)
+        await app(scope, *exchange())
     sent.clear()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL) if cycles else None
     start = time.process_time()
     for _ in range(requests):
-        await app(scope, receiver(), send)
+        await app(scope, *exchange())
     spent = time.process_time() - start
     assert sent[0]["status"] == 200, sent[:2]
+    if cycles:
+        gc.collect()
+        print(f"objects in reference cycles per request: {len(gc.garbage) / requests:.1f}")
+        gc.set_debug(0)
+        gc.garbage.clear()
     return spent / requests * 1e6
 
 
@@ -84,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cycles", action="store_true", help="count objects only the cyclic GC frees")
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
@@ -93,7 +106,8 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return
     import uvloop
-    print(f"gateway work per request (no transport, no HTTP server): {uvloop.run(run(args.requests)):.1f} µs CPU")
+    cpu = uvloop.run(run(args.requests, args.cycles))
+    print(f"gateway work per request (no transport, no HTTP server): {cpu:.1f} µs CPU")
 
 
 if __name__ == "__main__":

@@ -366,6 +366,8 @@ general_settings:
             "DISABLE_ADMIN_UI": "True", "LITELLM_LOG": "ERROR", "DO_NOT_TRACK": "1", "ANONYMIZED_TELEMETRY": "false",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "*", "no_proxy": "*",
             "LITELLM_MASTER_KEY": BENCH_KEY,  # it refuses to start without one (and so should a gateway)
+            # its upstream pool allows 500 connections per host by default; the gateway's gets 1200 here too
+            "AIOHTTP_CONNECTOR_LIMIT_PER_HOST": "1200", "AIOHTTP_CONNECTOR_LIMIT": "2000",
         })
         for key in ("DATABASE_URL", "REDIS_HOST", "REDIS_URL", "OPENAI_API_KEY", "HTTP_PROXY", "HTTPS_PROXY",
                     "http_proxy", "https_proxy"):
@@ -560,7 +562,7 @@ general_settings:
         out = self.work / "profile.speedscope.json"
         wait_quiet(self.pids(GATEWAY))
         spy = subprocess.Popen(["taskset", "-c", UPSTREAM_CPU, pyspy, "record", "--pid", str(self.gateway.pid),
-                                "--duration", str(duration), "--rate", "250",
+                                "--duration", str(duration), "--rate", "250", "--native",
                                 "--format", "speedscope", "--output", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(0.5)
@@ -632,26 +634,43 @@ general_settings:
 
 ENTRY_FRAMES = re.compile(r"\((gateway/cli\.py|gateway/server\.py|uvicorn/main\.py|uvicorn/server\.py|uvicorn/_compat\.py|"
                           r"asyncio/runners\.py|uvloop/__init__\.py|.*bin/kimi-gateway)\)$")
-LOOP_FRAME = "Runner.run (asyncio/runners.py)"
+SYSCALLS = frozenset({"write", "read", "writev", "readv", "send", "recv", "sendmsg", "recvmsg", "sendto", "recvfrom",
+                      "__send", "__recv", "__libc_write", "__libc_read", "epoll_wait", "epoll_ctl", "accept4",
+                      "close", "getpid", "getrandom", "clock_gettime", "__GI___clock_gettime"})
+GROUPS = ("cyclic GC (gc_collect_main and below)", "kernel: socket and other system calls",
+          "uvloop / libuv (C)", "CPython interpreter, asyncio C module", "Python code of the gateway and uvicorn",
+          "other native code (httptools, orjson, OpenSSL, libc)")
+
+
+def native_lib(path: str) -> str:
+    for marker, name in (("uvloop", "uvloop"), ("libuv", "libuv"), ("httptools", "httptools"), ("llhttp", "httptools"),
+                         ("http-parser", "httptools"), ("orjson", "orjson"), ("libcrypto", "OpenSSL"),
+                         ("hashopenssl", "CPython"), ("Python-3", "CPython"), ("cpython", "CPython"),
+                         ("libpython", "CPython"), ("lib-dynload", "CPython"), ("libc.so", "libc"), ("vdso", "vdso")):
+        if marker in path:
+            return name
+    return path.rsplit("/", 1)[-1] or "?"
 
 
 def summarise_speedscope(doc: dict, top: int = 15) -> dict:
-    """Own and cumulative shares of samples per function (lines merged) in a py-spy speedscope profile.
-
-    A sample whose innermost Python frame is asyncio's Runner.run is time spent in the event loop's C code
-    (uvloop: epoll, socket reads and writes, callbacks into C): it is reported as such. The entry frames that
-    sit under every sample (main, uvicorn's run, the asyncio runner) are left out of the cumulative table."""
+    """Own and cumulative shares of the main thread's samples per function (lines merged) in a py-spy
+    `--native` speedscope profile, and the share of each kind of work (GC, system calls, C, Python)."""
     frames = doc["shared"]["frames"]
-
-    def key(index: int) -> str:
-        frame = frames[index]
+    info = []
+    for frame in frames:
         path = frame.get("file") or "?"
-        path = re.sub(r"^.*/(site-packages|python3\.\d+)/", "", path)
-        path = path.replace(str(REPO) + "/", "")
-        return f"{frame['name']} ({path})"
+        python = path.endswith(".py") or path == "<string>" or "bin/kimi-gateway" in path
+        if python:
+            short = re.sub(r"^.*/(site-packages|python3\.\d+)/", "", path).replace(str(REPO) + "/", "")
+            label = f"{frame['name']} ({short})"
+        else:
+            name = frame["name"]
+            label = f"{'?' if name.startswith('0x') else name} [{native_lib(path)}]"
+        info.append((label, python, frame["name"], path))
 
     own: dict[str, int] = {}
     cumulative: dict[str, int] = {}
+    groups = dict.fromkeys(GROUPS, 0)
     total = 0
     for profile in doc["profiles"]:
         if "MainThread" not in profile.get("name", "MainThread"):
@@ -660,17 +679,29 @@ def summarise_speedscope(doc: dict, top: int = 15) -> dict:
             if not stack:
                 continue
             total += 1
-            leaf = key(stack[-1])
-            if leaf == LOOP_FRAME:
-                leaf = "event loop in C: uvloop I/O, epoll and C callbacks (innermost Python frame: Runner.run)"
-            own[leaf] = own.get(leaf, 0) + 1
-            for name in {key(i) for i in stack}:
-                if not ENTRY_FRAMES.search(name):
-                    cumulative[name] = cumulative.get(name, 0) + 1
+            label, python, name, path = info[stack[-1]]
+            own[label] = own.get(label, 0) + 1
+            if any(info[i][2] == "gc_collect_main" for i in stack):
+                group = GROUPS[0]
+            elif not python and name in SYSCALLS:
+                group = GROUPS[1]
+            elif not python and native_lib(path) in ("uvloop", "libuv"):
+                group = GROUPS[2]
+            elif not python and native_lib(path) == "CPython":
+                group = GROUPS[3]
+            elif python:
+                group = GROUPS[4]
+            else:
+                group = GROUPS[5]
+            groups[group] += 1
+            for label in {info[i][0] for i in stack if info[i][1]}:
+                if not ENTRY_FRAMES.search(label):
+                    cumulative[label] = cumulative.get(label, 0) + 1
 
     def ranked(table: dict[str, int]) -> list[tuple[str, float]]:
         return [(name, 100 * value / total) for name, value in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
-    return {"samples": total, "own": ranked(own), "cumulative": ranked(cumulative)}
+    return {"samples": total, "own": ranked(own), "cumulative": ranked(cumulative),
+            "groups": [(name, 100 * count / max(total, 1)) for name, count in groups.items()]}
 
 
 # ---------------------------------------------------------------- report
@@ -926,16 +957,18 @@ def render_profile(bench: Bench) -> str:
     profile = bench.results.get("profile") or {}
     if "error" in profile:
         return f"No profile: {profile['error']}"
-    lines = [f"py-spy {bench.args.pyspy_version or ''} sampled the gateway at 250 Hz for {profile['seconds']} s under wrk "
-             f"(closed loop, 32 connections, {profile['load_rps']:,.0f} req/s while sampled: py-spy pauses the process "
-             f"for each sample, so this is below the max req/s above). {profile['samples']:,} samples of the busy "
-             f"thread; idle time (the loop blocked in epoll) is not sampled, so the shares are of on-CPU time. Time "
-             f"inside C code (httptools, orjson, prometheus' lock, the kernel's socket calls) is charged to the "
-             f"Python frame that called it; time in uvloop's own C loop has the line of its own. The raw profile is "
-             f"bench/results/gateway-profile.speedscope.json (open it in speedscope).", "",
-             "| own time | function (file) |", "|---:|---|"]
+    lines = [f"py-spy {bench.args.pyspy_version or ''} `record --native` sampled the gateway's main thread at 250 Hz for "
+             f"{profile['seconds']} s under wrk (closed loop, 32 connections; {profile['load_rps']:,.0f} req/s while "
+             f"sampled: py-spy stops the process to unwind its native stack at each sample, so the rate is far below "
+             f"the max req/s above, but the shares hold). {profile['samples']:,} samples; time blocked in epoll is "
+             f"not sampled, so the shares are of on-CPU time. Native frames (the GC, system calls, uvloop, httptools, "
+             f"orjson) appear as themselves rather than inside the Python frame that called them. The raw profile "
+             f"is bench/results/gateway-profile.speedscope.json (open it in speedscope).", "",
+             "| share | kind of work |", "|---:|---|"]
+    lines += [f"| {share:.1f}% | {name} |" for name, share in profile.get("groups", [])]
+    lines += ["", "| own time | function (file, or [library] for native code) |", "|---:|---|"]
     lines += [f"| {share:.1f}% | `{name}` |" for name, share in profile["own"]]
-    lines += ["", "| cumulative | function (file) |", "|---:|---|"]
+    lines += ["", "| cumulative | Python function (file) |", "|---:|---|"]
     lines += [f"| {share:.1f}% | `{name}` |" for name, share in profile["cumulative"]]
     gc_result = bench.results.get("gc")
     if gc_result and gc_result.get("by_type"):

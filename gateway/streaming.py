@@ -45,21 +45,31 @@ async def relay_stream(send, first: bytes, events, reply, recorder, extra: list[
 
 
 class DisconnectWatcher:
-    """Cancels the request's task when the client hangs up, so the upstream request is aborted at once."""
+    """Cancels the request's task when the client hangs up, so the upstream request is aborted at once.
+
+    Once the response is complete the server's receive() answers `http.disconnect` by itself, so the watch
+    ends on its own then: cancelling it instead would leave a traceback cycle per request for the GC.
+    """
+
+    __slots__ = ("disconnected", "done", "_receive", "_task")
 
     def __init__(self, receive) -> None:
         self.disconnected = False
+        self.done = False
         self._receive = receive
         self._task = asyncio.current_task()
-        self._watch = asyncio.create_task(self._run())
+        asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                self.disconnected = True
-                self._task.cancel()
+                if not self.done:
+                    self.disconnected = True
+                    self._task.cancel()
+                self._task = None
                 return
 
     def stop(self) -> None:
-        self._watch.cancel()
+        """The response is complete (or the request failed): nothing left to cancel."""
+        self.done = True

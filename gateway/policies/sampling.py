@@ -5,6 +5,9 @@ Pure functions over the request dict: the table tests in tests/unit/policies cov
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping
+from types import MappingProxyType
 
 from gateway.config import SamplingConfig, SamplingProfile
 from gateway.errors import InvalidRequestError
@@ -15,7 +18,7 @@ PROFILE_FIELDS = ("temperature", "top_p", "min_p")
 @dataclass(frozen=True, slots=True)
 class SamplingDecision:
     thinking: bool
-    values: dict                  # fields for the backend to set (self-hosted drivers apply them)
+    values: Mapping               # fields for the backend to set (self-hosted drivers apply them); read-only
     enforced: bool                # `x-kimi-sampling: enforced` rather than `default`
     overrides: tuple[str, ...]    # fields whose client value the policy replaced (counted in metrics)
 
@@ -63,13 +66,20 @@ def profile_for(config: SamplingConfig, name: str | None, thinking: bool | None)
     return matching[0] if matching else profile.model_copy(update={"thinking": thinking})
 
 
+@lru_cache(maxsize=256)
+def profile_values(profile: SamplingProfile) -> MappingProxyType:
+    """The values a profile sets, computed once per (frozen) profile and shared read-only."""
+    return MappingProxyType({field: getattr(profile, field) for field in PROFILE_FIELDS
+                             if getattr(profile, field) is not None})
+
+
 def apply_sampling_policy(body: dict, config: SamplingConfig, profile_name: str | None) -> SamplingDecision:
     switch = pop_thinking_switch(body)
     profile = profile_for(config, profile_name, switch)
     thinking = profile.thinking if switch is None else switch
-    wanted = {field: getattr(profile, field) for field in PROFILE_FIELDS if getattr(profile, field) is not None}
+    wanted = profile_values(profile)
     if config.mode == "enforce":
         overrides = tuple(f for f, v in wanted.items() if f in body and body[f] != v)
         return SamplingDecision(thinking, wanted, True, overrides)
-    values = {f: v for f, v in wanted.items() if f not in body}
+    values = {f: v for f, v in wanted.items() if f not in body} if any(f in body for f in wanted) else wanted
     return SamplingDecision(thinking, values, False, ())
