@@ -105,7 +105,8 @@ class DataPlane:
             raise from_backend_error(exc) from exc
         finally:
             await reply.aclose()
-        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra})
+        length = [(b"content-length", str(len(body)).encode())]  # not chunked: one framing, no terminator
+        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra + length})
         await send({"type": "http.response.body", "body": body})
         return 200, reply.usage
 
@@ -243,10 +244,12 @@ async def read_body(receive, limit: int) -> bytes:
 
 
 async def send_error(send, error: GatewayError, extra: list[tuple[bytes, bytes]]) -> int:
+    body = error.body()
     headers = JSON_HEADERS + extra + [(k.encode(), v.encode()) for k, v in error.headers.items()]
+    headers.append((b"content-length", str(len(body)).encode()))
     try:
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": error.body()})
+        await send({"type": "http.response.body", "body": body})
     except OSError:
         pass  # the client is gone
     return error.status_code
