@@ -27,8 +27,11 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
 
 
 def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
+    # No proxy-headers middleware (the gateway never uses the client address; it cost ~1% of the hot path)
+    # and no `server: uvicorn` header (nothing to tell clients about what runs here).
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http=NoDelayHttpToolsProtocol,
-                          lifespan=lifespan, access_log=False, log_level="warning", timeout_graceful_shutdown=10)
+                          lifespan=lifespan, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
+                          proxy_headers=False, server_header=False)
 
 
 class QuietServer(uvicorn.Server):
