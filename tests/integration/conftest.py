@@ -3,6 +3,7 @@ Moonshot emulators, and the gateway itself started as `kimi-gateway serve --conf
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -32,21 +33,37 @@ def tiny_models(tmp_path_factory) -> DemoModels:
     return write_demo_set(tmp_path_factory.mktemp("models"))
 
 
+SECRET_ENV = re.compile(r"KEYS?$|SECRET|TOKEN")
+
+
 @pytest.fixture(scope="session")
-def processes(tmp_path_factory):
-    """Every process a test starts, stopped at the end of the session whatever happened."""
+def secrets() -> set[str]:
+    """Every key handed to a test process (env vars named *KEY, *KEYS, *SECRET*, *TOKEN*)."""
+    return set()
+
+
+@pytest.fixture(scope="session")
+def processes(secrets):
+    """Every process a test starts, stopped at the end of the session whatever happened; then the leak
+    search: no key any test process was given may appear in any log those processes wrote."""
     started: list[ServerProcess] = []
     yield started
     for process in reversed(started):
         process.stop()
+    logs = {p.log_path: Path(p.log_path).read_text(errors="replace") for p in started if p.log_path}
+    leaks = [f"{path.name} contains a key" for path, text in logs.items() for secret in secrets if secret in text]
+    assert not leaks, leaks
 
 
 @pytest.fixture(scope="session")
-def start_process(processes, tmp_path_factory) -> Callable[..., ServerProcess]:
+def start_process(processes, secrets, tmp_path_factory) -> Callable[..., ServerProcess]:
     logs = tmp_path_factory.mktemp("logs")
 
     def start(name: str, argv: list[str], health_url: str, env: dict[str, str] | None = None,
               timeout_s: float = 60.0) -> ServerProcess:
+        for variable, value in (env or {}).items():
+            if SECRET_ENV.search(variable):
+                secrets.update(part.strip() for part in value.split(",") if len(part.strip()) >= 8)
         process = ServerProcess(argv, health_url, log_path=logs / f"{name}.log", env=env)
         processes.append(process)
         return process.start().wait_ready(timeout_s)
