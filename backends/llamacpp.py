@@ -19,6 +19,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.json_grammar import UnsupportedSchemaError, response_format_grammar
 from backends.openai_compat import OpenAICompatDriver
 
 # OpenAI-style name -> llama-server's name for the same sampling knob.
@@ -165,20 +166,37 @@ class LlamaCppDriver(OpenAICompatDriver):
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
-        response_format = request.body.get("response_format")
-        if self.kimi_template and isinstance(response_format, dict) and response_format.get("type") != "text":
-            # This build ignores response_format under its Kimi handler (llamacpp.md §9): never pass
-            # unconstrained text off as structured output.
-            raise UnsupportedFeatureError(
-                f"llama.cpp backend '{self.name}' runs a Kimi chat template, under which it cannot enforce "
-                "response_format; use a route with an SGLang or hosted target for structured output.",
-                backend=self.name, param="response_format")
+        self._structured_output_grammar(request)  # refuses a schema that has no grammar form
         if request.adapter is not None and request.adapter not in self._id_of:
             raise UnsupportedFeatureError(
                 f"Adapter '{request.adapter}' is not loaded on llama.cpp backend '{self.name}'.", backend=self.name)
 
+    def _structured_output_grammar(self, request: BackendRequest) -> str | None:
+        """Under its Kimi handler this build ignores `response_format` but enforces a top-level `grammar`
+        (llamacpp.md §9): the schema goes as a grammar, or the request is refused; never unconstrained text
+        passed off as structured output."""
+        response_format = request.body.get("response_format")
+        if not self.kimi_template or not isinstance(response_format, dict):
+            return None
+        try:
+            return response_format_grammar(response_format)
+        except UnsupportedSchemaError as exc:
+            raise UnsupportedFeatureError(
+                f"llama.cpp backend '{self.name}' runs a Kimi chat template, where structured output is enforced "
+                f"through a grammar, and this schema has no grammar form: {exc}.", backend=self.name,
+                param="response_format") from exc
+
     def to_body(self, request: BackendRequest) -> dict:
         selected = self._id_of[request.adapter] if request.adapter is not None else None
+        grammar = self._structured_output_grammar(request)
+        if grammar is not None:
+            if request.thinking:  # with thinking on, the constrained text would land in reasoning_content
+                request.thinking = False
+                request.adjustments.append("thinking=off:structured_output")
+            body = to_llamacpp_body(request, self._ids, selected)
+            del body["response_format"]
+            body["grammar"] = grammar
+            return body
         return to_llamacpp_body(request, self._ids, selected)
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:

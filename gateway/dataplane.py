@@ -151,15 +151,15 @@ class DataPlane:
 
     async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder) -> Forwarded:
         """Try the route's targets in order (healthy ones first), retrying each before its first byte."""
-        state, route = self.state, resolved.route
+        state, route, thinking = self.state, resolved.route, request.thinking
         unsupported: UnsupportedFeatureError | None = None
         failure: BackendError | None = None
         healthy = state.healthy
         targets = sorted(route.targets, key=lambda t: not healthy.get(t.backend, True))
         for index, target in enumerate(targets):
             driver = state.drivers[target.backend]
-            request.adapter = target.adapter
-            request.adjustments = []
+            # A driver may adapt these to its backend's rules; each target starts from the client's request.
+            request.adapter, request.thinking, request.adjustments = target.adapter, thinking, []
             try:
                 driver.check(request)
             except UnsupportedFeatureError as exc:

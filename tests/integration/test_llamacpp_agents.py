@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -74,11 +75,28 @@ def test_structured_output_is_enforced_under_chatml(gateways):
     assert set(doc) == {"city", "days"} and isinstance(doc["city"], str) and isinstance(doc["days"], int)
 
 
-def test_structured_output_under_the_kimi_template_is_refused_not_faked(gateways):
-    with pytest.raises(openai.BadRequestError, match="cannot enforce response_format"):
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_under_the_kimi_template_goes_as_a_grammar(gateways, stream):
+    """This build ignores response_format under the Kimi handler; the gateway sends a grammar instead."""
+    kwargs = dict(model="kimi-k2.5", messages=PROMPT, max_tokens=256, temperature=0,
+                  response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA}})
+    client = sdk(gateways["kimi"])
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    else:
+        raw = client.chat.completions.with_raw_response.create(**kwargs)
+        assert raw.headers["x-kimi-adjusted"] == "thinking=off:structured_output"
+        text = raw.parse().choices[0].message.content
+    doc = json.loads(text)
+    assert set(doc) == {"city", "days"} and isinstance(doc["city"], str) and isinstance(doc["days"], int)
+
+
+def test_structured_output_with_no_grammar_form_is_refused_not_faked(gateways):
+    with pytest.raises(openai.BadRequestError, match="has no grammar form"):
         sdk(gateways["kimi"]).chat.completions.create(
-            model="kimi-k2.5", messages=PROMPT, max_tokens=16,
-            response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA}})
+            model="kimi-k2.5", messages=PROMPT, max_tokens=16, response_format={
+                "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "^a+$"}}})
 
 
 def test_real_tool_call_parsed_by_llama_server(gateways, kimi_llama):
@@ -119,3 +137,19 @@ def test_two_turn_tool_loop_through_llama_server(gateways, kimi_llama):
     second = client.chat.completions.create(model="kimi-k2.5", messages=history, tools=tools, max_tokens=8,
                                             temperature=0).choices[0]
     assert second.finish_reason == "length" and getattr(second.message, "reasoning_content", None)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1,
+                                               "maxItems": 3}}, "required": ["tags"]},
+    {"type": "object", "properties": {"when": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                                      "ok": {"type": "boolean"}, "kind": {"const": "trip"}}},
+    {"type": "object", "properties": {"inner": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8}, "score": {"type": "number"}}}}},
+    {"type": "array", "items": {"type": "integer"}, "maxItems": 4},
+])
+def test_grammar_forms_of_schemas_hold_on_the_real_server(gateways, schema):
+    response = sdk(gateways["kimi"]).chat.completions.create(
+        model="kimi-k2.5", messages=PROMPT, max_tokens=300, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    jsonschema.validate(json.loads(response.choices[0].message.content), schema)
