@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping
 from types import MappingProxyType
+from typing import Mapping
 
 from gateway.config import SamplingConfig, SamplingProfile
 from gateway.errors import InvalidRequestError
