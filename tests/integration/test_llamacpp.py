@@ -113,6 +113,19 @@ def test_dead_backend_is_a_prompt_503_or_the_next_target(llama_server, tiny_mode
     assert failure.value.status_code == 503
     raw = client.chat.completions.with_raw_response.create(model="kimi-k2.5", messages=PROMPT, max_tokens=2)
     assert raw.headers["x-kimi-backend"] == "llama"
+    ready = httpx.get(url.removesuffix("/v1") + "/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json()["backends"] == {"llama": "up", "dead": "down"}
+
+
+def test_health_ready_and_metrics(gateway):
+    base = gateway.removesuffix("/v1")
+    assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+    sdk(gateway).chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=2)
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert 'kimi_gateway_requests_total{adapter="tiny-a",backend="llama",code="200",route="tiny-a"}' in metrics
+    assert 'kimi_gateway_backend_up{backend="llama"} 1.0' in metrics
+    assert 'kimi_gateway_adapter_loaded{adapter="tiny-a",backend="llama"} 1.0' in metrics
 
 
 def test_client_hang_up_cancels_the_upstream_generation(gateway, llama_server):
