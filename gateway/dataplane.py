@@ -121,7 +121,7 @@ class DataPlane:
         self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
         if has_images:
             await check_image_urls(doc, self.limits)
-        resolved = state.routes.resolve(model, sticky_key(resolved_sticky(state, model), doc, headers, principal))
+        resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
         route = resolved.route
         decision = apply_sampling_policy(doc, state.config.sampling, route.profile)
         recorder.route = model
@@ -211,14 +211,7 @@ def ask_for_usage(doc: dict) -> bool:
     return True
 
 
-def resolved_sticky(state: GatewayState, model: str) -> str | None:
-    route = state.routes.get(model)
-    return route.experiment.sticky_by if route is not None and route.experiment is not None else None
-
-
-def sticky_key(sticky_by: str | None, doc: dict, headers: dict, principal) -> str | None:
-    if sticky_by is None:
-        return None
+def sticky_key(sticky_by: str, doc: dict, headers: dict, principal) -> str | None:
     if sticky_by == "user":
         user = doc.get("user")
         return user if isinstance(user, str) and user else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from adapters.models import AdapterSpec
 from backends.base import DEFAULT_RULES, AgentRules
@@ -74,13 +74,16 @@ class RouteTable:
     def get(self, name: str) -> Route | None:
         return self._routes.get(name)
 
-    def resolve(self, model: str, sticky_key: str | None = None) -> Resolved:
+    def resolve(self, model: str, sticky_key: Callable[[str], str | None] | None = None) -> Resolved:
+        """`sticky_key(sticky_by)` gives an experiment's key (user, header or API key); it is asked only
+        when `model` names an experiment."""
         route = self._routes.get(model)
         if route is None:
             raise ModelNotFoundError(model)
         if route.experiment is None:
             return Resolved(route, None)
-        variant = pick_variant(route.name, route.experiment.variants, sticky_key)
+        key = sticky_key(route.experiment.sticky_by) if sticky_key is not None else None
+        variant = pick_variant(route.name, route.experiment.variants, key)
         chosen = self._routes[variant]
         # An experiment's agent rules apply to its variants, and so does its profile unless the variant has one.
         return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules), variant)

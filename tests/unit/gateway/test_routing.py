@@ -32,11 +32,11 @@ def test_unknown_model_is_404():
 
 def test_experiment_is_sticky_and_weighted():
     table = RouteTable(CONFIG)
-    first = table.resolve("ab", "user-7").variant
-    assert all(table.resolve("ab", "user-7").variant == first for _ in range(20))
-    picks = Counter(table.resolve("ab", f"user-{i}").variant for i in range(2000))
+    first = table.resolve("ab", lambda by: "user-7").variant
+    assert all(table.resolve("ab", lambda by: "user-7").variant == first for _ in range(20))
+    picks = Counter(table.resolve("ab", lambda by: f"user-{i}").variant for i in range(2000))
     assert 1650 < picks["a"] < 1950 and picks["a"] + picks["b"] == 2000
-    assert table.resolve("ab", "user-7").route.name == first
+    assert table.resolve("ab", lambda by: "user-7").route.name == first
 
 
 def test_zero_weight_is_never_picked():
