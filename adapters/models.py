@@ -1,15 +1,15 @@
-"""AdapterSpec: one LoRA adapter as data (the same fields as a config `adapters:` entry and the admin POST
-body), and AdapterRecord, what the registry keeps about it."""
+"""Adapters as data: AdapterSpec (a config `adapters:` entry, the admin POST body), and what the registry keeps:
+AdapterRecord (the adapter and its active version), AdapterVersion (one content hash of its files) and
+ReplicaState (one version on one backend replica)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Names become route names, metric labels and URL path segments: keep them to a safe charset.
-SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
-Name = Annotated[str, Field(pattern=SAFE_NAME)]
+from backends.base import AdapterFiles
+from backends.config import Name
 
 
 class AdapterSpec(BaseModel):
@@ -22,9 +22,78 @@ class AdapterSpec(BaseModel):
     backends: tuple[Name, ...] = Field(min_length=1)
 
 
+class SwapSpec(BaseModel):
+    """The admin swap body: the new version's files (at least one)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str | None = None
+    gguf: str | None = None
+
+
+class ReplicaPhase(StrEnum):
+    """One version on one backend replica (issue 13). Only `ready` is ever forwarded to."""
+    PENDING = "pending"
+    CONVERTING = "converting"
+    LOADING = "loading"
+    VERIFYING = "verifying"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+    RESTART_NEEDED = "restart_needed"
+
+
+class VersionStatus(StrEnum):
+    CANDIDATE = "candidate"    # being placed and verified; takes no traffic
+    ACTIVE = "active"          # the version the adapter's route points at
+    RETIRING = "retiring"      # flipped away from; draining, then unloaded
+    RETIRED = "retired"
+    FAILED = "failed"          # never took traffic (validation, load or verification failed)
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    adapter: str
+    version: str               # sha256 (hex) over the adapter's files: the content identity
+    source: str | None
+    gguf: str | None
+    adapter_class: str         # attention | experts | gguf
+    rank: int | None
+    status: VersionStatus
+    created_at: float
+    reason: str | None = None
+
+    @property
+    def short(self) -> str:
+        return self.version[:8]
+
+    @property
+    def label(self) -> str:
+        """`name@hash8`: what x-kimi-adapter says, and the name the version is loaded under on SGLang."""
+        return f"{self.adapter}@{self.short}"
+
+    @property
+    def files(self) -> AdapterFiles:
+        return AdapterFiles(self.source, self.gguf)
+
+    def with_status(self, status: VersionStatus, reason: str | None = None) -> AdapterVersion:
+        return replace(self, status=status, reason=reason)
+
+
 @dataclass(frozen=True)
 class AdapterRecord:
     spec: AdapterSpec
-    origin: str          # "config" (seeded from the file) or "admin" (registered at run time)
-    version: int         # bumped by every change of the spec
+    origin: str                # "config" (seeded from the file) or "admin" (registered at run time)
+    active: str | None         # the active version's hash, None until one took traffic
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    adapter: str
+    version: str
+    backend: str
+    replica: str               # the replica's URL
+    state: ReplicaPhase
+    reason: str | None
     updated_at: float

@@ -1,7 +1,13 @@
 """The BackendDriver contract: what the gateway hands a driver, and what it gets back.
 
-Lifecycle: the app's lifespan calls `start()` once (open transports, discover adapter ids), then the data
+Lifecycle: the app's lifespan calls `start()` once (open transports, discover the server), then the data
 plane calls `check()` and `send()` per request, and the lifespan calls `aclose()` on shutdown.
+
+Adapters: the adapter lifecycle (adapters/lifecycle.py) owns every load and unload. It asks each replica
+what it has (`list_adapters`), loads and unloads there (never on the request path), probes a version
+(`probe`), and then tells the driver which versions it may forward to that replica (`serve`). A driver
+never forwards an adapter it was not told to serve on the replica it picked; when it sees a replica that
+lost its adapters (a restart), it raises `AdapterMissingError` and calls `on_replica_change(replica)`.
 `send()` raises a `backends.errors.BackendError` for anything that fails before the reply's first event;
 the caller owns the returned `BackendReply` and must `aclose()` it (a client hang-up closes it early,
 which aborts the upstream request).
@@ -9,7 +15,7 @@ which aborts the upstream request).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping, Protocol
+from typing import AsyncIterator, Callable, Mapping, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,14 @@ class AdapterFiles:
     gguf: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedAdapter:
+    """One adapter a replica reports as loaded: SGLang by name, llama.cpp by path and id."""
+    name: str | None
+    path: str
+    id: int | None = None
+
+
 class BackendReply(Protocol):
     status: int
     usage: dict | None              # filled in once the backend reported token usage
@@ -60,11 +74,26 @@ class BackendReply(Protocol):
 class BackendDriver(Protocol):
     name: str
     kind: str
+    replicas: tuple[str, ...]          # the servers' base URLs; `replica` arguments index this
+    dynamic_adapters: bool             # adapters load and unload at run time (else: fixed at server start)
+    expert_adapter: str | None         # the one adapter a server was launched with (SGLang + KT expert LoRA)
+    on_replica_change: Callable[[int], None] | None   # set by the lifecycle: a replica lost or changed adapters
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
     def check(self, request: BackendRequest) -> None: ...   # raises UnsupportedFeatureError, no I/O
     async def send(self, request: BackendRequest) -> BackendReply: ...
-    async def health(self) -> bool: ...
-    def adapters(self) -> dict[str, bool]: ...               # adapter name -> loaded/usable here
-    def plan(self, adapters: dict[str, AdapterFiles]) -> None: ...  # the adapters this backend should serve
+    async def health(self) -> bool: ...                      # any replica up; per replica: replica_up()
+    def replica_up(self) -> list[bool]: ...
+    async def list_adapters(self, replica: int) -> list[LoadedAdapter]: ...
+    async def load_adapter(self, replica: int, name: str, files: AdapterFiles, pinned: bool = False) -> None: ...
+    async def unload_adapter(self, replica: int, name: str) -> None: ...      # "already loaded"/"unknown" are fine
+    async def probe(self, replica: int, adapter: str | None, files: AdapterFiles | None = None) -> str: ...
+    def serve(self, replica: int, adapters: Mapping[str, AdapterFiles]) -> None: ...  # what may be forwarded there
+    def expect(self, adapter: str) -> None: ...              # requests for it wait (bounded) for its first load
+    def lost(self, replica: int, adapter: str) -> None: ...  # the replica no longer has it
+    def forget(self, adapter: str) -> None: ...              # retired: nobody waits for it
+    def hold(self, replica: int) -> None: ...                # drained restart: new requests wait or go elsewhere
+    def release(self, replica: int) -> None: ...
+    def in_flight(self) -> list[int]: ...                    # requests in flight per replica
+    def adapter_in_flight(self, adapter: str) -> int: ...

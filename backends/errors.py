@@ -2,7 +2,10 @@
 
     BackendError
     ├── BackendUnavailableError     connect refused/reset, 502/503 from the backend (retryable, fall back)
-    │   └── BackendRateLimitedError 429 from the backend, with retry_after_s when it said so
+    │   ├── BackendRateLimitedError 429 from the backend, with retry_after_s when it said so
+    │   ├── AdapterNotReadyError    no replica of this backend serves the adapter version right now
+    │   └── AdapterMissingError     a replica lost an adapter it had (a restart): reloaded in the background
+    ├── ServerChangedError          a replica's adapter list changed under us (llama.cpp restart): rebuild, resend
     ├── BackendTimeoutError         a phase (connect, first byte, idle between chunks) ran out
     ├── BackendProtocolError        the backend answered something that is not HTTP/SSE we understand
     └── BackendRejectedError        the backend refused the request (4xx): status + a client-safe message
@@ -29,6 +32,28 @@ class BackendRateLimitedError(BackendUnavailableError):
     def __init__(self, message: str, *, backend: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(message, backend=backend)
         self.retry_after_s = retry_after_s
+
+
+class AdapterNotReadyError(BackendUnavailableError):
+    """Another target may serve it; with none, the client gets 503 and a short retry-after."""
+
+    def __init__(self, message: str, *, backend: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message, backend=backend)
+        self.retry_after_s = retry_after_s
+
+
+class AdapterMissingError(AdapterNotReadyError):
+    """The replica answered that it does not have an adapter the gateway loaded there."""
+
+    def __init__(self, message: str, *, backend: str = "", replica: int = 0) -> None:
+        super().__init__(message, backend=backend)
+        self.replica = replica
+
+
+class ServerChangedError(BackendError):
+    """Raised by a connection check before anything was sent: the request is rebuilt and sent again."""
+
+    retryable = True
 
 
 class BackendTimeoutError(BackendError):

@@ -1,12 +1,21 @@
-"""build_drivers(config): the one place that knows every backend kind (STYLE.md convention 5)."""
+"""The one table of backend kinds (STYLE.md convention 5): each kind's config model and how its driver is
+built. A new kind is one driver module (config model + driver) plus one entry here."""
 from __future__ import annotations
 
-from backends.base import AdapterFiles, BackendDriver
-from backends.hosted import MoonshotDriver
+from dataclasses import dataclass
+from typing import Annotated, Callable, Union
+
+from pydantic import Field
+
+from backends.base import BackendDriver
+from backends.config import BackendConfigBase
+from backends.hosted import MoonshotConfig, MoonshotDriver
 from backends.httpx_transport import HttpxTransport
-from backends.llamacpp import LlamaCppDriver
-from backends.sglang import SglangDriver
+from backends.llamacpp import LlamaCppConfig, LlamaCppDriver
+from backends.sglang import SglangConfig, SglangDriver
 from backends.transport import LeanTransport
+
+Secrets = Callable[[str], "str | None"]
 
 
 def base_url(url: str) -> str:
@@ -15,36 +24,51 @@ def base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def adapter_plan(backend: str, adapters) -> dict[str, AdapterFiles]:
-    """The adapters (specs with name/source/gguf/backends) that `backend` should serve."""
-    return {a.name: AdapterFiles(a.source, a.gguf) for a in adapters if backend in a.backends}
+def transport_options(backend: BackendConfigBase, secrets: Secrets) -> dict:
+    key = secrets(backend.api_key_env) if backend.api_key_env else None
+    return dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
+                idle_timeout_s=backend.timeouts.idle_s, backend=backend.name, max_connections=backend.max_connections,
+                default_headers={"Authorization": f"Bearer {key}"} if key else None)
 
 
-def build_drivers(config, secrets, adapters) -> dict[str, BackendDriver]:
-    """One driver per configured backend. `config` is a GatewayConfig, `adapters` the registered adapter
-    specs, and `secrets(env_name)` resolves keys."""
-    drivers: dict[str, BackendDriver] = {}
-    for backend in config.backends:
-        planned = adapter_plan(backend.name, adapters)
-        timeouts = dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
-                        idle_timeout_s=backend.timeouts.idle_s, backend=backend.name,
-                        max_connections=backend.max_connections)
-        match backend.kind:
-            case "llamacpp":
-                transports = [LeanTransport(base_url(url), **timeouts) for url in backend.endpoints]
-                drivers[backend.name] = LlamaCppDriver(
-                    backend.name, transports, adapters=planned,
-                    vision=backend.has_vision)
-            case "sglang":
-                transports = [LeanTransport(base_url(url), **timeouts) for url in backend.endpoints]
-                drivers[backend.name] = SglangDriver(
-                    backend.name, transports, served_model=backend.served_model_name,
-                    adapters=planned, expert_adapter=backend.expert_adapter,
-                    vision=backend.has_vision)
-            case "moonshot":
-                # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md).
-                transports = [HttpxTransport(base_url(url), **timeouts) for url in backend.endpoints]
-                drivers[backend.name] = MoonshotDriver(
-                    backend.name, transports, api_key=secrets(backend.api_key_env), models=backend.models,
-                    vision=backend.has_vision)
-    return drivers
+def build_llamacpp(backend: LlamaCppConfig, secrets: Secrets) -> LlamaCppDriver:
+    options = transport_options(backend, secrets)
+    transports = [LeanTransport(base_url(url), **options) for url in backend.endpoints]
+    return LlamaCppDriver(backend.name, transports, vision=backend.has_vision)
+
+
+def build_sglang(backend: SglangConfig, secrets: Secrets) -> SglangDriver:
+    options = transport_options(backend, secrets)
+    transports = [LeanTransport(base_url(url), **options) for url in backend.endpoints]
+    return SglangDriver(backend.name, transports, served_model=backend.served_model_name,
+                        expert_adapter=backend.expert_adapter, vision=backend.has_vision)
+
+
+def build_moonshot(backend: MoonshotConfig, secrets: Secrets) -> MoonshotDriver:
+    # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md). The key goes in the
+    # driver's own headers, so the transport gets none.
+    options = {**transport_options(backend, lambda _: None)}
+    transports = [HttpxTransport(base_url(url), **options) for url in backend.endpoints]
+    return MoonshotDriver(backend.name, transports, api_key=secrets(backend.api_key_env), models=backend.models,
+                          vision=backend.has_vision)
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type[BackendConfigBase]
+    build: Callable[..., BackendDriver]
+
+
+KINDS: dict[str, Kind] = {
+    "sglang": Kind(SglangConfig, build_sglang),
+    "llamacpp": Kind(LlamaCppConfig, build_llamacpp),
+    "moonshot": Kind(MoonshotConfig, build_moonshot),
+}
+
+# The config's `backends:` entries: one model per kind, chosen by `kind`.
+BackendConfig = Annotated[Union[tuple(kind.config for kind in KINDS.values())], Field(discriminator="kind")]
+
+
+def build_drivers(config, secrets: Secrets) -> dict[str, BackendDriver]:
+    """One driver per configured backend; `secrets(env_name)` resolves keys."""
+    return {backend.name: KINDS[backend.kind].build(backend, secrets) for backend in config.backends}

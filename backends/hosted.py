@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping, Sequence
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import orjson
+from pydantic import Field, model_validator
 
 from backends.base import BackendRequest
+from backends.config import BackendConfigBase
 from backends.errors import (
     BackendError,
     BackendRateLimitedError,
@@ -32,6 +34,21 @@ ALWAYS_THINKING = ("kimi-k3",)
 MAX_TOOLS = 128
 # The documented pattern's lower bound is lost in the stored copy (§3): one leading letter or underscore.
 FUNCTION_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
+
+
+class MoonshotConfig(BackendConfigBase):
+    """The hosted Moonshot API: base models only, a key from the environment, route -> hosted model ids."""
+
+    adapter_artifact: ClassVar[str | None] = None   # serves no LoRA
+
+    kind: Literal["moonshot"]
+    models: dict[str, str] = Field(default_factory=dict)  # route model -> hosted id
+
+    @model_validator(mode="after")
+    def _needs_a_key(self) -> MoonshotConfig:
+        if not self.api_key_env:
+            raise ValueError("a moonshot backend needs `api_key_env` (the name of the env var holding the key)")
+        return self
 
 
 def forced_tool_choice(choice: object) -> bool:
@@ -163,7 +180,7 @@ class MoonshotDriver(OpenAICompatDriver):
                 raise UnsupportedFeatureError(f"The hosted API does not accept '{name}'.", backend=self.name, param=name)
         check_tools(request.body, self.name)
 
-    def to_body(self, request: BackendRequest) -> dict:
+    def to_body(self, request: BackendRequest, replica: int) -> dict:
         return to_moonshot_body(request, self.hosted_model(request.route))
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:

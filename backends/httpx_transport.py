@@ -72,6 +72,7 @@ class HttpxTransport:
         idle_timeout_s: float = 300.0, default_headers: Mapping[str, str] | None = None, backend: str = "",
         max_connections: int = 100, transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self.base_url = base_url
         read_timeout_s = max(first_byte_timeout_s, idle_timeout_s)
         self._client = httpx.AsyncClient(
             base_url=base_url,

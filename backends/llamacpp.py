@@ -7,16 +7,22 @@ the driver refuses adapters it did not find in `/lora-adapters`.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from functools import partial
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import orjson
+from pydantic import Field
 
-from backends.base import AdapterFiles, BackendRequest
+from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
+from backends.config import BackendConfigBase, Strict
 from backends.errors import (
+    AdapterNotReadyError,
     BackendError,
+    BackendProtocolError,
     BackendRateLimitedError,
     BackendRejectedError,
     BackendUnavailableError,
+    ServerChangedError,
     UnsupportedFeatureError,
 )
 from backends.json_grammar import UnsupportedSchemaError, response_format_grammar
@@ -27,6 +33,29 @@ RENAMED_FIELDS = {"repetition_penalty": "repeat_penalty"}
 # A template with these markers gets llama-server's dedicated Kimi K2 handler (llamacpp.md §9).
 KIMI_TEMPLATE_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class LlamaLaunchConfig(Strict):
+    """With `launch`, the gateway starts and supervises one llama-server per configured URL (its port) and
+    restarts it, drained, to change the adapter list (llama-server loads adapters only at start)."""
+
+    binary: str | None = None                    # None: PATH, $KIMI_GATEWAY_LLAMA_SERVER or the user cache
+    model: str
+    ctx_size: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
+    parallel: int | None = Field(None, ge=1)     # -np
+    args: tuple[str, ...] = ()
+    ready_timeout_s: float = Field(120.0, gt=0)
+
+
+class LlamaCppConfig(BackendConfigBase):
+    """A llama.cpp `llama-server` or replicas started with the same model and `--lora` list."""
+
+    adapter_artifact: ClassVar[str | None] = "gguf"
+    default_vision: ClassVar[bool] = False       # K2.5 GGUF builds have no vision
+
+    kind: Literal["llamacpp"]
+    launch: LlamaLaunchConfig | None = None
 
 
 def fix_reasoning(doc: dict, request: BackendRequest) -> None:
@@ -98,57 +127,118 @@ def _seconds(value: str | None) -> float | None:
 
 
 class LlamaCppDriver(OpenAICompatDriver):
+    """Per replica: the adapter files it loaded (`/lora-adapters`: real path -> id) and the versions the
+    lifecycle told it to serve, resolved to ids by path. Every new connection first reads `/lora-adapters`
+    again (a restart drops all connections), so a replica restarted with another `--lora` list is seen
+    before any request reaches it: ids are rebuilt, and a version whose file is gone is not forwarded."""
+
     kind = "llamacpp"
 
-    def __init__(self, name: str, transports: Sequence, *, adapters: Mapping[str, AdapterFiles],
-                 vision: bool = False) -> None:
+    def __init__(self, name: str, transports: Sequence, *, vision: bool = False) -> None:
         super().__init__(name, transports, vision=vision)
-        self._adapter_files: dict[str, str] = {}     # adapter name -> GGUF path as registered
-        self._ids: list[int] = []                    # every adapter id the server loaded
-        self._by_path: dict[str, int] = {}           # real path -> id, from /lora-adapters
-        self._id_of: dict[str, int] = {}             # adapter name -> id, for those found on the server
+        count = len(self._transports)
+        self._listing: list[dict[str, int] | None] = [None] * count   # real path -> id; None = not read yet
+        self._wanted: list[dict[str, AdapterFiles]] = [{} for _ in range(count)]
+        self._id_of: list[dict[str, int]] = [{} for _ in range(count)]
         self.kimi_template: bool | None = None       # unknown until /props answered
-        self.plan(adapters)
-
-    def plan(self, adapters: Mapping[str, AdapterFiles]) -> None:
-        """A new adapter file needs a llama-server restart to load (gotcha 7): until then it is not usable."""
-        self._adapter_files = {name: files.gguf for name, files in adapters.items() if files.gguf}
-        self._match_ids()
-
-    def _match_ids(self) -> None:
-        self._id_of = {name: self._by_path[os.path.realpath(path)] for name, path in self._adapter_files.items()
-                       if os.path.realpath(path) in self._by_path}
+        for replica, transport in enumerate(self._transports):
+            if hasattr(transport, "connection_check"):
+                transport.check_path = "/lora-adapters"
+                transport.connection_check = partial(self._connection_check, replica)
 
     async def start(self) -> None:
+        for replica in range(len(self._transports)):
+            try:
+                await self.list_adapters(replica)
+            except (BackendError, ValueError):
+                pass  # a server that is down now is read again by the health loop and on connect
         try:
-            await self.refresh_adapters()
             await self.refresh_template()
         except (BackendError, ValueError):
-            pass  # a server that is down now is retried by the health loop
+            pass
 
-    async def refresh_adapters(self) -> None:
-        """Map configured adapter files to the ids llama-server reports in `/lora-adapters`, by real path.
-        Replicas must be started with the same `--lora` list, so the first that answers is the truth."""
-        for transport in self._transports:
-            try:
-                listing = await self.get_json(transport, "/lora-adapters")
-            except BackendError:
-                continue
-            self._by_path = {os.path.realpath(entry["path"]): entry["id"] for entry in listing}
-            self._ids = sorted(self._by_path.values())
-            self._match_ids()
-            return
+    async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
+        listing = await self.get_json(self._transports[replica], "/lora-adapters")
+        self._note_listing(replica, listing)
+        return [LoadedAdapter(None, entry["path"], entry["id"]) for entry in listing]
+
+    def _connection_check(self, replica: int, status: int, body: bytes) -> None:
+        if status != 200:
+            raise BackendUnavailableError(f"GET /lora-adapters answered {status}", backend=self.name)
+        try:
+            listing = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BackendProtocolError("GET /lora-adapters is not JSON", backend=self.name) from exc
+        if self._note_listing(replica, listing):
+            raise ServerChangedError("the server's adapter list changed", backend=self.name)
+
+    def _note_listing(self, replica: int, listing: object) -> bool:
+        """Take a `/lora-adapters` answer; True when it differs from what requests were built with."""
+        if not isinstance(listing, list):
+            raise BackendProtocolError("GET /lora-adapters is not a list", backend=self.name)
+        by_path = {os.path.realpath(entry["path"]): int(entry["id"]) for entry in listing}
+        previous, self._listing[replica] = self._listing[replica], by_path
+        if previous == by_path:
+            return False
+        self._resolve(replica)
+        if previous is not None and self.on_replica_change is not None:
+            self.on_replica_change(replica)
+        return True
+
+    def serve(self, replica: int, adapters: Mapping[str, AdapterFiles]) -> None:
+        self._wanted[replica] = dict(adapters)
+        self._resolve(replica)
+
+    def _resolve(self, replica: int) -> None:
+        """Only versions whose GGUF file this replica loaded are forwarded there, with its id for that file."""
+        listing = self._listing[replica] or {}
+        id_of = {name: listing[os.path.realpath(files.gguf)] for name, files in self._wanted[replica].items()
+                 if files.gguf and os.path.realpath(files.gguf) in listing}
+        for name in set(self._serving[replica]) - set(id_of):
+            self._recovering.discard(name)
+        self._id_of[replica] = id_of
+        super().serve(replica, {name: self._wanted[replica][name] for name in id_of})
+
+    def loaded_paths(self, replica: int) -> set[str]:
+        return set(self._listing[replica] or ())
+
+    async def _post(self, replica: int, request: BackendRequest):
+        """Sent again once if the connection check found a changed server; the body carries its ids."""
+        try:
+            return await super()._post(replica, request)
+        except ServerChangedError:
+            if request.adapter is not None and request.adapter not in self._id_of[replica]:
+                raise AdapterNotReadyError(f"Adapter version '{request.adapter}' is not loaded on a replica "
+                                           f"of '{self.name}' any more.", backend=self.name) from None
+            return await super()._post(replica, request)
+
+    async def probe(self, replica: int, adapter: str | None, files: AdapterFiles | None = None) -> str:
+        """A version not served yet is probed by its file's id on this replica."""
+        if adapter is None or adapter in self._id_of[replica]:
+            return await super().probe(replica, adapter, files)
+        listing = self._listing[replica] or {}
+        path = os.path.realpath(files.gguf) if files is not None and files.gguf else None
+        if path not in listing:
+            raise AdapterNotReadyError(f"{adapter}: its GGUF is not loaded on {self.replicas[replica]}",
+                                       backend=self.name)
+        self._id_of[replica][adapter] = listing[path]
+        try:
+            return await super().probe(replica, adapter, files)
+        finally:
+            if adapter not in self._serving[replica]:
+                self._id_of[replica].pop(adapter, None)
 
     async def health(self) -> bool:
         healthy = await super().health()
-        if healthy and len(self._id_of) < len(self._adapter_files):
-            await self.refresh_adapters()
+        for replica, up in enumerate(self._up):
+            if up and self._listing[replica] is None:
+                try:
+                    await self.list_adapters(replica)
+                except (BackendError, ValueError):
+                    pass
         if healthy and self.kimi_template is None:
             await self.refresh_template()
         return healthy
-
-    def adapters(self) -> dict[str, bool]:
-        return {name: name in self._id_of for name in self._adapter_files}
 
     fix_document = staticmethod(fix_reasoning)
     fix_block = staticmethod(fix_reasoning_stream)
@@ -167,9 +257,6 @@ class LlamaCppDriver(OpenAICompatDriver):
     def check(self, request: BackendRequest) -> None:
         super().check(request)
         self._structured_output_grammar(request)  # refuses a schema that has no grammar form
-        if request.adapter is not None and request.adapter not in self._id_of:
-            raise UnsupportedFeatureError(
-                f"Adapter '{request.adapter}' is not loaded on llama.cpp backend '{self.name}'.", backend=self.name)
 
     def _structured_output_grammar(self, request: BackendRequest) -> str | None:
         """Under its Kimi handler this build ignores `response_format` but enforces a top-level `grammar`
@@ -186,18 +273,19 @@ class LlamaCppDriver(OpenAICompatDriver):
                 f"through a grammar, and this schema has no grammar form: {exc}.", backend=self.name,
                 param="response_format") from exc
 
-    def to_body(self, request: BackendRequest) -> dict:
-        selected = self._id_of[request.adapter] if request.adapter is not None else None
+    def to_body(self, request: BackendRequest, replica: int) -> dict:
+        selected = self._id_of[replica][request.adapter] if request.adapter is not None else None
+        ids = sorted((self._listing[replica] or {}).values())
         grammar = self._structured_output_grammar(request)
         if grammar is not None:
             if request.thinking:  # with thinking on, the constrained text would land in reasoning_content
                 request.thinking = False
                 request.adjustments.append("thinking=off:structured_output")
-            body = to_llamacpp_body(request, self._ids, selected)
+            body = to_llamacpp_body(request, ids, selected)
             del body["response_format"]
             body["grammar"] = grammar
             return body
-        return to_llamacpp_body(request, self._ids, selected)
+        return to_llamacpp_body(request, ids, selected)
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
         return error_from_llamacpp(status, headers, raw, self.name)

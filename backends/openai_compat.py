@@ -3,21 +3,29 @@ the send path. Dialects (body translation, error bodies) are the subclasses' pur
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import orjson
 
-from backends.base import BackendRequest
+from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
 from backends.errors import (
+    AdapterNotReadyError,
     BackendError,
     BackendProtocolError,
     BackendRejectedError,
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.protocol import COMPLETIONS_PATH
 from backends.transport import UpstreamResponse
+
+# The verification probe: greedy and short, so that it repeats exactly and costs little (issue 13).
+PROBE_PROMPT = "The quick brown fox"
+PROBE_TOKENS = 8
+HOLD_TIMEOUT_S = 30.0   # how long a request waits for a replica that restarts or reloads its adapters
 
 # `"model":"…"` cannot occur inside a JSON string value (its quotes would be escaped), so a plain
 # substitution over raw event bytes rewrites exactly the top-level field without parsing the event.
@@ -69,8 +77,10 @@ class RelayReply:
     def __init__(self, upstream: UpstreamResponse, request: BackendRequest, *, backend: str,
                  stream_error: Callable[[bytes], StreamErrorEvent] | None = None,
                  fix_document: Callable[[dict, BackendRequest], None] | None = None,
-                 fix_block: Callable[[bytes, BackendRequest], bytes] | None = None) -> None:
+                 fix_block: Callable[[bytes, BackendRequest], bytes] | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         self.status = upstream.status
+        self._release = release  # the driver's in-flight count for this reply's replica and adapter
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
@@ -152,20 +162,38 @@ class RelayReply:
                     self.usage = usage
 
     async def aclose(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
         await self._upstream.aclose()
 
 
 class OpenAICompatDriver:
-    """Send path shared by every backend kind; subclasses supply to_body() and error_from()."""
+    """Send path shared by every backend kind; subclasses supply to_body() and error_from().
+
+    Replicas: a request goes round-robin to a replica that is up and serves its adapter version (the
+    lifecycle says which, through serve()); none serving it is AdapterNotReadyError, never a guess.
+    """
 
     kind = ""
     health_path = "/health"
+    dynamic_adapters = False
 
     def __init__(self, name: str, transports: Sequence, *, vision: bool) -> None:
         self.name = name
         self._transports = list(transports)
+        self.replicas = tuple(getattr(t, "base_url", str(i)) for i, t in enumerate(self._transports))
         self._up = [True] * len(self._transports)
         self._turn = itertools.cycle(range(len(self._transports)))
+        self._serving: list[dict[str, AdapterFiles]] = [{} for _ in self._transports]
+        self._busy = [0] * len(self._transports)
+        self._adapter_busy: dict[str, int] = {}
+        self._held = [False] * len(self._transports)   # a drained restart is under way there
+        self._recovering: set[str] = set()             # adapter versions a replica lost; being reloaded
+        self._changed: asyncio.Future | None = None     # wakes requests waiting for a held or lost adapter
+        self.hold_timeout_s = HOLD_TIMEOUT_S
+        self.expert_adapter: str | None = None          # a server fixed to one adapter at launch (SGLang + KT)
+        self.on_replica_change: Callable[[int], None] | None = None
         self.vision = vision
 
     async def start(self) -> None:
@@ -175,19 +203,13 @@ class OpenAICompatDriver:
         for transport in self._transports:
             await transport.aclose()
 
-    def adapters(self) -> dict[str, bool]:
-        return {}
-
-    def plan(self, adapters: dict) -> None:
-        """Backends without adapters have nothing to plan."""
-
     def check(self, request: BackendRequest) -> None:
         if request.has_images and not self.vision:
             raise UnsupportedFeatureError(
                 f"The route's backend '{self.name}' ({self.kind}) has no vision: image parts cannot be served there.",
                 backend=self.name, param="messages")
 
-    def to_body(self, request: BackendRequest) -> dict:
+    def to_body(self, request: BackendRequest, replica: int) -> dict:
         raise NotImplementedError
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
@@ -200,26 +222,157 @@ class OpenAICompatDriver:
     def headers(self) -> dict[str, str] | None:
         return None
 
+    def stream_error_for(self, replica: int) -> Callable[[bytes], BackendError] | None:
+        return self.stream_error
+
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)
-        payload = orjson.dumps(self.to_body(request))
-        upstream = await self._pick().request("POST", request.path, payload, self.headers())
+        try:
+            replica = self._pick(request.adapter)
+        except AdapterNotReadyError:
+            replica = await self._wait_for_replica(request.adapter)
+        upstream = await self._post(replica, request)
         if upstream.status >= 400:
             try:
                 raw = await upstream.read()
             finally:
                 await upstream.aclose()
-            raise self.error_from(upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
-        return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error,
-                          fix_document=self.fix_document, fix_block=self.fix_block)
+            raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
+                          fix_document=self.fix_document, fix_block=self.fix_block,
+                          release=self._lease(replica, request.adapter))
 
-    def _pick(self):
-        """Round-robin over replicas, skipping those the health loop saw down (all down: try anyway)."""
-        for _ in range(len(self._transports)):
+    async def _post(self, replica: int, request: BackendRequest) -> UpstreamResponse:
+        payload = orjson.dumps(self.to_body(request, replica))
+        return await self._transports[replica].request("POST", request.path, payload, self.headers())
+
+    def replica_error(self, replica: int, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
+        """A dialect may recognise a replica that lost its adapters here (SGLang after a restart)."""
+        return self.error_from(status, headers, raw)
+
+    def _lease(self, replica: int, adapter: str | None) -> Callable[[], None]:
+        """Count a reply in flight until it is closed: drains and /admin/backends read these counts."""
+        self._busy[replica] += 1
+        if adapter is not None:
+            self._adapter_busy[adapter] = self._adapter_busy.get(adapter, 0) + 1
+
+        def release() -> None:
+            self._busy[replica] -= 1
+            if adapter is not None:
+                self._adapter_busy[adapter] -= 1
+        return release
+
+    def _pick(self, adapter: str | None) -> int:
+        """Round-robin over replicas that are up, not held, and serve `adapter` (all down: one that serves it)."""
+        count = len(self._transports)
+        fallback = None
+        for _ in range(count):
             index = next(self._turn)
+            if self._held[index] or (adapter is not None and adapter not in self._serving[index]):
+                continue
             if self._up[index]:
-                return self._transports[index]
-        return self._transports[next(self._turn)]
+                return index
+            fallback = index if fallback is None else fallback
+        if fallback is not None:
+            return fallback
+        raise AdapterNotReadyError(f"Adapter version '{adapter}' is not ready on backend '{self.name}' yet.",
+                                   backend=self.name)
+
+    async def _wait_for_replica(self, adapter: str | None) -> int:
+        """Wait, bounded, while a replica restarts (held) or reloads an adapter it lost; else not ready now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hold_timeout_s
+        while True:
+            if not any(self._held) and adapter not in self._recovering:
+                return self._pick(adapter)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AdapterNotReadyError(f"Backend '{self.name}' did not get ready for this request in time.",
+                                           backend=self.name)
+            if self._changed is None:
+                self._changed = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+            except TimeoutError:
+                pass
+            try:
+                return self._pick(adapter)
+            except AdapterNotReadyError:
+                continue
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    def hold(self, replica: int) -> None:
+        """New requests for this replica wait (or go to another) until release(): a drained restart."""
+        self._held[replica] = True
+
+    def release(self, replica: int) -> None:
+        self._held[replica] = False
+        self._notify()
+
+    def lost(self, replica: int, adapter: str) -> None:
+        """The replica no longer has this version: stop forwarding it there and let the lifecycle reload it."""
+        if self._serving[replica].pop(adapter, None) is not None:
+            self._recovering.add(adapter)
+            if self.on_replica_change is not None:
+                self.on_replica_change(replica)
+
+    # --- adapter operations (the lifecycle calls these; kinds without adapters refuse them) ---------------
+
+    def serve(self, replica: int, adapters: Mapping[str, AdapterFiles]) -> None:
+        self._serving[replica] = dict(adapters)
+        self._recovering.difference_update(adapters)
+        self._notify()
+
+    def expect(self, adapter: str) -> None:
+        """A version about to be loaded: its requests wait for it (bounded) instead of failing at once."""
+        self._recovering.add(adapter)
+
+    def forget(self, adapter: str) -> None:
+        """A version retired everywhere: nobody waits for it any more."""
+        self._recovering.discard(adapter)
+
+    def serving(self, replica: int) -> dict[str, AdapterFiles]:
+        return self._serving[replica]
+
+    def replica_up(self) -> list[bool]:
+        return list(self._up)
+
+    def in_flight(self) -> list[int]:
+        return list(self._busy)
+
+    def adapter_in_flight(self, adapter: str) -> int:
+        return self._adapter_busy.get(adapter, 0)
+
+    async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
+        return []
+
+    async def load_adapter(self, replica: int, name: str, files: AdapterFiles, pinned: bool = False) -> None:
+        raise UnsupportedFeatureError(f"Backend '{self.name}' ({self.kind}) cannot load adapters at run time.",
+                                      backend=self.name)
+
+    async def unload_adapter(self, replica: int, name: str) -> None:
+        raise UnsupportedFeatureError(f"Backend '{self.name}' ({self.kind}) cannot unload adapters at run time.",
+                                      backend=self.name)
+
+    async def probe(self, replica: int, adapter: str | None, files: AdapterFiles | None = None) -> str:
+        """A short greedy completion on one replica, with `adapter` or the base model: the verification
+        step compares it with the base model's and with itself."""
+        request = BackendRequest(path=COMPLETIONS_PATH, body={"prompt": PROBE_PROMPT, "max_tokens": PROBE_TOKENS,
+                                 "temperature": 0.0, "top_p": 1.0, "seed": 0}, model="probe", route="probe",
+                                 adapter=adapter, thinking=False)
+        upstream = await self._post(replica, request)
+        raw = await upstream.read()
+        if upstream.status >= 300:
+            raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        try:
+            choices = orjson.loads(raw)["choices"]
+            return str(choices[0].get("text") or "")
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendProtocolError("the probe's reply is not a completion", backend=self.name) from exc
 
     async def health(self) -> bool:
         for index, transport in enumerate(self._transports):

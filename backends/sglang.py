@@ -3,20 +3,42 @@
 """
 from __future__ import annotations
 
-import asyncio
-from typing import Mapping, Sequence
+import re
+from functools import partial
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import orjson
+from pydantic import Field
 
-from backends.base import AdapterFiles, BackendRequest
+from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
+from backends.config import BackendConfigBase, Name
 from backends.errors import (
+    AdapterMissingError,
     BackendError,
+    BackendProtocolError,
     BackendRateLimitedError,
     BackendRejectedError,
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.openai_compat import OpenAICompatDriver, StreamErrorEvent
+from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent
+
+ALREADY_LOADED = "already loaded"
+# "Got LoRA adapter that has never been loaded: <name>" and "...are not loaded: <name>" (sglang-kt.md §1.2).
+NOT_LOADED = re.compile(r"(?:has never been loaded|are not loaded): ([^\n]+)")
+
+
+class SglangConfig(BackendConfigBase):
+    """An SGLang (+ KTransformers) server or replicas (reference/sglang-kt.md)."""
+
+    adapter_artifact: ClassVar[str | None] = "source"
+
+    kind: Literal["sglang"]
+    served_model_name: str | None = None         # its --served-model-name (asked from /v1/models when unset)
+    max_loaded_adapters: int | None = Field(None, ge=1)   # its --max-loaded-loras: pinned adapters stay within it
+    max_lora_rank: int | None = Field(None, ge=1)          # its --max-lora-rank: larger adapters are refused (422)
+    expert_adapter: Name | None = None           # KT expert LoRA: the one adapter fixed at launch (§0.1)
+    launch: dict | None = None                   # read by `kimi-gateway launch sglang-kt`
 
 
 def to_sglang_body(request: BackendRequest, served_model: str) -> dict:
@@ -66,22 +88,20 @@ def error_from_sglang(status: int, headers: Mapping[str, str], raw: bytes, backe
 
 
 class SglangDriver(OpenAICompatDriver):
+    """Adapters by versioned name (`model: "<served>:<name@hash8>"`), loaded by the lifecycle on every replica
+    that serves them. A replica that forgot an adapter (a restart) answers "never been loaded"/"not loaded":
+    that version stops being forwarded there and the lifecycle reloads it, while requests go to another
+    replica or wait, bounded, for the reload."""
+
     kind = "sglang"
     health_path = "/health"
 
     def __init__(self, name: str, transports: Sequence, *, served_model: str | None,
-                 adapters: Mapping[str, AdapterFiles], expert_adapter: str | None = None, vision: bool = True) -> None:
+                 expert_adapter: str | None = None, vision: bool = True) -> None:
         super().__init__(name, transports, vision=vision)
         self._served_model = served_model
-        self._sources: dict[str, str] = {}           # adapter name -> PEFT dir the server can read
-        self._expert_adapter = expert_adapter        # KT expert LoRA: the server serves only this one
-        self._loaded: set[str] = set()
-        self._load_lock = asyncio.Lock()
-        self.plan(adapters)
-
-    def plan(self, adapters: Mapping[str, AdapterFiles]) -> None:
-        """Attention-only adapters load on demand at the first request that names them."""
-        self._sources = {name: files.source for name, files in adapters.items() if files.source}
+        self._expert_adapter = self.expert_adapter = expert_adapter  # KT expert LoRA: only this one, fixed
+        self.dynamic_adapters = expert_adapter is None
 
     async def start(self) -> None:
         try:
@@ -90,49 +110,102 @@ class SglangDriver(OpenAICompatDriver):
             pass  # down now; the health loop retries
 
     async def refresh_models(self) -> None:
-        listing = await self.get_json(self._transports[0], "/v1/models")
-        cards = listing.get("data") or []
-        base = [card["id"] for card in cards if not card.get("parent")]
-        if self._served_model is None and base:
-            self._served_model = base[0]
-        self._loaded = {card["id"] for card in cards if card.get("parent")}
+        for transport in self._transports:
+            try:
+                listing = await self.get_json(transport, "/v1/models")
+            except BackendError:
+                continue
+            base = [card["id"] for card in listing.get("data") or [] if not card.get("parent")]
+            if self._served_model is None and base:
+                self._served_model = base[0]
+            return
 
-    def adapters(self) -> dict[str, bool]:
-        return {name: name in self._loaded or name == self._expert_adapter for name in self._sources}
+    async def health(self) -> bool:
+        healthy = await super().health()
+        if healthy and self._served_model is None:
+            await self.refresh_models()
+        return healthy
+
+    async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
+        listing = await self.get_json(self._transports[replica], "/v1/models")
+        return [LoadedAdapter(card["id"], str(card.get("root") or "")) for card in listing.get("data") or []
+                if card.get("parent")]
+
+    async def load_adapter(self, replica: int, name: str, files: AdapterFiles, pinned: bool = False) -> None:
+        """`/load_lora_adapter`; "already loaded" is success (another gateway, or a retry, loaded it)."""
+        if not self.dynamic_adapters:
+            raise UnsupportedFeatureError(f"SGLang backend '{self.name}' has KT expert adapter "
+                                          f"'{self._expert_adapter}' fixed at launch.", backend=self.name)
+        payload = {"lora_name": name, "lora_path": files.source, "pinned": pinned}
+        doc = await self._admin_post(replica, "/load_lora_adapter", payload)
+        if doc.get("success") or ALREADY_LOADED in str(doc.get("error_message") or ""):
+            return
+        raise BackendRejectedError(f"SGLang could not load adapter '{name}': "
+                                   f"{doc.get('error_message') or 'no reason given'}", status=502,
+                                   backend=self.name, error_type="server_error")
+
+    async def unload_adapter(self, replica: int, name: str) -> None:
+        """`/unload_lora_adapter` (SGLang waits for requests still using it); an unknown name is done."""
+        if not self.dynamic_adapters:
+            raise UnsupportedFeatureError(f"SGLang backend '{self.name}' cannot unload its expert adapter.",
+                                          backend=self.name)
+        doc = await self._admin_post(replica, "/unload_lora_adapter", {"lora_name": name})
+        if doc.get("success") or "does not exist" in str(doc.get("error_message") or ""):
+            return
+        raise BackendRejectedError(f"SGLang could not unload adapter '{name}': {doc.get('error_message')}",
+                                   status=502, backend=self.name, error_type="server_error")
+
+    async def _admin_post(self, replica: int, path: str, payload: dict) -> dict:
+        response = await self._transports[replica].request("POST", path, orjson.dumps(payload), self.headers())
+        raw = await response.read()
+        if response.status not in (200, 400):
+            raise self.error_from(response.status, response.headers, raw[:MAX_ERROR_BODY])
+        try:
+            doc = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise BackendProtocolError(f"{path} answered a body that is not JSON", backend=self.name) from exc
+        return doc if isinstance(doc, dict) else {}
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
-        if self._expert_adapter is not None and request.adapter != self._expert_adapter:
+        if self._expert_adapter is not None and (request.adapter or "").partition("@")[0] != self._expert_adapter:
             raise UnsupportedFeatureError(
                 f"SGLang backend '{self.name}' is dedicated to expert adapter '{self._expert_adapter}'.",
                 backend=self.name)
-        if request.adapter is not None and request.adapter not in self._sources:
-            raise UnsupportedFeatureError(f"Adapter '{request.adapter}' is not planned on '{self.name}'.",
-                                          backend=self.name)
 
-    async def send(self, request: BackendRequest):
-        if request.adapter is not None and request.adapter not in self._loaded and request.adapter != self._expert_adapter:
-            await self.load_adapter(request.adapter)
-        return await super().send(request)
+    def _pick(self, adapter: str | None) -> int:
+        if self._expert_adapter is not None:  # fixed at launch: every replica has it
+            return super()._pick(None)
+        return super()._pick(adapter)
 
-    async def load_adapter(self, name: str) -> None:
-        """Load a registered adapter before the first request names it: SGLang must never see a name
-        the gateway has not loaded (it would fail mid-stream, or silently reload an evicted one)."""
-        async with self._load_lock:
-            if name in self._loaded:
-                return
-            payload = orjson.dumps({"lora_name": name, "lora_path": self._sources[name]})
-            response = await self._transports[0].request("POST", "/load_lora_adapter", payload, self.headers())
-            doc = orjson.loads(await response.read() or b"{}")
-            if response.status != 200 or not doc.get("success"):
-                raise BackendRejectedError(f"Adapter '{name}' could not be loaded on '{self.name}'.", status=503,
-                                           backend=self.name, error_type="server_error")
-            self._loaded = set(doc.get("loaded_adapters") or {name: ""})
-
-    def to_body(self, request: BackendRequest) -> dict:
+    def to_body(self, request: BackendRequest, replica: int) -> dict:
         if self._served_model is None:
             raise BackendUnavailableError("the served model name is not known yet", backend=self.name)
-        return to_sglang_body(request, self._served_model)
+        body = to_sglang_body(request, self._served_model)
+        if self._expert_adapter is not None:  # launched as `--lora-paths <name>=<dir>`: selected by that name
+            body["model"] = f"{self._served_model}:{self._expert_adapter}"
+        return body
+
+    def replica_error(self, replica: int, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
+        error = self.error_from(status, headers, raw)
+        return self._missing(replica, error.message) or error
+
+    def _missing(self, replica: int, message: str) -> AdapterMissingError | None:
+        """SGLang forgets run-time adapters when it restarts (§1.2): its answer names the adapter."""
+        match = NOT_LOADED.search(message)
+        if match is None:
+            return None
+        name = match.group(1).strip()
+        self.lost(replica, name)
+        return AdapterMissingError(f"A replica of '{self.name}' lost an adapter; it is being reloaded.",
+                                   backend=self.name, replica=replica)
+
+    def stream_error_for(self, replica: int):
+        return partial(self._stream_error_on, replica)
+
+    def _stream_error_on(self, replica: int, event: bytes) -> BackendError:
+        error = self.stream_error(event)
+        return self._missing(replica, error.message) or error
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
         return error_from_sglang(status, headers, raw, self.name)

@@ -214,12 +214,13 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One TCP connection: hands received bytes to the response in flight; frees its pool slot once when it dies."""
 
-    __slots__ = ("transport", "response", "reused", "dead", "_pool", "_paused")
+    __slots__ = ("transport", "response", "reused", "checked", "dead", "_pool", "_paused")
 
     def __init__(self, pool: _Pool) -> None:
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
         self.reused = False
+        self.checked = False
         self.dead = False
         self._pool = pool
         self._paused = False
@@ -390,6 +391,12 @@ class LeanTransport:
         default_headers: Mapping[str, str] | None = None, backend: str = "",
     ) -> None:
         url = urlsplit(base_url)
+        self.base_url = base_url
+        # A GET sent first on every new connection, its (status, body) handed to connection_check, which may
+        # raise: a restarted server drops every connection, so this sees each new server instance before
+        # any request does (llama.cpp's adapter ids, issue 13).
+        self.check_path: str | None = None
+        self.connection_check: Callable[[int, bytes], None] | None = None
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("base_url must look like http(s)://host[:port][/prefix]")
         tls = url.scheme == "https"
@@ -415,6 +422,10 @@ class LeanTransport:
         fresh = False
         while True:
             conn = await self._pool.acquire(fresh)
+            if self.check_path is not None and not conn.checked:
+                conn.checked = True
+                await self._check(conn)  # the connection goes back to the pool: take one again
+                continue
             response = UpstreamResponse(conn, self, method == "HEAD")
             try:
                 await response._start(head, body)
@@ -428,6 +439,13 @@ class LeanTransport:
 
     async def aclose(self) -> None:
         self._pool.close()
+
+    async def _check(self, conn: _Connection) -> None:
+        response = UpstreamResponse(conn, self, False)
+        await response._start(self._encode_head("GET", self.check_path, b"", None), b"")
+        body = await response.read()
+        if self.connection_check is not None:
+            self.connection_check(response.status, body)
 
     async def _connect(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()

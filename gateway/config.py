@@ -9,18 +9,14 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adapters.models import AdapterSpec, Name
+from adapters.models import AdapterSpec
+from backends.config import EnvName, Name, Strict, env_name_not_secret
+from backends.factory import BackendConfig
 
-ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-EnvName = Annotated[str, Field(pattern=ENV_NAME)]
 
 
 class ConfigError(Exception):
     """A config that cannot be used; the message names the file, the key path and what was expected."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ListenConfig(Strict):
@@ -38,21 +34,13 @@ class ClientKeyConfig(Strict):
     @field_validator("key_env", mode="before")
     @classmethod
     def _a_name_not_a_secret(cls, value: object) -> object:
-        return _env_name_not_secret(value, "key_env")
+        return env_name_not_secret(value, "key_env")
 
 
 class AuthConfig(Strict):
     admin_keys_env: EnvName = "KIMI_GATEWAY_ADMIN_KEYS"
     client_keys: tuple[ClientKeyConfig, ...] | None = None  # None (and no key_file) = open gateway (development)
     key_file: str | None = None                # hashed keys: [{name, sha256, models, rpm, tpm}]
-
-
-def _env_name_not_secret(value: object, field: str) -> object:
-    """A secret pasted where an env-var name belongs must fail without echoing it."""
-    if isinstance(value, str) and not re.match(ENV_NAME, value):
-        raise ValueError(f"expected the NAME of an environment variable (like TEAM_KEY), not a value: secrets "
-                         f"never go in the config file; put it in the environment and write `{field}: NAME`")
-    return value
 
 
 class SamplingProfile(Strict):
@@ -80,62 +68,10 @@ class SamplingConfig(Strict):
         return self
 
 
-class TimeoutsConfig(Strict):
-    connect_s: float = Field(3.0, gt=0)
-    first_byte_s: float = Field(300.0, gt=0)
-    idle_s: float = Field(120.0, gt=0)
-
-
-class RetryConfig(Strict):
-    attempts: int = Field(2, ge=1, le=10)       # per target, before falling back to the next one
-    max_retry_after_s: float = Field(5.0, ge=0)  # a longer retry-after goes straight to fallback
-
-
-class BackendConfig(Strict):
-    name: Name
-    kind: Literal["sglang", "llamacpp", "moonshot"]
-    url: str | None = None
-    urls: tuple[str, ...] | None = None
-    api_key_env: EnvName | None = None
-
-    @field_validator("api_key_env", mode="before")
-    @classmethod
-    def _a_name_not_a_secret(cls, value: object) -> object:
-        return _env_name_not_secret(value, "api_key_env")
-    served_model_name: str | None = None        # sglang: its --served-model-name
-    models: dict[str, str] = Field(default_factory=dict)  # moonshot: route model -> hosted id
-    max_loaded_adapters: int | None = Field(None, ge=1)
-    expert_adapter: Name | None = None           # sglang+KT: the one expert adapter fixed at launch
-    vision: bool | None = None                   # None = the kind's default
-    max_connections: int = Field(100, ge=1)
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    retry: RetryConfig = RetryConfig()
-    launch: dict | None = None                   # launch blocks are read by `kimi-gateway launch`
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"expected an http(s) URL, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_of_url_urls(self) -> BackendConfig:
-        if (self.url is None) == (self.urls is None):
-            raise ValueError("give exactly one of `url` (one server) or `urls` (replicas)")
-        for url in self.urls or ():
-            self._http_url(url)
-        if self.kind == "moonshot" and not self.api_key_env:
-            raise ValueError("a moonshot backend needs `api_key_env` (the name of the env var holding the key)")
-        return self
-
-    @property
-    def endpoints(self) -> tuple[str, ...]:
-        return self.urls if self.urls is not None else (self.url,)  # type: ignore[return-value]
-
-    @property
-    def has_vision(self) -> bool:
-        return self.vision if self.vision is not None else self.kind != "llamacpp"
+class BaseModelConfig(Strict):
+    """What the adapters were trained on: its dimensions check every adapter's tensor shapes (422 otherwise)."""
+    hf_config: str | None = None     # the base model's config.json (Kimi K2.5 nests the text model)
+    gguf: str | None = None          # a base GGUF: its metadata and tensor shapes
 
 
 AdapterConfig = AdapterSpec  # a config `adapters:` entry is exactly an adapter spec
@@ -196,10 +132,12 @@ class GatewayConfig(Strict):
     admin_listen: ListenConfig | None = None   # the admin API on its own listener (then not on `listen`)
     state_dir: str = "~/.local/state/kimi-gateway"
     adapter_roots: tuple[str, ...] = ()
+    adapter_drain_deadline_s: float = Field(600.0, gt=0)   # a swap waits this long for the old version's requests
     auth: AuthConfig = AuthConfig()
     sampling: SamplingConfig = SamplingConfig()
     limits: LimitsConfig = LimitsConfig()
     reasoning_memory: ReasoningMemoryConfig = ReasoningMemoryConfig()
+    base_model: BaseModelConfig = BaseModelConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
@@ -209,7 +147,7 @@ class GatewayConfig(Strict):
         check_cross_references(self)
         return self
 
-    def backend(self, name: str) -> BackendConfig:
+    def backend(self, name: str):
         return next(b for b in self.backends if b.name == name)
 
 
@@ -245,12 +183,12 @@ def check_adapter_references(adapter: AdapterConfig, config: GatewayConfig, wher
         backend = backends.get(name)
         if backend is None:
             raise ValueError(f"{where}.backends[{j}]: {name!r} is not a backend ({sorted(backends)})")
-        if backend.kind == "moonshot":
-            raise ValueError(f"{where}.backends[{j}]: {name!r} is the hosted API, which serves no LoRA")
-        if backend.kind == "llamacpp" and not adapter.gguf:
-            raise ValueError(f"{where}: backend {name!r} is llama.cpp, so the adapter needs `gguf`")
-        if backend.kind == "sglang" and not adapter.source:
-            raise ValueError(f"{where}: backend {name!r} is SGLang, so the adapter needs `source`")
+        artifact = backend.adapter_artifact
+        if artifact is None:
+            raise ValueError(f"{where}.backends[{j}]: {name!r} is a {backend.kind} backend, which serves no LoRA")
+        if getattr(adapter, artifact) is None:
+            what = {"gguf": "a GGUF LoRA file", "source": "a PEFT dir"}[artifact]
+            raise ValueError(f"{where}: backend {name!r} is {backend.kind}, so the adapter needs `{artifact}` ({what})")
 
 
 def _unique(what: str, names: list[str]) -> None:

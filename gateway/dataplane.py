@@ -167,7 +167,7 @@ class DataPlane:
                 continue
             if failure is not None:
                 state.metrics.fallbacks.labels(route.name, target.backend).inc()
-            recorder.routed(request.model, target.adapter, target.backend)
+            recorder.routed(request.model, target.name, target.backend)
             policy = self.retry_policies[target.backend]
             try:
                 return await with_retries(partial(open_reply, driver, request, target), policy,

@@ -6,16 +6,28 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import orjson
 
+from adapters.errors import (
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    AdapterPlacementError,
+    AdapterValidationError,
+    RestartNeededError,
+)
 from backends.errors import (
+    AdapterNotReadyError,
     BackendError,
+    BackendProtocolError,
     BackendRateLimitedError,
     BackendRejectedError,
     BackendTimeoutError,
     UnsupportedFeatureError,
 )
+
 
 
 class GatewayError(Exception):
@@ -136,19 +148,50 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
 
+def _rejected(exc: BackendRejectedError) -> GatewayError:
+    error = GatewayError(scrub(exc.message), param=exc.param, code=exc.code)
+    error.status_code, error.error_type = exc.status, exc.error_type
+    return error
+
+
+def _retry_after(exc: BackendError) -> dict[str, str]:
+    return {"retry-after": str(max(1, round(getattr(exc, "retry_after_s", None) or 1)))}
+
+
+def _where(exc: Exception) -> str:
+    backend = getattr(exc, "backend", "")
+    return f" (backend {backend})" if backend else ""
+
+
+# The one table from an error raised below the HTTP edge to what the client sees. Most specific class first;
+# the first row whose class matches wins.
+ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], ...] = (
+    (AdapterValidationError, lambda e: UnprocessableAdapterError(str(e))),
+    (AdapterExistsError, lambda e: ConflictError(str(e))),
+    (AdapterNotFoundError, lambda e: NotFoundError(f"No adapter named '{e.args[0]}'.")),
+    (AdapterInUseError, lambda e: ConflictError(str(e))),
+    (RestartNeededError, lambda e: ConflictError(str(e))),
+    (AdapterPlacementError, lambda e: BadGatewayError(scrub(str(e)))),
+    (BackendRejectedError, _rejected),
+    (UnsupportedFeatureError, lambda e: InvalidRequestError(e.message, param=e.param)),
+    (AdapterNotReadyError, lambda e: ServiceUnavailableError(
+        "The adapter is being loaded on its backend; retry shortly.", headers=_retry_after(e))),
+    (BackendRateLimitedError, lambda e: UpstreamRateLimitedError(
+        f"The backend is rate limited{_where(e)}; retry later.", headers=_retry_after(e))),
+    (BackendTimeoutError, lambda e: GatewayTimeoutError(f"The backend timed out{_where(e)}: {e.message}")),
+    (BackendProtocolError, lambda e: BadGatewayError(f"The backend sent a malformed answer{_where(e)}.")),
+    (BackendError, lambda e: ServiceUnavailableError(f"No backend could serve the request{_where(e)}: {e.message}")),
+)
+
+
+def to_gateway_error(exc: Exception) -> GatewayError:
+    """The client-facing error for `exc`, from ERROR_TABLE; an exception it does not list is a bug (500)."""
+    for kind, make in ERROR_TABLE:
+        if isinstance(exc, kind):
+            return make(exc)
+    raise exc
+
+
 def from_backend_error(exc: BackendError) -> GatewayError:
     """The status a client sees for a backend that failed before the first byte."""
-    where = f" (backend {exc.backend})" if exc.backend else ""
-    if isinstance(exc, BackendRejectedError):
-        error = GatewayError(scrub(exc.message), param=exc.param, code=exc.code)
-        error.status_code, error.error_type = exc.status, exc.error_type
-        return error
-    if isinstance(exc, UnsupportedFeatureError):
-        return InvalidRequestError(exc.message, param=exc.param)
-    if isinstance(exc, BackendRateLimitedError):
-        retry_after = str(max(1, round(exc.retry_after_s or 1)))
-        return UpstreamRateLimitedError(f"The backend is rate limited{where}; retry later.",
-                                        headers={"retry-after": retry_after})
-    if isinstance(exc, BackendTimeoutError):
-        return GatewayTimeoutError(f"The backend timed out{where}: {exc.message}")
-    return ServiceUnavailableError(f"No backend could serve the request{where}: {exc.message}")
+    return to_gateway_error(exc)

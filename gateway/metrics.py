@@ -66,6 +66,19 @@ class Metrics:
                                               ["experiment", "variant"], registry=registry))
 
 
+class LifecycleRecorder:
+    """The adapter lifecycle's events as metrics (adapters/lifecycle.py LifecycleEvents)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def adapter_operation(self, op: str, result: str) -> None:
+        self._metrics.adapter_operations.labels(op, result).inc()
+
+    def adapter_loaded(self, adapter: str, backend: str, loaded: bool) -> None:
+        self._metrics.adapter_loaded.labels(adapter, backend).set(1 if loaded else 0)
+
+
 class RequestRecorder:
     """started -> routed -> first_event -> finished, the last one always (in a `finally`)."""
 

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from adapters.models import AdapterSpec
+from adapters.lifecycle import ActiveAdapter
 from backends.base import DEFAULT_RULES, AgentRules
 from gateway.config import ExperimentConfig, GatewayConfig
 from gateway.errors import ModelNotFoundError
@@ -19,7 +19,8 @@ from gateway.errors import ModelNotFoundError
 @dataclass(frozen=True, slots=True)
 class Target:
     backend: str
-    adapter: str | None
+    adapter: str | None           # the adapter version's label `name@hash8` (what the driver forwards), or None
+    name: str | None = None       # the adapter's name (metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +55,15 @@ def pick_variant(experiment: str, variants: dict[str, int], key: str | None) -> 
 
 
 class RouteTable:
-    def __init__(self, config: GatewayConfig, adapters: Sequence[AdapterSpec] | None = None) -> None:
+    def __init__(self, config: GatewayConfig, adapters: Sequence[ActiveAdapter] | None = None) -> None:
+        """`adapters`: each adapter with the label of its active version (None: the config's, unversioned,
+        for `kimi-gateway check`)."""
         routes: dict[str, Route] = {}
-        for adapter in config.adapters if adapters is None else adapters:
-            targets = tuple(Target(backend, adapter.name) for backend in adapter.backends)
+        if adapters is None:
+            adapters = [ActiveAdapter(spec, spec.name) for spec in config.adapters]
+        for active in adapters:
+            adapter = active.spec
+            targets = tuple(Target(backend, active.label, adapter.name) for backend in adapter.backends)
             routes[adapter.name] = Route(adapter.name, targets, adapter.profile, adapter=adapter.name)
         for route in config.routes:
             targets = tuple(Target(backend, None) for backend in route.targets or ())

@@ -1,4 +1,5 @@
-"""GatewayState: everything a request needs, built once from the config and handed to both planes."""
+"""GatewayState: everything a request needs, built once from the config and handed to both planes; the
+lifespan starts and stops what it owns (drivers, the adapter lifecycle and its store, the health loop)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,13 +7,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.lifecycle import AdapterLifecycle
 from adapters.models import AdapterSpec
-from adapters.registry import AdapterRegistry
+from adapters.store import open_store
+from adapters.validation import BaseModelDims, dims_from_gguf, dims_from_hf_config
 from backends.base import BackendDriver
-from backends.factory import adapter_plan, build_drivers
+from backends.factory import build_drivers
+from backends.launchers.llama_build import find_llama_server
+from backends.launchers.supervisor import LlamaServerSupervisor
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
-from gateway.config import GatewayConfig, check_adapter_references, resolve_secret
-from gateway.metrics import Metrics
+from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
+from gateway.metrics import LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 
 log = logging.getLogger(__name__)
@@ -26,14 +31,15 @@ class GatewayState:
     drivers: dict[str, BackendDriver]
     metrics: Metrics
     client_keys: tuple[ClientKey, ...] | None
-    registry: AdapterRegistry
-    adapters: list[AdapterSpec]
+    lifecycle: AdapterLifecycle
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
     _health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.lifecycle.on_routes_changed = self.rebuild_routes
+        await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
         for driver in self.drivers.values():
             await driver.start()
         await self.check_health()
@@ -43,16 +49,16 @@ class GatewayState:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.lifecycle.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
 
     async def check_health(self) -> None:
         results = await asyncio.gather(*(d.health() for d in self.drivers.values()), return_exceptions=True)
-        for (name, driver), up in zip(self.drivers.items(), results):
+        for name, up in zip(self.drivers, results):
             self.healthy[name] = up is True
             self.metrics.backend_up.labels(name).set(1 if up is True else 0)
-            for adapter, loaded in driver.adapters().items():
-                self.metrics.adapter_loaded.labels(adapter, name).set(1 if loaded else 0)
+        self.lifecycle.mark_all_dirty()  # every health cycle: each replica compared with the registry
 
     async def _health_loop(self) -> None:
         while True:
@@ -62,12 +68,9 @@ class GatewayState:
             except Exception:  # a failing probe must never stop the loop
                 log.exception("health check failed")
 
-    def replan(self, adapters: list[AdapterSpec]) -> None:
-        """A registry change: a new route table (swapped, never mutated) and each driver's adapter plan."""
-        self.adapters = adapters
-        self.routes = RouteTable(self.config, adapters)
-        for name, driver in self.drivers.items():
-            driver.plan(adapter_plan(name, adapters))
+    def rebuild_routes(self) -> None:
+        """A registry change: a new route table, swapped in whole (never mutated under a request)."""
+        self.routes = RouteTable(self.config, self.lifecycle.active())
 
     def ready(self) -> bool:
         """Every route has at least one healthy target."""
@@ -76,30 +79,64 @@ class GatewayState:
             for route in self.routes.routes() if route.experiment is None)
 
 
-def usable_adapters(config: GatewayConfig, specs: list[AdapterSpec]) -> list[AdapterSpec]:
-    """Registered adapters whose backends and profile still exist in this config; the rest are logged."""
-    usable = []
-    for spec in specs:
-        try:
-            check_adapter_references(spec, config, f"registry adapter {spec.name!r}")
-        except ValueError as exc:
-            log.error("not serving %s", exc)
+def usable(config: GatewayConfig, spec: AdapterSpec) -> bool:
+    """A registered adapter whose backends and profile still exist in this config; else logged, not served."""
+    try:
+        check_adapter_references(spec, config, f"registry adapter {spec.name!r}")
+    except ValueError as exc:
+        log.error("not serving %s", exc)
+        return False
+    return True
+
+
+def base_model_dims(config: GatewayConfig) -> BaseModelDims | None:
+    base = config.base_model
+    try:
+        if base.gguf:
+            return dims_from_gguf(base.gguf)
+        if base.hf_config:
+            return dims_from_hf_config(base.hf_config)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base_model: {exc}") from exc
+    return None
+
+
+def build_launchers(config: GatewayConfig) -> dict[str, list[LlamaServerSupervisor]]:
+    """One supervised llama-server per URL of each llama.cpp backend that has a `launch` block."""
+    logs = Path(config.state_dir).expanduser() / "logs"
+    launchers: dict[str, list[LlamaServerSupervisor]] = {}
+    for backend in config.backends:
+        launch = getattr(backend, "launch", None)
+        if backend.kind != "llamacpp" or launch is None:
             continue
-        usable.append(spec)
-    return usable
+        binary = Path(launch.binary) if launch.binary else find_llama_server()
+        if binary is None:
+            raise ConfigError(f"backends.{backend.name}.launch: no llama-server binary: set `binary`, put "
+                              "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
+        launchers[backend.name] = [
+            LlamaServerSupervisor(binary=binary, model=Path(launch.model), url=url, ctx_size=launch.ctx_size,
+                                  threads=launch.threads, parallel=launch.parallel, args=launch.args,
+                                  ready_timeout_s=launch.ready_timeout_s,
+                                  log_path=logs / f"{backend.name}-{index}.log")
+            for index, url in enumerate(backend.endpoints)]
+    return launchers
 
 
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
-    registry = AdapterRegistry(Path(config.state_dir).expanduser())
-    registry.seed(config.adapters)
-    adapters = usable_adapters(config, registry.specs())
+    drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
+    metrics = Metrics()
+    lifecycle = AdapterLifecycle(
+        open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base_model_dims(config),
+        max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
+        max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
+        launchers=build_launchers(config), events=LifecycleRecorder(metrics),
+        drain_deadline_s=config.adapter_drain_deadline_s)
     return GatewayState(
         config=config,
-        routes=RouteTable(config, adapters),
-        drivers=drivers if drivers is not None else build_drivers(config, resolve_secret, adapters),
-        registry=registry,
-        adapters=adapters,
-        metrics=Metrics(),
+        routes=RouteTable(config, []),
+        drivers=drivers,
+        lifecycle=lifecycle,
+        metrics=metrics,
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),
     )

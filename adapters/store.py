@@ -1,0 +1,221 @@
+"""The adapter store: the durable half of the registry (adapters, their versions, per-replica states).
+
+`AdapterStore` is the interface the lifecycle uses, async all the way so that a networked store (PostgreSQL,
+a later issue) fits behind it; `SqliteStore` is the embedded default under `state_dir`. Nothing outside this
+module knows it is SQLite: no SQL elsewhere, no locks held by callers.
+
+Durability: every write is one SQLite transaction in WAL mode with synchronous=FULL, so a `kill -9` at any
+moment leaves the last committed state. The route flip of a swap is one UPDATE (`activate`): after a crash
+the adapter serves either the old version or the new one, never neither. Versions and replica states that
+were in flight are recorded as such and settled by the lifecycle at the next start.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Protocol, TypeVar
+
+from adapters.models import AdapterRecord, AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
+
+T = TypeVar("T")
+
+
+class AdapterExistsError(ValueError):
+    pass
+
+
+class AdapterNotFoundError(KeyError):
+    pass
+
+
+class AdapterStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def seed(self, specs: Iterable[AdapterSpec]) -> list[str]: ...   # names added (removed ones stay removed)
+    async def adapters(self) -> list[AdapterRecord]: ...
+    async def add_adapter(self, spec: AdapterSpec, origin: str) -> AdapterRecord: ...
+    async def remove_adapter(self, name: str) -> None: ...
+    async def put_version(self, version: AdapterVersion) -> None: ...
+    async def versions(self, name: str | None = None) -> list[AdapterVersion]: ...
+    async def activate(self, version: AdapterVersion) -> AdapterRecord: ...  # the atomic route flip
+    async def put_state(self, state: ReplicaState) -> None: ...
+    async def states(self, name: str | None = None) -> list[ReplicaState]: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapter (
+    name       TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL,
+    origin     TEXT NOT NULL,
+    active     TEXT,
+    removed    INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adapter_version (
+    adapter       TEXT NOT NULL,
+    version       TEXT NOT NULL,
+    source        TEXT,
+    gguf          TEXT,
+    adapter_class TEXT NOT NULL,
+    rank          INTEGER,
+    status        TEXT NOT NULL,
+    reason        TEXT,
+    created_at    REAL NOT NULL,
+    PRIMARY KEY (adapter, version)
+);
+CREATE TABLE IF NOT EXISTS replica_state (
+    adapter    TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    backend    TEXT NOT NULL,
+    replica    TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    reason     TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (adapter, version, backend, replica)
+);
+"""
+
+
+class SqliteStore:
+    """One connection, used from one worker thread: SQLite work never blocks the event loop, and writes are
+    serialised without any lock the caller could hold."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "registry.sqlite3"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._in_transaction, work)
+
+    def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._db:  # one transaction: committed whole or rolled back whole
+            return work(self._db)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._connect)
+
+    def _connect(self) -> None:
+        db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")    # readers never block the writer; several processes may share it
+        db.execute("PRAGMA synchronous=FULL")    # a commit survives power loss, not just kill -9
+        db.executescript(SCHEMA)
+        self._db = db
+        self._migrate_v1(db)
+
+    @staticmethod
+    def _migrate_v1(db: sqlite3.Connection) -> None:
+        """The first registry kept specs in `adapters` (no versions): carry its live rows over once."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='adapters'").fetchone() is None:
+            return
+        with db:
+            db.execute("INSERT OR IGNORE INTO adapter (name, spec, origin, removed, updated_at) "
+                       "SELECT name, spec, origin, removed, updated_at FROM adapters")
+            db.execute("DROP TABLE adapters")
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+    async def seed(self, specs: Iterable[AdapterSpec]) -> list[str]:
+        specs, now = list(specs), time.time()
+
+        def work(db: sqlite3.Connection) -> list[str]:
+            added = []
+            for spec in specs:
+                cursor = db.execute("INSERT OR IGNORE INTO adapter (name, spec, origin, updated_at) "
+                                    "VALUES (?, ?, 'config', ?)", (spec.name, spec.model_dump_json(), now))
+                if cursor.rowcount:
+                    added.append(spec.name)
+            return added
+        return await self._run(work)
+
+    async def adapters(self) -> list[AdapterRecord]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT spec, origin, active, updated_at FROM adapter WHERE removed = 0 ORDER BY rowid").fetchall())
+        return [AdapterRecord(AdapterSpec.model_validate(json.loads(spec)), origin, active, updated)
+                for spec, origin, active, updated in rows]
+
+    async def add_adapter(self, spec: AdapterSpec, origin: str) -> AdapterRecord:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT removed FROM adapter WHERE name = ?", (spec.name,)).fetchone()
+            if row is not None and not row[0]:
+                raise AdapterExistsError(f"adapter {spec.name!r} is already registered")
+            db.execute("INSERT OR REPLACE INTO adapter (name, spec, origin, active, removed, updated_at) "
+                       "VALUES (?, ?, ?, NULL, 0, ?)", (spec.name, spec.model_dump_json(), origin, now))
+        await self._run(work)
+        return AdapterRecord(spec, origin, None, now)
+
+    async def remove_adapter(self, name: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            changed = db.execute("UPDATE adapter SET removed = 1, updated_at = ? WHERE name = ? AND removed = 0",
+                                 (time.time(), name)).rowcount
+            if not changed:
+                raise AdapterNotFoundError(name)
+        await self._run(work)
+
+    async def put_version(self, version: AdapterVersion) -> None:
+        v = version
+        await self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO adapter_version (adapter, version, source, gguf, adapter_class, rank, status, "
+            "reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (v.adapter, v.version, v.source, v.gguf, v.adapter_class, v.rank, v.status.value, v.reason, v.created_at)))
+
+    async def versions(self, name: str | None = None) -> list[AdapterVersion]:
+        query = ("SELECT adapter, version, source, gguf, adapter_class, rank, status, created_at, reason "
+                 "FROM adapter_version" + (" WHERE adapter = ?" if name else "") + " ORDER BY created_at")
+        rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall())
+        return [AdapterVersion(a, v, s, g, c, r, VersionStatus(st), t, reason) for a, v, s, g, c, r, st, t, reason in rows]
+
+    async def activate(self, version: AdapterVersion) -> AdapterRecord:
+        """One transaction: the adapter points at `version` (its spec takes the version's files), the version is
+        active and the one it replaces is retiring."""
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> AdapterRecord:
+            row = db.execute("SELECT spec, origin, active FROM adapter WHERE name = ? AND removed = 0",
+                             (version.adapter,)).fetchone()
+            if row is None:
+                raise AdapterNotFoundError(version.adapter)
+            spec = AdapterSpec.model_validate(json.loads(row[0]))
+            spec = spec.model_copy(update={"source": version.source, "gguf": version.gguf})
+            db.execute("UPDATE adapter SET spec = ?, active = ?, updated_at = ? WHERE name = ?",
+                       (spec.model_dump_json(), version.version, now, version.adapter))
+            if row[2] and row[2] != version.version:
+                db.execute("UPDATE adapter_version SET status = ? WHERE adapter = ? AND version = ?",
+                           (VersionStatus.RETIRING.value, version.adapter, row[2]))
+            db.execute("UPDATE adapter_version SET status = ?, reason = NULL WHERE adapter = ? AND version = ?",
+                       (VersionStatus.ACTIVE.value, version.adapter, version.version))
+            return AdapterRecord(spec, row[1], version.version, now)
+        return await self._run(work)
+
+    async def put_state(self, state: ReplicaState) -> None:
+        s = state
+        await self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO replica_state (adapter, version, backend, replica, state, reason, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (s.adapter, s.version, s.backend, s.replica, s.state.value, s.reason,
+                                             s.updated_at)))
+
+    async def states(self, name: str | None = None) -> list[ReplicaState]:
+        query = ("SELECT adapter, version, backend, replica, state, reason, updated_at FROM replica_state"
+                 + (" WHERE adapter = ?" if name else "") + " ORDER BY adapter, backend, replica")
+        rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall())
+        return [ReplicaState(a, v, b, r, ReplicaPhase(st), reason, t) for a, v, b, r, st, reason, t in rows]
+
+
+def open_store(state_dir: str) -> AdapterStore:
+    """The configured store; SQLite under state_dir is the embedded default."""
+    return SqliteStore(Path(state_dir).expanduser())
