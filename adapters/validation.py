@@ -239,30 +239,32 @@ def is_expert_key(key: str) -> bool:
     return ".mlp.experts." in key and any(proj in key for proj in EXPERT_PROJS)
 
 
-def validate_peft_dir(directory: Path, raw: str, base: BaseModelDims | None,
+def validate_peft_dir(directory: Path, raw: str, roots: Sequence[str], base: BaseModelDims | None,
                       max_rank: int | None) -> tuple[PeftConfig, bool, list[tuple[str, Path]]]:
-    """(config, touches experts, the files to hash in order)."""
+    """(config, touches experts, the files to hash in order). Each file must itself resolve inside the roots:
+    a dir inside them may hold a symlink to a file outside."""
     if not directory.is_dir():
         raise AdapterValidationError(f"source: {raw} is not a directory")
     shown = raw.rstrip("/") + "/"
     if not (directory / PEFT_CONFIG).is_file():
         raise AdapterValidationError(f"source: {raw} has no {PEFT_CONFIG}")
-    config = read_peft_config(directory / PEFT_CONFIG, shown + PEFT_CONFIG)
+    config_path = resolve_inside(shown + PEFT_CONFIG, roots, "source")
+    config = read_peft_config(config_path, shown + PEFT_CONFIG)
     if max_rank is not None and config.rank > max_rank:
         raise AdapterValidationError(f"{shown}{PEFT_CONFIG}: r={config.rank} exceeds the backend's max LoRA "
                                      f"rank {max_rank}")
     if not (directory / PEFT_WEIGHTS).is_file():
         raise AdapterValidationError(f"source: {raw} has no {PEFT_WEIGHTS}")
     # SGLang loads every *.safetensors in the dir (reference/sglang-kt.md §1.6): check and hash them all.
-    weights = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    names = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
+    files = [(PEFT_CONFIG, config_path), *((name, resolve_inside(shown + name, roots, "source")) for name in names)]
     experts = False
-    for path in weights:
-        shapes = read_safetensors_header(path, shown + path.name)
+    for name, path in files[1:]:
+        shapes = read_safetensors_header(path, shown + name)
         for key, shape in shapes.items():
-            check_lora_tensor(key, shape, config.rank, base, shown + path.name)
+            check_lora_tensor(key, shape, config.rank, base, shown + name)
             experts |= is_expert_key(key)
-        check_pairs(list(shapes), shown + path.name)
-    files = [(PEFT_CONFIG, directory / PEFT_CONFIG), *((p.name, p) for p in weights)]
+        check_pairs(list(shapes), shown + name)
     return config, experts, files
 
 
@@ -361,7 +363,7 @@ def validate_adapter(source: str | None, gguf: str | None, roots: Sequence[str],
     gguf_path = resolve_inside(gguf, roots, "gguf") if gguf is not None else None
     peft, experts, files = None, False, []
     if source is not None and source_path is not None:
-        peft, experts, files = validate_peft_dir(source_path, source, base, max_rank)
+        peft, experts, files = validate_peft_dir(source_path, source, roots, base, max_rank)
     lora = None
     if gguf is not None and gguf_path is not None:
         if not gguf_path.is_file():

@@ -25,8 +25,9 @@ def test_hf_config_and_gguf_of_the_tiny_model_agree(tmp_path, tiny_model):
     from_gguf = dims_from_gguf(tiny_model)
     from_hf = dims_from_hf_config(tiny_gguf.write_tiny_hf_config(tmp_path / "config.json"))
     assert scalars(from_gguf) == scalars(from_hf)
+    vocab = len(tiny_gguf.build_vocab().tokens)
     assert (from_hf.architecture, from_hf.hidden_size, from_hf.intermediate_size, from_hf.head_dim,
-            from_hf.num_hidden_layers, from_hf.vocab_size) == ("llama", 64, 128, 16, 2, len(tiny_gguf.build_vocab().tokens))
+            from_hf.num_hidden_layers, from_hf.vocab_size) == ("llama", 64, 128, 16, 2, vocab)
     assert from_hf.tensor_shapes is None
 
 

@@ -80,6 +80,18 @@ def test_missing_adapter_config_names_the_dir_as_given(tmp_path):
     assert str(caught.value) == f"source: {given} has no adapter_config.json"
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_file_symlinked_out_of_the_roots(tmp_path, name):
+    root = tmp_path / "root"
+    directory = write_peft(root / "a")
+    outside = write_peft(tmp_path / "outside")
+    (directory / name).unlink()
+    (directory / name).symlink_to(outside / name)
+    message = f"^source: {directory}/{name} resolves outside the adapter roots$"
+    with pytest.raises(AdapterValidationError, match=message):
+        validate_adapter(str(directory), None, [str(root)])
+
+
 def test_adapter_config_that_is_not_json(tmp_path):
     directory = write_peft(tmp_path / "a")
     (directory / "adapter_config.json").write_text("{'r': 8")
