@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,10 +229,17 @@ def _lora_targets(base_model: Path) -> tuple[str, dict[str, tuple[int, int]]]:
     return arch, shapes
 
 
-def write_tiny_lora(path: Path, base_model: Path, *, seed: int, name: str, rank: int = 4, alpha: float = 4.0) -> Path:
-    """Write a LoRA for base_model's attention and FFN matrices; effective scale is user_scale * alpha / rank."""
-    arch, shapes = _lora_targets(Path(base_model))
-    writer = gguf.GGUFWriter(None, arch)  # must equal the base's architecture or llama-server refuses it
+def write_tiny_lora(path: Path, base_model: Path, *, seed: int, name: str, rank: int = 4, alpha: float = 4.0,
+                    arch: str | None = None, shapes: Mapping[str, tuple[int, int]] | None = None) -> Path:
+    """Write a LoRA for base_model's attention and FFN matrices; effective scale is user_scale * alpha / rank.
+
+    For tests of adapter validation: `arch` claims another architecture than the base's, and `shapes`
+    (base tensor name -> numpy (out, in)) replaces the targets read from the base, so a LoRA can be written
+    for a wrong shape or for a tensor the base does not have. Without them the bytes are unchanged.
+    """
+    base_arch, base_shapes = _lora_targets(Path(base_model))
+    shapes = base_shapes if shapes is None else shapes
+    writer = gguf.GGUFWriter(None, arch or base_arch)  # must be the base's architecture, or llama-server refuses it
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -242,6 +250,23 @@ def write_tiny_lora(path: Path, base_model: Path, *, seed: int, name: str, rank:
         tensors[f"{base_name}.lora_a"] = rng.normal(0.0, LORA_STD, (rank, n_in)).astype(np.float32)
         tensors[f"{base_name}.lora_b"] = rng.normal(0.0, LORA_STD, (n_out, rank)).astype(np.float32)
     return _write_gguf(Path(path), writer, tensors)
+
+
+def tiny_hf_config() -> dict:
+    """An HF-style config.json for the tiny model (the dims a PEFT adapter for it is trained against)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+        "hidden_size": N_EMBD, "intermediate_size": N_FF, "num_hidden_layers": N_LAYER,
+        "num_attention_heads": N_HEAD, "num_key_value_heads": N_HEAD_KV, "head_dim": HEAD_DIM,
+        "vocab_size": len(build_vocab().tokens), "rms_norm_eps": RMS_EPS, "rope_theta": ROPE_FREQ_BASE,
+        "tie_word_embeddings": False,
+    }
+
+
+def write_tiny_hf_config(path: Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(tiny_hf_config(), indent=2) + "\n")
+    return path
 
 
 def _replace_atomically(target: Path, write: Callable[[Path], Path]) -> Path:

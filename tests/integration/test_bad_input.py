@@ -76,6 +76,19 @@ def truncated(root: Path) -> Path:
     return directory
 
 
+def without_config(root: Path) -> Path:
+    directory = write_peft(root / "no-config")
+    (directory / "adapter_config.json").unlink()
+    return directory
+
+
+def unpaired(root: Path) -> Path:
+    directory = write_peft(root / "unpaired")
+    write_safetensors(directory / "adapter_model.safetensors",
+                      {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [8, 64]})
+    return directory
+
+
 def symlinked(root: Path, outside: Path) -> Path:
     (root / "escape").symlink_to(write_peft(outside / "target"))
     return root / "escape"
@@ -106,6 +119,8 @@ def builders(roots: tuple[Path, Path, Path]) -> dict:
         "bad-rank": lambda: adapter("rank0", write_peft(root / "rank0", r=0, shape_r=8), gguf),
         "rank-mismatch": lambda: adapter("mismatch", write_peft(root / "mismatch", r=8, shape_r=4), gguf),
         "truncated-safetensors": lambda: adapter("trunc", truncated(root), gguf),
+        "missing-adapter-config": lambda: adapter("noconfig", without_config(root), gguf),
+        "unpaired-lora": lambda: adapter("unpaired", unpaired(root), gguf),
         "unsafe-adapter-name": lambda: adapter("../evil", root, gguf),
         "admin-no-key": lambda: ("/admin/adapters", {}, b"{}"),
     }
