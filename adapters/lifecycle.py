@@ -281,6 +281,13 @@ class AdapterLifecycle:
                 except Exception:  # one replica's trouble must not stop the loop
                     log.exception("reconciling %s replica %d failed", backend, replica)
 
+    async def reconcile_all(self) -> None:
+        """Every replica, now (tests, and `serve` before it reports ready)."""
+        self._dirty.clear()
+        for name, placement in self.placements.items():
+            for replica in placement.replicas:
+                await self.reconcile(name, replica)
+
     async def reconcile(self, backend: str, replica: int) -> None:
         """Make one replica hold what it should: reload what it lost, verify what it has, unload what retired."""
         placement = self.placements[backend]

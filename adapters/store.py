@@ -86,7 +86,7 @@ class SqliteStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "registry.sqlite3"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-store")
+        self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -99,6 +99,7 @@ class SqliteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-store")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._connect)
 
@@ -125,8 +126,10 @@ class SqliteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     async def seed(self, specs: Iterable[AdapterSpec]) -> list[str]:
         specs, now = list(specs), time.time()

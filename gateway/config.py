@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapters.models import AdapterSpec
 from backends.config import EnvName, Name, Strict, env_name_not_secret
-from backends.factory import BackendConfig
+from backends.factory import KINDS, BackendConfig
 
 
 
@@ -213,7 +213,18 @@ def load_config(path: str | Path) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(error) for error in exc.errors())) from exc
+        errors = [_untagged(error) for error in exc.errors()]
+        # A list whose items failed is also reported as too short: only the items' errors say anything.
+        errors = [e for e in errors if not (e["type"] == "too_short" and any(
+            o is not e and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
+        raise ConfigError(f"{path}: " + "; ".join(_describe(error) for error in errors)) from exc
+
+
+def _untagged(error: dict) -> dict:
+    """Drop the union tag pydantic puts in the key path (`backends[0].llamacpp.url` -> `backends[0].url`)."""
+    loc = error["loc"]
+    loc = tuple(part for i, part in enumerate(loc) if not (part in KINDS and i and isinstance(loc[i - 1], int)))
+    return {**error, "loc": loc}
 
 
 SECRET_WORDS = ("key", "secret", "token", "password")
@@ -229,6 +240,10 @@ def _describe(error: dict) -> str:
         return f"{location}: unknown key"
     if error["type"] == "missing":
         return f"{location}: required key is missing"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        tag = error.get("ctx", {}).get("tag", "")
+        return f"{location}.kind: {tag!r} is not a backend kind (one of {', '.join(KINDS)})" if tag else \
+            f"{location}.kind: required key is missing (one of {', '.join(KINDS)})"
     message = error["msg"].removeprefix("Value error, ")
     return f"{location}: {message}" if location else message
 

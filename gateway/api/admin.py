@@ -1,24 +1,24 @@
-"""The admin API (bearer admin key): adapters and backends. With no admin key configured it refuses all."""
+"""The admin API (bearer admin key): adapters and backends. With no admin key configured it refuses all.
+Handlers only check the request and call the adapter lifecycle; its errors map to statuses in gateway/errors.py."""
 from __future__ import annotations
-
-import asyncio
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from adapters.models import AdapterSpec
-from adapters.registry import AdapterExistsError, AdapterNotFoundError
-from adapters.validation import AdapterValidationError, validate_adapter
+from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError
+from adapters.models import AdapterSpec, SwapSpec
 from gateway.auth import bearer, match_key
 from gateway.config import check_adapter_references
 from gateway.dependencies import StateDep
 from gateway.errors import (
     AuthenticationError,
     ConflictError,
-    NotFoundError,
     PermissionDeniedError,
     UnprocessableAdapterError,
+    to_gateway_error,
 )
 from gateway.state import GatewayState
+
+LIFECYCLE_ERRORS = (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError)
 
 
 def require_admin(request: Request, state: StateDep) -> None:
@@ -34,53 +34,67 @@ def require_admin(request: Request, state: StateDep) -> None:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
-def adapter_view(state: GatewayState, spec: AdapterSpec) -> dict:
-    loaded = {name: driver.adapters().get(spec.name, False) for name, driver in state.drivers.items()
-              if name in spec.backends}
-    return {**spec.model_dump(), "loaded": loaded}
-
-
 @router.get("/adapters")
 async def list_adapters(state: StateDep) -> dict:
-    return {"data": [adapter_view(state, spec) for spec in state.adapters]}
+    return {"data": state.lifecycle.views()}
+
+
+@router.get("/adapters/{name}")
+async def show_adapter(name: str, state: StateDep) -> dict:
+    try:
+        return state.lifecycle.view(name)
+    except LIFECYCLE_ERRORS as exc:
+        raise to_gateway_error(exc) from exc
 
 
 @router.post("/adapters", status_code=201)
 async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
     try:
         check_adapter_references(spec, state.config, "adapter")
-        await asyncio.to_thread(validate_adapter, spec.source, spec.gguf, state.config.adapter_roots)
-    except (AdapterValidationError, ValueError) as exc:
+    except ValueError as exc:
         state.metrics.adapter_operations.labels("add", "invalid").inc()
         raise UnprocessableAdapterError(str(exc)) from exc
-    if state.routes.get(spec.name) is not None and spec.name not in {a.name for a in state.adapters}:
+    if state.routes.get(spec.name) is not None and spec.name not in state.lifecycle.names():
         raise ConflictError(f"'{spec.name}' is already a route name.")
-    async with state.registry.lock:
-        try:
-            await asyncio.to_thread(state.registry.add, spec)
-        except AdapterExistsError as exc:
-            raise ConflictError(str(exc)) from exc
-        state.replan(state.adapters + [spec])
-    state.metrics.adapter_operations.labels("add", "ok").inc()
-    return adapter_view(state, spec)
+    try:
+        await state.lifecycle.register(spec)
+        return state.lifecycle.view(spec.name)
+    except LIFECYCLE_ERRORS as exc:
+        state.metrics.adapter_operations.labels("add", "error").inc()
+        raise to_gateway_error(exc) from exc
+
+
+@router.post("/adapters/{name}/swap")
+async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
+    if swap.source is None and swap.gguf is None:
+        raise UnprocessableAdapterError("A swap needs the new version's `source` (PEFT dir) and/or `gguf`.")
+    try:
+        changed = await state.lifecycle.swap(name, swap.source, swap.gguf)
+        return {**state.lifecycle.view(name), "changed": changed}
+    except LIFECYCLE_ERRORS as exc:
+        state.metrics.adapter_operations.labels("swap", "error").inc()
+        raise to_gateway_error(exc) from exc
 
 
 @router.delete("/adapters/{name}", status_code=204)
 async def remove_adapter(name: str, state: StateDep) -> Response:
     users = [route.name for route in state.routes.routes() if route.experiment and name in route.experiment.variants]
-    if users:
-        raise ConflictError(f"Adapter '{name}' is a variant of experiment(s) {users}; change them first.")
-    async with state.registry.lock:
-        try:
-            await asyncio.to_thread(state.registry.remove, name)
-        except AdapterNotFoundError as exc:
-            raise NotFoundError(f"No adapter named '{name}'.") from exc
-        state.replan([spec for spec in state.adapters if spec.name != name])
-    state.metrics.adapter_operations.labels("remove", "ok").inc()
+    try:
+        await state.lifecycle.remove(name, referenced_by=users)
+    except LIFECYCLE_ERRORS as exc:
+        raise to_gateway_error(exc) from exc
     return Response(status_code=204)
+
+
+def backend_view(state: GatewayState, name: str) -> dict:
+    driver, placement = state.drivers[name], state.lifecycle.placements[name]
+    up, busy = driver.replica_up(), driver.in_flight()
+    replicas = [{"url": url, "up": up[i], "in_flight": busy[i], "adapters": sorted(placement.ready[i])}
+                for i, url in enumerate(driver.replicas)]
+    return {"name": name, "kind": driver.kind, "up": state.healthy.get(name, False), "in_flight": sum(busy),
+            "replicas": replicas}
 
 
 @router.get("/backends")
 async def list_backends(state: StateDep) -> dict:
-    return {"data": [{"name": backend.name, "kind": backend.kind, "up": state.healthy.get(backend.name, False),
-                      "adapters": state.drivers[backend.name].adapters()} for backend in state.config.backends]}
+    return {"data": [backend_view(state, backend.name) for backend in state.config.backends]}

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable, TypeVar
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from backends.errors import BackendError, BackendRateLimitedError
-from gateway.config import RetryConfig
+from backends.config import RetryConfig
 
 T = TypeVar("T")
 FIRST_BACKOFF_S = 0.05

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from backends.base import BackendRequest
-from backends.errors import BackendError, UnsupportedFeatureError
+from backends.base import BackendRequest, LoadedAdapter
+from backends.errors import AdapterNotReadyError, BackendError, UnsupportedFeatureError
 
 
 def chunk(text: str, model: str = "upstream-model") -> bytes:
@@ -45,30 +45,65 @@ class FakeReply:
 
 
 class FakeDriver:
+    """One replica that loads adapters at run time (by label) and answers probes with the adapter's name, so
+    the lifecycle verifies them; it refuses to forward an adapter it was not told to serve, as drivers must."""
+
     kind = "fake"
+    replicas = ("fake://0",)
+    dynamic_adapters = True
+    expert_adapter = None
+    on_replica_change = None
 
     def __init__(self, name: str, steps: list[Step] | None = None, *, vision: bool = True) -> None:
         self.name, self.vision = name, vision
         self.steps = list(steps or [])
         self.requests: list[BackendRequest] = []
         self.replies: list[FakeReply] = []
+        self.loaded: dict[str, object] = {}
+        self.serving: dict[str, object] = {}
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
     async def health(self) -> bool:
         return True
 
-    def adapters(self) -> dict[str, bool]:
-        return {}
+    def replica_up(self) -> list[bool]:
+        return [True]
 
-    def plan(self, adapters) -> None:
-        self.planned = dict(adapters)
+    async def list_adapters(self, replica: int) -> list:
+        return [LoadedAdapter(name, "") for name in self.loaded]
+
+    async def load_adapter(self, replica: int, name: str, files, pinned: bool = False) -> None:
+        self.loaded[name] = files
+
+    async def unload_adapter(self, replica: int, name: str) -> None:
+        self.loaded.pop(name, None)
+
+    async def probe(self, replica: int, adapter, files=None) -> str:
+        return f"probe {adapter}"
+
+    def serve(self, replica: int, adapters) -> None:
+        self.serving = dict(adapters)
+
+    def expect(self, adapter: str) -> None: ...
+    def lost(self, replica: int, adapter: str) -> None: ...
+    def forget(self, adapter: str) -> None: ...
+    def hold(self, replica: int) -> None: ...
+    def release(self, replica: int) -> None: ...
+
+    def in_flight(self) -> list[int]:
+        return [0]
+
+    def adapter_in_flight(self, adapter: str) -> int:
+        return 0
 
     def check(self, request: BackendRequest) -> None:
         if request.has_images and not self.vision:
             raise UnsupportedFeatureError(f"backend '{self.name}' has no vision", backend=self.name, param="messages")
 
     async def send(self, request: BackendRequest) -> FakeReply:
+        if request.adapter is not None and request.adapter not in self.serving:
+            raise AdapterNotReadyError(f"{request.adapter} is not served", backend=self.name)
         self.requests.append(request)
         step = self.steps.pop(0) if self.steps else Step()
         if step.error is not None:

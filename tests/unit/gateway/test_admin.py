@@ -1,10 +1,10 @@
 """The admin API: its own keys, adapter registration with validation (422), persistence across restarts."""
-import httpx
 import pytest
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from tests.adapter_files import write_peft
+from tests.app_client import running
 from tests.emulators.fake_driver import FakeDriver
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -21,13 +21,12 @@ def roots(tmp_path):
 def make_client(tmp_path, roots, monkeypatch):
     monkeypatch.setenv("KIMI_GATEWAY_ADMIN_KEYS", "other-key, admin-secret")
 
-    def make(**overrides) -> httpx.AsyncClient:
+    def make(**overrides):
         config = GatewayConfig.model_validate({
             "state_dir": str(tmp_path / "state"), "adapter_roots": [str(roots)],
             "backends": [{"name": "kt", "kind": "sglang", "url": "http://127.0.0.1:9"}],
             "routes": [{"name": "kimi", "targets": ["kt"]}], **overrides})
-        app = create_app(config, drivers={"kt": FakeDriver("kt")})
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+        return running(create_app(config, drivers={"kt": FakeDriver("kt")}))
     return make
 
 

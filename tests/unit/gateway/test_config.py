@@ -40,7 +40,7 @@ def test_minimal_config_gets_kimi_defaults(tmp_path):
     (("url: \"http://127.0.0.1:8081\"", "url: \"http://127.0.0.1:8081\", colour: red"), "backends[0].colour: unknown key"),
     (("targets: [gguf]", "targets: [nope]"), "routes[0].targets[0]: 'nope' is not a backend"),
     (("backends: [gguf]", "backends: [ghost]"), "adapters[0].backends[0]: 'ghost' is not a backend"),
-    (("kind: llamacpp", "kind: vllm"), "backends[0].kind: Input should be 'sglang', 'llamacpp' or 'moonshot'"),
+    (("kind: llamacpp", "kind: vllm"), "backends[0].kind: 'vllm' is not a backend kind (one of sglang, llamacpp, moonshot)"),
     (("name: base", "name: a"), "the name 'a' is used twice"),
     (("url: \"http://127.0.0.1:8081\"", "url: \"ftp://x\""), "backends[0].url: expected an http(s) URL"),
     (("targets: [gguf]", "targets: [gguf], experiment: {variants: {a: 1}}"), "exactly one of `targets` or `experiment`"),
@@ -54,13 +54,13 @@ def test_wrong_config_names_file_path_and_expectation(tmp_path, change, expected
 
 
 def test_adapter_on_llamacpp_needs_gguf(tmp_path):
-    with pytest.raises(ConfigError, match=r"adapters\[0\]: backend 'gguf' is llama.cpp, so the adapter needs `gguf`"):
+    with pytest.raises(ConfigError, match=r"adapters\[0\]: backend 'gguf' is llamacpp, so the adapter needs `gguf` \(a GGUF LoRA file\)"):
         load_config(write(tmp_path, MINIMAL.replace("gguf: /adapters/a.gguf, ", "")))
 
 
 def test_moonshot_serves_no_adapters(tmp_path):
     text = MINIMAL.replace("backends:\n", "backends:\n  - {name: hosted, kind: moonshot, url: \"https://api.moonshot.ai/v1\", api_key_env: K}\n")
-    with pytest.raises(ConfigError, match="is the hosted API, which serves no LoRA"):
+    with pytest.raises(ConfigError, match="'hosted' is a moonshot backend, which serves no LoRA"):
         load_config(write(tmp_path, text.replace("backends: [gguf]", "backends: [hosted]")))
 
 

@@ -1,17 +1,19 @@
 """The app with scripted fake drivers: headers, errors, retries, fallback, stream failures."""
-import httpx
+import re
+
 import orjson
 import pytest
 
 from backends.errors import BackendRateLimitedError, BackendRejectedError, BackendUnavailableError
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from tests.app_client import running, write_adapter_set
 from tests.emulators.fake_driver import FakeDriver, Step, chunk
 
 CONFIG = {
     "backends": [{"name": "one", "kind": "llamacpp", "url": "http://127.0.0.1:9"},
                  {"name": "two", "kind": "sglang", "url": "http://127.0.0.1:9"}],
-    "adapters": [{"name": "ada", "gguf": "/x/a.gguf", "source": "/x/a", "profile": "instant", "backends": ["one"]}],
+    "adapters": [{"name": "ada", "gguf": "<gguf>", "profile": "instant", "backends": ["one"]}],
     "routes": [{"name": "kimi", "targets": ["one", "two"]},
                {"name": "ab", "experiment": {"variants": {"ada": 1, "kimi": 1}}}],
 }
@@ -20,13 +22,15 @@ CHAT = {"model": "kimi", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path, monkeypatch):
+    files = write_adapter_set(tmp_path / "adapters")
     monkeypatch.setitem(CONFIG, "state_dir", str(tmp_path / "state"))
+    monkeypatch.setitem(CONFIG, "adapter_roots", [str(tmp_path / "adapters")])
+    monkeypatch.setitem(CONFIG, "adapters", [{**CONFIG["adapters"][0], "gguf": files["gguf"]}])
 
 
-def make_client(one: FakeDriver, two: FakeDriver, **overrides) -> httpx.AsyncClient:
+def make_client(one: FakeDriver, two: FakeDriver, **overrides):
     config = GatewayConfig.model_validate({**CONFIG, **overrides})
-    app = create_app(config, drivers={"one": one, "two": two})
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+    return running(create_app(config, drivers={"one": one, "two": two}))
 
 
 async def post(client, body, path="/v1/chat/completions"):
@@ -51,8 +55,9 @@ async def test_adapter_route_uses_its_profile():
     one, two = FakeDriver("one"), FakeDriver("two")
     async with make_client(one, two) as client:
         response = await post(client, {**CHAT, "model": "ada"})
-    assert response.headers["x-kimi-adapter"] == "ada"
-    assert one.requests[0].adapter == "ada" and one.requests[0].sampling["temperature"] == 0.6
+    label = response.headers["x-kimi-adapter"]
+    assert re.fullmatch(r"ada@[0-9a-f]{8}", label)
+    assert one.requests[0].adapter == label and one.requests[0].sampling["temperature"] == 0.6
     assert one.requests[0].thinking is False
 
 

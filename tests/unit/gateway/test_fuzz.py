@@ -22,7 +22,6 @@ from tests.emulators.fake_driver import FakeDriver
 
 CONFIG = {
     "backends": [{"name": "one", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
-    "adapters": [{"name": "ada", "gguf": "/x/a.gguf", "backends": ["one"]}],
     "routes": [{"name": "kimi", "targets": ["one"]}],
     "limits": {"max_tokens": 64, "max_messages": 32, "max_body_bytes": 65536},
 }

@@ -21,7 +21,7 @@ def test_base_and_adapter_routes():
     table = RouteTable(CONFIG)
     assert table.resolve("kimi").route.targets == (Target("kt", None), Target("gguf", None))
     adapter = table.resolve("a").route
-    assert adapter.targets == (Target("kt", "a"), Target("gguf", "a")) and adapter.adapter == "a"
+    assert adapter.targets == (Target("kt", "a", "a"), Target("gguf", "a", "a")) and adapter.adapter == "a"
     assert table.resolve("b").route.profile == "instant"
 
 
