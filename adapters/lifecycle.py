@@ -49,6 +49,17 @@ class ActiveAdapter:
     label: str
 
 
+def check_config_adapters(specs: Sequence[AdapterSpec], roots: Sequence[str], base: BaseModelDims | None,
+                          max_rank: Mapping[str, int | None]) -> None:
+    """Validate every config adapter now (before a server starts): the first bad one raises, named."""
+    for index, spec in enumerate(specs):
+        ranks = [max_rank[b] for b in spec.backends if max_rank.get(b)]
+        try:
+            validate_adapter(spec.source, spec.gguf, roots, base, min(ranks) if ranks else None)
+        except AdapterValidationError as exc:
+            raise AdapterValidationError(f"adapters[{index}] ({spec.name}): {exc}") from exc
+
+
 class AdapterLifecycle:
     def __init__(self, store: AdapterStore, drivers: Mapping[str, BackendDriver], *, roots: Sequence[str],
                  base: BaseModelDims | None = None, max_rank: Mapping[str, int | None] | None = None,

@@ -25,8 +25,23 @@ def route_table(config: GatewayConfig) -> str:
     return "routes:\n" + "\n".join(lines)
 
 
+def load_checked(path: str) -> GatewayConfig:
+    """The config, with its adapters' files validated too (against the base model when one is configured)."""
+    from adapters.lifecycle import check_config_adapters
+    from adapters.validation import AdapterValidationError
+    from gateway.state import base_model_dims
+
+    config = load_config(path)
+    try:
+        check_config_adapters(config.adapters, config.adapter_roots, base_model_dims(config),
+                              {b.name: getattr(b, "max_lora_rank", None) for b in config.backends})
+    except AdapterValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return config
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    config = load_checked(args.file)
     print(f"{args.file}: ok, {len(config.backends)} backends, {len(config.adapters)} adapters, "
           f"{len(config.routes)} routes, sampling mode {config.sampling.mode}")
     print(route_table(config))
@@ -36,7 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
-    config = load_config(args.config)
+    config = load_checked(args.config)
     serve(config, host=args.host or config.listen.host, port=args.port if args.port is not None else config.listen.port)
     return 0
 

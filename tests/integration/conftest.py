@@ -103,6 +103,7 @@ def sdk(base_url: str, api_key: str = "none") -> openai.OpenAI:
 
 def llama_config(llama_url: str, models: DemoModels, **extra) -> dict:
     config = {
+        "adapter_roots": [str(models.model.parent)],
         "backends": [{"name": "llama", "kind": "llamacpp", "url": llama_url}],
         "adapters": [
             {"name": "tiny-a", "gguf": str(models.lora_a), "backends": ["llama"]},

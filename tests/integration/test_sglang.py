@@ -1,6 +1,7 @@
 """The gateway in front of the SGLang emulator (reference/sglang-kt.md), driven by the openai SDK."""
 from __future__ import annotations
 
+import re
 import sys
 
 import httpx
@@ -56,15 +57,16 @@ def fault(emulator: str, **spec) -> None:
 
 
 def test_adapter_is_loaded_then_selected_by_served_name(gateway, sglang):
-    client = sdk(gateway)
-    response = client.chat.completions.create(model="legal", messages=PROMPT, max_tokens=8)
+    raw = sdk(gateway).chat.completions.with_raw_response.create(model="legal", messages=PROMPT, max_tokens=8)
+    response, label = raw.parse(), raw.headers["x-kimi-adapter"]
     assert response.model == "legal" and response.choices[0].message.content
+    assert re.fullmatch(r"legal@[0-9a-f]{8}", label)
     body = received(sglang)[-1]["body"]
-    assert body["model"] == "kimi:legal"
+    assert body["model"] == f"kimi:{label}"
     assert body["chat_template_kwargs"] == {"thinking": True}
     assert (body["temperature"], body["top_p"], body["min_p"]) == (1.0, 0.95, 0.01)
     loaded = httpx.get(f"{sglang}/v1/models", timeout=10).json()["data"]
-    assert "legal" in [card["id"] for card in loaded]
+    assert label in [card["id"] for card in loaded]
 
 
 def test_base_route_and_reasoning_pass_through(gateway, sglang):
