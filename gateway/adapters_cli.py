@@ -50,19 +50,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     show.add_argument("name", metavar="NAME", type=adapter_name)
     add = action_parser(actions, "add", cmd_add, "add an adapter; answers once it is loaded and verified")
     add.add_argument("name", metavar="NAME", type=adapter_name)
-    add.add_argument("--source", metavar="DIR", help="PEFT adapter directory, as the gateway's machine sees it")
-    add.add_argument("--gguf", metavar="FILE", help="GGUF adapter file for llama.cpp backends, as the gateway's machine sees it")
-    add.add_argument("--profile", metavar="PROFILE", help="sampling profile of the adapter's route (default: the config's)")
+    add.add_argument("--source", metavar="DIR", help="PEFT adapter directory (a path on the gateway's machine)")
+    add.add_argument("--gguf", metavar="FILE", help="GGUF adapter for llama.cpp (a path on the gateway's machine)")
+    add.add_argument("--profile", metavar="PROFILE", help="sampling profile of its route (default: the config's)")
     add.add_argument("--backend", dest="backends", metavar="BACKEND", action="append", required=True,
                      help="a backend to load it on (repeat for several)")
-    swap = action_parser(actions, "swap", cmd_swap, "load a new version and flip traffic to it (rolled back on failure)")
+    swap = action_parser(actions, "swap", cmd_swap, "load a new version, then flip traffic to it (or roll back)")
     swap.add_argument("name", metavar="NAME", type=adapter_name)
     swap.add_argument("--source", metavar="DIR", help="the new version's PEFT directory")
     swap.add_argument("--gguf", metavar="FILE", help="the new version's GGUF file")
     remove = action_parser(actions, "remove", cmd_remove, "drain, unload and forget an adapter")
     remove.add_argument("name", metavar="NAME", type=adapter_name)
-    backends = commands.add_parser("backends", help="backends and replicas of a running gateway: up, in flight, adapters",
-                                   parents=[common_options()])
+    backends = commands.add_parser("backends", parents=[common_options()],
+                                   help="backends and replicas of a running gateway: up, in flight, adapters")
     backends.set_defaults(run=run_command, action_run=cmd_backends, change=False)
 
 
@@ -77,7 +77,8 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", type=http_url, help="the gateway's admin URL (default: from --config, else "
                         f"{DEFAULT_URL}); the admin key is read from ${ADMIN_KEY_ENV}")
-    common.add_argument("--config", metavar="FILE", help="the gateway's config file: its admin_listen, else its listen, is the URL")
+    common.add_argument("--config", metavar="FILE",
+                        help="the gateway's config file: its admin_listen, else its listen, is the URL")
     common.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
     common.add_argument("--timeout", type=positive_seconds, metavar="SECONDS",
                         help=f"seconds to wait for an answer (default {READ_TIMEOUT_S:g}; add/swap/remove "

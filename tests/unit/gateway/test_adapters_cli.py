@@ -87,7 +87,8 @@ class Gateway:
         return main(list(argv), transport=httpx.MockTransport(self.handle))
 
     def sent(self) -> list[tuple[str, str, object]]:
-        return [(r.method, r.url.raw_path.decode(), json.loads(r.content) if r.content else None) for r in self.requests]
+        return [(r.method, r.url.raw_path.decode(), json.loads(r.content) if r.content else None)
+                for r in self.requests]
 
 
 @pytest.fixture(autouse=True)
@@ -355,7 +356,8 @@ def test_backends_table_has_a_row_per_replica(capsys):
 
 
 def test_empty_lists(capsys):
-    gateway = Gateway({("GET", "/admin/adapters"): (200, {"data": []}), ("GET", "/admin/backends"): (200, {"data": []})})
+    empty = (200, {"data": []})
+    gateway = Gateway({("GET", "/admin/adapters"): empty, ("GET", "/admin/backends"): empty})
     assert gateway.run("adapters", "list") == 0 and gateway.run("backends") == 0
     assert capsys.readouterr().out == "no adapters\nno backends\n"
 
