@@ -1,10 +1,11 @@
-"""`kimi-gateway`: serve, check and demo (DESIGN.md "Commands")."""
+"""`kimi-gateway`: serve, check, demo, and the admin API as commands (DESIGN.md "Commands")."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
+from gateway.adapters_cli import add_commands as add_admin_commands
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 
@@ -92,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--workdir", help="where the demo's model, adapters and config go (default: user cache)")
     demo.set_defaults(run=cmd_demo)
+    add_admin_commands(commands)
     return root
 
 
