@@ -34,6 +34,22 @@ class LifecycleEvents(Protocol):
     def adapter_loaded(self, adapter: str, backend: str, loaded: bool) -> None: ...
 
 
+class StepClock:
+    """Where an operation's time went, for the log: `validate 0.004 s, load+verify 0.210 s, ...`."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.steps: list[tuple[str, float]] = []
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self.steps.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.3f} s" for step, seconds in self.steps)
+
+
 class NoEvents:
     def adapter_operation(self, op: str, result: str) -> None:
         pass
@@ -182,18 +198,24 @@ class AdapterLifecycle:
 
     async def swap(self, name: str, source: str | None, gguf: str | None) -> bool:
         """Bring in the new files as a new version; False when they are the active version already."""
+        clock = StepClock()
         async with self._operation:
             record = self._record(name)
             spec = record.spec.model_copy(update={k: v for k, v in (("source", source), ("gguf", gguf)) if v})
             facts = await self._validate(spec.source, spec.gguf, spec.backends)
+            clock.lap("validate")
             if facts.content_hash == record.active:
                 return False
             version = self._new_version(spec, facts)
             old = self.versions[name].get(record.active) if record.active else None
             await self._bring_in(version, spec.backends, keep=old)
+            clock.lap("load+verify")
             await self._flip(version)
+            clock.lap("flip")
         if old is not None:
             await self._retire(old, spec.backends)
+            clock.lap("drain+unload")
+        log.info("swap %s -> %s: %s", name, version.label, clock)
         self.events.adapter_operation("swap", "ok")
         return True
 
@@ -385,6 +407,7 @@ class AdapterLifecycle:
         url = self.drivers[backend].replicas[replica]
         state = ReplicaState(version.adapter, version.version, backend, url, phase, reason, time.time())
         self.states[(version.adapter, version.version, backend, replica)] = state
+        log.info("%s on %s %s: %s%s", version.label, backend, url, phase.value, f" ({reason})" if reason else "")
         await self.store.put_state(state)
 
     def _report_loaded(self, adapter: str, backend: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from adapters.models import AdapterVersion, ReplicaPhase
@@ -157,13 +158,19 @@ class BackendPlacement:
         finish, restart it with `loras`, read its new adapter ids, then let requests in again."""
         assert self.launchers is not None
         files = list(dict.fromkeys(v.gguf for v in loras if v.gguf))
+        started = time.monotonic()
         self.driver.hold(replica)
         try:
             await self._wait(lambda: self.driver.in_flight()[replica] == 0)
+            drained = time.monotonic()
+            self.driver.disconnect(replica)
             await self.launchers[replica].restart(files)
+            restarted = time.monotonic()
             await self.driver.list_adapters(replica)
         finally:
             self.driver.release(replica)
+        log.info("%s replica %s: drained in %.3f s, restarted in %.3f s, held %.3f s", self.name,
+                 self.driver.replicas[replica], drained - started, restarted - drained, time.monotonic() - started)
 
     async def start_servers(self, wanted: Sequence[AdapterVersion]) -> None:
         """Managed servers start with every wanted version's file already in their list."""

@@ -95,5 +95,6 @@ class BackendDriver(Protocol):
     def forget(self, adapter: str) -> None: ...              # retired: nobody waits for it
     def hold(self, replica: int) -> None: ...                # drained restart: new requests wait or go elsewhere
     def release(self, replica: int) -> None: ...
+    def disconnect(self, replica: int) -> None: ...          # drop idle connections before a restart
     def in_flight(self) -> list[int]: ...                    # requests in flight per replica
     def adapter_in_flight(self, adapter: str) -> int: ...

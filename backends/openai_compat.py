@@ -17,6 +17,7 @@ from backends.errors import (
     BackendProtocolError,
     BackendRejectedError,
     BackendUnavailableError,
+    ServerChangedError,
     UnsupportedFeatureError,
 )
 from backends.protocol import COMPLETIONS_PATH
@@ -231,16 +232,20 @@ class OpenAICompatDriver:
             replica = self._pick(request.adapter)
         except AdapterNotReadyError:
             replica = await self._wait_for_replica(request.adapter)
-        upstream = await self._post(replica, request)
-        if upstream.status >= 400:
-            try:
-                raw = await upstream.read()
-            finally:
-                await upstream.aclose()
-            raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        release = self._lease(replica, request.adapter)  # counted from here: a drain waits for it
+        try:
+            upstream = await self._post(replica, request)
+            if upstream.status >= 400:
+                try:
+                    raw = await upstream.read()
+                finally:
+                    await upstream.aclose()
+                raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        except BaseException:
+            release()
+            raise
         return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
-                          fix_document=self.fix_document, fix_block=self.fix_block,
-                          release=self._lease(replica, request.adapter))
+                          fix_document=self.fix_document, fix_block=self.fix_block, release=release)
 
     async def _post(self, replica: int, request: BackendRequest) -> UpstreamResponse:
         payload = orjson.dumps(self.to_body(request, replica))
@@ -308,6 +313,12 @@ class OpenAICompatDriver:
     def hold(self, replica: int) -> None:
         """New requests for this replica wait (or go to another) until release(): a drained restart."""
         self._held[replica] = True
+
+    def disconnect(self, replica: int) -> None:
+        """Drop idle connections to a replica about to restart, so that it can stop at once."""
+        close_idle = getattr(self._transports[replica], "close_idle", None)
+        if close_idle is not None:
+            close_idle()
 
     def release(self, replica: int) -> None:
         self._held[replica] = False
@@ -388,8 +399,12 @@ class OpenAICompatDriver:
             return False
 
     async def get_json(self, transport, path: str) -> object:
-        """A control-plane GET; errors become BackendUnavailableError."""
-        response = await transport.request("GET", path, b"", self.headers())
+        """A control-plane GET; errors become BackendUnavailableError. A connection check that saw a changed
+        server has already taken note of it: ask again."""
+        try:
+            response = await transport.request("GET", path, b"", self.headers())
+        except ServerChangedError:
+            response = await transport.request("GET", path, b"", self.headers())
         raw = await response.read()
         if response.status >= 300:
             raise BackendUnavailableError(f"GET {path} answered {response.status}", backend=self.name)

@@ -316,6 +316,10 @@ class _Pool:
             self._idle.remove(conn)
         self._free_slot()
 
+    def close_idle(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
     def close(self) -> None:
         self.closed = True
         waiters, self._waiters = self._waiters, collections.deque()
@@ -439,6 +443,11 @@ class LeanTransport:
 
     async def aclose(self) -> None:
         self._pool.close()
+
+    def close_idle(self) -> None:
+        """Close the pooled idle connections (before the server restarts: llama-server's shutdown waits for its
+        keep-alive connections)."""
+        self._pool.close_idle()
 
     async def _check(self, conn: _Connection) -> None:
         response = UpstreamResponse(conn, self, False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 
@@ -53,6 +54,18 @@ def serve(config: GatewayConfig, *, host: str, port: int) -> None:
     uvloop.run(serve_all([QuietServer(c) for c in configs]))
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: every task's stack into the log, to see what a stuck request waits on."""
+    for task in asyncio.all_tasks():
+        frames, coro = [], task.get_coro()
+        while coro is not None:  # follow the await chain down to what it waits on
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                frames.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        logging.getLogger("gateway.tasks").warning("task %s:\n%s", task.get_name(), "\n".join(frames))
+
+
 async def serve_all(servers: list[uvicorn.Server]) -> None:
     loop = asyncio.get_running_loop()
 
@@ -62,6 +75,7 @@ async def serve_all(servers: list[uvicorn.Server]) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     stop()  # when one listener stops (or fails to bind), the others follow

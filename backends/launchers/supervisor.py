@@ -4,6 +4,7 @@ gateway. Async throughout: it never blocks the event loop (no time.sleep, no blo
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +21,16 @@ log = logging.getLogger(__name__)
 READY_POLL_S = 0.05
 STOP_GRACE_S = 10.0
 RESPAWN_DELAY_S = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the gateway dies, even by SIGKILL (Linux), so that a restarted
+    gateway never finds its port taken by an orphan."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 class LaunchError(RuntimeError):
@@ -57,7 +68,7 @@ class LlamaServerSupervisor:
         with open(self.log_path, "ab") as output:  # the child keeps its own descriptor
             self._process = await asyncio.create_subprocess_exec(
                 *self.argv(self.loras), stdin=asyncio.subprocess.DEVNULL, stdout=output,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         await self._wait_ready()
         self._watch = asyncio.create_task(self._respawn_on_exit(self._process), name=f"supervise {self.url}")
 
