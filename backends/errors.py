@@ -2,9 +2,12 @@
 
     BackendError
     ├── BackendUnavailableError     connect refused/reset, 502/503 from the backend (retryable, fall back)
-    │   └── BackendRateLimitedError 429 from the backend, with retry_after_s when it said so
-    ├── BackendTimeoutError         a phase (connect, first byte, idle between chunks) ran out
-    ├── BackendProtocolError        the backend answered something that is not HTTP/SSE we understand
+    │   ├── BackendRateLimitedError 429 from the backend, with retry_after_s when it said so
+    │   └── BackendAccountError     the backend refuses the gateway's account (key, permission, model, quota):
+    │                               never retried there, another target may serve
+    ├── BackendTimeoutError         a phase (connect, idle between chunks) ran out (retryable before the first byte)
+    │   └── BackendFirstByteTimeoutError  no first event in time: the prefill is not repeated on that backend
+    ├── BackendProtocolError        the backend answered something that is not HTTP/SSE/JSON we understand
     └── BackendRejectedError        the backend refused the request (4xx): status + a client-safe message
 """
 from __future__ import annotations
@@ -31,8 +34,22 @@ class BackendRateLimitedError(BackendUnavailableError):
         self.retry_after_s = retry_after_s
 
 
+class BackendAccountError(BackendUnavailableError):
+    """Waiting does not help (a refused key, a retired model, an exhausted quota): not retried on this backend."""
+
+    retryable = False
+
+
 class BackendTimeoutError(BackendError):
     retryable = True
+
+
+class BackendFirstByteTimeoutError(BackendTimeoutError):
+    """The first event (a stream's first `data:`, a non-stream's response) did not come within the first-byte
+    timeout, counted from sending the request whatever came before it (SGLang sends a stream's head before
+    prefill). Retrying would run the same prefill again, so it is not retried on the same backend."""
+
+    retryable = False
 
 
 class BackendProtocolError(BackendError):

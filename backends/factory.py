@@ -27,7 +27,8 @@ def build_drivers(config, secrets, adapters) -> dict[str, BackendDriver]:
     for backend in config.backends:
         planned = adapter_plan(backend.name, adapters)
         timeouts = dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
-                        idle_timeout_s=backend.timeouts.idle_s, backend=backend.name,
+                        idle_timeout_s=backend.timeouts.idle_s, health_timeout_s=backend.timeouts.health_s,
+                        backend=backend.name,
                         max_connections=backend.max_connections)
         match backend.kind:
             case "llamacpp":

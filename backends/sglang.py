@@ -10,13 +10,15 @@ import orjson
 
 from backends.base import AdapterFiles, BackendRequest
 from backends.errors import (
+    BackendAccountError,
     BackendError,
+    BackendProtocolError,
     BackendRateLimitedError,
     BackendRejectedError,
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.openai_compat import OpenAICompatDriver, StreamErrorEvent
+from backends.openai_compat import OpenAICompatDriver, StreamErrorEvent, parse_json
 
 
 def to_sglang_body(request: BackendRequest, served_model: str) -> dict:
@@ -45,16 +47,19 @@ def sglang_error_fields(doc: object) -> tuple[str, str]:
 
 
 def error_from_sglang(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
+    """By status; a 4xx whose body is not JSON (a proxy's page) is a broken answer, not the client's fault."""
     try:
         message, _ = sglang_error_fields(orjson.loads(raw))
     except orjson.JSONDecodeError:
+        if 400 <= status < 500 and status != 429:
+            return BackendProtocolError(f"HTTP {status} with a body that is not JSON", backend=backend)
         message = ""
     if status == 429:
         retry_after = headers.get("retry-after")
         return BackendRateLimitedError(message or "rate limited", backend=backend,
                                        retry_after_s=float(retry_after) if retry_after else None)
     if status in (401, 403):
-        return BackendUnavailableError(f"the gateway's key was refused ({status})", backend=backend)
+        return BackendAccountError(f"the gateway's key was refused ({status})", backend=backend)
     if status in (502, 503, 504):
         return BackendUnavailableError(message or f"HTTP {status}", backend=backend)
     if 400 <= status < 500:
@@ -123,7 +128,9 @@ class SglangDriver(OpenAICompatDriver):
                 return
             payload = orjson.dumps({"lora_name": name, "lora_path": self._sources[name]})
             response = await self._transports[0].request("POST", "/load_lora_adapter", payload, self.headers())
-            doc = orjson.loads(await response.read() or b"{}")
+            doc = parse_json(await response.read() or b"{}", self.name)
+            if not isinstance(doc, dict):
+                raise BackendProtocolError("/load_lora_adapter answered JSON that is not an object", backend=self.name)
             if response.status != 200 or not doc.get("success"):
                 raise BackendRejectedError(f"Adapter '{name}' could not be loaded on '{self.name}'.", status=503,
                                            backend=self.name, error_type="server_error")

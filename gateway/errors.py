@@ -11,6 +11,7 @@ import orjson
 
 from backends.errors import (
     BackendError,
+    BackendProtocolError,
     BackendRateLimitedError,
     BackendRejectedError,
     BackendTimeoutError,
@@ -151,4 +152,6 @@ def from_backend_error(exc: BackendError) -> GatewayError:
                                         headers={"retry-after": retry_after})
     if isinstance(exc, BackendTimeoutError):
         return GatewayTimeoutError(f"The backend timed out{where}: {exc.message}")
+    if isinstance(exc, BackendProtocolError):  # a proxy's HTML page, a 200 that is not JSON: never the client's
+        return BadGatewayError(f"The backend sent a response the gateway could not read{where}: {exc.message}")
     return ServiceUnavailableError(f"No backend could serve the request{where}: {exc.message}")

@@ -15,8 +15,9 @@ Test-only API (both emulators; never authenticated):
   `{"drop_mid_stream_after": 3}` (send 3 SSE events, then cut the connection),
   `{"stream_error_after": 2}` (send 2 SSE events, then the native in-stream error event and
   `data: [DONE]`; `"stream_error_code": 500` picks the code that event carries, default 400). Keys
-  may be combined in one fault. Stream-only faults wait for a streaming request. Queued faults are
-  consumed first in, first out.
+  may be combined in one fault. Stream-only faults wait for a streaming request. `"path"` aims a
+  fault at another endpoint that takes faults (the SGLang emulator's `/load_lora_adapter`: status,
+  raw_body, delay_first_byte_s). Queued faults are consumed first in, first out.
 - `GET /_emulator/faults` lists pending faults; `GET /_emulator/requests` lists chat/completions
   requests received, newest last: `{"path", "body" (parsed JSON or null), "raw" (text when not
   JSON), "has_authorization", "headers" (minus authorization)}`.
@@ -137,6 +138,7 @@ class Fault:
     stream_error_code: int | None = None
     raw_body: str | None = None
     content_type: str | None = None
+    path: str | None = None  # None: the next chat/completions requests
 
     @property
     def stream_only(self) -> bool:
@@ -181,9 +183,11 @@ class FaultInjector:
     def add(self, fault: Fault) -> None:
         self.pending.append(fault)
 
-    def take(self, stream: bool) -> Fault | None:
+    def take(self, stream: bool, path: str | None = None) -> Fault | None:
+        """The next fault for a request to `path` (None and LOGGED_PATHS: chat/completions)."""
+        target = None if path in LOGGED_PATHS else path
         for fault in self.pending:
-            if fault.stream_only and not stream:
+            if fault.path != target or (fault.stream_only and not stream):
                 continue
             fault.count -= 1
             if fault.count == 0:
@@ -288,4 +292,4 @@ async def intake(request: Request, log: RequestLog, faults: FaultInjector) -> tu
     body, raw, error = await read_json(request)
     log.record(request, body, raw)
     stream = isinstance(body, dict) and body.get("stream") is True
-    return body, error, faults.take(stream=stream)
+    return body, error, faults.take(stream=stream, path=request.url.path)

@@ -222,6 +222,12 @@ def server_router(state: SglangState) -> APIRouter:
 
     @router.post("/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
+        fault = state.faults.take(stream=False, path="/load_lora_adapter")
+        await state.faults.delay(fault)
+        if fault is not None and fault.raw_body is not None:
+            return raw_response(fault)
+        if fault is not None and fault.status is not None:
+            return json_response(status_error_body(fault.status, fault.message, fault.type), fault.status)
         body = await admin_body(request, LoadLoraIn)
         if isinstance(body, Response):
             return body

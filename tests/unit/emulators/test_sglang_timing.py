@@ -145,3 +145,14 @@ async def test_fault_keys_that_need_a_partner_are_rejected():
     async with client_for(create_sglang_app(SglangOptions())) as client:
         assert (await client.post("/_emulator/faults", json={"stream_error_code": 500})).status_code == 400
         assert (await client.post("/_emulator/faults", json={"content_type": "text/html"})).status_code == 400
+
+
+async def test_a_fault_with_a_path_waits_for_that_endpoint(tmp_path):
+    from tests.unit.emulators.helpers import write_adapter
+    async with client_for(create_sglang_app(SglangOptions(enable_lora=True))) as client:
+        await client.post("/_emulator/faults", json={"path": "/load_lora_adapter", "raw_body": "<html>502</html>",
+                                                     "status": 502})
+        chat = await client.post("/v1/chat/completions", json={"messages": user("hi")})
+        load = await client.post("/load_lora_adapter",
+                                 json={"lora_name": "a", "lora_path": write_adapter(tmp_path / "a")})
+    assert chat.status_code == 200 and (load.status_code, load.text) == (502, "<html>502</html>")
