@@ -155,6 +155,6 @@ class SglangDriver(OpenAICompatDriver):
         inner = doc.get("error") if isinstance(doc, dict) else None
         code = inner.get("code") if isinstance(inner, dict) else None
         status = code if isinstance(code, int) and 400 <= code < 500 else 502
-        if status >= 500:
-            message = "The backend failed during the stream."
+        if status >= 500:  # "Internal server error: <python exception>": never shown to clients
+            message = f"SGLang reported an internal error ({code})"
         return StreamErrorEvent(message or "The backend refused the request.", backend=self.name, status=status)

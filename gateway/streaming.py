@@ -36,7 +36,7 @@ def error_event(exc: Exception, request_id: str) -> tuple[bytes, int]:
 
 
 async def relay_stream(send, first: bytes, events, reply, recorder, extra: list[tuple[bytes, bytes]],
-                       request_id: str = "") -> int:
+                       request_id: str) -> int:
     """Head and first event go out back to back, before any further upstream read (no Nagle stall).
     Returns 200, or the code of the error event the stream ended with."""
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + extra})
