@@ -204,7 +204,8 @@ class UpstreamResponse:
 
     def _first_byte_error(self) -> BackendError:
         owner = self._owner
-        return BackendFirstByteTimeoutError(f"first byte timeout ({owner.first_byte_timeout_s}s)", backend=owner.backend)
+        message = f"first byte timeout ({owner.first_byte_timeout_s}s)"
+        return BackendFirstByteTimeoutError(message, backend=owner.backend)
 
     def _idle_error(self) -> BackendError:
         owner = self._owner

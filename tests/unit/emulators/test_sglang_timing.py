@@ -8,7 +8,7 @@ import json
 
 from tests.emulators.sglang import SglangOptions, create_sglang_app
 from tests.emulators.sglang_state import SglangState
-from tests.unit.emulators.helpers import client_for, sse_payloads, user
+from tests.unit.emulators.helpers import client_for, sse_payloads, user, write_adapter
 
 KIMI = dict(reasoning_parser="kimi_k2", tool_call_parser="kimi_k2")
 
@@ -148,7 +148,6 @@ async def test_fault_keys_that_need_a_partner_are_rejected():
 
 
 async def test_a_fault_with_a_path_waits_for_that_endpoint(tmp_path):
-    from tests.unit.emulators.helpers import write_adapter
     async with client_for(create_sglang_app(SglangOptions(enable_lora=True))) as client:
         await client.post("/_emulator/faults", json={"path": "/load_lora_adapter", "raw_body": "<html>502</html>",
                                                      "status": 502})
