@@ -28,8 +28,9 @@ def env_name_not_secret(value: object, field: str) -> object:
 
 class TimeoutsConfig(Strict):
     connect_s: float = Field(3.0, gt=0)
-    first_byte_s: float = Field(300.0, gt=0)
-    idle_s: float = Field(120.0, gt=0)
+    first_byte_s: float = Field(300.0, gt=0)    # request sent -> first event (a stream's first data:), not the head
+    idle_s: float = Field(120.0, gt=0)          # between events after the first
+    health_s: float = Field(25.0, gt=0)         # a health probe, on its own connection; > SGLang's own 20 s
 
 
 class RetryConfig(Strict):

@@ -3,11 +3,14 @@
     BackendError
     ├── BackendUnavailableError     connect refused/reset, 502/503 from the backend (retryable, fall back)
     │   ├── BackendRateLimitedError 429 from the backend, with retry_after_s when it said so
+    │   ├── BackendAccountError     the backend refuses the gateway's account (key, permission, model, quota):
+    │   │                           never retried there, another target may serve
     │   ├── AdapterNotReadyError    no replica of this backend serves the adapter version right now
     │   └── AdapterMissingError     a replica lost an adapter it had (a restart): reloaded in the background
     ├── ServerChangedError          a replica's adapter list changed under us (llama.cpp restart): rebuild, resend
-    ├── BackendTimeoutError         a phase (connect, first byte, idle between chunks) ran out
-    ├── BackendProtocolError        the backend answered something that is not HTTP/SSE we understand
+    ├── BackendTimeoutError         a phase (connect, idle between chunks) ran out (retryable before the first byte)
+    │   └── BackendFirstByteTimeoutError  no first event in time: the prefill is not repeated on that backend
+    ├── BackendProtocolError        the backend answered something that is not HTTP/SSE/JSON we understand
     └── BackendRejectedError        the backend refused the request (4xx): status + a client-safe message
 """
 from __future__ import annotations
@@ -34,6 +37,12 @@ class BackendRateLimitedError(BackendUnavailableError):
         self.retry_after_s = retry_after_s
 
 
+class BackendAccountError(BackendUnavailableError):
+    """Waiting does not help (a refused key, a retired model, an exhausted quota): not retried on this backend."""
+
+    retryable = False
+
+
 class AdapterNotReadyError(BackendUnavailableError):
     """Another target may serve it; with none, the client gets 503 and a short retry-after."""
 
@@ -58,6 +67,14 @@ class ServerChangedError(BackendError):
 
 class BackendTimeoutError(BackendError):
     retryable = True
+
+
+class BackendFirstByteTimeoutError(BackendTimeoutError):
+    """The first event (a stream's first `data:`, a non-stream's response) did not come within the first-byte
+    timeout, counted from sending the request whatever came before it (SGLang sends a stream's head before
+    prefill). Retrying would run the same prefill again, so it is not retried on the same backend."""
+
+    retryable = False
 
 
 class BackendProtocolError(BackendError):

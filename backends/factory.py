@@ -27,7 +27,8 @@ def base_url(url: str) -> str:
 def transport_options(backend: BackendConfigBase, secrets: Secrets) -> dict:
     key = secrets(backend.api_key_env) if backend.api_key_env else None
     return dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
-                idle_timeout_s=backend.timeouts.idle_s, backend=backend.name, max_connections=backend.max_connections,
+                idle_timeout_s=backend.timeouts.idle_s, health_timeout_s=backend.timeouts.health_s,
+                backend=backend.name, max_connections=backend.max_connections,
                 default_headers={"Authorization": f"Bearer {key}"} if key else None)
 
 

@@ -13,7 +13,9 @@ from pydantic import Field, model_validator
 from backends.base import BackendRequest
 from backends.config import BackendConfigBase
 from backends.errors import (
+    BackendAccountError,
     BackendError,
+    BackendProtocolError,
     BackendRateLimitedError,
     BackendRejectedError,
     BackendUnavailableError,
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # Retryable only where waiting helps (§4, §6.4): overload and per-minute limits, never quota or TPD.
 RETRYABLE_429_TYPES = frozenset({"engine_overloaded_error", "rate_limit_reached_error"})
+# The account itself is refused (§4): key, permission, model id; waiting does not help.
+ACCOUNT_STATUSES = {401: "the gateway's hosted API key was refused (401)",
+                    403: "the gateway's hosted account may not use this (403)",
+                    404: "the hosted model id is not available (retired or not permitted)"}
 TRY_AGAIN_AFTER = re.compile(r"after (\d+(?:\.\d+)?) seconds")
 # Hosted families that always think and refuse the `thinking` field (§1: kimi-k3 takes reasoning_effort).
 ALWAYS_THINKING = ("kimi-k3",)
@@ -108,25 +114,37 @@ def to_moonshot_body(request: BackendRequest, hosted_model: str) -> dict:
     return body
 
 
-def error_from_moonshot(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
+def hosted_error_fields(raw: bytes) -> tuple[str, str] | None:
+    """(error.type, error.message) of the hosted error body; None when the body is not one (a proxy's page)."""
     try:
-        error = orjson.loads(raw).get("error") or {}
+        error = orjson.loads(raw).get("error")
     except (orjson.JSONDecodeError, AttributeError):
-        error = {}
-    error_type, message = str(error.get("type") or ""), str(error.get("message") or "")
+        return None
+    if not isinstance(error, dict):
+        return None
+    return str(error.get("type") or ""), str(error.get("message") or "")
+
+
+def error_from_moonshot(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
+    """By status and `error.type`, never by 429 alone (§4, §6.4): overload and per-minute limits are retried
+    (after Retry-After, else the message's "{t} seconds", else backoff); quota, billing, TPD, key, permission
+    and model errors never are. A 5xx is retried; a 4xx whose body is not the API's JSON is a broken answer."""
+    fields = hosted_error_fields(raw)
+    error_type, message = fields or ("", "")
     if status == 429:
         if error_type in RETRYABLE_429_TYPES and "TPD" not in message:
             return BackendRateLimitedError(message or "rate limited", backend=backend,
                                            retry_after_s=_retry_after(headers, message))
-        return BackendUnavailableError(f"the hosted account cannot serve more ({error_type or 429})", backend=backend)
-    if status in (401, 403):
-        return BackendUnavailableError(f"the gateway's hosted API key was refused ({status})", backend=backend)
-    if status == 404:
-        return BackendUnavailableError("the hosted model id is not available (retired or not permitted)", backend=backend)
-    if 400 <= status < 500:
-        return BackendRejectedError(message or "The hosted API refused the request.", status=status, backend=backend,
-                                    error_type="invalid_request_error")
-    return BackendUnavailableError(f"the hosted API answered HTTP {status}", backend=backend)
+        return BackendAccountError(f"the hosted account cannot serve more ({error_type or 429})", backend=backend)
+    if status >= 500:
+        return BackendUnavailableError(f"the hosted API answered HTTP {status}", backend=backend)
+    if fields is None:
+        return BackendProtocolError(f"the hosted API answered HTTP {status} with a body that is not its error JSON",
+                                    backend=backend)
+    if status in ACCOUNT_STATUSES:
+        return BackendAccountError(ACCOUNT_STATUSES[status], backend=backend)
+    return BackendRejectedError(message or "The hosted API refused the request.", status=status, backend=backend,
+                                error_type="invalid_request_error")
 
 
 def _retry_after(headers: Mapping[str, str], message: str) -> float | None:

@@ -1,5 +1,5 @@
 """The httpx-backed transport for the hosted API (TLS over the internet) and control-plane calls, where its
-milliseconds of CPU don't matter; same interface and error mapping as backends/transport.py."""
+milliseconds of CPU don't matter; same interface, timeouts and error mapping as backends/transport.py."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +7,13 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from backends.errors import BackendError, BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+from backends.errors import (
+    BackendError,
+    BackendFirstByteTimeoutError,
+    BackendProtocolError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+)
 
 
 def map_httpx_error(exc: httpx.HTTPError, *, backend: str, in_body: bool = False) -> BackendError:
@@ -21,11 +27,14 @@ def map_httpx_error(exc: httpx.HTTPError, *, backend: str, in_body: bool = False
 
 
 class HttpxResponse:
-    """The UpstreamResponse duck type over a streamed httpx response."""
+    """The UpstreamResponse duck type over a streamed httpx response: the first-byte deadline runs on until
+    the first event (`read()`: the first piece; a stream's consumer: `first_event_received()`)."""
 
-    __slots__ = ("status", "headers", "_response", "_idle_timeout_s", "_backend")
+    __slots__ = ("status", "headers", "_response", "_idle_timeout_s", "_backend", "_deadline", "_first_byte_s",
+                 "_first_pending")
 
-    def __init__(self, response: httpx.Response, idle_timeout_s: float, backend: str) -> None:
+    def __init__(self, response: httpx.Response, idle_timeout_s: float, backend: str, deadline: float,
+                 first_byte_timeout_s: float) -> None:
         self.status = response.status_code
         self.headers: dict[str, str] = {}
         for name, value in response.headers.multi_items():
@@ -34,21 +43,36 @@ class HttpxResponse:
         self._response = response
         self._idle_timeout_s = idle_timeout_s
         self._backend = backend
+        self._deadline = deadline
+        self._first_byte_s = first_byte_timeout_s
+        self._first_pending = True
 
     async def read(self) -> bytes:
-        return b"".join([piece async for piece in self.iter_bytes()])
+        parts = []
+        async for piece in self.iter_bytes():
+            parts.append(piece)
+            self._first_pending = False
+        return b"".join(parts)
+
+    def first_event_received(self) -> None:
+        self._first_pending = False
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
-        """Decoded body pieces as they arrive; each wait is bounded by the idle timeout."""
+        """Decoded body pieces as they arrive; each wait is bounded by what is left of the first-byte
+        deadline until the first event, by the idle timeout after it."""
         pieces = self._response.aiter_bytes()
         try:
             while True:
+                first = self._first_pending
                 try:
-                    async with asyncio.timeout(self._idle_timeout_s):
+                    async with asyncio.timeout_at(self._deadline) if first else asyncio.timeout(self._idle_timeout_s):
                         piece = await anext(pieces)
                 except StopAsyncIteration:
                     return
                 except TimeoutError as exc:
+                    if first:
+                        message = f"first byte timeout ({self._first_byte_s}s)"
+                        raise BackendFirstByteTimeoutError(message, backend=self._backend) from exc
                     message = f"idle timeout ({self._idle_timeout_s}s)"
                     raise BackendTimeoutError(message, backend=self._backend) from exc
                 except httpx.HTTPError as exc:
@@ -69,8 +93,8 @@ class HttpxTransport:
 
     def __init__(
         self, base_url: str, *, connect_timeout_s: float = 5.0, first_byte_timeout_s: float = 300.0,
-        idle_timeout_s: float = 300.0, default_headers: Mapping[str, str] | None = None, backend: str = "",
-        max_connections: int = 100, transport: httpx.AsyncBaseTransport | None = None,
+        idle_timeout_s: float = 300.0, health_timeout_s: float = 25.0, default_headers: Mapping[str, str] | None = None,
+        backend: str = "", max_connections: int = 100, transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
         read_timeout_s = max(first_byte_timeout_s, idle_timeout_s)
@@ -81,8 +105,14 @@ class HttpxTransport:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
         )
+        # Health probes get a client of their own: never queued behind data-plane streams in the pool.
+        self._probe_client = httpx.AsyncClient(
+            base_url=base_url, headers=default_headers, timeout=httpx.Timeout(health_timeout_s),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), transport=transport,
+        )
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        self._health_timeout_s = health_timeout_s
         self._backend = backend
 
     async def request(
@@ -92,18 +122,31 @@ class HttpxTransport:
         if body and "content-type" not in self._client.headers and not _has(headers, "content-type"):
             headers["Content-Type"] = "application/json"
         request = self._client.build_request(method, path, content=body, headers=headers)
+        deadline = asyncio.get_running_loop().time() + self._first_byte_timeout_s
         try:
-            async with asyncio.timeout(self._first_byte_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 response = await self._client.send(request, stream=True)
         except TimeoutError as exc:
             message = f"first byte timeout ({self._first_byte_timeout_s}s)"
-            raise BackendTimeoutError(message, backend=self._backend) from exc
+            raise BackendFirstByteTimeoutError(message, backend=self._backend) from exc
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc, backend=self._backend) from exc
-        return HttpxResponse(response, self._idle_timeout_s, self._backend)
+        return HttpxResponse(response, self._idle_timeout_s, self._backend, deadline, self._first_byte_timeout_s)
+
+    async def probe(self, path: str, headers: Mapping[str, str] | None = None) -> int:
+        """GET `path` on the probe client, the whole exchange bounded by the health timeout: the status."""
+        try:
+            async with asyncio.timeout(self._health_timeout_s):
+                response = await self._probe_client.get(path, headers=headers)
+        except TimeoutError as exc:
+            raise BackendTimeoutError(f"health timeout ({self._health_timeout_s}s)", backend=self._backend) from exc
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc, backend=self._backend) from exc
+        return response.status_code
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._probe_client.aclose()
 
 
 def _has(headers: Mapping[str, str], name: str) -> bool:

@@ -17,6 +17,7 @@ from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
 from backends.config import BackendConfigBase, Strict
 from backends.errors import (
     AdapterNotReadyError,
+    BackendAccountError,
     BackendError,
     BackendProtocolError,
     BackendRateLimitedError,
@@ -102,12 +103,21 @@ def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], select
 
 
 def error_from_llamacpp(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
-    """llama-server's errors are already OpenAI-shaped: `{"error": {"code", "message", "type"}}`."""
+    """llama-server's errors are already OpenAI-shaped: `{"error": {"code", "message", "type"}}`. A 4xx whose
+    body is not JSON (a proxy's page) is a broken answer, not the client's fault."""
     try:
         error = orjson.loads(raw).get("error") or {}
-    except (orjson.JSONDecodeError, AttributeError):
+    except orjson.JSONDecodeError:
+        if 400 <= status < 500 and status != 429:
+            return BackendProtocolError(f"HTTP {status} with a body that is not JSON", backend=backend)
+        error = {}
+    except AttributeError:
+        error = {}
+    if not isinstance(error, dict):
         error = {}
     message = str(error.get("message") or f"llama-server answered HTTP {status}")
+    if status in (401, 403):  # llama-server's --api-key: the gateway's own key is wrong
+        return BackendAccountError(f"the gateway's key was refused ({status})", backend=backend)
     if status == 429:
         return BackendRateLimitedError(message, backend=backend, retry_after_s=_seconds(headers.get("retry-after")))
     if status in (502, 503, 504):

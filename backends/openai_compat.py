@@ -57,7 +57,34 @@ def usage_of(doc: dict) -> dict | None:
 
 
 REASONING_FIELD = re.compile(rb',?"reasoning_content":(?:null|"(?:[^"\\]|\\.)*")')
-USAGE_ONLY_EVENT = b'"choices":[]'
+USAGE_KEY = b'"usage"'
+
+
+def has_usage_object(data: bytes) -> bool:
+    """A usage object, not SGLang's `"usage":null` on every chunk: three substring scans, no parsing."""
+    return USAGE_KEY in data and (b'"usage":{' in data or b'"usage": {' in data)
+
+
+def strip_choice_usage(choices: object) -> bool:
+    """Remove usage from inside choices (the hosted API's final choice carries it); True if any was there."""
+    found = False
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict) and choice.pop("usage", None) is not None:
+            found = True
+    return found
+
+
+def usage_for_client(doc: dict, client_asked: bool, continuous: bool) -> bool:
+    """Shape a stream chunk that carries usage for the client, in place: the OpenAI usage chunk
+    (`choices: []`) only for a client that asked for it, usage on other chunks only for one that asked
+    for SGLang's `continuous_usage_stats`, usage inside choices never. False: drop the chunk."""
+    choices = doc.get("choices")
+    if not choices:
+        return client_asked
+    strip_choice_usage(choices)
+    if doc.get("usage") is not None and not continuous:
+        doc["usage"] = None
+    return True
 
 
 def strip_reasoning(doc: dict) -> None:
@@ -71,8 +98,12 @@ class RelayReply:
     """A success reply from an OpenAI-compatible backend, relayed with as little work as possible.
 
     Per stream block (one TCP read's worth of whole events) it always rewrites `model`; everything else
-    happens only for requests that asked for it: dropping the usage chunk the gateway requested for its
-    own metrics, stripping reasoning, and showing tool-using replies to the request's observer.
+    happens only for requests that asked for it, or for the one or two events that carry a usage object
+    (parsed: counted for metrics, then shown to the client only as the single usage chunk it asked for),
+    stripping reasoning, and showing tool-using replies to the request's observer.
+
+    The first `data:` event ends the upstream's first-byte deadline (`first_event_received()`): a head
+    that came before prefill does not count as the first byte.
     """
 
     def __init__(self, upstream: UpstreamResponse, request: BackendRequest, *, backend: str,
@@ -90,6 +121,8 @@ class RelayReply:
         self._stream_error = stream_error
         self._fix_document = fix_document
         self._fix_block = fix_block
+        self._usage_shown = False  # the client got its usage chunk
+        self._usage_head: dict | None = None  # id/object/created of the event usage came in, for a stand-in
 
     async def read(self) -> bytes:
         raw = await self._upstream.read()
@@ -102,6 +135,7 @@ class RelayReply:
         request = self._request
         doc["model"] = request.model
         self.usage = usage_of(doc)
+        strip_choice_usage(doc.get("choices"))  # top-level usage is the OpenAI contract; a copy in a choice is not
         if self._fix_document is not None:
             self._fix_document(doc, request)
         if request.observer is not None:
@@ -112,12 +146,16 @@ class RelayReply:
 
     async def events(self) -> AsyncIterator[bytes]:
         buffer = b""
-        async for piece in self._upstream.iter_bytes():
+        upstream, waiting_first = self._upstream, True
+        async for piece in upstream.iter_bytes():
             buffer += piece
             cut = buffer.rfind(EVENT_END)
             if cut < 0:
                 continue
             block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+            if waiting_first and b"data:" in block:  # SSE comments before it are not the first event
+                waiting_first = False
+                upstream.first_event_received()
             error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
             if error_at >= 0:
                 if error_at:
@@ -125,6 +163,8 @@ class RelayReply:
                 raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
             done = DONE in block
             block = self._rewrite(block)
+            if done and self._owes_usage_chunk():
+                block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
             if block:
                 yield block
             if done:
@@ -138,11 +178,8 @@ class RelayReply:
         block = MODEL_FIELD.sub(self._replace_model, block)
         if self._fix_block is not None:
             block = self._fix_block(block, request)
-        if b'"usage"' in block:
-            self._note_usage(block)
-            if request.hide_usage_chunk and USAGE_ONLY_EVENT in block:
-                block = b"".join(event + EVENT_END for event in block.split(EVENT_END)
-                                 if event and USAGE_ONLY_EVENT not in event)
+        if has_usage_object(block):
+            block = self._route_usage(block)
         if request.observer is not None:
             request.observer.on_block(block)
         if request.rules.strip_reasoning and b'"reasoning_content"' in block:
@@ -152,15 +189,40 @@ class RelayReply:
     def _replace_model(self, _match: re.Match) -> bytes:
         return self._model_field
 
-    def _note_usage(self, block: bytes) -> None:
-        for event in block.split(EVENT_END):
-            if b'"usage"' in event and event.startswith(b"data: {"):
-                try:
-                    usage = usage_of(orjson.loads(event[6:]))
-                except orjson.JSONDecodeError:
-                    continue
-                if usage:
-                    self.usage = usage
+    def _route_usage(self, block: bytes) -> bytes:
+        events = [event for event in block.split(EVENT_END) if event]
+        kept = (self._usage_event(event) if has_usage_object(event) else event for event in events)
+        return b"".join(event + EVENT_END for event in kept if event is not None)
+
+    def _usage_event(self, event: bytes) -> bytes | None:
+        """Count the usage of one event, then shape it for the client (None: drop it)."""
+        try:
+            doc = orjson.loads(event[6:]) if event.startswith(b"data: {") else None
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            return event
+        self.usage = usage_of(doc) or self.usage
+        self._usage_head = {key: doc.get(key) for key in ("id", "object", "created")}
+        request = self._request
+        options = request.body.get("stream_options")
+        continuous = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
+        if not usage_for_client(doc, not request.hide_usage_chunk, continuous):
+            return None
+        self._usage_shown = self._usage_shown or not doc.get("choices")
+        return b"data: " + orjson.dumps(doc)
+
+    def _owes_usage_chunk(self) -> bool:
+        """A client asked for usage and the backend only sent it where the client cannot see it."""
+        return (self._request.stream and not self._request.hide_usage_chunk and not self._usage_shown
+                and self.usage is not None)
+
+    def _stand_in_usage_chunk(self) -> bytes:
+        head = self._usage_head or {}
+        chunk = {"id": head.get("id"), "object": head.get("object") or "chat.completion.chunk",
+                 "created": head.get("created"), "model": self._request.model, "choices": [], "usage": self.usage}
+        self._usage_shown = True
+        return b"data: " + orjson.dumps(chunk) + EVENT_END
 
     async def aclose(self) -> None:
         release, self._release = self._release, None
@@ -241,6 +303,10 @@ class OpenAICompatDriver:
                 finally:
                     await upstream.aclose()
                 raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+            if request.stream and not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                await upstream.aclose()  # a proxy's page, or a JSON body, where an SSE stream belongs
+                raise BackendProtocolError("the backend answered a stream request without an event stream",
+                                           backend=self.name)
         except BaseException:
             release()
             raise
@@ -391,16 +457,15 @@ class OpenAICompatDriver:
         return any(self._up)
 
     async def _probe(self, transport) -> bool:
+        """Its own connection and timeout (`transport.probe`): never queued behind data-plane streams."""
         try:
-            response = await transport.request("GET", self.health_path, b"", self.headers())
-            await response.read()
-            return response.status < 300
+            return await transport.probe(self.health_path, self.headers()) < 300
         except BackendError:
             return False
 
     async def get_json(self, transport, path: str) -> object:
-        """A control-plane GET; errors become BackendUnavailableError. A connection check that saw a changed
-        server has already taken note of it: ask again."""
+        """A control-plane GET; an error status becomes BackendUnavailableError, a body that is not JSON
+        BackendProtocolError. A connection check that saw a changed server has already taken note: ask again."""
         try:
             response = await transport.request("GET", path, b"", self.headers())
         except ServerChangedError:
@@ -408,4 +473,12 @@ class OpenAICompatDriver:
         raw = await response.read()
         if response.status >= 300:
             raise BackendUnavailableError(f"GET {path} answered {response.status}", backend=self.name)
+        return parse_json(raw, self.name)
+
+
+def parse_json(raw: bytes, backend: str) -> object:
+    """A backend's JSON body; anything else (a proxy's HTML page) is the backend's fault, never the client's."""
+    try:
         return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BackendProtocolError("the backend answered with a body that is not JSON", backend=backend) from exc

@@ -14,6 +14,7 @@ from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
 from backends.config import BackendConfigBase, Name
 from backends.errors import (
     AdapterMissingError,
+    BackendAccountError,
     BackendError,
     BackendProtocolError,
     BackendRateLimitedError,
@@ -21,7 +22,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent
+from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent, parse_json
 
 ALREADY_LOADED = "already loaded"
 # "Got LoRA adapter that has never been loaded: <name>" and "...are not loaded: <name>" (sglang-kt.md §1.2).
@@ -67,16 +68,19 @@ def sglang_error_fields(doc: object) -> tuple[str, str]:
 
 
 def error_from_sglang(status: int, headers: Mapping[str, str], raw: bytes, backend: str) -> BackendError:
+    """By status; a 4xx whose body is not JSON (a proxy's page) is a broken answer, not the client's fault."""
     try:
         message, _ = sglang_error_fields(orjson.loads(raw))
     except orjson.JSONDecodeError:
+        if 400 <= status < 500 and status != 429:
+            return BackendProtocolError(f"HTTP {status} with a body that is not JSON", backend=backend)
         message = ""
     if status == 429:
         retry_after = headers.get("retry-after")
         return BackendRateLimitedError(message or "rate limited", backend=backend,
                                        retry_after_s=float(retry_after) if retry_after else None)
     if status in (401, 403):
-        return BackendUnavailableError(f"the gateway's key was refused ({status})", backend=backend)
+        return BackendAccountError(f"the gateway's key was refused ({status})", backend=backend)
     if status in (502, 503, 504):
         return BackendUnavailableError(message or f"HTTP {status}", backend=backend)
     if 400 <= status < 500:
@@ -160,11 +164,10 @@ class SglangDriver(OpenAICompatDriver):
         raw = await response.read()
         if response.status not in (200, 400):
             raise self.error_from(response.status, response.headers, raw[:MAX_ERROR_BODY])
-        try:
-            doc = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise BackendProtocolError(f"{path} answered a body that is not JSON", backend=self.name) from exc
-        return doc if isinstance(doc, dict) else {}
+        doc = parse_json(raw or b"{}", self.name)
+        if not isinstance(doc, dict):
+            raise BackendProtocolError(f"{path} answered JSON that is not an object", backend=self.name)
+        return doc
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
@@ -221,6 +224,6 @@ class SglangDriver(OpenAICompatDriver):
         inner = doc.get("error") if isinstance(doc, dict) else None
         code = inner.get("code") if isinstance(inner, dict) else None
         status = code if isinstance(code, int) and 400 <= code < 500 else 502
-        if status >= 500:
-            message = "The backend failed during the stream."
+        if status >= 500:  # "Internal server error: <python exception>": never shown to clients
+            message = f"SGLang reported an internal error ({code})"
         return StreamErrorEvent(message or "The backend refused the request.", backend=self.name, status=status)

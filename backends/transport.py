@@ -16,7 +16,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from backends.errors import BackendError, BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+from backends.errors import (
+    BackendError,
+    BackendFirstByteTimeoutError,
+    BackendProtocolError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+)
 
 _HIGH_WATER_BYTES = 1 << 20  # pause the socket when the reader lags this far behind; resume once it drained
 _SPLIT_WRITE_BYTES = 1 << 16  # a larger body is written on its own rather than copied onto the head
@@ -31,13 +37,18 @@ def _expire(waiter: asyncio.Future, make_error: Callable[[], BackendError]) -> N
 class UpstreamResponse:
     """One response: status and headers once the head arrived, then the body as pieces.
 
-    The connection goes back to the pool the moment the body ended (pieces stay buffered here). If the caller
+    The connection goes back to its pool the moment the body ended (pieces stay buffered here). If the caller
     stops before that (cancel, error, aclose), the socket is aborted so the backend sees the hang-up at once.
+
+    Timeouts: one first-byte deadline runs from sending the request until the first event, not just the head
+    (SGLang sends a stream's head before prefill): `read()` ends it at the first body piece, a streaming
+    consumer with `first_event_received()`. After that each wait gets the idle timeout.
     """
 
     __slots__ = (
         "status", "headers", "_conn", "_owner", "_parser", "_no_body", "_pieces", "_buffered", "_head_done",
-        "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter",
+        "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter", "_deadline",
+        "_first_pending",
     )
 
     def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool) -> None:
@@ -53,6 +64,8 @@ class UpstreamResponse:
         self._head_done = self._done = self._until_close = self._keep_alive = self._extra = self._received = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
+        self._deadline = 0.0  # loop time at which the first-byte budget runs out
+        self._first_pending = True
 
     async def read(self) -> bytes:
         """The whole body (chunked decoding done); consumes it."""
@@ -60,9 +73,14 @@ class UpstreamResponse:
         try:
             while (piece := await self._next_piece()) is not None:
                 parts.append(piece)
+                self._first_pending = False
         finally:
             self._abandon()
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def first_event_received(self) -> None:
+        """The consumer has its first event: the first-byte deadline is over, the idle timeout takes over."""
+        self._first_pending = False
 
     async def iter_bytes(self) -> AsyncIterator[bytes]:
         """Body pieces as they arrive: everything buffered since the last piece, never split into lines."""
@@ -139,6 +157,7 @@ class UpstreamResponse:
         """Send the request and wait for the response head."""
         conn = self._conn
         conn.response = self
+        self._deadline = asyncio.get_running_loop().time() + self._owner.first_byte_timeout_s
         if conn.dead:  # died between the pool and here: same as a stale keep-alive
             self._lost()
         else:
@@ -147,7 +166,7 @@ class UpstreamResponse:
             while not self._head_done:
                 if self._error is not None:
                     raise self._error
-                await self._wait(self._owner.first_byte_timeout_s, "first byte")
+                await self._wait_first()
         except BaseException:
             self._abandon()
             raise
@@ -158,7 +177,10 @@ class UpstreamResponse:
                 return None
             if self._error is not None:
                 raise self._error
-            await self._wait(self._owner.idle_timeout_s, "idle")
+            if self._first_pending:
+                await self._wait_first()
+            else:
+                await self._wait(self._owner.idle_timeout_s, self._idle_error)
         pieces = self._pieces
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
@@ -167,18 +189,27 @@ class UpstreamResponse:
             self._conn.resume()
         return data
 
-    async def _wait(self, timeout_s: float, phase: str) -> None:
+    async def _wait_first(self) -> None:
+        await self._wait(self._deadline - asyncio.get_running_loop().time(), self._first_byte_error)
+
+    async def _wait(self, timeout_s: float, make_error: Callable[[], BackendError]) -> None:
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        backend = self._owner.backend
-        timer = loop.call_later(
-            timeout_s, _expire, waiter, lambda: BackendTimeoutError(f"{phase} timeout ({timeout_s}s)", backend=backend)
-        )
+        timer = loop.call_later(timeout_s, _expire, waiter, make_error)
         try:
             await waiter
         finally:
             timer.cancel()
             self._waiter = None
+
+    def _first_byte_error(self) -> BackendError:
+        owner = self._owner
+        message = f"first byte timeout ({owner.first_byte_timeout_s}s)"
+        return BackendFirstByteTimeoutError(message, backend=owner.backend)
+
+    def _idle_error(self) -> BackendError:
+        owner = self._owner
+        return BackendTimeoutError(f"idle timeout ({owner.idle_timeout_s}s)", backend=owner.backend)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -191,7 +222,7 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         conn.response = None
         if self._keep_alive and not self._until_close and not self._extra:
-            self._owner._pool.release(conn)
+            conn._pool.release(conn)
         else:
             conn.close()
 
@@ -387,11 +418,14 @@ class LeanTransport:
     the body to its end or acloses the response.
 
     Per-request headers are added to `default_headers` (a name in both is sent once, the request's value).
-    Host, Connection and Content-Length belong to the transport."""
+    Host, Connection and Content-Length belong to the transport.
+
+    Health probes (`probe()`) have a pool of their own, one connection, and their own timeout: a backend whose
+    data-plane pool is full of slow streams still answers them."""
 
     def __init__(
         self, base_url: str, *, max_connections: int = 100, connect_timeout_s: float = 5.0,
-        first_byte_timeout_s: float = 300.0, idle_timeout_s: float = 300.0,
+        first_byte_timeout_s: float = 300.0, idle_timeout_s: float = 300.0, health_timeout_s: float = 25.0,
         default_headers: Mapping[str, str] | None = None, backend: str = "",
     ) -> None:
         url = urlsplit(base_url)
@@ -411,6 +445,7 @@ class LeanTransport:
         self._connect_timeout_s = connect_timeout_s
         self.first_byte_timeout_s = first_byte_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.health_timeout_s = health_timeout_s
         self.backend = backend
         host = url.netloc.rpartition("@")[2]  # never send userinfo
         self._defaults = {"host": ("Host", host), "connection": ("Connection", "keep-alive")}
@@ -418,15 +453,31 @@ class LeanTransport:
             self._defaults[name.lower()] = (name, value)
         self._default_block = self._encode_defaults(frozenset())
         self._pool = _Pool(self._connect, max_connections, connect_timeout_s, backend)
+        self._probe_pool = _Pool(self._connect, 1, connect_timeout_s, backend)
 
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
     ) -> UpstreamResponse:
+        return await self._send(self._pool, method, path, body, headers)
+
+    async def probe(self, path: str, headers: Mapping[str, str] | None = None) -> int:
+        """GET `path` outside the data-plane pool, the whole exchange bounded by the health timeout: the status."""
+        try:
+            async with asyncio.timeout(self.health_timeout_s):
+                response = await self._send(self._probe_pool, "GET", path, b"", headers)
+                await response.read()
+        except TimeoutError as exc:
+            raise BackendTimeoutError(f"health timeout ({self.health_timeout_s}s)", backend=self.backend) from exc
+        return response.status
+
+    async def _send(
+        self, pool: _Pool, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> UpstreamResponse:
         head = self._encode_head(method, path, body, headers)
         fresh = False
         while True:
-            conn = await self._pool.acquire(fresh)
-            if self.check_path is not None and not conn.checked:
+            conn = await pool.acquire(fresh)
+            if self.check_path is not None and not conn.checked and pool is self._pool:
                 conn.checked = True
                 await self._check(conn)  # the connection goes back to the pool: take one again
                 continue
@@ -443,6 +494,7 @@ class LeanTransport:
 
     async def aclose(self) -> None:
         self._pool.close()
+        self._probe_pool.close()
 
     def close_idle(self) -> None:
         """Close the pooled idle connections (before the server restarts: llama-server's shutdown waits for its

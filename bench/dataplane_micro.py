@@ -1,7 +1,10 @@
 """CPU per request of the gateway's own work on the hot path (parse, auth, route, sampling, metrics,
 headers, relay of a canned reply), in process, with the upstream transport replaced by canned bytes.
 
-    python bench/dataplane_micro.py [--requests 20000] [--profile]
+    python bench/dataplane_micro.py [--requests 20000] [--stream] [--profile]
+
+--stream relays a canned 32-event stream in SGLang's exact shape (`"usage":null` on every chunk, then the
+usage chunk the gateway asked for and hides) instead of a JSON reply.
 
 reference/hot-path.md budgets this at about 80 µs to stay ahead of a Rust router.
 """
@@ -26,13 +29,40 @@ REPLY = orjson.dumps({"id": "x", "object": "chat.completion", "model": "up", "ch
     "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
 BODY = orjson.dumps({"model": "kimi", "messages": [{"role": "user", "content": "Hello, how are you today?"}],
                      "max_tokens": 16})
+STREAM_BODY = orjson.dumps({**orjson.loads(BODY), "stream": True})
+
+
+def sglang_chunk(delta: dict, finish: str | None = None) -> bytes:
+    full = {"role": None, "content": None, "reasoning_content": None, "tool_calls": None, **delta}
+    return b"data: " + orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                                     "choices": [{"index": 0, "delta": full, "logprobs": None, "finish_reason": finish,
+                                                  "matched_stop": None}], "usage": None}) + b"\n\n"
+
+
+# One TCP read per event, as a backend streaming token by token delivers them.
+STREAM_PIECES = ([sglang_chunk({"role": "assistant", "content": ""})]
+                 + [sglang_chunk({"content": f" word{i}"}) for i in range(30)]
+                 + [sglang_chunk({}, "stop"),
+                    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"up","choices":[],'
+                    b'"usage":{"prompt_tokens":9,"completion_tokens":30,"total_tokens":39}}\n\n',
+                    b"data: [DONE]\n\n"])
 
 
 class CannedResponse:
-    status, headers = 200, {}
+    status = 200
+
+    def __init__(self, stream: bool) -> None:
+        self.headers = {"content-type": "text/event-stream" if stream else "application/json"}
 
     async def read(self) -> bytes:
         return REPLY
+
+    async def iter_bytes(self):
+        for piece in STREAM_PIECES:
+            yield piece
+
+    def first_event_received(self) -> None:
+        pass
 
     async def aclose(self) -> None:
         pass
@@ -40,13 +70,13 @@ class CannedResponse:
 
 class CannedTransport:
     async def request(self, method, path, body=b"", headers=None):
-        return CannedResponse()
+        return CannedResponse(b'"stream":true' in body)
 
     async def aclose(self) -> None:
         pass
 
 
-async def run(requests: int, cycles: bool = False) -> float:
+async def run(requests: int, cycles: bool = False, stream: bool = False) -> float:
     config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
                                            "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
                                            "routes": [{"name": "kimi", "targets": ["up"]}]})
@@ -66,7 +96,7 @@ async def run(requests: int, cycles: bool = False) -> float:
                 await complete.wait()
                 return {"type": "http.disconnect"}
             delivered = True
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": STREAM_BODY if stream else BODY, "more_body": False}
 
         async def send(message):
             sent.append(message)
@@ -97,17 +127,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cycles", action="store_true", help="count objects only the cyclic GC frees")
+    parser.add_argument("--stream", action="store_true", help="relay a 32-event SGLang stream per request")
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        asyncio.run(run(args.requests))
+        asyncio.run(run(args.requests, stream=args.stream))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return
     import uvloop
-    cpu = uvloop.run(run(args.requests, args.cycles))
-    print(f"gateway work per request (no transport, no HTTP server): {cpu:.1f} µs CPU")
+    cpu = uvloop.run(run(args.requests, args.cycles, args.stream))
+    what = "a 32-event stream" if args.stream else "a JSON reply"
+    print(f"gateway work per request relaying {what} (no transport, no HTTP server): {cpu:.1f} µs CPU")
 
 
 if __name__ == "__main__":

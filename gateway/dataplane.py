@@ -68,14 +68,12 @@ class DataPlane:
         try:
             body = await read_body(receive, self.max_body)
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
-            doc = orjson.loads(body)
+            doc = parse_body(body)
             watcher = DisconnectWatcher(receive)
             code, usage = await self.serve(scope["path"], doc, len(body), principal, headers, request_id,
                                            recorder, extra, send)
         except ClientGone:
             code = 499
-        except orjson.JSONDecodeError:
-            code = await send_error(send, InvalidRequestError("We could not parse the JSON body of your request."), extra)
         except GatewayError as exc:
             code = await send_error(send, exc, extra)
         except asyncio.CancelledError:
@@ -97,8 +95,8 @@ class DataPlane:
         extra += self.response_headers(forwarded.target, resolved, decision, request)
         reply = forwarded.reply
         if request.stream:
-            await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra)
-            return 200, reply.usage
+            code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id)
+            return code, reply.usage
         try:
             body = await reply.read()
         except BackendError as exc:
@@ -219,6 +217,14 @@ def sticky_key(sticky_by: str, doc: dict, headers: dict, principal) -> str | Non
         value = headers.get(STICKY_HEADER)
         return value.decode("latin-1") if value else None
     return principal.name or None
+
+
+def parse_body(body: bytes):
+    """The client's JSON. Only this parse may answer "could not parse": a backend's bad JSON is a 502."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequestError("We could not parse the JSON body of your request.") from None
 
 
 async def read_body(receive, limit: int) -> bytes:

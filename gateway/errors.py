@@ -179,7 +179,9 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], 
     (BackendRateLimitedError, lambda e: UpstreamRateLimitedError(
         f"The backend is rate limited{_where(e)}; retry later.", headers=_retry_after(e))),
     (BackendTimeoutError, lambda e: GatewayTimeoutError(f"The backend timed out{_where(e)}: {e.message}")),
-    (BackendProtocolError, lambda e: BadGatewayError(f"The backend sent a malformed answer{_where(e)}.")),
+    # a proxy's HTML page, a 200 that is not JSON: the backend's fault, never the client's
+    (BackendProtocolError, lambda e: BadGatewayError(
+        f"The backend sent a response the gateway could not read{_where(e)}: {e.message}")),
     (BackendError, lambda e: ServiceUnavailableError(f"No backend could serve the request{_where(e)}: {e.message}")),
 )
 

@@ -1,16 +1,18 @@
 """The SSE relay: bytes in, bytes out, `data: [DONE]` always last; and the client hang-up watcher.
 
 A failure after the first byte can no longer change the status, so it becomes one OpenAI-shaped SSE
-error event followed by `data: [DONE]` (STYLE.md convention 8).
+error event followed by `data: [DONE]` (STYLE.md convention 8), whatever raised it: a backend error
+or a bug of ours. The relay returns the status the request counts as in the metrics (200 only for a
+stream that ended cleanly; otherwise the `code` of the error event).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendTimeoutError
 from backends.openai_compat import StreamErrorEvent
-from gateway.errors import error_body, scrub
+from gateway.errors import InternalError, error_body, scrub
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -18,30 +20,43 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-def error_event(exc: BackendError) -> bytes:
+def error_event(exc: Exception, request_id: str) -> tuple[bytes, int]:
+    """The error event and `[DONE]` a failed stream ends with, and the status it counts as."""
     if isinstance(exc, StreamErrorEvent) and exc.status < 500:
-        body = error_body(scrub(exc.message), "invalid_request_error", None, exc.status)
+        code, body = exc.status, error_body(scrub(exc.message), "invalid_request_error", None, exc.status)
+    elif isinstance(exc, BackendTimeoutError):
+        code, body = 504, error_body(f"The backend timed out during the stream: {scrub(exc.message)}",
+                                     "server_error", None, 504)
+    elif isinstance(exc, BackendError):
+        code, body = 502, error_body(f"The backend failed during the stream: {scrub(exc.message)}",
+                                     "server_error", None, 502)
     else:
-        body = error_body(f"The backend failed during the stream: {scrub(exc.message)}", "server_error", None, 502)
-    return b"data: " + body + b"\n\n" + DONE_EVENT
+        code, body = 500, error_body(InternalError(request_id).message, "server_error", None, 500)
+    return b"data: " + body + b"\n\n" + DONE_EVENT, code
 
 
-async def relay_stream(send, first: bytes, events, reply, recorder, extra: list[tuple[bytes, bytes]]) -> None:
-    """Head and first event go out back to back, before any further upstream read (no Nagle stall)."""
+async def relay_stream(send, first: bytes, events, reply, recorder, extra: list[tuple[bytes, bytes]],
+                       request_id: str) -> int:
+    """Head and first event go out back to back, before any further upstream read (no Nagle stall).
+    Returns 200, or the code of the error event the stream ended with."""
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + extra})
     recorder.first_event()
+    code, tail = 200, b""
     try:
         await send({"type": "http.response.body", "body": first, "more_body": True})
         async for block in events:
             recorder.event()
             await send({"type": "http.response.body", "body": block, "more_body": True})
-        tail = b""
     except BackendError as exc:
-        log.warning("stream from %s failed after the first byte: %s", exc.backend, exc.message)
-        tail = error_event(exc)
+        log.warning("stream %s from %s failed after the first byte: %s", request_id, exc.backend, exc.message)
+        tail, code = error_event(exc, request_id)
+    except Exception as exc:  # a bug of ours must still end the stream properly
+        log.exception("stream %s failed after the first byte", request_id)
+        tail, code = error_event(exc, request_id)
     finally:
         await reply.aclose()
     await send({"type": "http.response.body", "body": tail, "more_body": False})
+    return code
 
 
 class DisconnectWatcher:

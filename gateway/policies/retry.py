@@ -18,9 +18,10 @@ FIRST_BACKOFF_S = 0.05
 
 
 def is_retryable(exc: BaseException, policy: RetryConfig) -> bool:
-    """Connect errors, 502/503, timeouts; a 429 only when the backend said how long to wait and it is short."""
+    """What the driver marked retryable (connect errors, 502/503, connect timeouts; never a first-byte timeout
+    or an account error); a 429 with backoff, or after its retry-after when that is short."""
     if isinstance(exc, BackendRateLimitedError):
-        return exc.retry_after_s is not None and exc.retry_after_s <= policy.max_retry_after_s
+        return exc.retry_after_s is None or exc.retry_after_s <= policy.max_retry_after_s
     return isinstance(exc, BackendError) and exc.retryable
 
 

@@ -7,11 +7,17 @@ error bodies. The fake model output lives in `generation.py`.
 Test-only API (both emulators; never authenticated):
 - `POST /_emulator/faults` queues one fault that applies to the next `count` chat/completions
   requests: `{"status": 503, "count": 2}` (answer that status with the emulator's native error
-  body; optional `"message"`, `"type"` override it), `{"delay_first_byte_s": 2.0}` (sleep before
-  the response starts), `{"drop_mid_stream_after": 3}` (send 3 SSE events, then cut the
-  connection), `{"stream_error_after": 2}` (send 2 SSE events, then the native in-stream error
-  event and `data: [DONE]`). Keys may be combined in one fault. Stream-only faults wait for a
-  streaming request. Queued faults are consumed first in, first out.
+  body; optional `"message"`, `"type"` override it), `{"raw_body": "<html>…", "status": 502}`
+  (answer these bytes verbatim, `content_type` default text/html, status default 200: a proxy's
+  error page, or a 200 that is not JSON), `{"delay_first_byte_s": 2.0}` (sleep before the response
+  starts), `{"delay_prefill_s": 2.0}` (the request's prefill: a stream sends its response head at
+  once and its first event after the delay; a non-stream answer comes after it),
+  `{"drop_mid_stream_after": 3}` (send 3 SSE events, then cut the connection),
+  `{"stream_error_after": 2}` (send 2 SSE events, then the native in-stream error event and
+  `data: [DONE]`; `"stream_error_code": 500` picks the code that event carries, default 400). Keys
+  may be combined in one fault. Stream-only faults wait for a streaming request. `"path"` aims a
+  fault at another endpoint that takes faults (the SGLang emulator's `/load_lora_adapter`: status,
+  raw_body, delay_first_byte_s). Queued faults are consumed first in, first out.
 - `GET /_emulator/faults` lists pending faults; `GET /_emulator/requests` lists chat/completions
   requests received, newest last: `{"path", "body" (parsed JSON or null), "raw" (text when not
   JSON), "has_authorization", "headers" (minus authorization)}`.
@@ -126,12 +132,18 @@ class Fault:
     message: str | None = None
     type: str | None = None
     delay_first_byte_s: float | None = None
+    delay_prefill_s: float | None = None
     drop_mid_stream_after: int | None = None
     stream_error_after: int | None = None
+    stream_error_code: int | None = None
+    raw_body: str | None = None
+    content_type: str | None = None
+    path: str | None = None  # None: the next chat/completions requests
 
     @property
     def stream_only(self) -> bool:
-        return self.status is None and self.delay_first_byte_s is None
+        return (self.status is None and self.raw_body is None and self.delay_first_byte_s is None
+                and self.delay_prefill_s is None)
 
     @classmethod
     def parse(cls, body: Any) -> Fault:
@@ -143,12 +155,22 @@ class Fault:
         if unknown:
             raise ValueError(f"unknown fault keys: {unknown}")
         fault = cls(**body)
-        effects = (fault.status, fault.delay_first_byte_s, fault.drop_mid_stream_after, fault.stream_error_after)
+        effects = (fault.status, fault.raw_body, fault.delay_first_byte_s, fault.delay_prefill_s,
+                   fault.drop_mid_stream_after, fault.stream_error_after)
         if all(effect is None for effect in effects):
-            raise ValueError("a fault needs status, delay_first_byte_s, drop_mid_stream_after or stream_error_after")
+            raise ValueError("a fault needs status, raw_body, delay_first_byte_s, delay_prefill_s, "
+                             "drop_mid_stream_after or stream_error_after")
         if not isinstance(fault.count, int) or fault.count < 1:
             raise ValueError("count must be an integer >= 1")
+        if fault.stream_error_code is not None and fault.stream_error_after is None:
+            raise ValueError("stream_error_code goes with stream_error_after")
+        if fault.content_type is not None and fault.raw_body is None:
+            raise ValueError("content_type goes with raw_body")
         return fault
+
+    @property
+    def prefill_s(self) -> float:
+        return self.delay_prefill_s or 0.0
 
 
 class FaultInjector:
@@ -161,9 +183,11 @@ class FaultInjector:
     def add(self, fault: Fault) -> None:
         self.pending.append(fault)
 
-    def take(self, stream: bool) -> Fault | None:
+    def take(self, stream: bool, path: str | None = None) -> Fault | None:
+        """The next fault for a request to `path` (None and LOGGED_PATHS: chat/completions)."""
+        target = None if path in LOGGED_PATHS else path
         for fault in self.pending:
-            if fault.stream_only and not stream:
+            if fault.path != target or (fault.stream_only and not stream):
                 continue
             fault.count -= 1
             if fault.count == 0:
@@ -179,8 +203,20 @@ class FaultInjector:
         self.pending.clear()
 
 
-async def faulty_events(events: Iterable[bytes], fault: Fault | None, error_event: bytes) -> AsyncIterator[bytes]:
-    """Yield SSE events, applying a drop or an in-stream error after N events."""
+def raw_response(fault: Fault) -> Response:
+    """`raw_body`: the bytes as given, e.g. an HTML error page from a proxy in front of the server."""
+    return Response(fault.raw_body.encode(), status_code=fault.status or 200,
+                    media_type=fault.content_type or "text/html")
+
+
+async def faulty_events(events: Iterable[bytes], fault: Fault | None, error_event: bytes,
+                        before_first: Callable[[], Awaitable[Any]] | None = None) -> AsyncIterator[bytes]:
+    """Yield SSE events, applying a drop or an in-stream error after N events.
+
+    `before_first` runs inside the body, after the response head went out: the prefill.
+    """
+    if before_first is not None:
+        await before_first()
     drop_after = fault.drop_mid_stream_after if fault else None
     error_after = fault.stream_error_after if fault else None
     for position, event in enumerate(events):
@@ -211,8 +247,9 @@ class QuietDisconnects:
             return
 
 
-def sse_response(events: Iterable[bytes], fault: Fault | None, error_event: bytes) -> StreamingResponse:
-    return StreamingResponse(faulty_events(events, fault, error_event), media_type="text/event-stream")
+def sse_response(events: Iterable[bytes], fault: Fault | None, error_event: bytes,
+                 before_first: Callable[[], Awaitable[Any]] | None = None) -> StreamingResponse:
+    return StreamingResponse(faulty_events(events, fault, error_event, before_first), media_type="text/event-stream")
 
 
 # --- the /_emulator router -----------------------------------------------------------------------
@@ -255,4 +292,4 @@ async def intake(request: Request, log: RequestLog, faults: FaultInjector) -> tu
     body, raw, error = await read_json(request)
     log.record(request, body, raw)
     stream = isinstance(body, dict) and body.get("stream") is True
-    return body, error, faults.take(stream=stream)
+    return body, error, faults.take(stream=stream, path=request.url.path)

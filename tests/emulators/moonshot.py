@@ -14,6 +14,22 @@ Owns the app factory `create_moonshot_app(MoonshotOptions)`, the routes and the 
 - `POST /v1/tokenizers/estimate-token-count` (§1);
 - faults: 429 is `engine_overloaded_error` with `Retry-After: 1`, 504 an HTML page (§4). The
   in-stream error event after `stream_error_after` is an emulator choice (nothing is documented).
+
+Where reference/ is ambiguous the emulator takes the strict reading, the one a gateway must survive:
+- `n` != 1 and penalties != 0 are refused with the documented `invalid <param>: only <v> is allowed`
+  400, not ignored (§2.1, §7: UNCONFIRMED for K2.5; K3 refuses them);
+- `Retry-After` is sent only with `engine_overloaded_error` (the one type it is documented for). A
+  `rate_limit_reached_error` says its wait only in the message ("try again after {t} seconds"), TPM
+  and TPD messages give none, `exceeded_current_quota_error` (quota, billing) never does (§4, §7);
+- a stream always carries usage in its final choice (`choices[0].usage`), requested or not, and with
+  `include_usage` also sends the OpenAI usage chunk: usage twice (§3 "Streaming"). A non-stream reply
+  has usage at the top level only (nothing documents more);
+- a stream sends its response head before generating: `delay_prefill_s` holds only the first event,
+  so a client's first-byte clock must run to the first event (when the hosted head goes out is not
+  documented; `delay_first_byte_s` holds the head instead);
+- plain http(s) image URLs are refused (`unsupported image url`), only `data:`/`ms://` pass (§3, §7);
+- an empty `reasoning_content` on an assistant tool-call turn counts as missing (§8);
+- unknown self-hosted fields are refused by name (see `moonshot_rules`).
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ from tests.emulators.common import (
     emulator_router,
     intake,
     json_response,
+    raw_response,
     read_json,
     sse_event,
     sse_response,
@@ -191,6 +208,8 @@ def api_router(state: MoonshotState) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         body, json_error, fault = await intake(request, state.log, state.faults)
         await state.faults.delay(fault)
+        if fault is not None and fault.raw_body is not None:
+            return raw_response(fault)
         if fault is not None and fault.status is not None:
             return fault_response(fault)
         if json_error is not None:
@@ -202,10 +221,16 @@ def api_router(state: MoonshotState) -> APIRouter:
         output = plan_chat(body, adapter=model, thinking=thinking, tool_id_format=HOSTED_TOOL_ID_FORMAT)
         prompt = chat_prompt_text(body["messages"])
         usage = usage_body(output, state.cache.cached_tokens(model, prompt, output.prompt_tokens))
+        prefill_s = fault.prefill_s if fault is not None else 0.0
+
+        async def prefill() -> None:
+            if prefill_s:
+                await state.options.sleep(prefill_s)
         if body.get("stream") is True:
             include = bool((body.get("stream_options") or {}).get("include_usage"))
             return sse_response(chat_events(output, model, usage, include), fault,
-                                stream_error_event(fault) if fault else b"")
+                                stream_error_event(fault) if fault else b"", before_first=prefill)
+        await prefill()
         return json_response(chat_response(output, model, usage))
 
     @router.get("/v1/models")

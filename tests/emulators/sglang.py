@@ -5,16 +5,32 @@ Owns the app factory `create_sglang_app(SglangOptions)`, the routes and the runn
 - `/v1/chat/completions`, `/v1/completions` (§1.3, §2.5-§2.7, §4) with bodies from `sglang_protocol`;
 - `/load_lora_adapter`, `/unload_lora_adapter`, `/v1/models` (§1.1-§1.4), static KT expert mode
   (§0.1) with state in `sglang_lora`;
-- `/health`, `/health_generate` (§2.1; 503 during `--startup-delay-s` or after
-  `POST /_emulator/health {"healthy": false}`), `/model_info`, `/server_info` (§2.2), `/metrics`
-  (§2.3, only with `--enable-metrics`), `/flush_cache` (§2.4);
+- `/health`, `/health_generate` (§2.1): a one-token generation through the engine, 200 when it
+  finishes within `--health-timeout-s` (SGLANG_HEALTH_CHECK_TIMEOUT, default 20), else 503; 503
+  at once during `--startup-delay-s`, after SIGTERM, or after `POST /_emulator/health
+  {"healthy": false}`. Slow data-plane requests do not hold it (real SGLang answers as soon as any
+  output arrives); `POST /_emulator/stall {"seconds": x}` holds the whole engine, and with it health;
+- `/model_info`, `/server_info` (§2.2), `/metrics` (§2.3, only with `--enable-metrics`), `/flush_cache`
+  (§2.4);
+- timing (§2.6): a stream's response head (200, text/event-stream) goes out before prefill, and its
+  first event comes after `--prefill-delay-s` plus any `delay_prefill_s` fault; a non-stream answer
+  comes after the same delay; an unknown adapter is refused in-band without a prefill;
+- SIGTERM as in §2.4 (runner only): `/health` answers 503 at once, requests in flight finish, new ones
+  are still served, then the process exits; a second SIGTERM or SIGINT exits at once. Adapters live
+  in memory only: a restarted emulator knows its `--lora-paths` and nothing loaded since;
 - bearer auth with `--api-key`: 401 `{"error":"Unauthorized"}`; `/health*` and `/metrics*` open (§2);
 - the `/_emulator/*` test API from `common`.
+
+Lead's note for later work: adapter-restart behaviour belongs beside `sglang_lora.LoraRegistry`
+(state) and `DrainingServer` (process lifecycle); keep the in-memory-only rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +51,7 @@ from tests.emulators.common import (
     emulator_router,
     intake,
     json_response,
+    raw_response,
     read_json,
 )
 from tests.emulators.generation import chat_prompt_text, plan_text
@@ -57,6 +74,7 @@ from tests.emulators.sglang_protocol import (
     validated,
 )
 from tests.emulators.sglang_state import (
+    DEFAULT_HEALTH_TIMEOUT_S,
     FLUSH_TEXT,
     SglangOptions,
     SglangState,
@@ -96,6 +114,8 @@ def openai_router(state: SglangState) -> APIRouter:
         """Shared path: log, faults, content type, JSON, schema, LoRA checks, then `answer`."""
         body, json_error, fault = await intake(request, state.log, state.faults)
         await state.faults.delay(fault)
+        if fault is not None and fault.raw_body is not None:
+            return raw_response(fault)
         if fault is not None and fault.status is not None:
             return json_response(status_error_body(fault.status, fault.message, fault.type), fault.status)
         if not is_json_request(request):
@@ -115,8 +135,11 @@ def openai_router(state: SglangState) -> APIRouter:
             state.lora.acquire(adapter)
         except ValueError as exc:  # raised in the tokenizer manager: in-band on a stream (§2.6)
             if body.get("stream"):
-                return state.stream([stream_error_event(str(exc)), SSE_DONE], fault)
+                return state.stream([stream_error_event(str(exc)), SSE_DONE], fault, prefill=False)
             return json_response(error_body(str(exc)), 400)
+        if not body.get("stream"):
+            with state.generating():
+                await state.engine.first_token(state.prefill_s(fault))
         return answer(body, adapter, fault)
 
     def include_usage(body: dict[str, Any]) -> bool:
@@ -199,6 +222,12 @@ def server_router(state: SglangState) -> APIRouter:
 
     @router.post("/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
+        fault = state.faults.take(stream=False, path="/load_lora_adapter")
+        await state.faults.delay(fault)
+        if fault is not None and fault.raw_body is not None:
+            return raw_response(fault)
+        if fault is not None and fault.status is not None:
+            return json_response(status_error_body(fault.status, fault.message, fault.type), fault.status)
         body = await admin_body(request, LoadLoraIn)
         if isinstance(body, Response):
             return body
@@ -216,7 +245,7 @@ def server_router(state: SglangState) -> APIRouter:
     @router.get("/health")
     @router.get("/health_generate")
     async def health() -> Response:
-        return Response(status_code=503 if state.starting() or not state.healthy else 200)
+        return Response(status_code=200 if await state.health_check() else 503)
 
     @router.get("/model_info")
     @router.get("/get_model_info")
@@ -244,11 +273,21 @@ def server_router(state: SglangState) -> APIRouter:
         state.healthy = bool((body or {}).get("healthy", True))
         return json_response({"healthy": state.healthy})
 
+    @router.post("/_emulator/stall")
+    async def stall(request: Request) -> Response:
+        body, _, _ = await read_json(request)
+        seconds = (body or {}).get("seconds") if isinstance(body, dict) else None
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+            return json_response({"detail": "expected {\"seconds\": <number >= 0>}"}, 400)
+        state.engine.stall(float(seconds))
+        return json_response({"stalled_for_s": seconds})
+
     return router
 
 
-def create_sglang_app(options: SglangOptions) -> FastAPI:
-    state = SglangState(options)
+def create_sglang_app(options: SglangOptions, state: SglangState | None = None) -> FastAPI:
+    if state is None:
+        state = SglangState(options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -285,6 +324,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key")
     parser.add_argument("--context-length", type=int, default=262144)
     parser.add_argument("--startup-delay-s", type=float, default=0.0)
+    parser.add_argument("--prefill-delay-s", type=float, default=0.0,
+                        help="time to each generation's first token; streams send their head before it")
+    parser.add_argument("--health-timeout-s", type=float, default=DEFAULT_HEALTH_TIMEOUT_S,
+                        help="SGLANG_HEALTH_CHECK_TIMEOUT: how long /health waits for its one-token generation")
     parser.add_argument("--enable-metrics", action="store_true")
     parser.add_argument("--enable-cache-report", action="store_true")
     parser.add_argument("--weight-version", default="default")
@@ -306,16 +349,51 @@ def options_from_args(args: argparse.Namespace) -> SglangOptions:
         api_key=args.api_key,
         context_length=args.context_length,
         startup_delay_s=args.startup_delay_s,
+        prefill_delay_s=args.prefill_delay_s,
+        health_timeout_s=args.health_timeout_s,
         enable_metrics=args.enable_metrics,
         enable_cache_report=args.enable_cache_report,
         weight_version=args.weight_version,
     )
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn with SGLang's SIGTERM (§2.4): mark the server exiting (`/health` 503), keep serving,
+    and exit once no request is in flight. A second SIGTERM, or SIGINT, exits the uvicorn way."""
+
+    def __init__(self, config: uvicorn.Config, state: SglangState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._watchdog: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig == signal.SIGTERM and not self.state.gracefully_exiting:
+            self.state.gracefully_exiting = True
+            asyncio.get_running_loop().call_soon_threadsafe(self._start_watchdog)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_idle())
+
+    async def _exit_when_idle(self) -> None:
+        while self.state.in_flight:
+            logging.getLogger(__name__).warning(
+                "Gracefully exiting... Remaining number of requests %d", self.state.in_flight)
+            try:
+                await asyncio.wait_for(self.state.idle.wait(), 5.0)
+            except TimeoutError:
+                pass
+        self.should_exit = True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    app = create_sglang_app(options_from_args(args))
-    uvicorn.run(QuietDisconnects(app), host=args.host, port=args.port, log_level="warning")
+    options = options_from_args(args)
+    state = SglangState(options)
+    app = create_sglang_app(options, state)
+    config = uvicorn.Config(QuietDisconnects(app), host=args.host, port=args.port, log_level="warning")
+    DrainingServer(config, state).run()
 
 
 if __name__ == "__main__":

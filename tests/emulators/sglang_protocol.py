@@ -5,12 +5,21 @@ the flat error body and its types (sglang-kt.md §2.5), the in-stream error even
 chunk sequence (role chunk, deltas, separate finish chunk with `matched_stop`, optional
 `choices: []` usage chunk, `[DONE]`; §2.6), `usage` with `reasoning_tokens` (§2.6, §4), the
 `metadata.weight_version` extra (§2.7), the kimi_k2 reasoning split (§4) and `functions.{name}:{idx}`
-tool-call ids (§4). Stream deltas omit null keys; non-stream messages keep them.
+tool-call ids (§4).
+
+Serialisation follows the real server byte for byte where a parser could tell: chunks are pydantic
+`model_dump_json()` of SGLang's protocol models, so every key is present, unset ones as null, and
+every chunk carries `"usage":null` (the usage chunk carries the object); in-stream errors are
+`json.dumps` (Python's `", "`/`": "` separators) of `{"error": ErrorResponse}`. Besides the 400 a
+ValueError gives, a stream can end with a 5xx-class error event (`"code": 500`, type
+`InternalServerError`; 503 `ServiceUnavailable`): inferred from the tokenizer manager, which hands a
+stream the abort of a request the scheduler failed with 500/503 instead of raising.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from http import HTTPStatus
@@ -82,6 +91,9 @@ def bad_request_body(message: str) -> dict[str, Any]:
     return error_body(message, HTTPStatus.BAD_REQUEST.phrase, 400)
 
 
+STREAM_ERROR_TYPES = {400: "BadRequestError", 500: "InternalServerError", 503: "ServiceUnavailable"}
+
+
 def status_error_body(status: int, message: str | None, error_type: str | None) -> dict[str, Any]:
     """A fault-injected error in SGLang's flat shape."""
     defaults = {400: "BadRequest", 500: "InternalServerError"}
@@ -98,8 +110,15 @@ def status_phrase(status: int) -> str:
 
 
 def stream_error_event(message: str, error_type: str = "BadRequestError", code: int = 400) -> bytes:
-    """A ValueError raised after the stream started: an SSE event under HTTP 200 (§2.6)."""
-    return sse_event({"error": error_body(message, error_type, code)})
+    """An error after the stream started: an SSE event under HTTP 200 (§2.6), as `json.dumps` writes it."""
+    return b"data: " + json.dumps({"error": error_body(message, error_type, code)}).encode() + b"\n\n"
+
+
+def fault_stream_error_event(message: str | None, error_type: str | None, code: int | None) -> bytes:
+    """The in-stream error of a `stream_error_after` fault: a 400 ValueError unless a 5xx code is asked."""
+    code = code or 400
+    default = "emulated in-stream error" if code < 500 else "Internal server error: emulated scheduler abort"
+    return stream_error_event(message or default, error_type or STREAM_ERROR_TYPES.get(code, status_phrase(code)), code)
 
 
 def new_id(prefix: str) -> str:
@@ -169,14 +188,33 @@ def chat_response(output: Output, model: str, usage: dict[str, Any], weight_vers
     }
 
 
+DELTA_KEYS = ("role", "content", "reasoning_content", "tool_calls")
+
+
+def tool_call_delta(call: dict[str, Any]) -> dict[str, Any]:
+    """A streamed `ToolCall` with every key: `id` and `function.name` are null after the first piece."""
+    function = call.get("function") or {}
+    return {"id": call.get("id"), "index": call.get("index"), "type": "function",
+            "function": {"name": function.get("name"), "arguments": function.get("arguments")}}
+
+
+def stream_delta(delta: dict[str, Any]) -> dict[str, Any]:
+    """A `DeltaMessage` as model_dump_json writes it: all four keys, null when unset."""
+    full = {key: delta.get(key) for key in DELTA_KEYS}
+    if full["tool_calls"] is not None:
+        full["tool_calls"] = [tool_call_delta(call) for call in full["tool_calls"]]
+    return full
+
+
 def chat_events(output: Output, model: str, usage: dict[str, Any], include_usage: bool) -> list[bytes]:
     """Role chunk, reasoning/content/tool-call deltas, finish chunk, usage chunk, [DONE]."""
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model}
 
     def chunk(delta: dict[str, Any], finish: str | None = None, matched: Any = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "matched_stop": matched}
-        return sse_event({**head, "choices": [choice]})
+        choice = {"index": 0, "delta": stream_delta(delta), "logprobs": None, "finish_reason": finish,
+                  "matched_stop": matched}
+        return sse_event({**head, "choices": [choice], "usage": None})
 
     events = [chunk({"role": "assistant", "content": ""})]
     events += [chunk(delta) for delta in chat_deltas(output)]
@@ -215,7 +253,7 @@ def completion_events(outputs: list[Output], model: str, usage: dict[str, Any], 
 
     def chunk(index: int, text: str, finish: str | None = None, matched: Any = None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish, "matched_stop": matched}
-        return sse_event({**head, "choices": [choice]})
+        return sse_event({**head, "choices": [choice], "usage": None})
 
     events = []
     for index, output in enumerate(outputs):

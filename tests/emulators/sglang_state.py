@@ -1,8 +1,12 @@
 """State and self-description of the SGLang emulator.
 
 Owns `SglangOptions` (the launch flags the emulator understands), `SglangState` (adapters,
-faults, request log, prompt cache, counters, health) and the bodies that describe the server:
+faults, request log, prompt cache, counters, in-flight requests, health, graceful exit), `Engine`
+(the scheduler's timing: prefill and stalls) and the bodies that describe the server:
 `/model_info`, `/server_info` (sglang-kt.md §2.2) and `/metrics` (§2.3).
+
+Everything lives in this process's memory and nothing is written to disk, so a restart forgets
+every adapter loaded at runtime (only `--lora-paths` come back), like the real server.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,9 @@ from starlette.responses import StreamingResponse
 from tests.emulators.common import Fault, FaultInjector, RequestLog, faulty_events
 from tests.emulators.generation import Output, PromptCache
 from tests.emulators.sglang_lora import LoraRegistry, LoraSettings
-from tests.emulators.sglang_protocol import stream_error_event
+from tests.emulators.sglang_protocol import fault_stream_error_event
+
+DEFAULT_HEALTH_TIMEOUT_S = 20.0  # SGLANG_HEALTH_CHECK_TIMEOUT (§2.1)
 
 FLUSH_TEXT = (
     "Cache flushed.\nPlease check backend logs for more details. "
@@ -42,11 +49,32 @@ class SglangOptions:
     api_key: str | None = None
     context_length: int = 262144
     startup_delay_s: float = 0.0
+    prefill_delay_s: float = 0.0  # every generation's time to its first token (after the head on streams)
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
     enable_metrics: bool = False
     enable_cache_report: bool = False
     weight_version: str = "default"
     sleep: Callable[[float], Awaitable[Any]] = field(default=asyncio.sleep, compare=False)
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+
+
+class Engine:
+    """The scheduler as the HTTP side sees it. A request's prefill holds only that request; a stall
+    (`POST /_emulator/stall`, e.g. a huge unchunked prefill) holds every generation until it ends,
+    health probes included, which is how a real `/health` times out (§2.1)."""
+
+    def __init__(self, clock: Callable[[], float], sleep: Callable[[float], Awaitable[Any]]) -> None:
+        self.clock, self.sleep = clock, sleep
+        self.stalled_until = 0.0
+
+    def stall(self, seconds: float) -> None:
+        self.stalled_until = max(self.stalled_until, self.clock() + seconds)
+
+    async def first_token(self, prefill_s: float = 0.0) -> None:
+        while (left := self.stalled_until - self.clock()) > 0:
+            await self.sleep(left)
+        if prefill_s > 0:
+            await self.sleep(prefill_s)
 
 
 class SglangState:
@@ -67,8 +95,12 @@ class SglangState:
         self.log = RequestLog()
         self.cache = PromptCache()
         self.counters: Counter[str] = Counter()
+        self.engine = Engine(options.clock, options.sleep)
         self.in_flight = 0
-        self.healthy = True
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.healthy = True  # False: `POST /_emulator/health {"healthy": false}`, an unhealthy server
+        self.gracefully_exiting = False  # SIGTERM received (§2.4)
         self.started_at = options.clock()
         self.created = int(time.time())
 
@@ -77,6 +109,7 @@ class SglangState:
         self.cache.clear()
         self.counters.clear()
         self.healthy = True
+        self.engine.stalled_until = 0.0
 
     def starting(self) -> bool:
         return self.options.clock() - self.started_at < self.options.startup_delay_s
@@ -92,18 +125,47 @@ class SglangState:
             return None
         return sum(self.cache.cached_tokens(adapter, p, o.prompt_tokens) for p, o in zip(prompts, outputs))
 
-    async def tracked(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def prefill_s(self, fault: Fault | None) -> float:
+        return self.options.prefill_delay_s + (fault.prefill_s if fault is not None else 0.0)
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """One request in `rid_to_state`: what `/flush_cache` and a graceful exit wait for."""
         self.in_flight += 1
+        self.idle.clear()
         try:
-            async for event in events:
-                yield event
+            yield
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
 
-    def stream(self, events: list[bytes], fault: Fault | None) -> StreamingResponse:
-        error = stream_error_event(fault.message or "emulated in-stream error", fault.type or "BadRequestError") \
+    async def tracked(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        with self.generating():
+            async for event in events:
+                yield event
+
+    def stream(self, events: list[bytes], fault: Fault | None, prefill: bool = True) -> StreamingResponse:
+        """The head goes out at once; the first event waits for the engine and the prefill (§2.6)."""
+        error = fault_stream_error_event(fault.message, fault.type, fault.stream_error_code) \
             if fault is not None else b""
-        return StreamingResponse(self.tracked(faulty_events(events, fault, error)), media_type="text/event-stream")
+        prefill_s = self.prefill_s(fault) if prefill else 0.0
+
+        async def before_first() -> None:
+            await self.engine.first_token(prefill_s)
+        return StreamingResponse(self.tracked(faulty_events(events, fault, error, before_first)),
+                                 media_type="text/event-stream")
+
+    async def health_check(self) -> bool:
+        """`/health`: a one-token generation that must finish within the health timeout (§2.1)."""
+        if self.starting() or self.gracefully_exiting or not self.healthy:
+            return False
+        try:
+            async with asyncio.timeout(self.options.health_timeout_s):
+                await self.engine.first_token()
+        except TimeoutError:
+            return False
+        return True
 
 
 def model_info_body(options: SglangOptions) -> dict[str, Any]:

@@ -3,7 +3,15 @@ import orjson
 import pytest
 
 from backends.base import BackendRequest
-from backends.errors import BackendRateLimitedError, BackendRejectedError, BackendUnavailableError
+from backends.errors import (
+    BackendAccountError,
+    BackendProtocolError,
+    BackendRateLimitedError,
+    BackendRejectedError,
+    BackendUnavailableError,
+)
+from backends.config import RetryConfig
+from gateway.policies.retry import is_retryable
 from backends.hosted import error_from_moonshot, to_moonshot_body
 from backends.llamacpp import error_from_llamacpp, lora_scales, to_llamacpp_body
 from backends.sglang import error_from_sglang, to_sglang_body
@@ -57,21 +65,50 @@ def test_sglang_500_hides_the_python_exception():
     assert error.status == 502 and "/srv" not in error.message
 
 
-@pytest.mark.parametrize("status, body, headers, kind, retry_after", [
-    (429, {"error": {"type": "engine_overloaded_error", "message": "overloaded"}}, {"retry-after": "2"},
-     BackendRateLimitedError, 2.0),
-    (429, {"error": {"type": "rate_limit_reached_error", "message": "max RPM: 3, please try again after 7 seconds"}},
-     {}, BackendRateLimitedError, 7.0),
-    (429, {"error": {"type": "exceeded_current_quota_error", "message": "suspended"}}, {}, BackendUnavailableError, None),
-    (404, {"error": {"type": "resource_not_found_error", "message": "Not found the model kimi-k2.5"}}, {},
-     BackendUnavailableError, None),
-    (400, {"error": {"type": "invalid_request_error", "message": "bad"}}, {}, BackendRejectedError, None),
+def hosted(error_type: str, message: str = "m") -> dict:
+    return {"error": {"type": error_type, "message": message}}
+
+
+RPM = "Your account o<k> request reached organization max RPM: 3, please try again after 7 seconds"
+TPM = "Your account o<k> request reached organization TPM rate limit, current:9, limit:5"
+TPD = "Your account o<k> request reached organization TPD rate limit, current:9, limit:5"
+
+
+@pytest.mark.parametrize("status, body, headers, kind, retry_after, retried", [
+    (429, hosted("engine_overloaded_error"), {"retry-after": "2"}, BackendRateLimitedError, 2.0, True),
+    (429, hosted("engine_overloaded_error"), {}, BackendRateLimitedError, None, True),  # backoff
+    (429, hosted("rate_limit_reached_error", RPM), {}, BackendRateLimitedError, 7.0, False),  # 7 s > max 5 s
+    (429, hosted("rate_limit_reached_error", TPM), {}, BackendRateLimitedError, None, True),
+    (429, hosted("rate_limit_reached_error", TPD), {}, BackendAccountError, None, False),
+    (429, hosted("exceeded_current_quota_error", "suspended"), {}, BackendAccountError, None, False),
+    (429, hosted("some_new_error"), {}, BackendAccountError, None, False),  # never on 429 alone
+    (429, b"<html>Too Many Requests</html>", {}, BackendAccountError, None, False),
+    (401, hosted("invalid_authentication_error"), {}, BackendAccountError, None, False),
+    (401, hosted("incorrect_api_key_error"), {}, BackendAccountError, None, False),
+    (403, hosted("permission_denied_error"), {}, BackendAccountError, None, False),
+    (404, hosted("resource_not_found_error", "Not found the model kimi-k2.5"), {}, BackendAccountError, None, False),
+    (400, hosted("invalid_request_error", "bad"), {}, BackendRejectedError, None, False),
+    (400, hosted("content_filter", "high risk"), {}, BackendRejectedError, None, False),
+    (400, b"<html><h1>400 Bad Request</h1></html>", {}, BackendProtocolError, None, True),
+    (500, hosted("server_error"), {}, BackendUnavailableError, None, True),
+    (503, hosted("server_unavailable"), {}, BackendUnavailableError, None, True),
+    (504, b"<html><h1>504 Gateway Time-out</h1></html>", {}, BackendUnavailableError, None, True),
 ])
-def test_moonshot_errors(status, body, headers, kind, retry_after):
-    error = error_from_moonshot(status, headers, orjson.dumps(body), "hosted")
+def test_moonshot_errors(status, body, headers, kind, retry_after, retried):
+    """Retry what the reference allows (moonshot-api.md §4, §6.4), by error.type, never by status alone."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    error = error_from_moonshot(status, headers, raw, "hosted")
     assert type(error) is kind
-    if retry_after is not None:
+    if kind is BackendRateLimitedError:
         assert error.retry_after_s == retry_after
+    assert is_retryable(error, RetryConfig(attempts=2, max_retry_after_s=5)) is retried
+
+
+@pytest.mark.parametrize("convert", [error_from_sglang, error_from_llamacpp])
+def test_self_hosted_proxy_pages_and_refused_keys(convert):
+    page = b"<html><body><h1>413 Request Entity Too Large</h1></body></html>"
+    assert isinstance(convert(413, {}, page, "b"), BackendProtocolError)  # not the client's 413
+    assert isinstance(convert(401, {}, b'{"error":"Unauthorized"}', "b"), BackendAccountError)
 
 
 def test_llamacpp_errors():

@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from backends.errors import BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+from backends.errors import (
+    BackendFirstByteTimeoutError,
+    BackendProtocolError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+)
 from backends.httpx_transport import HttpxTransport
 
 GENEROUS_S = 5.0  # only a bound on something that must happen; never a speed assertion
@@ -135,9 +140,37 @@ async def test_stall_mid_body_is_an_idle_timeout(make):
     response = await transport.request("GET", "/stream")
     pieces = response.iter_bytes()
     assert await anext(pieces) == b"first"
+    response.first_event_received()
     with pytest.raises(BackendTimeoutError, match="idle"):
         await asyncio.wait_for(anext(pieces), GENEROUS_S)
     await pieces.aclose()
+
+
+async def test_head_before_the_first_event_leaves_the_first_byte_deadline_running(make):
+    async def stream() -> AsyncIterator[bytes]:
+        await asyncio.sleep(60)  # the prefill, after the head
+        yield b"data: {}\n\n"
+
+    transport = make(lambda request: httpx.Response(200, content=stream()), first_byte_timeout_s=0.3,
+                     idle_timeout_s=60)
+    response = await transport.request("POST", "/chat/completions", b"{}")
+    pieces = response.iter_bytes()
+    with pytest.raises(BackendFirstByteTimeoutError) as caught:
+        await asyncio.wait_for(anext(pieces), GENEROUS_S)
+    assert not caught.value.retryable
+    await pieces.aclose()
+
+
+async def test_probe_uses_its_own_client_and_timeout(make):
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            await asyncio.sleep(60)
+        return httpx.Response(200)
+
+    transport = make(handler, max_connections=1, health_timeout_s=0.2)
+    assert await transport.probe("/health") == 200
+    with pytest.raises(BackendTimeoutError):
+        await asyncio.wait_for(transport.probe("/slow"), GENEROUS_S)
 
 
 async def test_connect_refused_is_unavailable_over_a_real_socket():

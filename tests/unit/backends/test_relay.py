@@ -1,12 +1,13 @@
-"""RelayReply over canned upstream bytes: model rewrite, usage, the gateway's hidden usage chunk, reasoning
-stripping, and the llama.cpp reasoning repairs."""
+"""RelayReply over canned upstream bytes: model rewrite, usage in every shape a backend sends it (counted,
+shown only as the one chunk a client asked for), the first-event signal, reasoning stripping, and the
+llama.cpp reasoning repairs."""
 import orjson
 import pytest
 
 from backends.base import AgentRules, BackendRequest
 from backends.errors import BackendProtocolError
 from backends.llamacpp import fix_reasoning, fix_reasoning_stream
-from backends.openai_compat import RelayReply
+from backends.openai_compat import RelayReply, has_usage_object
 
 
 class Upstream:
@@ -14,13 +15,19 @@ class Upstream:
     headers: dict = {}
 
     def __init__(self, pieces: list[bytes]) -> None:
-        self.pieces, self.closed = pieces, False
+        self.pieces, self.closed, self.first_event_at = pieces, False, None
+        self.yielded = 0
+
+    def first_event_received(self) -> None:
+        if self.first_event_at is None:
+            self.first_event_at = self.yielded
 
     async def read(self) -> bytes:
         return b"".join(self.pieces)
 
     async def iter_bytes(self):
         for piece in self.pieces:
+            self.yielded += 1
             yield piece
 
     async def aclose(self) -> None:
@@ -79,3 +86,80 @@ def test_llamacpp_thinking_off_answer_moves_to_content():
     fix_reasoning(raw, request())
     assert raw["choices"][0]["message"] == {"content": "answer", "reasoning_content": "why"}
     assert fix_reasoning_stream(b'{"reasoning_content":"x"}', request(thinking=False)) == b'{"content":"x"}'
+
+
+def done() -> bytes:
+    return b"data: [DONE]\n\n"
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+# SGLang (model_dump_json): "usage":null on every chunk, the object only on the choices:[] chunk.
+SGLANG = (event({"id": "c", "model": "up", "choices": [{"index": 0, "delta": {"content": "a"}}], "usage": None})
+          + event({"id": "c", "model": "up", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                   "usage": None})
+          + event({"id": "c", "model": "up", "choices": [], "usage": USAGE}) + done())
+# The hosted API: usage inside the final choice always, and the OpenAI chunk too when asked for.
+HOSTED = (event({"id": "h", "model": "up", "choices": [{"index": 0, "delta": {"content": "a"}}]})
+          + event({"id": "h", "model": "up", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop",
+                                                           "usage": USAGE}]})
+          + event({"id": "h", "model": "up", "choices": [], "usage": USAGE}) + done())
+HOSTED_IN_CHOICE_ONLY = HOSTED.replace(event({"id": "h", "model": "up", "choices": [], "usage": USAGE}), b"")
+
+
+def usage_objects(text: bytes) -> list[dict]:
+    """Every usage object the client would see, wherever it sits."""
+    found = []
+    for raw in text.split(b"\n\n"):
+        if raw.startswith(b"data: {"):
+            doc = orjson.loads(raw[6:])
+            found += [doc["usage"]] if doc.get("usage") else []
+            found += [c["usage"] for c in doc.get("choices") or () if c.get("usage")]
+    return found
+
+
+@pytest.mark.parametrize("stream", [SGLANG, HOSTED, HOSTED_IN_CHOICE_ONLY], ids=["sglang", "hosted", "in-choice"])
+async def test_usage_is_counted_and_never_shown_to_a_client_that_did_not_ask(stream):
+    text, reply = await relay([stream], request(hide_usage_chunk=True))
+    assert usage_objects(text) == [] and text.endswith(b"data: [DONE]\n\n")
+    assert reply.usage == USAGE
+
+
+@pytest.mark.parametrize("stream", [SGLANG, HOSTED, HOSTED_IN_CHOICE_ONLY], ids=["sglang", "hosted", "in-choice"])
+@pytest.mark.parametrize("split", [3, len(HOSTED)])
+async def test_a_client_that_asked_gets_exactly_one_usage_chunk(stream, split):
+    pieces = [stream[i:i + split] for i in range(0, len(stream), split)]
+    text, reply = await relay(pieces, request())
+    events = [orjson.loads(raw[6:]) for raw in text.split(b"\n\n") if raw.startswith(b"data: {")]
+    assert usage_objects(text) == [USAGE]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == USAGE and events[-1]["model"] == "asked"
+    assert text.endswith(b"data: [DONE]\n\n") and reply.usage == USAGE
+
+
+async def test_continuous_usage_stats_the_client_asked_for_stay():
+    stream = (event({"model": "up", "choices": [{"index": 0, "delta": {"content": "a"}}], "usage": USAGE})
+              + event({"model": "up", "choices": [], "usage": USAGE}) + done())
+    asked = request(body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert len(usage_objects((await relay([stream], asked))[0])) == 2
+    assert usage_objects((await relay([stream], request(hide_usage_chunk=True)))[0]) == []
+
+
+def test_usage_null_on_every_chunk_is_not_a_usage_object():
+    assert not has_usage_object(b'data: {"choices":[{"delta":{}}],"usage":null}\n\n')
+    assert has_usage_object(b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n')
+    assert has_usage_object(b'data: {"choices": [], "usage": {"prompt_tokens": 1}}\n\n')
+
+
+async def test_non_stream_usage_in_a_choice_is_counted_and_stripped():
+    body = orjson.dumps({"model": "up", "usage": USAGE,
+                         "choices": [{"index": 0, "message": {"content": "a"}, "usage": USAGE}]})
+    reply = RelayReply(Upstream([body]), request(stream=False), backend="b")
+    doc = orjson.loads(await reply.read())
+    assert doc["usage"] == USAGE and "usage" not in doc["choices"][0] and reply.usage == USAGE
+
+
+async def test_the_first_data_event_ends_the_first_byte_deadline_not_a_comment():
+    pieces = [b": keep-alive\n\n", b"data: {\"model\":\"up\"}\n\n", done()]
+    upstream = Upstream(pieces)
+    reply = RelayReply(upstream, request(), backend="b")
+    assert [block async for block in reply.events()][-1].endswith(b"[DONE]\n\n")
+    assert upstream.first_event_at == 2

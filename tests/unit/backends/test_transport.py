@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends import transport as transport_module
-from backends.errors import BackendProtocolError, BackendTimeoutError, BackendUnavailableError
+from backends.errors import (
+    BackendFirstByteTimeoutError,
+    BackendProtocolError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+)
 from backends.transport import LeanTransport
 
 GENEROUS_S = 5.0  # only ever a bound on waiting for something that must happen; never a speed assertion
@@ -484,8 +489,72 @@ async def test_stall_mid_body_is_an_idle_timeout(start):
     response = await transport.request("GET", "/stream")
     pieces = response.iter_bytes()
     assert await anext(pieces) == b"first"
-    with pytest.raises(BackendTimeoutError, match="idle"):
+    response.first_event_received()
+    with pytest.raises(BackendTimeoutError, match="idle") as caught:
         await asyncio.wait_for(anext(pieces), GENEROUS_S)
+    assert caught.value.retryable  # an idle timeout is not a first-byte one
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
+
+
+async def test_head_before_prefill_leaves_the_first_byte_deadline_running(start):
+    """SGLang sends a stream's head at once and its first event after prefill: the first-byte timeout
+    bounds that wait, however long the idle timeout is."""
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(CHUNKED_HEAD)
+        await eof_then_signal(up, conn)
+
+    up, transport = await start(handler, first_byte_timeout_s=0.3, idle_timeout_s=60)
+    response = await transport.request("POST", "/v1/chat/completions", b"{}")
+    with pytest.raises(BackendFirstByteTimeoutError, match="first byte") as caught:
+        await asyncio.wait_for(anext(response.iter_bytes()), GENEROUS_S)
+    assert not caught.value.retryable
+    await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)  # the upstream request was aborted
+
+
+async def test_a_prefill_longer_than_the_idle_timeout_is_fine_within_the_first_byte_timeout(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await conn.send(CHUNKED_HEAD)
+        await asyncio.sleep(0.5)
+        await conn.send(b"%x\r\n%b\r\n" % (len(b"data: {}\n\n"), b"data: {}\n\n") + b"0\r\n\r\n")
+        await conn.wait_eof()
+
+    _, transport = await start(handler, first_byte_timeout_s=GENEROUS_S, idle_timeout_s=0.2)
+    response = await transport.request("POST", "/v1/chat/completions", b"{}")
+    assert await asyncio.wait_for(response.read(), GENEROUS_S) == b"data: {}\n\n"
+
+
+async def test_probe_has_its_own_connection_when_the_pool_is_full(start):
+    async def handler(up, conn):
+        request = await conn.read_request()
+        up.requests.append(request)
+        if request[0].startswith(b"GET /health"):
+            while request is not None:  # a keep-alive probe connection
+                await conn.send(ok(b""))
+                request = await conn.read_request()
+            return
+        await conn.send(CHUNKED_HEAD)  # a slow stream holding its data-plane connection
+        await conn.wait_eof()
+
+    up, transport = await start(handler, max_connections=2, connect_timeout_s=0.2)
+    held = [await transport.request("POST", "/v1/chat/completions", b"{}") for _ in range(2)]
+    with pytest.raises(BackendUnavailableError, match="pool exhausted"):
+        await transport.request("GET", "/x")
+    assert [await transport.probe("/health") for _ in range(3)] == [200, 200, 200]
+    assert up.connections == 3  # two streams, one probe connection kept alive
+    for response in held:
+        await response.aclose()
+
+
+async def test_probe_is_bounded_by_the_health_timeout(start):
+    async def handler(up, conn):
+        await up.next_request(conn)
+        await eof_then_signal(up, conn)
+
+    up, transport = await start(handler, health_timeout_s=0.2)
+    with pytest.raises(BackendTimeoutError, match="health timeout"):
+        await asyncio.wait_for(transport.probe("/health"), GENEROUS_S)
     await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
 
 

@@ -380,3 +380,27 @@ async def test_requests_rejected_by_auth_are_logged_without_authorization():
         await client.post("/v1/chat/completions", json=request())
         log = (await client.get("/_emulator/requests")).json()
     assert len(log) == 1 and log[0]["has_authorization"] is False and log[0]["body"]["model"] == "kimi-k2.6"
+
+
+# --- timing and raw bodies -----------------------------------------------------------------------
+
+
+async def test_prefill_fault_holds_the_first_event_not_the_head():
+    log: list = []
+
+    async def sleep(seconds: float) -> None:
+        log.append(("sleep", seconds))
+    app = create_moonshot_app(MoonshotOptions(api_key="test-key", sleep=sleep))
+    async with client_for(app) as client:
+        await client.post("/_emulator/faults", json={"delay_prefill_s": 4.0})
+        async with client.stream("POST", "/v1/chat/completions", json=request(stream=True), headers=KEY) as response:
+            assert response.status_code == 200
+            text = (await response.aread()).decode()
+    assert log == [("sleep", 4.0)] and text.endswith("data: [DONE]\n\n")
+
+
+async def test_raw_body_fault_is_a_proxy_page():
+    async with client_for(create_moonshot_app(OPTIONS)) as client:
+        await client.post("/_emulator/faults", json={"raw_body": "<html>bad gateway</html>", "status": 502})
+        response = await client.post("/v1/chat/completions", json=request(), headers=KEY)
+    assert response.status_code == 502 and response.text == "<html>bad gateway</html>"

@@ -154,12 +154,12 @@ async def test_streamed_tool_call_deltas_follow_openai_shape():
     response = await chat(KIMI, {"messages": user("call get_weather"), "tools": [WEATHER_TOOL], "stream": True})
     chunks = [p for p in sse_payloads(response.text) if p != "[DONE]"]
     tool_deltas = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks
-                   if "tool_calls" in c["choices"][0]["delta"]]
+                   if c["choices"] and c["choices"][0]["delta"]["tool_calls"]]
     head, *fragments = tool_deltas
     assert head == {"index": 0, "id": "functions.get_weather:0", "type": "function",
                     "function": {"name": "get_weather", "arguments": ""}}
     assert 2 <= len(fragments) <= 3
-    assert all(set(f) == {"index", "function"} for f in fragments)
+    assert all(f["id"] is None and f["function"]["name"] is None and f["index"] == 0 for f in fragments)
     json.loads("".join(f["function"]["arguments"] for f in fragments))
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -192,9 +192,11 @@ async def test_chat_stream_shape():
     assert payloads[-1] == "[DONE]"
     first, *middle, finish, usage_chunk, _ = payloads
     assert first["object"] == "chat.completion.chunk" and first["model"] == "kimi"
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "", "reasoning_content": None,
+                                            "tool_calls": None}
     assert all(c["choices"][0]["finish_reason"] is None for c in middle)
-    assert finish["choices"][0]["delta"] == {}
+    assert all(c["usage"] is None for c in [first, *middle, finish])  # model_dump_json keeps the null
+    assert set(finish["choices"][0]["delta"].values()) == {None}
     assert finish["choices"][0]["finish_reason"] == "stop"
     assert finish["choices"][0]["matched_stop"] == EOS_TOKEN_ID
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["reasoning_tokens"] == 8
@@ -207,16 +209,16 @@ async def test_stream_sends_reasoning_deltas_before_content_deltas_and_matches_n
         whole = (await client.post("/v1/chat/completions", json=request)).json()["choices"][0]["message"]
         streamed = await client.post("/v1/chat/completions", json={**request, "stream": True})
     deltas = [p["choices"][0]["delta"] for p in sse_payloads(streamed.text)[1:-2]]
-    kinds = ["reasoning" if "reasoning_content" in d else "content" for d in deltas]
+    kinds = ["reasoning" if d["reasoning_content"] is not None else "content" for d in deltas]
     assert kinds == sorted(kinds, key=lambda k: k != "reasoning") and "reasoning" in kinds
-    assert "".join(d.get("reasoning_content", "") for d in deltas) == whole["reasoning_content"]
-    assert "".join(d.get("content", "") for d in deltas) == whole["content"]
+    assert "".join(d["reasoning_content"] or "" for d in deltas) == whole["reasoning_content"]
+    assert "".join(d["content"] or "" for d in deltas) == whole["content"]
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk():
     payloads = sse_payloads((await chat(KIMI, {"messages": user("hi"), "stream": True})).text)
     assert payloads[-2]["choices"][0]["finish_reason"] == "stop"
-    assert all("usage" not in p for p in payloads[:-1])
+    assert all(p["usage"] is None and p["choices"] for p in payloads[:-1])
 
 
 # --- completions ---------------------------------------------------------------------------------
@@ -238,7 +240,7 @@ async def test_completions_stream_ends_with_finish_chunk_usage_and_done():
         payloads = sse_payloads((await client.post("/v1/completions", json=request)).text)
     assert payloads[-1] == "[DONE]"
     texts, finish, usage = payloads[:-3], payloads[-3], payloads[-2]
-    assert len(texts) == 3 and all(p["object"] == "text_completion" for p in texts)
+    assert len(texts) == 3 and all(p["object"] == "text_completion" and p["usage"] is None for p in texts)
     assert finish["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "length",
                                     "matched_stop": None}
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3

@@ -111,6 +111,15 @@ async def test_loading_a_loaded_name_fails(tmp_path):
     body = response.json()
     assert body["success"] is False
     assert body["error_message"] == "Failed to load LoRA adapter neko because it is already loaded"
+    assert body["loaded_adapters"] == {"neko": str(tmp_path / "neko")}  # a scheduler-side failure: the map
+
+
+async def test_loading_a_loaded_path_under_a_new_name_succeeds(tmp_path):
+    """Only the name must be new; the same path under another name is a warning in SGLang (§1.2)."""
+    async with client_for(create_sglang_app(lora_options(tmp_path))) as client:
+        response = await client.post("/load_lora_adapter",
+                                     json={"lora_name": "neko2", "lora_path": str(tmp_path / "neko")})
+    assert response.status_code == 200 and set(response.json()["loaded_adapters"]) == {"neko", "neko2"}
 
 
 async def test_unloading_an_unknown_name_fails(tmp_path):
