@@ -48,10 +48,11 @@ class UpstreamResponse:
     __slots__ = (
         "status", "headers", "_conn", "_owner", "_parser", "_no_body", "_pieces", "_buffered", "_head_done",
         "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter", "_deadline",
-        "_first_pending",
+        "_first_pending", "_keep_conn",
     )
 
-    def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool) -> None:
+    def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool, keep_conn: bool = False) -> None:
+        self._keep_conn = keep_conn  # at its end the connection stays with the caller (a connection check)
         self.status = 0
         self.headers: dict[str, str] = {}
         self._conn: _Connection | None = conn
@@ -222,7 +223,8 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         conn.response = None
         if self._keep_alive and not self._until_close and not self._extra:
-            conn._pool.release(conn)
+            if not self._keep_conn:
+                conn._pool.release(conn)
         else:
             conn.close()
 
@@ -479,8 +481,9 @@ class LeanTransport:
             conn = await pool.acquire(fresh)
             if self.check_path is not None and not conn.checked and pool is self._pool:
                 conn.checked = True
-                await self._check(conn)  # the connection goes back to the pool: take one again
-                continue
+                if not await self._check(conn):  # the server closed it after the check: a new one
+                    fresh = True
+                    continue
             response = UpstreamResponse(conn, self, method == "HEAD")
             try:
                 await response._start(head, body)
@@ -501,12 +504,21 @@ class LeanTransport:
         keep-alive connections)."""
         self._pool.close_idle()
 
-    async def _check(self, conn: _Connection) -> None:
-        response = UpstreamResponse(conn, self, False)
+    async def _check(self, conn: _Connection) -> bool:
+        """The check's GET on the new connection, which stays ours for the request; False when it did not
+        survive the check. A raising connection_check hands the connection back to the pool first."""
+        response = UpstreamResponse(conn, self, False, keep_conn=True)
         await response._start(self._encode_head("GET", self.check_path, b"", None), b"")
         body = await response.read()
-        if self.connection_check is not None:
-            self.connection_check(response.status, body)
+        if conn.dead or conn.response is not None or conn.transport is None or conn.transport.is_closing():
+            return False
+        try:
+            if self.connection_check is not None:
+                self.connection_check(response.status, body)
+        except BaseException:
+            conn._pool.release(conn)
+            raise
+        return True
 
     async def _connect(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
