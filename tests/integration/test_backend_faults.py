@@ -40,6 +40,7 @@ def moonshot(start_process) -> str:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft-faults")
+    write_peft(root / "medical")
     return root, write_peft(root / "legal")
 
 
@@ -65,7 +66,7 @@ def gateway(sglang, moonshot, adapter_dir, start_gateway) -> str:
                    {"name": "short-idle", "targets": ["kt-short-idle"]},
                    {"name": "narrow", "targets": ["kt-narrow"]},
                    {"name": "hosted", "targets": ["hosted"]}],
-    }, name="gateway-faults", env={"MOONSHOT_KEY": HOSTED_KEY})
+    }, name="gateway-faults", env={"MOONSHOT_KEY": HOSTED_KEY, "KIMI_GATEWAY_ADMIN_KEYS": ADMIN_KEY})
 
 
 def fault(emulator: str, **spec) -> None:
@@ -194,6 +195,7 @@ def test_health_probes_do_not_queue_behind_a_full_data_plane_pool(gateway, sglan
 # --- broken answers ------------------------------------------------------------------------------
 
 
+ADMIN_KEY = "admin-key-for-fault-tests"
 PROXY_PAGE = "<html><head><title>400 Bad Request</title></head><body><center>nginx</center></body></html>"
 
 
@@ -209,10 +211,17 @@ def test_a_broken_backend_body_is_a_502(gateway, sglang, spec, stream):
     assert "could not parse" not in response.text and "nginx" not in response.text
 
 
-def test_a_proxy_page_from_the_adapter_load_is_not_the_clients_json(gateway, sglang):
+def test_a_proxy_page_from_the_adapter_load_is_not_the_clients_json(gateway, sglang, adapter_dir):
+    """Loads happen in the lifecycle, never on the request path: a broken load answer fails the registration
+    (rolled back) with the backend named, never as the client's unparseable JSON."""
+    root, _ = adapter_dir
     fault(sglang, path="/load_lora_adapter", raw_body=PROXY_PAGE, status=200, count=2)
-    response = chat(gateway, "legal")
-    assert response.status_code == 502 and "could not parse" not in response.text
+    response = httpx.post(f"{gateway.removesuffix('/v1')}/admin/adapters", timeout=60,
+                          headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                          json={"name": "medical", "source": str(root / "medical"), "backends": ["kt"]})
+    assert response.status_code == 502, response.text
+    assert "could not parse" not in response.text and "nginx" not in response.text
+    assert "medical" not in [m["id"] for m in httpx.get(f"{gateway}/models", timeout=10).json()["data"]]
 
 
 # --- streams that fail after their first byte -----------------------------------------------------
