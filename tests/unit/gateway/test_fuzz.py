@@ -25,6 +25,7 @@ CONFIG = {
     "adapters": [{"name": "ada", "gguf": "/x/a.gguf", "backends": ["one"]}],
     "routes": [{"name": "kimi", "targets": ["one"]}],
     "limits": {"max_tokens": 64, "max_messages": 32, "max_body_bytes": 65536},
+    "exposure": {"openapi": "public"},  # schemathesis reads the schema without a key
 }
 
 
