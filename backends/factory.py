@@ -26,6 +26,7 @@ def build_drivers(config, secrets, adapters) -> dict[str, BackendDriver]:
     drivers: dict[str, BackendDriver] = {}
     for backend in config.backends:
         planned = adapter_plan(backend.name, adapters)
+        api_key = secrets(backend.api_key_env) if backend.api_key_env else None
         timeouts = dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
                         idle_timeout_s=backend.timeouts.idle_s, backend=backend.name,
                         max_connections=backend.max_connections)
@@ -34,13 +35,13 @@ def build_drivers(config, secrets, adapters) -> dict[str, BackendDriver]:
                 transports = [LeanTransport(base_url(url), **timeouts) for url in backend.endpoints]
                 drivers[backend.name] = LlamaCppDriver(
                     backend.name, transports, adapters=planned,
-                    vision=backend.has_vision)
+                    vision=backend.has_vision, api_key=api_key)
             case "sglang":
                 transports = [LeanTransport(base_url(url), **timeouts) for url in backend.endpoints]
                 drivers[backend.name] = SglangDriver(
                     backend.name, transports, served_model=backend.served_model_name,
                     adapters=planned, expert_adapter=backend.expert_adapter,
-                    vision=backend.has_vision)
+                    vision=backend.has_vision, api_key=api_key)
             case "moonshot":
                 # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md).
                 transports = [HttpxTransport(base_url(url), **timeouts) for url in backend.endpoints]

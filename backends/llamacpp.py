@@ -81,6 +81,8 @@ def error_from_llamacpp(status: int, headers: Mapping[str, str], raw: bytes, bac
     message = str(error.get("message") or f"llama-server answered HTTP {status}")
     if status == 429:
         return BackendRateLimitedError(message, backend=backend, retry_after_s=_seconds(headers.get("retry-after")))
+    if status in (401, 403):  # the gateway's own key (api_key_env), not the client's
+        return BackendUnavailableError(f"the gateway's key was refused ({status})", backend=backend)
     if status in (502, 503, 504):
         return BackendUnavailableError(message, backend=backend)
     if 400 <= status < 500:
@@ -101,8 +103,8 @@ class LlamaCppDriver(OpenAICompatDriver):
     kind = "llamacpp"
 
     def __init__(self, name: str, transports: Sequence, *, adapters: Mapping[str, AdapterFiles],
-                 vision: bool = False) -> None:
-        super().__init__(name, transports, vision=vision)
+                 vision: bool = False, api_key: str | None = None) -> None:
+        super().__init__(name, transports, vision=vision, api_key=api_key)
         self._adapter_files: dict[str, str] = {}     # adapter name -> GGUF path as registered
         self._ids: list[int] = []                    # every adapter id the server loaded
         self._by_path: dict[str, int] = {}           # real path -> id, from /lora-adapters

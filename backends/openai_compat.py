@@ -161,8 +161,10 @@ class OpenAICompatDriver:
     kind = ""
     health_path = "/health"
 
-    def __init__(self, name: str, transports: Sequence, *, vision: bool) -> None:
+    def __init__(self, name: str, transports: Sequence, *, vision: bool, api_key: str | None = None) -> None:
         self.name = name
+        # The backend's own key (config `api_key_env`), on every call: data plane and control plane alike.
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._transports = list(transports)
         self._up = [True] * len(self._transports)
         self._turn = itertools.cycle(range(len(self._transports)))
@@ -198,7 +200,7 @@ class OpenAICompatDriver:
     fix_block: Callable[[bytes, BackendRequest], bytes] | None = None  # ... and of stream blocks
 
     def headers(self) -> dict[str, str] | None:
-        return None
+        return self._headers
 
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)

@@ -70,8 +70,9 @@ class SglangDriver(OpenAICompatDriver):
     health_path = "/health"
 
     def __init__(self, name: str, transports: Sequence, *, served_model: str | None,
-                 adapters: Mapping[str, AdapterFiles], expert_adapter: str | None = None, vision: bool = True) -> None:
-        super().__init__(name, transports, vision=vision)
+                 adapters: Mapping[str, AdapterFiles], expert_adapter: str | None = None, vision: bool = True,
+                 api_key: str | None = None) -> None:
+        super().__init__(name, transports, vision=vision, api_key=api_key)
         self._served_model = served_model
         self._sources: dict[str, str] = {}           # adapter name -> PEFT dir the server can read
         self._expert_adapter = expert_adapter        # KT expert LoRA: the server serves only this one
