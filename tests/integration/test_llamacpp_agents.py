@@ -10,8 +10,6 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from backends.launchers.llamacpp import LlamaServerLaunch, free_port
-from gateway.demo.tiny_gguf import write_demo_set
 from tests.integration.conftest import sdk
 from tests.unit.backends.test_json_grammar_fuzz import schemas
 
@@ -19,15 +17,6 @@ PROMPT = [{"role": "user", "content": "Tell me about the blue river"}]
 OFF = {"chat_template_kwargs": {"thinking": False}}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}},
           "required": ["city", "days"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def kimi_llama(llama_binary, tmp_path_factory, start_process) -> str:
-    models = write_demo_set(tmp_path_factory.mktemp("kimi-models"), chat_template="kimi")
-    launch = LlamaServerLaunch(llama_binary, models.model, (models.lora_a,), port=free_port(), alias="tiny-kimi",
-                               threads=1, extra=("-np", "1"))
-    start_process("llama-server-kimi", launch.argv(), f"{launch.url}/health")
-    return launch.url
 
 
 @pytest.fixture(scope="module")
