@@ -79,9 +79,9 @@ def control_plane(state: GatewayState) -> FastAPI:
 
 
 class GatewayApp:
-    """The ASGI entry point: the data plane never touches FastAPI. With `admin_listen` set, /admin (and the
-    introspection that `exposure` makes admin-only) is served only on that port and nothing else is, but
-    /readyz, which both serve when its details are admin-only."""
+    """The ASGI entry point: the data plane never touches FastAPI. With `admin_listen` set, that port serves
+    /admin and the introspection that `exposure` makes admin-only, and the main port serves everything else;
+    /readyz is on both when its details are admin-only (its status for load balancers, its details on admin)."""
 
     def __init__(self, state: GatewayState) -> None:
         config = state.config
