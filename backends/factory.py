@@ -24,33 +24,32 @@ def base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def transport_options(backend: BackendConfigBase, secrets: Secrets) -> dict:
-    key = secrets(backend.api_key_env) if backend.api_key_env else None
+def api_key(backend: BackendConfigBase, secrets: Secrets) -> str | None:
+    return secrets(backend.api_key_env) if backend.api_key_env else None
+
+
+def transport_options(backend: BackendConfigBase) -> dict:
     return dict(connect_timeout_s=backend.timeouts.connect_s, first_byte_timeout_s=backend.timeouts.first_byte_s,
                 idle_timeout_s=backend.timeouts.idle_s, health_timeout_s=backend.timeouts.health_s,
-                backend=backend.name, max_connections=backend.max_connections,
-                default_headers={"Authorization": f"Bearer {key}"} if key else None)
+                backend=backend.name, max_connections=backend.max_connections)
 
 
 def build_llamacpp(backend: LlamaCppConfig, secrets: Secrets) -> LlamaCppDriver:
-    options = transport_options(backend, secrets)
-    transports = [LeanTransport(base_url(url), **options) for url in backend.endpoints]
-    return LlamaCppDriver(backend.name, transports, vision=backend.has_vision)
+    transports = [LeanTransport(base_url(url), **transport_options(backend)) for url in backend.endpoints]
+    return LlamaCppDriver(backend.name, transports, vision=backend.has_vision, api_key=api_key(backend, secrets))
 
 
 def build_sglang(backend: SglangConfig, secrets: Secrets) -> SglangDriver:
-    options = transport_options(backend, secrets)
-    transports = [LeanTransport(base_url(url), **options) for url in backend.endpoints]
+    transports = [LeanTransport(base_url(url), **transport_options(backend)) for url in backend.endpoints]
     return SglangDriver(backend.name, transports, served_model=backend.served_model_name,
-                        expert_adapter=backend.expert_adapter, vision=backend.has_vision)
+                        expert_adapter=backend.expert_adapter, vision=backend.has_vision,
+                        api_key=api_key(backend, secrets))
 
 
 def build_moonshot(backend: MoonshotConfig, secrets: Secrets) -> MoonshotDriver:
-    # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md). The key goes in the
-    # driver's own headers, so the transport gets none.
-    options = {**transport_options(backend, lambda _: None)}
-    transports = [HttpxTransport(base_url(url), **options) for url in backend.endpoints]
-    return MoonshotDriver(backend.name, transports, api_key=secrets(backend.api_key_env), models=backend.models,
+    # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md).
+    transports = [HttpxTransport(base_url(url), **transport_options(backend)) for url in backend.endpoints]
+    return MoonshotDriver(backend.name, transports, api_key=api_key(backend, secrets), models=backend.models,
                           vision=backend.has_vision)
 
 

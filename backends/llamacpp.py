@@ -120,6 +120,8 @@ def error_from_llamacpp(status: int, headers: Mapping[str, str], raw: bytes, bac
         return BackendAccountError(f"the gateway's key was refused ({status})", backend=backend)
     if status == 429:
         return BackendRateLimitedError(message, backend=backend, retry_after_s=_seconds(headers.get("retry-after")))
+    if status in (401, 403):  # the gateway's own key (api_key_env), not the client's
+        return BackendUnavailableError(f"the gateway's key was refused ({status})", backend=backend)
     if status in (502, 503, 504):
         return BackendUnavailableError(message, backend=backend)
     if 400 <= status < 500:
@@ -144,8 +146,8 @@ class LlamaCppDriver(OpenAICompatDriver):
 
     kind = "llamacpp"
 
-    def __init__(self, name: str, transports: Sequence, *, vision: bool = False) -> None:
-        super().__init__(name, transports, vision=vision)
+    def __init__(self, name: str, transports: Sequence, *, vision: bool = False, api_key: str | None = None) -> None:
+        super().__init__(name, transports, vision=vision, api_key=api_key)
         count = len(self._transports)
         self._listing: list[dict[str, int] | None] = [None] * count   # real path -> id; None = not read yet
         self._wanted: list[dict[str, AdapterFiles]] = [{} for _ in range(count)]

@@ -242,8 +242,10 @@ class OpenAICompatDriver:
     health_path = "/health"
     dynamic_adapters = False
 
-    def __init__(self, name: str, transports: Sequence, *, vision: bool) -> None:
+    def __init__(self, name: str, transports: Sequence, *, vision: bool, api_key: str | None = None) -> None:
         self.name = name
+        # The backend's own key (config `api_key_env`), on every call: data plane and control plane alike.
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._transports = list(transports)
         self.replicas = tuple(getattr(t, "base_url", str(i)) for i, t in enumerate(self._transports))
         self._up = [True] * len(self._transports)
@@ -283,7 +285,7 @@ class OpenAICompatDriver:
     fix_block: Callable[[bytes, BackendRequest], bytes] | None = None  # ... and of stream blocks
 
     def headers(self) -> dict[str, str] | None:
-        return None
+        return self._headers
 
     def stream_error_for(self, replica: int) -> Callable[[bytes], BackendError] | None:
         return self.stream_error

@@ -101,8 +101,8 @@ class SglangDriver(OpenAICompatDriver):
     health_path = "/health"
 
     def __init__(self, name: str, transports: Sequence, *, served_model: str | None,
-                 expert_adapter: str | None = None, vision: bool = True) -> None:
-        super().__init__(name, transports, vision=vision)
+                 expert_adapter: str | None = None, vision: bool = True, api_key: str | None = None) -> None:
+        super().__init__(name, transports, vision=vision, api_key=api_key)
         self._served_model = served_model
         self._expert_adapter = self.expert_adapter = expert_adapter  # KT expert LoRA: only this one, fixed
         self.dynamic_adapters = expert_adapter is None

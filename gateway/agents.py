@@ -1,10 +1,20 @@
 """AgentSupport: what the data plane does for tool-using requests, and only for them: put remembered
-reasoning back into the history, and watch the reply so that its reasoning can be put back next turn."""
+reasoning back into the history, and watch the reply so that its reasoning can be put back next turn.
+The memory is scoped per client key, or per `user` on an open gateway (memory_scope)."""
 from __future__ import annotations
 
 from gateway.config import ReasoningMemoryConfig
 from gateway.metrics import Metrics
 from gateway.policies.reasoning_memory import ReasoningCapture, ReasoningMemory
+
+
+def memory_scope(key_name: str, doc: dict) -> str | None:
+    """Whose reasoning a request may read and write: its client key's; on an open gateway (no keys) its
+    `user`'s, and without a `user` nobody's (no memory), so that no client ever reads another's reasoning."""
+    if key_name:
+        return f"key:{key_name}"
+    user = doc.get("user")
+    return f"user:{user}" if isinstance(user, str) and user else None
 
 
 class AgentSupport:
@@ -13,9 +23,10 @@ class AgentSupport:
         self.memory = ReasoningMemory(max_entries=config.max_entries, max_bytes=config.max_bytes,
                                       ttl_s=config.ttl_s) if config.enabled else None
 
-    def prepare(self, doc: dict, scope: str, route: str) -> ReasoningCapture | None:
+    def prepare(self, doc: dict, key_name: str, route: str) -> ReasoningCapture | None:
         """Restore reasoning in `doc["messages"]` (counted) and return the observer for the reply."""
-        if self.memory is None:
+        scope = memory_scope(key_name, doc)
+        if self.memory is None or scope is None:
             return None
         restored, missed = self.memory.restore(scope, doc.get("messages") or [])
         if restored:

@@ -6,10 +6,10 @@ import gc
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from backends.base import BackendDriver
@@ -19,6 +19,7 @@ from gateway.api.openapi import data_plane_paths
 from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidRequestError, error_body
+from gateway.exposure import admin_listener_paths, exposed, on_admin_listener, shared_paths
 from gateway.state import GatewayState, build_state
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def control_plane(state: GatewayState) -> FastAPI:
             state.draining = True
             await state.aclose()
 
-    app = FastAPI(title="kimi-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="kimi-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = state
     app.include_router(models.router)
     app.include_router(health.router)
@@ -53,6 +54,10 @@ def control_plane(state: GatewayState) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(exposed("openapi"))])
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> Response:
@@ -74,27 +79,30 @@ def control_plane(state: GatewayState) -> FastAPI:
 
 
 class GatewayApp:
-    """The ASGI entry point: the data plane never touches FastAPI. With `admin_listen` set, /admin is
-    served only on that port and nothing else is."""
+    """The ASGI entry point: the data plane never touches FastAPI. With `admin_listen` set, that port serves
+    /admin and the introspection that `exposure` makes admin-only, and the main port serves everything else;
+    /readyz is on both when its details are admin-only (its status for load balancers, its details on admin)."""
 
     def __init__(self, state: GatewayState) -> None:
+        config = state.config
         self.state = state
         self.data_plane = DataPlane(state)
         self.control = control_plane(state)
-        admin_listen = state.config.admin_listen
-        self.admin_port = admin_listen.port if admin_listen is not None else None
+        self.split = config.admin_listen is not None
+        self.admin_paths = admin_listener_paths(config)
+        self.shared_paths = shared_paths(config)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            if scope["path"] in DATA_PATHS and scope["method"] == "POST" and not self._on_admin_port(scope):
+            path, on_admin = scope["path"], self.split and on_admin_listener(scope, self.state.config)
+            if path in DATA_PATHS and scope["method"] == "POST" and not on_admin:
                 return await self.data_plane(scope, receive, send)
-            if self.admin_port is not None and self._on_admin_port(scope) != scope["path"].startswith("/admin"):
+            if self.split and path not in self.shared_paths and on_admin != self._admin_side(path):
                 return await not_found(send)
         return await self.control(scope, receive, send)
 
-    def _on_admin_port(self, scope) -> bool:
-        server = scope.get("server")
-        return self.admin_port is not None and server is not None and server[1] == self.admin_port
+    def _admin_side(self, path: str) -> bool:
+        return path.startswith("/admin") or path in self.admin_paths
 
 
 async def not_found(send) -> None:

@@ -127,6 +127,17 @@ class LimitsConfig(Strict):
     forward_fields: tuple[str, ...] = ()       # forwarded as-is even when unknown_fields is reject
 
 
+Exposure = Literal["public", "admin"]
+
+
+class ExposureConfig(Strict):
+    """Who may read the gateway's own introspection. `public`: anyone who reaches the main listener. `admin`:
+    only the `admin_listen` listener serves it when there is one (no key needed there), else an admin key."""
+    metrics: Exposure = "public"          # Prometheus scrapes without credentials; labels are config names only
+    openapi: Exposure = "admin"           # /openapi.json: no client needs it, and it maps the admin API
+    readyz_details: Exposure = "admin"    # /readyz per-backend states; its status code stays public
+
+
 class GatewayConfig(Strict):
     listen: ListenConfig = ListenConfig()
     admin_listen: ListenConfig | None = None   # the admin API on its own listener (then not on `listen`)
@@ -138,6 +149,7 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     reasoning_memory: ReasoningMemoryConfig = ReasoningMemoryConfig()
     base_model: BaseModelConfig = BaseModelConfig()
+    exposure: ExposureConfig = ExposureConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()

@@ -1,4 +1,4 @@
-"""The hot path as plain ASGI: read body -> orjson -> check -> auth -> route -> sampling -> driver -> relay.
+"""The hot path as plain ASGI: auth -> read body -> orjson -> check -> route -> sampling -> driver -> relay.
 
 No FastAPI routing and no pydantic here (reference/hot-path.md: FastAPI's request handling alone costs
 more than a whole lean forward). One call per step; the steps live in their own modules.
@@ -32,6 +32,7 @@ from gateway.validation import check_request
 log = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 STICKY_HEADER = b"x-kimi-sticky-key"
+CLOSE = (b"connection", b"close")
 
 
 class ClientGone(Exception):
@@ -64,10 +65,11 @@ class DataPlane:
         recorder = RequestRecorder(self.state.metrics)
         headers = dict(scope["headers"])
         extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id.encode())]
-        code, usage, watcher = 500, None, None
+        code, usage, watcher, body = 500, None, None, None
         try:
-            body = await read_body(receive, self.max_body)
+            # The key first, from the headers: an unauthenticated client gets nothing buffered for it.
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
+            body = await read_body(receive, self.max_body)
             doc = parse_body(body)
             watcher = DisconnectWatcher(receive)
             code, usage = await self.serve(scope["path"], doc, len(body), principal, headers, request_id,
@@ -75,6 +77,8 @@ class DataPlane:
         except ClientGone:
             code = 499
         except GatewayError as exc:
+            if body is None:  # refused before its body was read (401, 413): close rather than drain the rest
+                extra.append(CLOSE)
             code = await send_error(send, exc, extra)
         except asyncio.CancelledError:
             code = 499  # nginx's "client closed request": nothing is left to answer

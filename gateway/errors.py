@@ -4,6 +4,7 @@ Only GatewayError text reaches clients; anything else becomes a generic 500 with
 """
 from __future__ import annotations
 
+import base64
 import math
 import re
 from typing import Callable
@@ -130,17 +131,42 @@ class InternalError(GatewayError):
 
 
 # Backend messages may name server paths (SGLang lists adapter dirs) or echo keys: never pass those on.
-SERVER_PATH = re.compile(r"(?<![\w:/])/(?:[\w.\-]+/)+[\w.\-]*")
-SECRET_LIKE = re.compile(r"\b(?:sk|key|tok)-[A-Za-z0-9_\-]{6,}|\bBearer\s+\S+", re.IGNORECASE)
 TRACEBACK = re.compile(r"Traceback \(most recent call last\).*", re.DOTALL)
+URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]*@")
+SECRET_PARAMETER = re.compile(r"(\b(?:api[_-]?key|apikey|key|access[_-]?token|token|secret|password)=)[^&\s#;,\"']+",
+                              re.IGNORECASE)
+AUTHORIZATION = re.compile(r"(\b(?:proxy-)?authorization:\s*)\S+(?:\s+[A-Za-z0-9+/=._~\-]{6,})?", re.IGNORECASE)
+BASIC_CREDENTIALS = re.compile(r"\bBasic\s+([A-Za-z0-9+/]{6,}={0,2})(?![\w+/=])", re.IGNORECASE)
+SECRET_LIKE = re.compile(r"\b(?:sk|key|tok)-[A-Za-z0-9_\-]{6,}|\bBearer\s+\S+", re.IGNORECASE)
+SERVER_PATH = re.compile(r"(?<![\w:/])/(?:[\w.\-]+/)+[\w.\-]*")
+# Relative paths: `./x`, `../x`, `~/x`, or `dir/…/file.ext` (an extension that starts with a letter, so that
+# ratios like `1.0/0.95` and model ids like `moonshotai/Kimi-K2.5` stay as they are).
+RELATIVE_PATH = re.compile(r"(?<![\w/.~\-])(?:\.{1,2}|~)/[\w.\-/]*"
+                           r"|(?<![\w:/.\-])[\w.\-]+(?:/[\w.\-]+)*/[\w\-]*[A-Za-z_][\w\-]*\.[A-Za-z][A-Za-z0-9]{0,15}(?![\w/])")
 MAX_MESSAGE = 500
+MAX_SCANNED = 4 * MAX_MESSAGE  # the regexes above are superlinear on hostile text: bound what they see
+
+
+def _basic(match: re.Match) -> str:
+    """`Basic <base64 of user:password>`; an ordinary word after "Basic" does not decode to that."""
+    token = match.group(1)
+    try:
+        decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+    except ValueError:
+        return match.group(0)
+    return "Basic <redacted>" if b":" in decoded else match.group(0)
 
 
 def scrub(message: str) -> str:
-    """A backend's error text made safe for clients: no paths, no key-like tokens, no tracebacks."""
-    message = TRACEBACK.sub("", message)
-    message = SERVER_PATH.sub("<path>", message)
+    """A backend's error text made safe for clients: no paths, no credentials or key-like tokens, no tracebacks."""
+    message = TRACEBACK.sub("", message[:MAX_SCANNED])
+    message = URL_USERINFO.sub(r"\1<redacted>@", message)
+    message = SECRET_PARAMETER.sub(r"\1<redacted>", message)
+    message = AUTHORIZATION.sub(r"\1<redacted>", message)
+    message = BASIC_CREDENTIALS.sub(_basic, message)
     message = SECRET_LIKE.sub("<redacted>", message)
+    message = RELATIVE_PATH.sub("<path>", message)
+    message = SERVER_PATH.sub("<path>", message)
     return message.strip()[:MAX_MESSAGE] or "The backend refused the request."
 
 

@@ -2,8 +2,9 @@
 back when a client sends the history without it (most frameworks drop the field, and the hosted API then
 answers 400: reference/moonshot-api.md §3 "Multi-turn tool calls while thinking").
 
-Entries are keyed by the client key's name plus the turn's tool calls (ids, names and arguments: hosted ids
-such as `get_weather:0` repeat across conversations), so one tenant never reads another's reasoning.
+Entries are keyed by a scope plus the turn's tool calls (ids, names and arguments: hosted ids such as
+`get_weather:0` repeat across conversations). The scope is the client key, or the `user` on an open gateway
+(gateway/agents.py memory_scope), so one tenant never reads another's reasoning.
 Bounded in entries and bytes, with a TTL; least recently used entries go first.
 """
 from __future__ import annotations

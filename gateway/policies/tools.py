@@ -28,7 +28,8 @@ def check_agent_fields(doc: dict) -> None:
                            f"tools[{index}]")
     choice = doc.get("tool_choice")
     if choice is not None and choice not in TOOL_CHOICES:
-        name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None)
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
             raise _bad("'tool_choice' must be 'none', 'auto', 'required' or "
                        "{\"type\": \"function\", \"function\": {\"name\": ...}}.", "tool_choice")
@@ -39,6 +40,8 @@ def check_agent_fields(doc: dict) -> None:
         kind = response_format.get("type") if isinstance(response_format, dict) else None
         if kind not in RESPONSE_FORMATS:
             raise _bad(f"'response_format.type' must be one of {', '.join(RESPONSE_FORMATS)}.", "response_format")
-        schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else {}
-        if not isinstance(schema, dict):
+        json_schema = response_format.get("json_schema") if kind == "json_schema" else {}
+        if not isinstance(json_schema, dict):
+            raise _bad("'response_format.json_schema' must be an object.", "response_format")
+        if not isinstance(json_schema.get("schema") if kind == "json_schema" else {}, dict):
             raise _bad("'response_format.json_schema.schema' must be a JSON schema object.", "response_format")

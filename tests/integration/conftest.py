@@ -80,6 +80,16 @@ def llama_server(llama_binary, tiny_models, start_process) -> str:
 
 
 @pytest.fixture(scope="session")
+def kimi_llama(llama_binary, tmp_path_factory, start_process) -> str:
+    """A llama-server running the Kimi chat template (as real K2.5 GGUFs do), with one LoRA."""
+    models = write_demo_set(tmp_path_factory.mktemp("kimi-models"), chat_template="kimi")
+    launch = LlamaServerLaunch(llama_binary, models.model, (models.lora_a,), port=free_port(), alias="tiny-kimi",
+                               threads=1, extra=("-np", "1"))
+    start_process("llama-server-kimi", launch.argv(), f"{launch.url}/health")
+    return launch.url
+
+
+@pytest.fixture(scope="session")
 def start_gateway(start_process, tmp_path_factory) -> Callable[[dict], str]:
     """Write a config and run the real gateway process on it; returns its base URL (…/v1)."""
     configs = tmp_path_factory.mktemp("configs")

@@ -49,10 +49,11 @@ def sglang_gateway(start_process, start_gateway) -> str:
                           "routes": [{"name": "kimi-k2.5", "targets": ["kt"]}]}, name="gateway-agents-sglang")
 
 
-def first_turn(client: openai.OpenAI, stream: bool) -> dict:
-    """Turn one, as a framework keeps it: the assistant message without reasoning_content."""
+def first_turn(client: openai.OpenAI, stream: bool, user: str = "agent-1") -> dict:
+    """Turn one, as a framework keeps it: the assistant message without reasoning_content. The gateways here
+    are open (no client keys), where the reasoning memory is per `user`."""
     if not stream:
-        message = client.chat.completions.create(model="kimi-k2.5", messages=ASK, tools=TOOLS,
+        message = client.chat.completions.create(model="kimi-k2.5", messages=ASK, tools=TOOLS, user=user,
                                                  max_tokens=64).choices[0].message
         calls = [call.model_dump() for call in message.tool_calls]
         assert getattr(message, "reasoning_content", None)
@@ -60,7 +61,7 @@ def first_turn(client: openai.OpenAI, stream: bool) -> dict:
     calls: dict[int, dict] = {}
     finish = None
     for chunk in client.chat.completions.create(model="kimi-k2.5", messages=ASK, tools=TOOLS, max_tokens=64,
-                                                stream=True):
+                                                stream=True, user=user):
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
             for delta in choice.delta.tool_calls or ():
@@ -78,10 +79,10 @@ def tool_loop(client: openai.OpenAI, stream: bool) -> str:
     result = {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": '{"temp_c": 21}'}
     history = ASK + [assistant, result]
     if not stream:
-        return client.chat.completions.create(model="kimi-k2.5", messages=history, tools=TOOLS,
+        return client.chat.completions.create(model="kimi-k2.5", messages=history, tools=TOOLS, user="agent-1",
                                               max_tokens=16).choices[0].message.content
     parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="kimi-k2.5", messages=history, tools=TOOLS, max_tokens=16, stream=True) if c.choices]
+        model="kimi-k2.5", messages=history, tools=TOOLS, max_tokens=16, stream=True, user="agent-1") if c.choices]
     return "".join(parts)
 
 
@@ -90,6 +91,21 @@ def test_memory_fixes_the_dropped_reasoning_loop_on_the_hosted_api(hosted, strea
     assert tool_loop(sdk(hosted), stream)
     metrics = httpx.get(hosted.removesuffix("/v1") + "/metrics", timeout=10).text
     assert 'kimi_gateway_reasoning_memory_total{result="restored",route="kimi-k2.5"}' in metrics
+
+
+def test_open_gateway_memory_is_per_user_never_shared(hosted):
+    """Alice's remembered reasoning goes back into Alice's history only: Bob replaying her exact turn, or a
+    client sending no `user`, gets nothing of it (so the default rule turns thinking off for them)."""
+    client = sdk(hosted)
+    assistant = first_turn(client, stream=False, user="alice")
+    history = ASK + [assistant, {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": "21"}]
+
+    def replay(**user) -> httpx.Headers:
+        return client.chat.completions.with_raw_response.create(model="kimi-k2.5", messages=history, tools=TOOLS,
+                                                                max_tokens=8, **user).headers
+    assert replay(user="bob").get("x-kimi-adjusted") == "thinking=off:reasoning_missing"
+    assert replay().get("x-kimi-adjusted") == "thinking=off:reasoning_missing"
+    assert "x-kimi-adjusted" not in replay(user="alice")
 
 
 def test_without_memory_the_hosted_api_refuses_the_same_loop(start_gateway, moonshot):

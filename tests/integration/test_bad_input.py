@@ -43,8 +43,10 @@ def roots(tmp_path_factory, tiny_models) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def gateway(llama_server, tiny_models, start_gateway, roots) -> str:
+def gateway(llama_server, kimi_llama, tiny_models, start_gateway, roots) -> str:
     config = llama_config(llama_server, tiny_models)
+    config["backends"] = config["backends"] + [{"name": "kimi-tpl", "kind": "llamacpp", "url": kimi_llama}]
+    config["routes"] = config["routes"] + [{"name": "kimi-template", "targets": ["kimi-tpl"]}]
     config.update({
         "adapter_roots": [str(roots[0]), str(tiny_models.model.parent)],
         "auth": {"admin_keys_env": "ADMIN_KEYS", "client_keys": [
@@ -62,6 +64,19 @@ def chat(**changes) -> bytes:
 
 def image(url: str) -> bytes:
     return chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+
+
+def schema(value: object) -> bytes:
+    """A structured-output request to the route whose llama-server runs the Kimi template (a grammar there)."""
+    return chat(model="kimi-template", response_format={"type": "json_schema", "json_schema": {"name": "s",
+                                                                                                "schema": value}})
+
+
+def nested(depth: int) -> dict:
+    value: dict = {"type": "integer"}
+    for _ in range(depth):
+        value = {"type": "array", "items": value}
+    return value
 
 
 def adapter(name: str, source: Path, gguf: Path) -> tuple[str, dict, bytes]:
@@ -123,6 +138,14 @@ def builders(roots: tuple[Path, Path, Path]) -> dict:
         "unpaired-lora": lambda: adapter("unpaired", unpaired(root), gguf),
         "unsafe-adapter-name": lambda: adapter("../evil", root, gguf),
         "admin-no-key": lambda: ("/admin/adapters", {}, b"{}"),
+        "no-key-oversized-body": lambda: (chat_path, {}, chat(user="x" * (2 * 1024 * 1024))),
+        "malformed-tool-choice": lambda: (chat_path, ALL, chat(tool_choice={"type": "function", "function": "f"})),
+        "malformed-json-schema": lambda: (chat_path, ALL, chat(response_format={"type": "json_schema",
+                                                                                "json_schema": "trip"})),
+        "schema-too-deep": lambda: (chat_path, ALL, schema(nested(100))),
+        "schema-too-many-alternatives": lambda: (chat_path, ALL, schema({"enum": list(range(5000))})),
+        "schema-repetition-too-large": lambda: (chat_path, ALL, schema({"type": "string", "minLength": 10**6})),
+        "openapi-no-admin-key": lambda: ("/openapi.json", {}, None),
     }
 
 
@@ -145,13 +168,39 @@ def test_every_documented_case_has_a_test():
 def test_http_case(gateway, roots, case, status, fragment):
     path, headers, body = builders(roots)[case]()
     base = gateway.removesuffix("/v1")
-    response = httpx.post(base + path, content=body, headers={"content-type": "application/json", **headers},
-                          timeout=30)
+    if body is None:
+        response = httpx.get(base + path, headers=headers, timeout=30)
+    else:
+        response = httpx.post(base + path, content=body, headers={"content-type": "application/json", **headers},
+                              timeout=30)
     assert response.status_code == int(status), response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
-    assert response.headers.get("x-request-id") or path.startswith("/admin")
+    assert response.headers.get("x-request-id") or body is None or path.startswith("/admin")
+
+
+def test_unauthenticated_body_is_never_waited_for(gateway):
+    """Headers announcing 1 GB and a first 64 KiB: the 401 comes at once, and the gateway hangs up rather
+    than take the rest."""
+    import socket
+    import time
+
+    port = int(gateway.removesuffix("/v1").rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000000000\r\n\r\n" + b'{"model": "kimi-k2.5", "user": "' + b"x" * 65536)
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 401 ") and time.monotonic() - started < 2, head[:200]
+        assert b"connection: close" in head.lower()
+        sock.settimeout(5)
+        try:
+            while sock.recv(65536):  # the rest of the 401, then the gateway's end of the connection
+                pass
+        except ConnectionResetError:
+            pass  # closed with our unread bytes in its buffer: a reset is a hang-up too
+        assert time.monotonic() - started < 5
 
 
 def test_rate_limited(gateway):

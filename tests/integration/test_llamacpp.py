@@ -106,6 +106,7 @@ def test_dead_backend_is_a_prompt_503_or_the_next_target(llama_server, tiny_mode
     config = llama_config(llama_server, tiny_models)
     config["backends"] = config["backends"] + [{"name": "dead", "kind": "llamacpp", "url": dead}]
     config["routes"] = [{"name": "kimi-k2.5", "targets": ["dead", "llama"]}, {"name": "only-dead", "targets": ["dead"]}]
+    config["exposure"] = {"readyz_details": "public"}
     url = start_gateway(config, name="gateway-dead")
     client = sdk(url)
     with pytest.raises(openai.InternalServerError) as failure:

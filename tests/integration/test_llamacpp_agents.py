@@ -8,24 +8,15 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
 
-from backends.launchers.llamacpp import LlamaServerLaunch, free_port
-from gateway.demo.tiny_gguf import write_demo_set
 from tests.integration.conftest import sdk
+from tests.unit.backends.test_json_grammar_fuzz import schemas
 
 PROMPT = [{"role": "user", "content": "Tell me about the blue river"}]
 OFF = {"chat_template_kwargs": {"thinking": False}}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}},
           "required": ["city", "days"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def kimi_llama(llama_binary, tmp_path_factory, start_process) -> str:
-    models = write_demo_set(tmp_path_factory.mktemp("kimi-models"), chat_template="kimi")
-    launch = LlamaServerLaunch(llama_binary, models.model, (models.lora_a,), port=free_port(), alias="tiny-kimi",
-                               threads=1, extra=("-np", "1"))
-    start_process("llama-server-kimi", launch.argv(), f"{launch.url}/health")
-    return launch.url
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +144,58 @@ def test_grammar_forms_of_schemas_hold_on_the_real_server(gateways, schema):
         model="kimi-k2.5", messages=PROMPT, max_tokens=300, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
     jsonschema.validate(json.loads(response.choices[0].message.content), schema)
+
+
+def nested_arrays(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema, "maxItems": 1}
+    return schema
+
+
+@pytest.mark.parametrize("response_format, fragment", [
+    ({"type": "json_schema", "json_schema": "trip"}, "'response_format.json_schema' must be an object"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": 7}}, "must be a JSON schema object"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": nested_arrays(400)}}, "nested more than 64"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": list(range(5000))}}},
+     "more than 1024 alternatives"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"enum": "abc"}}}, "must be a non-empty array"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string", "minLength": 10**9}}},
+     "'minLength' (at 'root') must be an integer from 0 to 2000"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"$ref": "#"}}}, "'$ref'"),
+    ({"type": "xml"}, "'response_format.type' must be one of"),
+    ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "properties": {"a": False}}}},
+     "schema false (at 'a') matches nothing"),
+])
+def test_schemas_with_no_grammar_form_are_a_400_never_a_500(gateways, response_format, fragment):
+    response = httpx.post(f"{gateways['kimi']}/chat/completions", timeout=60, json={
+        "model": "kimi-k2.5", "messages": PROMPT, "max_tokens": 4, "response_format": response_format})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["param"] == "response_format"
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"é²": {"type": "string", "maxLength": 3}, "🦙 name": {"enum": [1, 2]}}},
+    nested_arrays(60),
+    {"enum": [{"a": [1, None]}, "\u202e\n\"", 2**70]},
+])
+def test_edge_schemas_become_grammars_the_server_takes(gateways, schema):
+    """Rule names are ASCII whatever the property names; deep and odd-valued schemas are still real grammars."""
+    response = httpx.post(f"{gateways['kimi']}/chat/completions", timeout=60, json={
+        "model": "kimi-k2.5", "messages": PROMPT, "max_tokens": 400, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["message"]["content"]
+    jsonschema.validate(json.loads(content), schema)
+
+
+@given(schema=schemas())
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_schemas_through_the_gateway(gateways, schema):
+    response = httpx.post(f"{gateways['kimi']}/chat/completions", timeout=60, json={
+        "model": "kimi-k2.5", "messages": PROMPT, "max_tokens": 4, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}

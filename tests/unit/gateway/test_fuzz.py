@@ -24,6 +24,7 @@ CONFIG = {
     "backends": [{"name": "one", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
     "routes": [{"name": "kimi", "targets": ["one"]}],
     "limits": {"max_tokens": 64, "max_messages": 32, "max_body_bytes": 65536},
+    "exposure": {"openapi": "public"},  # schemathesis reads the schema without a key
 }
 
 
