@@ -28,6 +28,7 @@ CONTENT_TYPES = {"image/png": "image/png", "image/jpeg": "image/jpeg", "image/jp
                  "image/gif": "image/gif", "image/webp": "image/webp"}
 ACCEPT = "image/png, image/jpeg, image/gif, image/webp"
 NO_POOL = httpx.Limits(max_connections=4, max_keepalive_connections=0)
+PLAIN = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # http hops: never used for TLS (and would verify if it were)
 
 
 def sniff(head: bytes) -> str | None:
@@ -68,7 +69,7 @@ class ImageFetcher:
                     raise
                 raise AddressRefused(f"the image URL redirected to a host that is not public {NOT_PUBLIC}.") from None
             # A transport per hop, without keep-alive: no connection outlives the Host/SNI it was checked for.
-            verify = self.ssl_context if url.scheme == "https" else False
+            verify = self.ssl_context if url.scheme == "https" else PLAIN
             async with httpx.AsyncHTTPTransport(verify=verify, limits=NO_POOL, trust_env=False) as transport:
                 response = await self.open(transport, url, addresses)
                 try:
