@@ -13,6 +13,7 @@ Requests without image parts never reach this module (validation.check_request s
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Awaitable, Callable, Iterator
 
 from gateway.config import LimitsConfig
@@ -45,7 +46,8 @@ def image_parts(doc: dict) -> Iterator[tuple[str, dict]]:
 class ImagePolicy:
     """Checks a request's image URLs and rewrites them in place for the backend, per the route's mode."""
 
-    def __init__(self, limits: LimitsConfig, resolver: Resolver | None = None, ssl_context=None) -> None:
+    def __init__(self, limits: LimitsConfig, resolver: Resolver | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.limits = limits
         self.addresses = AddressPolicy(limits.allow_private_image_urls, limits.private_image_networks, resolver)
         self.fetcher = ImageFetcher(self.addresses, limits.max_image_bytes, limits.image_fetch_redirects,
