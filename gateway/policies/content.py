@@ -78,7 +78,7 @@ class ImagePolicy:
             elif scheme not in ("http", "https"):
                 raise InvalidRequestError(f"{where}: only data: and http(s) image URLs are accepted.", param=where)
             else:
-                remote.append((where, image, refuse_as(where, parse_image_url, url)))
+                remote.append((where, image, parse_at(where, url)))
         if len(remote) > self.limits.max_image_urls:
             raise InvalidRequestError(f"The request has {len(remote)} http(s) image URLs; the limit is "
                                       f"{self.limits.max_image_urls}.", param="messages")
@@ -92,9 +92,9 @@ class ImagePolicy:
         return str(url)
 
 
-def refuse_as(where: str, step: Callable, *args):
+def parse_at(where: str, url: str) -> ImageURL:
     try:
-        return step(*args)
+        return parse_image_url(url)
     except ImageRefused as refused:
         raise InvalidRequestError(f"{where}: {refused}", param=where) from None
 
