@@ -120,7 +120,8 @@ class ImageHost:
         self.server = Server((ip, port), tls)
         self.ip, self.port = ip, self.server.server_address[1]
         self.scheme = "https" if tls else "http"
-        self.thread = threading.Thread(target=self.server.serve_forever, name=f"image-host-{ip}", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name=f"image-host-{ip}",
+                                       daemon=True)
 
     @property
     def base(self) -> str:
