@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 
 from adapters.models import AdapterSpec
 from backends.config import EnvName, Name, Strict, env_name_not_secret
 from backends.factory import KINDS, BackendConfig
 
+ImageURLMode = Literal["fetch", "forward"]  # gateway/policies/content.py: who fetches a client's http(s) image
 
 
 class ConfigError(Exception):
@@ -109,6 +110,7 @@ class RouteConfig(Strict):
     experiment: ExperimentConfig | None = None
     profile: str | None = None
     agent: AgentConfig = AgentConfig()
+    image_urls: ImageURLMode | None = None        # None = limits.image_urls
 
     @model_validator(mode="after")
     def _targets_or_experiment(self) -> RouteConfig:
@@ -122,7 +124,15 @@ class LimitsConfig(Strict):
     max_messages: int = Field(2048, ge=1)
     max_tokens: int = Field(65536, ge=1)
     max_data_url_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    allow_private_image_urls: bool = False     # backends fetch image URLs on the gateway's behalf (SSRF)
+    allow_private_image_urls: bool = False     # image URLs may reach any address (SSRF: only on a closed network)
+    private_image_networks: tuple[IPvAnyNetwork, ...] = ()  # private networks trusted as if public (image stores)
+    image_urls: ImageURLMode = "fetch"         # routes without their own `image_urls` get this
+    max_image_urls: int = Field(32, ge=0)      # http(s) image URLs in one request
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)   # one fetched image
+    image_fetch_timeout_s: float = Field(10.0, gt=0)      # all of one request's fetches: DNS, redirects, bodies
+    image_fetch_concurrency: int = Field(4, ge=1, le=64)  # fetches at once, per request
+    image_fetch_redirects: int = Field(3, ge=0, le=10)
+    image_url_ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()  # forward mode: ports besides 80/443
     unknown_fields: Literal["reject", "forward"] = "reject"
     forward_fields: tuple[str, ...] = ()       # forwarded as-is even when unknown_fields is reject
 

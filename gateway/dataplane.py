@@ -19,7 +19,7 @@ from gateway.agents import AgentSupport
 from gateway.auth import authenticate
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
 from gateway.metrics import RequestRecorder
-from gateway.policies.content import check_image_urls, check_limits
+from gateway.policies.content import ImagePolicy, check_limits
 from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import with_retries
 from gateway.policies.sampling import apply_sampling_policy
@@ -56,6 +56,7 @@ class DataPlane:
         self.rate_limiter = RateLimiter()
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
         self.agents = AgentSupport(state.config.reasoning_memory, state.metrics)
+        self.images = ImagePolicy(limits)
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
@@ -121,10 +122,10 @@ class DataPlane:
         model = doc["model"]
         principal.require(model)
         self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
-        if has_images:
-            await check_image_urls(doc, self.limits)
         resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
         route = resolved.route
+        if has_images:
+            await self.images.apply(doc, route.image_urls or self.limits.image_urls)
         decision = apply_sampling_policy(doc, state.config.sampling, route.profile)
         recorder.route = model
         for param in decision.overrides:

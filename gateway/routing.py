@@ -31,6 +31,7 @@ class Route:
     adapter: str | None = None
     experiment: ExperimentConfig | None = None
     rules: AgentRules = DEFAULT_RULES
+    image_urls: str | None = None   # None = limits.image_urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,8 @@ class RouteTable:
         for route in config.routes:
             targets = tuple(Target(backend, None) for backend in route.targets or ())
             rules = AgentRules(**route.agent.model_dump())
-            routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment, rules=rules)
+            routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment, rules=rules,
+                                       image_urls=route.image_urls)
         self._routes = routes
 
     def names(self) -> list[str]:
@@ -91,5 +93,6 @@ class RouteTable:
         key = sticky_key(route.experiment.sticky_by) if sticky_key is not None else None
         variant = pick_variant(route.name, route.experiment.variants, key)
         chosen = self._routes[variant]
-        # An experiment's agent rules apply to its variants, and so does its profile unless the variant has one.
-        return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules), variant)
+        # An experiment's agent rules apply to its variants, and so do its profile and image mode where it sets them.
+        return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules,
+                                image_urls=route.image_urls or chosen.image_urls), variant)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.adapter_files import write_peft, write_safetensors
+from tests.image_hosts import ImageHost
 from tests.integration.conftest import ROOT, llama_config
 
 TABLE = ROOT / "docs" / "bad-input.md"
@@ -20,6 +21,7 @@ KEYS = {"KEY_ALL": "sk-all-0123456789", "KEY_TINY": "sk-tiny-0123456789", "KEY_S
 ALL = {"authorization": f"Bearer {KEYS['KEY_ALL']}"}
 ADMIN = {"authorization": f"Bearer {KEYS['ADMIN_KEYS']}"}
 CHAT = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+IMAGE_IP = "127.0.0.3"     # the image host, the one loopback address this gateway trusts as public
 
 
 def rows() -> list[tuple[str, str, str]]:
@@ -43,17 +45,25 @@ def roots(tmp_path_factory, tiny_models) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def gateway(llama_server, kimi_llama, tiny_models, start_gateway, roots) -> str:
+def image_host():
+    with ImageHost(IMAGE_IP) as host:
+        yield host.base
+
+
+@pytest.fixture(scope="module")
+def gateway(llama_server, kimi_llama, tiny_models, start_gateway, roots, image_host) -> str:
     config = llama_config(llama_server, tiny_models)
     config["backends"] = config["backends"] + [{"name": "kimi-tpl", "kind": "llamacpp", "url": kimi_llama}]
     config["routes"] = config["routes"] + [{"name": "kimi-template", "targets": ["kimi-tpl"]}]
+    config["routes"] = [*config["routes"], {"name": "kimi-forward", "targets": ["llama"], "image_urls": "forward"}]
     config.update({
         "adapter_roots": [str(roots[0]), str(tiny_models.model.parent)],
         "auth": {"admin_keys_env": "ADMIN_KEYS", "client_keys": [
             {"name": "all", "key_env": "KEY_ALL"},
             {"name": "tiny-only", "key_env": "KEY_TINY", "models": ["tiny-*"]},
             {"name": "slow", "key_env": "KEY_SLOW", "rpm": 1}]},
-        "limits": {"max_body_bytes": 1024 * 1024, "max_messages": 64},
+        "limits": {"max_body_bytes": 1024 * 1024, "max_messages": 64, "max_image_bytes": 64 * 1024,
+                   "image_fetch_timeout_s": 2, "private_image_networks": [f"{IMAGE_IP}/32"]},
     })
     return start_gateway(config, name="gateway-bad-input", env=KEYS)
 
@@ -62,8 +72,14 @@ def chat(**changes) -> bytes:
     return orjson.dumps({**CHAT, **changes})
 
 
-def image(url: str) -> bytes:
-    return chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+def image(*urls: str, model: str = "kimi-k2.5") -> bytes:
+    return chat(model=model, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}} for url in urls]}])
+
+
+def forwarded(url: str) -> bytes:
+    """An image on the route with `image_urls: forward`."""
+    return image(url, model="kimi-forward")
 
 
 def schema(value: object) -> bytes:
@@ -109,8 +125,9 @@ def symlinked(root: Path, outside: Path) -> Path:
     return root / "escape"
 
 
-def builders(roots: tuple[Path, Path, Path]) -> dict:
-    """Per HTTP row, a function making its request: (path relative to the gateway root, headers, body)."""
+def builders(roots: tuple[Path, Path, Path], images: str = f"http://{IMAGE_IP}:1") -> dict:
+    """Per HTTP row, a function making its request: (path relative to the gateway root, headers, body).
+    `images` is the image host (tests/image_hosts.py)."""
     root, outside, gguf = roots
     chat_path = "/v1/chat/completions"
     return {
@@ -129,6 +146,28 @@ def builders(roots: tuple[Path, Path, Path]) -> dict:
         "loopback-image": lambda: (chat_path, ALL, image("http://127.0.0.1/x.png")),
         "metadata-image": lambda: (chat_path, ALL, image("http://169.254.169.254/latest/meta-data/")),
         "image-no-vision": lambda: (chat_path, ALL, image("data:image/png;base64,iVBORw0KGgo=")),
+        "too-many-image-urls": lambda: (chat_path, ALL, image(*(f"{images}/ok.png?{i}" for i in range(33)))),
+        "image-redirect-private": lambda: (chat_path, ALL, image(f"{images}/redirect?to=http%3A%2F%2F127.0.0.2%2Fx.png")),
+        "image-redirect-loop": lambda: (chat_path, ALL, image(f"{images}/loop")),
+        "image-too-large": lambda: (chat_path, ALL, image(f"{images}/big.png")),
+        "image-not-an-image": lambda: (chat_path, ALL, image(f"{images}/page.html")),
+        "image-fake-type": lambda: (chat_path, ALL, image(f"{images}/fake.png")),
+        "image-compressed": lambda: (chat_path, ALL, image(f"{images}/gzip.png")),
+        "image-http-error": lambda: (chat_path, ALL, image(f"{images}/missing.png")),
+        "image-slow": lambda: (chat_path, ALL, image(f"{images}/slow.png")),
+        "image-backslash": lambda: (chat_path, ALL, forwarded("http://example.com\\@127.0.0.1/x.png")),
+        "image-userinfo": lambda: (chat_path, ALL, forwarded("http://user@example.com/x.png")),
+        "image-control-char": lambda: (chat_path, ALL, forwarded("http://exam\tple.com/x.png")),
+        "image-percent-host": lambda: (chat_path, ALL, forwarded("http://exa%6dple.com/x.png")),
+        "image-decimal-host": lambda: (chat_path, ALL, forwarded("http://2130706433/x.png")),
+        "image-octal-host": lambda: (chat_path, ALL, forwarded("http://0177.0.0.1/x.png")),
+        "image-hex-host": lambda: (chat_path, ALL, forwarded("http://0x7f.1/x.png")),
+        "image-short-host": lambda: (chat_path, ALL, forwarded("http://127.1/x.png")),
+        "image-mapped-ipv6": lambda: (chat_path, ALL, forwarded("http://[::ffff:127.0.0.1]/x.png")),
+        "image-mapped-ipv6-hex": lambda: (chat_path, ALL, forwarded("http://[::ffff:7f00:1]/x.png")),
+        "image-non-ascii-host": lambda: (chat_path, ALL, forwarded("http://\uff45xample.com/x.png")),
+        "image-bad-punycode": lambda: (chat_path, ALL, forwarded("http://xn--zz.example/x.png")),
+        "image-port": lambda: (chat_path, ALL, forwarded("http://example.com:8080/x.png")),
         "traversal-adapter": lambda: adapter("trav", root / ".." / "x", gguf),
         "symlink-escape": lambda: adapter("sym", symlinked(root, outside), gguf),
         "bad-rank": lambda: adapter("rank0", write_peft(root / "rank0", r=0, shape_r=8), gguf),
@@ -165,8 +204,8 @@ def test_every_documented_case_has_a_test():
 
 @pytest.mark.parametrize("case, status, fragment", [row for row in rows() if row[0] not in CONFIG_CASES
                                                     and row[0] != "rate-limited"])
-def test_http_case(gateway, roots, case, status, fragment):
-    path, headers, body = builders(roots)[case]()
+def test_http_case(gateway, roots, image_host, case, status, fragment):
+    path, headers, body = builders(roots, image_host)[case]()
     base = gateway.removesuffix("/v1")
     if body is None:
         response = httpx.get(base + path, headers=headers, timeout=30)
@@ -178,6 +217,8 @@ def test_http_case(gateway, roots, case, status, fragment):
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
     assert response.headers.get("x-request-id") or body is None or path.startswith("/admin")
+    if case.startswith("image-") and case != "image-no-vision":   # the param names the content part
+        assert error["param"] == "messages[0].content[0].image_url" and error["type"] == "invalid_request_error"
 
 
 def test_unauthenticated_body_is_never_waited_for(gateway):

@@ -36,6 +36,15 @@ def test_minimal_config_gets_kimi_defaults(tmp_path):
     assert config.sampling.profiles["instant"].temperature == 0.6
 
 
+def test_image_url_settings(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL.replace("routes:", "limits: {image_urls: forward, "
+                                                         "private_image_networks: [10.1.0.0/16]}\nroutes:")
+                               .replace("targets: [gguf]", "targets: [gguf], image_urls: fetch")))
+    assert config.limits.image_urls == "forward" and config.routes[0].image_urls == "fetch"
+    assert str(config.limits.private_image_networks[0]) == "10.1.0.0/16"
+    assert load_config(write(tmp_path, MINIMAL)).limits.image_urls == "fetch"   # the default
+
+
 @pytest.mark.parametrize("change, expected", [
     (("url: \"http://127.0.0.1:8081\"", "url: \"http://127.0.0.1:8081\", colour: red"), "backends[0].colour: unknown key"),
     (("targets: [gguf]", "targets: [nope]"), "routes[0].targets[0]: 'nope' is not a backend"),
@@ -44,6 +53,9 @@ def test_minimal_config_gets_kimi_defaults(tmp_path):
     (("name: base", "name: a"), "the name 'a' is used twice"),
     (("url: \"http://127.0.0.1:8081\"", "url: \"ftp://x\""), "backends[0].url: expected an http(s) URL"),
     (("targets: [gguf]", "targets: [gguf], experiment: {variants: {a: 1}}"), "exactly one of `targets` or `experiment`"),
+    (("targets: [gguf]", "targets: [gguf], image_urls: download"), "routes[0].image_urls: Input should be 'fetch' or"),
+    (("routes:", "limits: {private_image_networks: [10.0.0.300/8]}\nroutes:"), "limits.private_image_networks[0]"),
+    (("routes:", "limits: {image_url_ports: [0]}\nroutes:"), "limits.image_url_ports[0]"),
 ])
 def test_wrong_config_names_file_path_and_expectation(tmp_path, change, expected):
     path = write(tmp_path, MINIMAL.replace(*change))

@@ -98,6 +98,27 @@ async def test_image_goes_to_the_vision_target():
     assert response.status_code == 200 and response.headers["x-kimi-backend"] == "two"
 
 
+def image_chat(url: str, model: str = "kimi") -> dict:
+    return {**CHAT, "model": model, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+async def test_image_urls_follow_the_route_s_mode():
+    """Forward mode sends the re-serialised URL; the default (fetch) never lets a private URL through."""
+    routes = [{"name": "kimi", "targets": ["two"]}, {"name": "open", "targets": ["two"], "image_urls": "forward"}]
+    two = FakeDriver("two")
+    async with make_client(FakeDriver("one"), two, routes=routes) as client:
+        forwarded = await post(client, image_chat("HTTP://8.8.8.8:80/cat.png#x", model="open"))
+        private = await post(client, image_chat("http://10.0.0.1/cat.png"))
+        odd = await post(client, image_chat("http://0x7f.1/cat.png", model="open"))
+    assert forwarded.status_code == 200
+    assert two.requests[0].body["messages"][0]["content"][1]["image_url"]["url"] == "http://8.8.8.8/cat.png"
+    assert private.status_code == 400 and odd.status_code == 400 and len(two.requests) == 1
+    assert private.json()["error"]["param"] == "messages[0].content[1].image_url"
+    assert "must point to public addresses" in private.json()["error"]["message"]
+    assert "unusual IPv4 host form" in odd.json()["error"]["message"]
+
+
 async def test_retry_then_success_on_same_backend():
     one = FakeDriver("one", [Step(error=BackendUnavailableError("refused", backend="one")), Step()])
     async with make_client(one, FakeDriver("two")) as client:

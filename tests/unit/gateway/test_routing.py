@@ -41,3 +41,18 @@ def test_experiment_is_sticky_and_weighted():
 
 def test_zero_weight_is_never_picked():
     assert {pick_variant("e", {"a": 0, "b": 5}, f"k{i}") for i in range(200)} == {"b"}
+
+
+def test_image_url_mode_per_route_and_experiment():
+    config = GatewayConfig.model_validate({**CONFIG.model_dump(), "routes": [
+        {"name": "kimi", "targets": ["kt"]},
+        {"name": "open", "targets": ["kt"], "image_urls": "forward"},
+        {"name": "ab", "experiment": {"variants": {"a": 1, "open": 1}}},
+        {"name": "ab-fetch", "experiment": {"variants": {"open": 1}}, "image_urls": "fetch"}]})
+    table = RouteTable(config)
+    assert table.resolve("kimi").route.image_urls is None            # limits.image_urls applies
+    assert table.resolve("a").route.image_urls is None               # adapters too
+    assert table.resolve("open").route.image_urls == "forward"
+    modes = {table.resolve("ab", lambda by: f"u{i}").route.image_urls for i in range(50)}
+    assert modes == {None, "forward"}                                # each variant keeps its own
+    assert table.resolve("ab-fetch").route.image_urls == "fetch"     # an experiment that says so wins
