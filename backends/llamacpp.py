@@ -175,8 +175,10 @@ class LlamaCppDriver(OpenAICompatDriver):
         return [LoadedAdapter(None, entry["path"], entry["id"]) for entry in listing]
 
     def _connection_check(self, replica: int, status: int, body: bytes) -> None:
-        if status != 200:
-            raise BackendUnavailableError(f"GET /lora-adapters answered {status}", backend=self.name)
+        if status != 200:  # a refused key or a server still loading: what a request would have met
+            error = self.error_from(status, {}, body)
+            raise error if not isinstance(error, BackendRejectedError) else BackendUnavailableError(
+                f"GET /lora-adapters answered {status}", backend=self.name)
         try:
             listing = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

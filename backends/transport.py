@@ -26,6 +26,7 @@ from backends.errors import (
 
 _HIGH_WATER_BYTES = 1 << 20  # pause the socket when the reader lags this far behind; resume once it drained
 _SPLIT_WRITE_BYTES = 1 << 16  # a larger body is written on its own rather than copied onto the head
+MAX_CHECKS = 3  # connection checks per request before the server counts as unavailable
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -476,12 +477,15 @@ class LeanTransport:
         self, pool: _Pool, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
     ) -> UpstreamResponse:
         head = self._encode_head(method, path, body, headers)
-        fresh = False
+        fresh, checks = False, 0
         while True:
             conn = await pool.acquire(fresh)
             if self.check_path is not None and not conn.checked and pool is self._pool:
                 conn.checked = True
-                if not await self._check(conn):  # the server closed it after the check: a new one
+                checks += 1
+                if not await self._check(conn, headers):  # the server closed it after the check: a new one, a few times
+                    if checks >= MAX_CHECKS:
+                        raise BackendUnavailableError("the server closes every new connection", backend=self.backend)
                     fresh = True
                     continue
             response = UpstreamResponse(conn, self, method == "HEAD")
@@ -504,21 +508,22 @@ class LeanTransport:
         keep-alive connections)."""
         self._pool.close_idle()
 
-    async def _check(self, conn: _Connection) -> bool:
+    async def _check(self, conn: _Connection, headers: Mapping[str, str] | None) -> bool:
         """The check's GET on the new connection, which stays ours for the request; False when it did not
         survive the check. A raising connection_check hands the connection back to the pool first."""
         response = UpstreamResponse(conn, self, False, keep_conn=True)
-        await response._start(self._encode_head("GET", self.check_path, b"", None), b"")
+        await response._start(self._encode_head("GET", self.check_path, b"", headers), b"")  # the caller's key too
         body = await response.read()
-        if conn.dead or conn.response is not None or conn.transport is None or conn.transport.is_closing():
-            return False
+        reusable = not (conn.dead or conn.response is not None or conn.transport is None
+                        or conn.transport.is_closing())
         try:
             if self.connection_check is not None:
                 self.connection_check(response.status, body)
         except BaseException:
-            conn._pool.release(conn)
+            if reusable:
+                conn.close()  # a connection whose check failed is never used
             raise
-        return True
+        return reusable
 
     async def _connect(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()

@@ -35,7 +35,7 @@ def keyed_llama(llama_binary, tmp_path_factory, start_process):
 def llama_gateway(start_gateway, keyed_llama, name: str, keyed: bool) -> str:
     url, models = keyed_llama
     backend = {"name": "llama", "kind": "llamacpp", "url": url, **({"api_key_env": "LLAMA_BACKEND_KEY"} if keyed else {})}
-    return start_gateway({"backends": [backend], "adapters": [{"name": "tiny-a", "gguf": str(models.lora_a),
+    return start_gateway({"adapter_roots": [str(models.model.parent)], "backends": [backend], "adapters": [{"name": "tiny-a", "gguf": str(models.lora_a),
                                                                "backends": ["llama"]}],
                           "routes": [{"name": "kimi-k2.5", "targets": ["llama"]}],
                           "exposure": {"readyz_details": "public"}},
@@ -49,7 +49,7 @@ def test_llama_server_with_api_key(keyed_llama, start_gateway):
     client = sdk(gateway)
     assert client.chat.completions.create(model="kimi-k2.5", messages=PROMPT, max_tokens=2).choices
     raw = client.chat.completions.with_raw_response.create(model="tiny-a", messages=PROMPT, max_tokens=2)
-    assert raw.headers["x-kimi-adapter"] == "tiny-a"                      # /lora-adapters was read with the key
+    assert raw.headers["x-kimi-adapter"].startswith("tiny-a@")            # /lora-adapters was read with the key
     structured = client.chat.completions.with_raw_response.create(
         model="kimi-k2.5", messages=PROMPT, max_tokens=4,
         response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}})
@@ -80,9 +80,11 @@ def test_sglang_with_api_key(start_process, start_gateway, tmp_path_factory):
     client = sdk(gateway)
     assert client.chat.completions.create(model="kimi-k2.5", messages=PROMPT, max_tokens=4).choices
     raw = client.chat.completions.with_raw_response.create(model="legal", messages=PROMPT, max_tokens=4)
-    assert raw.headers["x-kimi-adapter"] == "legal"                        # /load_lora_adapter took the key
-    entries = received(sglang)
-    assert [entry["body"]["model"] for entry in entries] == ["kimi", "kimi:legal"]
+    label = raw.headers["x-kimi-adapter"]
+    assert label.startswith("legal@")                                      # /load_lora_adapter took the key
+    entries = received(sglang)  # the lifecycle's verification probes (completions), then the two chats
+    assert [e["body"]["model"] for e in entries if e["path"].endswith("chat/completions")] == ["kimi", f"kimi:{label}"]
+    assert {e["body"]["model"] for e in entries if e["path"] == "/v1/completions"} == {"kimi", f"kimi:{label}"}
     assert all(entry["has_authorization"] for entry in entries)
 
 
