@@ -1,0 +1,78 @@
+"""The SQLite adapter store: seeding, the atomic flip, what survives a reopen, the v1 migration."""
+import json
+import sqlite3
+import time
+
+import pytest
+
+from adapters.models import AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
+from adapters.store import AdapterExistsError, AdapterNotFoundError, SqliteStore
+
+
+def spec(name: str = "legal", source: str = "/a/v1") -> AdapterSpec:
+    return AdapterSpec(name=name, source=source, backends=("kt",))
+
+
+def version(digest: str, status=VersionStatus.CANDIDATE, source: str = "/a/v1") -> AdapterVersion:
+    return AdapterVersion("legal", digest * 64, source, None, "attention", 8, status, time.time())
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = SqliteStore(tmp_path)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_seed_adds_once_and_removed_stays_removed(store):
+    assert await store.seed([spec()]) == ["legal"]
+    assert await store.seed([spec()]) == []
+    await store.remove_adapter("legal")
+    assert await store.seed([spec()]) == []
+    assert await store.adapters() == []
+    with pytest.raises(AdapterNotFoundError):
+        await store.remove_adapter("legal")
+
+
+async def test_add_refuses_a_live_name(store):
+    await store.add_adapter(spec(), "admin")
+    with pytest.raises(AdapterExistsError):
+        await store.add_adapter(spec(), "admin")
+
+
+async def test_activate_flips_in_one_write_and_survives_reopen(store, tmp_path):
+    await store.add_adapter(spec(), "admin")
+    old, new = version("a"), version("b", source="/a/v2")
+    await store.put_version(old)
+    await store.activate(old)
+    await store.put_version(new)
+    record = await store.activate(new)
+    assert record.active == "b" * 64 and record.spec.source == "/a/v2"
+    await store.put_state(ReplicaState("legal", new.version, "kt", "http://r0", ReplicaPhase.READY, None, 1.0))
+    await store.close()
+    reopened = SqliteStore(tmp_path)
+    await reopened.open()
+    try:
+        [record] = await reopened.adapters()
+        statuses = {v.version[0]: v.status for v in await reopened.versions("legal")}
+        states = await reopened.states("legal")
+    finally:
+        await reopened.close()
+    assert record.active == "b" * 64 and record.spec.source == "/a/v2"
+    assert statuses == {"a": VersionStatus.RETIRING, "b": VersionStatus.ACTIVE}
+    assert [(s.replica, s.state) for s in states] == [("http://r0", ReplicaPhase.READY)]
+
+
+async def test_the_first_registry_is_carried_over(tmp_path):
+    with sqlite3.connect(tmp_path / "registry.sqlite3") as db:  # the v1 layout, as the first release wrote it
+        db.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, spec TEXT NOT NULL, origin TEXT NOT NULL, "
+                   "version INTEGER NOT NULL, removed INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)")
+        db.execute("INSERT INTO adapters VALUES ('legal', ?, 'admin', 3, 0, 1.0)", (json.dumps(spec().model_dump()),))
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        [record] = await store.adapters()
+    finally:
+        await store.close()
+    assert record.spec.name == "legal" and record.origin == "admin" and record.active is None
