@@ -19,6 +19,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.field_support import check_n, drop_best_of
 from backends.json_grammar import UnsupportedSchemaError, response_format_grammar
 from backends.openai_compat import OpenAICompatDriver
 
@@ -58,6 +59,7 @@ def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
 def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None) -> dict:
     body = dict(request.body)
     body.update(request.sampling)
+    drop_best_of(body)  # llama-server refuses any best_of; check() refused one that means something
     for name, native in RENAMED_FIELDS.items():
         if name in body:
             body[native] = body.pop(name)
@@ -108,6 +110,7 @@ class LlamaCppDriver(OpenAICompatDriver):
         self._by_path: dict[str, int] = {}           # real path -> id, from /lora-adapters
         self._id_of: dict[str, int] = {}             # adapter name -> id, for those found on the server
         self.kimi_template: bool | None = None       # unknown until /props answered
+        self.slots: int | None = None                # its parallel slots (-np): the most `n` it can serve
         self.plan(adapters)
 
     def plan(self, adapters: Mapping[str, AdapterFiles]) -> None:
@@ -162,10 +165,13 @@ class LlamaCppDriver(OpenAICompatDriver):
                 continue
             template = props.get("chat_template") or "" if isinstance(props, dict) else ""
             self.kimi_template = all(marker in template for marker in KIMI_TEMPLATE_MARKERS)
+            slots = props.get("total_slots") if isinstance(props, dict) else None
+            self.slots = slots if isinstance(slots, int) and slots > 0 else None
             return
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
+        check_n(request.body, self.name, self.slots, "its llama-server runs {most} parallel slots, one per choice")
         self._structured_output_grammar(request)  # refuses a schema that has no grammar form
         if request.adapter is not None and request.adapter not in self._id_of:
             raise UnsupportedFeatureError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from typing import AsyncIterator, Callable, Sequence
 
 import orjson
@@ -17,6 +18,8 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.field_support import check_best_of
+from backends.reply_shape import ReplyShape
 from backends.transport import UpstreamResponse
 
 # `"model":"…"` cannot occur inside a JSON string value (its quotes would be escaped), so a plain
@@ -25,6 +28,7 @@ MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 DONE = b"data: [DONE]"
 EVENT_END = b"\n\n"
 MAX_ERROR_BODY = 64 * 1024
+REQUEST_ID = "x-request-id"
 
 
 class StreamErrorEvent(BackendRejectedError):
@@ -61,8 +65,9 @@ def strip_reasoning(doc: dict) -> None:
 class RelayReply:
     """A success reply from an OpenAI-compatible backend, relayed with as little work as possible.
 
-    Per stream block (one TCP read's worth of whole events) it always rewrites `model`; everything else
-    happens only for requests that asked for it: dropping the usage chunk the gateway requested for its
+    Per stream block (one TCP read's worth of whole events) it always rewrites `model`, and `id`, `created`
+    and build details to OpenAI's shape (backends/reply_shape.py); everything else happens only for
+    requests that asked for it: dropping the usage chunk the gateway requested for its
     own metrics, stripping reasoning, and showing tool-using replies to the request's observer.
     """
 
@@ -79,6 +84,7 @@ class RelayReply:
         self._stream_error = stream_error
         self._fix_document = fix_document
         self._fix_block = fix_block
+        self.shape = ReplyShape(request.path, int(time.time()))
 
     async def read(self) -> bytes:
         raw = await self._upstream.read()
@@ -90,6 +96,7 @@ class RelayReply:
             raise BackendProtocolError("the backend answered with a JSON body that is not an object", backend=self._backend)
         request = self._request
         doc["model"] = request.model
+        self.shape.document(doc)
         self.usage = usage_of(doc)
         if self._fix_document is not None:
             self._fix_document(doc, request)
@@ -124,7 +131,7 @@ class RelayReply:
 
     def _rewrite(self, block: bytes) -> bytes:
         request = self._request
-        block = MODEL_FIELD.sub(self._replace_model, block)
+        block = self.shape.block(MODEL_FIELD.sub(self._replace_model, block))
         if self._fix_block is not None:
             block = self._fix_block(block, request)
         if b'"usage"' in block:
@@ -186,6 +193,7 @@ class OpenAICompatDriver:
             raise UnsupportedFeatureError(
                 f"The route's backend '{self.name}' ({self.kind}) has no vision: image parts cannot be served there.",
                 backend=self.name, param="messages")
+        check_best_of(request.body, self.name)
 
     def to_body(self, request: BackendRequest) -> dict:
         raise NotImplementedError
@@ -200,10 +208,17 @@ class OpenAICompatDriver:
     def headers(self) -> dict[str, str] | None:
         return None
 
+    def request_headers(self, request: BackendRequest) -> dict[str, str] | None:
+        """The backend sees the client's `x-request-id`, so that its logs join the gateway's."""
+        headers = self.headers()
+        if not request.request_id:
+            return headers
+        return {**headers, REQUEST_ID: request.request_id} if headers else {REQUEST_ID: request.request_id}
+
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)
         payload = orjson.dumps(self.to_body(request))
-        upstream = await self._pick().request("POST", request.path, payload, self.headers())
+        upstream = await self._pick().request("POST", request.path, payload, self.request_headers(request))
         if upstream.status >= 400:
             try:
                 raw = await upstream.read()

@@ -16,6 +16,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.field_support import drop_best_of
 from backends.openai_compat import OpenAICompatDriver, StreamErrorEvent
 
 
@@ -24,6 +25,7 @@ def to_sglang_body(request: BackendRequest, served_model: str) -> dict:
     body.update(request.sampling)
     body["model"] = f"{served_model}:{request.adapter}" if request.adapter else served_model
     body.pop("lora_path", None)  # the adapter is chosen by the gateway only
+    drop_best_of(body)           # SGLang would ignore it; check() refused a best_of that means something
     if request.path.endswith("chat/completions"):
         kwargs = dict(body.get("chat_template_kwargs") or {})
         kwargs["thinking"] = request.thinking   # `enable_thinking` does nothing for kimi_k2 (§4)

@@ -19,6 +19,7 @@ from gateway.api.openapi import data_plane_paths
 from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidRequestError, error_body
+from gateway.request_id import RequestIdApp
 from gateway.state import GatewayState, build_state
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,20 @@ class GatewayApp:
         self.state = state
         self.data_plane = DataPlane(state)
         self.control = control_plane(state)
+        self.front = RequestIdApp(self._control_or_not_found)   # the data plane sets its own request id
         admin_listen = state.config.admin_listen
         self.admin_port = admin_listen.port if admin_listen is not None else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            if scope["path"] in DATA_PATHS and scope["method"] == "POST" and not self._on_admin_port(scope):
-                return await self.data_plane(scope, receive, send)
-            if self.admin_port is not None and self._on_admin_port(scope) != scope["path"].startswith("/admin"):
-                return await not_found(send)
+        if scope["type"] == "http" and scope["path"] in DATA_PATHS and scope["method"] == "POST" \
+                and not self._on_admin_port(scope):
+            return await self.data_plane(scope, receive, send)
+        return await self.front(scope, receive, send)
+
+    async def _control_or_not_found(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.admin_port is not None \
+                and self._on_admin_port(scope) != scope["path"].startswith("/admin"):
+            return await not_found(send)
         return await self.control(scope, receive, send)
 
     def _on_admin_port(self, scope) -> bool:

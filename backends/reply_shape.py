@@ -1,0 +1,91 @@
+"""OpenAI-exact replies: what the gateway changes in every backend reply so that it matches OpenAI's response
+schemas (`CreateChatCompletionResponse`, `…StreamResponse`, `CreateCompletionResponse`), for a whole reply
+(already parsed) and for a stream (bytes, never parsed per chunk).
+
+The rules (docs/openai-compat.md has the table):
+- `id` is the gateway's, one per request: `chatcmpl-<24 hex>` on chat, `cmpl-<24 hex>` on completions.
+  Backends vary it (SGLang gives each choice of an `n > 1` stream its own) or mislabel it (llama.cpp
+  answers completions with `chatcmpl-…`). In a stream, a top-level id is recognised by its value's
+  `chatcmpl-`/`cmpl-` prefix (every backend kind here uses one), which tool-call ids never carry.
+- `created` is the gateway's clock when the backend's reply began: one value per request (llama.cpp
+  stamps each chunk with the second it was written).
+- `system_fingerprint` never names a backend build (llama.cpp sends "b1-0c1e570"): a backend's value is
+  replaced by `fp_` + the first 10 hex digits of its SHA-256, which still changes when the build changes
+  (what the field is for) and names nothing. Absent stays absent.
+- `timings` (llama.cpp's per-request speed report) is dropped; so is a whole reply's top-level `metadata`
+  from SGLang (`{"weight_version": …}`: OpenAI's `metadata` is the client's own, echoed).
+- A whole reply gets what OpenAI always sends, as null where there is no value: `choices[].logprobs`, and
+  on chat `message.content` and `message.refusal`; `message.tool_calls: null` is removed (OpenAI omits it,
+  and its schema has no null there). Streams already carry their required fields on every backend kind.
+Other extensions pass through: `reasoning_content`, SGLang's `matched_stop`, usage details.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+from backends.protocol import CHAT_PATH
+
+ID_FIELD = re.compile(rb'"id":\s*"(?:chatcmpl|cmpl)-[^"\\]*"')
+CREATED_FIELD = re.compile(rb'"created":\s*\d+')
+FINGERPRINT_FIELD = re.compile(rb'"system_fingerprint":\s*"(?:[^"\\]|\\.)*"')
+TIMINGS_FIELD = re.compile(rb',?\s*"timings":\s*\{[^{}]*\}')
+_fingerprints: dict[bytes, bytes] = {}   # a backend's raw field -> ours; as many entries as backend builds
+
+
+def completion_id(path: str) -> str:
+    return ("chatcmpl-" if path == CHAT_PATH else "cmpl-") + os.urandom(12).hex()
+
+
+def fingerprint(value: str) -> str:
+    return "fp_" + hashlib.sha256(value.encode()).hexdigest()[:10]
+
+
+def _fingerprint_field(match: re.Match) -> bytes:
+    raw = match[0]
+    mapped = _fingerprints.get(raw)
+    if mapped is None:
+        value = raw.split(b":", 1)[1].strip()[1:-1].decode("utf-8", "replace")
+        mapped = b'"system_fingerprint":"' + fingerprint(value).encode() + b'"'
+        if len(_fingerprints) < 64:
+            _fingerprints[raw] = mapped
+    return mapped
+
+
+class ReplyShape:
+    """One request's id and clock, applied to its whole reply or to each block of its stream."""
+
+    __slots__ = ("id", "created", "_chat", "_id_field", "_created_field")
+
+    def __init__(self, path: str, created: int) -> None:
+        self.id, self.created, self._chat = completion_id(path), created, path == CHAT_PATH
+        self._id_field = b'"id":"' + self.id.encode() + b'"'
+        self._created_field = b'"created":' + str(created).encode()
+
+    def document(self, doc: dict) -> None:
+        doc["id"], doc["created"] = self.id, self.created
+        doc.pop("timings", None)
+        doc.pop("metadata", None)
+        if isinstance(doc.get("system_fingerprint"), str):
+            doc["system_fingerprint"] = fingerprint(doc["system_fingerprint"])
+        for choice in doc.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            choice.setdefault("logprobs", None)
+            message = choice.get("message")
+            if self._chat and isinstance(message, dict):
+                message.setdefault("content", None)
+                message.setdefault("refusal", None)
+                if "tool_calls" in message and message["tool_calls"] is None:
+                    del message["tool_calls"]
+
+    def block(self, block: bytes) -> bytes:
+        """Whole SSE events in, the same events with one id, one `created`, no build details out."""
+        block = ID_FIELD.sub(self._id_field, block)
+        block = CREATED_FIELD.sub(self._created_field, block)
+        if b'"system_fingerprint"' in block:
+            block = FINGERPRINT_FIELD.sub(_fingerprint_field, block)
+        if b'"timings"' in block:
+            block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
+        return block
