@@ -6,7 +6,7 @@ Per kind (reference/ and the backends' own sources):
 | field | llama.cpp | SGLang | Moonshot (hosted) |
 |---|---|---|---|
 | `n` | up to the server's slots (`-np`, `/props` `total_slots`); more: refused | forwarded | 1 only (§2.1): 1 is dropped, more refused |
-| `best_of` | refuses any value | accepts and ignores it | no completions endpoint |
+| `best_of` | accepts and ignores it (measured, build b1-0c1e570) | accepts and ignores it | no completions endpoint |
 | `logprobs`, `top_logprobs` | forwarded (`n_probs`) | forwarded | not in the hosted API: refused |
 `best_of` everywhere: equal to `n` (or 1 without `n`) means "return every choice generated", which is what
 the backend does without it, so it is dropped; larger is refused, since no backend here generates extra
@@ -35,8 +35,8 @@ def check_n(body: dict, backend: str, most: int | None, why: str) -> None:
     """`why` may name `{most}`: it is formatted only for a refusal."""
     n = body.get("n")
     if n is not None and most is not None and n > most:
-        raise UnsupportedFeatureError(f"'n' is {n}, and backend '{backend}' generates at most {most} choices per "
-                                      f"request ({why.format(most=most)}).", backend=backend, param="n")
+        raise UnsupportedFeatureError(f"'n' is {n}; backend '{backend}' serves at most n={most} "
+                                      f"({why.format(most=most)}).", backend=backend, param="n")
 
 
 def check_no_logprobs(body: dict, backend: str, why: str) -> None:

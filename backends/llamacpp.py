@@ -59,7 +59,7 @@ def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
 def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None) -> dict:
     body = dict(request.body)
     body.update(request.sampling)
-    drop_best_of(body)  # llama-server refuses any best_of; check() refused one that means something
+    drop_best_of(body)  # llama-server ignores best_of; check() refused one that means something
     for name, native in RENAMED_FIELDS.items():
         if name in body:
             body[native] = body.pop(name)
@@ -171,7 +171,7 @@ class LlamaCppDriver(OpenAICompatDriver):
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
-        check_n(request.body, self.name, self.slots, "its llama-server runs {most} parallel slots, one per choice")
+        check_n(request.body, self.name, self.slots, "one choice per llama-server slot, and it has {most}")
         self._structured_output_grammar(request)  # refuses a schema that has no grammar form
         if request.adapter is not None and request.adapter not in self._id_of:
             raise UnsupportedFeatureError(

@@ -13,7 +13,8 @@ The rules (docs/openai-compat.md has the table):
   replaced by `fp_` + the first 10 hex digits of its SHA-256, which still changes when the build changes
   (what the field is for) and names nothing. Absent stays absent.
 - `timings` (llama.cpp's per-request speed report) is dropped; so is a whole reply's top-level `metadata`
-  from SGLang (`{"weight_version": …}`: OpenAI's `metadata` is the client's own, echoed).
+  from SGLang (`{"weight_version": …}`: OpenAI's `metadata` is the client's own, echoed), and SGLang's
+  `usage.prompt_tokens_details: null` (OpenAI omits the details it does not have; its schema has no null).
 - A whole reply gets what OpenAI always sends, as null where there is no value: `choices[].logprobs`, and
   on chat `message.content` and `message.refusal`; `message.tool_calls: null` is removed (OpenAI omits it,
   and its schema has no null there). Streams already carry their required fields on every backend kind.
@@ -31,6 +32,7 @@ ID_FIELD = re.compile(rb'"id":\s*"(?:chatcmpl|cmpl)-[^"\\]*"')
 CREATED_FIELD = re.compile(rb'"created":\s*\d+')
 FINGERPRINT_FIELD = re.compile(rb'"system_fingerprint":\s*"(?:[^"\\]|\\.)*"')
 TIMINGS_FIELD = re.compile(rb',?\s*"timings":\s*\{[^{}]*\}')
+NULL_DETAILS_FIELD = re.compile(rb',?\s*"(?:prompt|completion)_tokens_details":\s*null')
 _fingerprints: dict[bytes, bytes] = {}   # a backend's raw field -> ours; as many entries as backend builds
 
 
@@ -69,6 +71,11 @@ class ReplyShape:
         doc.pop("metadata", None)
         if isinstance(doc.get("system_fingerprint"), str):
             doc["system_fingerprint"] = fingerprint(doc["system_fingerprint"])
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            for details in ("prompt_tokens_details", "completion_tokens_details"):
+                if details in usage and usage[details] is None:
+                    del usage[details]
         for choice in doc.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
@@ -88,4 +95,6 @@ class ReplyShape:
             block = FINGERPRINT_FIELD.sub(_fingerprint_field, block)
         if b'"timings"' in block:
             block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
+        if b'_tokens_details":' in block:
+            block = NULL_DETAILS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         return block

@@ -60,7 +60,7 @@ def test_hosted_penalties_are_adjusted_and_said_so():
 
 def test_llama_n_is_bounded_by_its_slots():
     assert refused_param(llama(1), request(n=2)) == "n"
-    with pytest.raises(UnsupportedFeatureError, match="runs 2 parallel slots"):
+    with pytest.raises(UnsupportedFeatureError, match=r"serves at most n=2 \(one choice per llama-server slot, and it has 2\)"):
         llama(2).check(request(COMPLETIONS, n=3))
     llama(2).check(request(n=2))
     llama(None).check(request(n=4))  # slots unknown yet: llama-server itself refuses past its slots
@@ -74,7 +74,7 @@ def test_best_of_larger_than_n_is_refused(driver):
 
 
 def test_best_of_equal_to_n_changes_nothing_and_is_dropped():
-    """llama-server answers any best_of with 400 "Unsupported param"; SGLang would ignore it."""
+    """Both backends accept best_of and ignore it: only a best_of that asks for nothing may go unsaid."""
     req = request(COMPLETIONS, n=2, best_of=2)
     llama(4).check(req)
     assert "best_of" not in to_llamacpp_body(req, [], None)
