@@ -84,7 +84,7 @@ class RelayReply:
         self._stream_error = stream_error
         self._fix_document = fix_document
         self._fix_block = fix_block
-        self.shape = ReplyShape(request.path, int(time.time()))
+        self.shape = ReplyShape(request.path, int(time.time()), request.stream)
 
     async def read(self) -> bytes:
         raw = await self._upstream.read()

@@ -2,7 +2,7 @@
 schemas (`CreateChatCompletionResponse`, `…StreamResponse`, `CreateCompletionResponse`), for a whole reply
 (already parsed) and for a stream (bytes, never parsed per chunk).
 
-The rules (docs/openai-compat.md has the table):
+The rules (docs/openai-compat.md has them as a table):
 - `id` is the gateway's, one per request: `chatcmpl-<24 hex>` on chat, `cmpl-<24 hex>` on completions.
   Backends vary it (SGLang gives each choice of an `n > 1` stream its own) or mislabel it (llama.cpp
   answers completions with `chatcmpl-…`). In a stream, a top-level id is recognised by its value's
@@ -23,7 +23,7 @@ Other extensions pass through: `reasoning_content`, SGLang's `matched_stop`, usa
 from __future__ import annotations
 
 import hashlib
-import os
+import random
 import re
 
 from backends.protocol import CHAT_PATH
@@ -34,10 +34,13 @@ FINGERPRINT_FIELD = re.compile(rb'"system_fingerprint":\s*"(?:[^"\\]|\\.)*"')
 TIMINGS_FIELD = re.compile(rb',?\s*"timings":\s*\{[^{}]*\}')
 NULL_DETAILS_FIELD = re.compile(rb',?\s*"(?:prompt|completion)_tokens_details":\s*null')
 _fingerprints: dict[bytes, bytes] = {}   # a backend's raw field -> ours; as many entries as backend builds
+_NEVER = b'"system_fingerprint":"\x00"'  # JSON text never holds a raw NUL
+_last_fingerprint = (_NEVER, _NEVER)     # the pair seen last: a stream repeats it in every chunk
 
 
 def completion_id(path: str) -> str:
-    return ("chatcmpl-" if path == CHAT_PATH else "cmpl-") + os.urandom(12).hex()
+    """Unique, not secret: `random` is reseeded in a forked child, so worker processes never share ids."""
+    return f"{'chatcmpl-' if path == CHAT_PATH else 'cmpl-'}{random.getrandbits(96):024x}"
 
 
 def fingerprint(value: str) -> str:
@@ -45,6 +48,7 @@ def fingerprint(value: str) -> str:
 
 
 def _fingerprint_field(match: re.Match) -> bytes:
+    global _last_fingerprint
     raw = match[0]
     mapped = _fingerprints.get(raw)
     if mapped is None:
@@ -52,7 +56,17 @@ def _fingerprint_field(match: re.Match) -> bytes:
         mapped = b'"system_fingerprint":"' + fingerprint(value).encode() + b'"'
         if len(_fingerprints) < 64:
             _fingerprints[raw] = mapped
+    _last_fingerprint = (raw, mapped)
     return mapped
+
+
+def map_fingerprints(block: bytes) -> bytes:
+    """bytes.replace for the value seen last (the common case), the regex only when another one remains."""
+    raw, mapped = _last_fingerprint
+    block = block.replace(raw, mapped)
+    if block.count(b'"system_fingerprint"') != block.count(mapped):
+        block = FINGERPRINT_FIELD.sub(_fingerprint_field, block)
+    return block
 
 
 class ReplyShape:
@@ -60,10 +74,11 @@ class ReplyShape:
 
     __slots__ = ("id", "created", "_chat", "_id_field", "_created_field")
 
-    def __init__(self, path: str, created: int) -> None:
+    def __init__(self, path: str, created: int, stream: bool = True) -> None:
         self.id, self.created, self._chat = completion_id(path), created, path == CHAT_PATH
-        self._id_field = b'"id":"' + self.id.encode() + b'"'
-        self._created_field = b'"created":' + str(created).encode()
+        if stream:
+            self._id_field = f'"id":"{self.id}"'.encode()
+            self._created_field = f'"created":{created}'.encode()
 
     def document(self, doc: dict) -> None:
         doc["id"], doc["created"] = self.id, self.created
@@ -92,7 +107,7 @@ class ReplyShape:
         block = ID_FIELD.sub(self._id_field, block)
         block = CREATED_FIELD.sub(self._created_field, block)
         if b'"system_fingerprint"' in block:
-            block = FINGERPRINT_FIELD.sub(_fingerprint_field, block)
+            block = map_fingerprints(block)
         if b'"timings"' in block:
             block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         if b'_tokens_details":' in block:
