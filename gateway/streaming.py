@@ -19,10 +19,11 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def error_event(exc: BackendError) -> bytes:
+    """OpenAI's error object: `code` is a string or null in its schema, so the status is not put there."""
     if isinstance(exc, StreamErrorEvent) and exc.status < 500:
-        body = error_body(scrub(exc.message), "invalid_request_error", None, exc.status)
+        body = error_body(scrub(exc.message), "invalid_request_error")
     else:
-        body = error_body(f"The backend failed during the stream: {scrub(exc.message)}", "server_error", None, 502)
+        body = error_body(f"The backend failed during the stream: {scrub(exc.message)}", "server_error")
     return b"data: " + body + b"\n\n" + DONE_EVENT
 
 
