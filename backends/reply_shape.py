@@ -7,8 +7,8 @@ The rules (docs/openai-compat.md has them as a table):
   Backends vary it (SGLang gives each choice of an `n > 1` stream its own) or mislabel it (llama.cpp
   answers completions with `chatcmpl-…`). In a stream, a top-level id is recognised by its value's
   `chatcmpl-`/`cmpl-` prefix (every backend kind here uses one), which tool-call ids never carry.
-- `created` is the gateway's clock when the backend's reply began: one value per request (llama.cpp
-  stamps each chunk with the second it was written).
+- `created` is the gateway's clock when the backend's reply began: one value per request (llama.cpp and
+  SGLang stamp each chunk with the second it was written).
 - `system_fingerprint` never names a backend build (llama.cpp sends "b1-0c1e570"): a backend's value is
   replaced by `fp_` + the first 10 hex digits of its SHA-256, which still changes when the build changes
   (what the field is for) and names nothing. Absent stays absent.
