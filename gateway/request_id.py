@@ -6,7 +6,7 @@ replaced by a new id of 24 hex digits, never echoed. The data plane forwards the
 """
 from __future__ import annotations
 
-import os
+import random
 import re
 
 HEADER = b"x-request-id"
@@ -14,10 +14,11 @@ WELL_FORMED = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
 def request_id_of(incoming: bytes | None) -> str:
-    """The incoming id when well-formed, else a new one."""
+    """The incoming id when well-formed, else a new one: unique, not secret (`random` is reseeded in a
+    forked child, so worker processes never share a sequence)."""
     if incoming is not None and WELL_FORMED.fullmatch(incoming):
         return incoming.decode("ascii")
-    return os.urandom(12).hex()
+    return f"{random.getrandbits(96):024x}"
 
 
 def incoming_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
