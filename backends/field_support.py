@@ -1,13 +1,17 @@
 """No silent drops: the OpenAI request fields a backend kind may not honour (`n`, `best_of`, `logprobs`,
-`top_logprobs`), refused by name (UnsupportedFeatureError -> the route's next target, else a 400 naming
-the field) or translated when the translation changes nothing the client can see.
+`top_logprobs`, `echo`, `suffix`), refused by name (UnsupportedFeatureError -> the route's next target,
+else a 400 naming the field) or translated when the translation changes nothing the client can see.
 
-Per kind (reference/ and the backends' own sources):
+Per kind (reference/, the backends' own sources, and llama-server b1-0c1e570 as measured):
 | field | llama.cpp | SGLang | Moonshot (hosted) |
 |---|---|---|---|
 | `n` | up to the server's slots (`-np`, `/props` `total_slots`); more: refused | forwarded | 1 only (§2.1): 1 is dropped, more refused |
-| `best_of` | accepts and ignores it (measured, build b1-0c1e570) | accepts and ignores it | no completions endpoint |
+| `best_of` | accepts and ignores it | accepts and ignores it | no completions endpoint |
 | `logprobs`, `top_logprobs` | forwarded (`n_probs`) | forwarded | not in the hosted API: refused |
+| `echo` (completions) | accepts and ignores it: refused | forwarded | no completions endpoint |
+| `suffix` (completions) | accepts and ignores it: refused | ignored without a completion template: refused | no completions endpoint |
+A refused field is one set to something that asks for work (`true`, a non-empty string, a number above 0);
+`false`, `""`, 0 and null ask for nothing and pass.
 `best_of` everywhere: equal to `n` (or 1 without `n`) means "return every choice generated", which is what
 the backend does without it, so it is dropped; larger is refused, since no backend here generates extra
 candidates to pick the best from.
@@ -39,8 +43,9 @@ def check_n(body: dict, backend: str, most: int | None, why: str) -> None:
                                       f"({why.format(most=most)}).", backend=backend, param="n")
 
 
-def check_no_logprobs(body: dict, backend: str, why: str) -> None:
-    for field in ("logprobs", "top_logprobs"):
-        if body.get(field):  # false, 0 and null ask for nothing
+def check_unserved(body: dict, backend: str, fields: tuple[str, ...], why: str) -> None:
+    """Refuse each of `fields` that asks for something: the backend would ignore it."""
+    for field in fields:
+        if body.get(field):  # false, "", 0 and null ask for nothing
             raise UnsupportedFeatureError(f"'{field}' cannot be served by backend '{backend}' ({why}).",
                                           backend=backend, param=field)

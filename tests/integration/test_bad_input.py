@@ -117,6 +117,8 @@ def builders(roots: tuple[Path, Path, Path]) -> dict:
         "best-of-over-max": lambda: ("/v1/completions", ALL, completion(best_of=21)),
         "best-of-under-n": lambda: ("/v1/completions", ALL, completion(n=2, best_of=1)),
         "best-of-unservable": lambda: ("/v1/completions", ALL, completion(best_of=3)),
+        "echo-unservable": lambda: ("/v1/completions", ALL, completion(echo=True)),
+        "suffix-unservable": lambda: ("/v1/completions", ALL, completion(suffix=" end")),
         "n-over-slots": lambda: (chat_path, ALL, chat(n=2)),
         "traversal-adapter": lambda: adapter("trav", root / ".." / "x", gguf),
         "symlink-escape": lambda: adapter("sym", symlinked(root, outside), gguf),

@@ -58,6 +58,18 @@ def test_hosted_penalties_are_adjusted_and_said_so():
     assert req.adjustments == ["presence_penalty=0", "frequency_penalty=0"]
 
 
+@pytest.mark.parametrize("fields, param", [({"echo": True}, "echo"), ({"suffix": " end"}, "suffix")])
+def test_llama_refuses_what_it_would_ignore(fields, param):
+    assert refused_param(llama(4), request(COMPLETIONS, **fields)) == param
+    llama(4).check(request(COMPLETIONS, echo=False, suffix=""))  # they ask for nothing
+
+
+def test_sglang_refuses_suffix_and_serves_echo():
+    sglang = SglangDriver("kt", [], served_model="kimi", adapters={})
+    assert refused_param(sglang, request(COMPLETIONS, suffix=" end")) == "suffix"
+    sglang.check(request(COMPLETIONS, echo=True))
+
+
 def test_llama_n_is_bounded_by_its_slots():
     assert refused_param(llama(1), request(n=2)) == "n"
     with pytest.raises(UnsupportedFeatureError, match=r"serves at most n=2 \(one choice per llama-server slot, and it has 2\)"):
