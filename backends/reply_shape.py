@@ -40,7 +40,7 @@ _last_fingerprint = (_NEVER, _NEVER)     # the pair seen last: a stream repeats 
 
 def completion_id(path: str) -> str:
     """Unique, not secret: `random` is reseeded in a forked child, so worker processes never share ids."""
-    return f"{'chatcmpl-' if path == CHAT_PATH else 'cmpl-'}{random.getrandbits(96):024x}"
+    return ("chatcmpl-%024x" if path == CHAT_PATH else "cmpl-%024x") % random.getrandbits(96)
 
 
 def fingerprint(value: str) -> str:
@@ -82,25 +82,31 @@ class ReplyShape:
 
     def document(self, doc: dict) -> None:
         doc["id"], doc["created"] = self.id, self.created
+        if "timings" in doc or "metadata" in doc or "system_fingerprint" in doc:
+            self._backend_extensions(doc)
+        usage = doc.get("usage")
+        if usage.__class__ is dict:
+            if usage.get("prompt_tokens_details", 0) is None:
+                del usage["prompt_tokens_details"]
+            if usage.get("completion_tokens_details", 0) is None:
+                del usage["completion_tokens_details"]
+        for choice in doc.get("choices") or ():
+            if choice.__class__ is not dict:
+                continue
+            choice.setdefault("logprobs", None)
+            message = choice.get("message")
+            if self._chat and message.__class__ is dict:
+                message.setdefault("content", None)
+                message.setdefault("refusal", None)
+                if message.get("tool_calls", ()) is None:
+                    del message["tool_calls"]
+
+    @staticmethod
+    def _backend_extensions(doc: dict) -> None:
         doc.pop("timings", None)
         doc.pop("metadata", None)
         if isinstance(doc.get("system_fingerprint"), str):
             doc["system_fingerprint"] = fingerprint(doc["system_fingerprint"])
-        usage = doc.get("usage")
-        if isinstance(usage, dict):
-            for details in ("prompt_tokens_details", "completion_tokens_details"):
-                if details in usage and usage[details] is None:
-                    del usage[details]
-        for choice in doc.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            choice.setdefault("logprobs", None)
-            message = choice.get("message")
-            if self._chat and isinstance(message, dict):
-                message.setdefault("content", None)
-                message.setdefault("refusal", None)
-                if "tool_calls" in message and message["tool_calls"] is None:
-                    del message["tool_calls"]
 
     def block(self, block: bytes) -> bytes:
         """Whole SSE events in, the same events with one id, one `created`, no build details out."""

@@ -11,17 +11,18 @@ from __future__ import annotations
 from backends.protocol import CHAT_PATH
 from gateway.errors import InvalidRequestError
 
-DECIMAL, INTEGER = "decimal", "integer"
-# (field, kind, minimum, maximum): OpenAI's ranges, both paths; None = unbounded.
-COMMON_RANGES = (
-    ("temperature", DECIMAL, 0, 2), ("top_p", DECIMAL, 0, 1),
-    ("presence_penalty", DECIMAL, -2, 2), ("frequency_penalty", DECIMAL, -2, 2),
-    ("n", INTEGER, 1, 128), ("max_tokens", INTEGER, 1, None),
-    ("min_p", DECIMAL, None, None), ("repetition_penalty", DECIMAL, None, None), ("top_k", INTEGER, 0, None),
-)
-RANGES = {
-    CHAT_PATH: COMMON_RANGES + (("max_completion_tokens", INTEGER, 1, None), ("top_logprobs", INTEGER, 0, 20)),
-    "completions": COMMON_RANGES + (("best_of", INTEGER, 0, 20), ("logprobs", INTEGER, 0, 5)),
+DECIMAL, INTEGER, BOOLEAN, LOGIT_BIAS = "decimal", "integer", "boolean", "logit_bias"
+# field -> (kind, minimum, maximum): OpenAI's ranges; None = unbounded. Looked up per field the request has.
+COMMON_CHECKS = {
+    "temperature": (DECIMAL, 0, 2), "top_p": (DECIMAL, 0, 1),
+    "presence_penalty": (DECIMAL, -2, 2), "frequency_penalty": (DECIMAL, -2, 2),
+    "n": (INTEGER, 1, 128), "max_tokens": (INTEGER, 1, None), "logit_bias": (LOGIT_BIAS, None, None),
+    "min_p": (DECIMAL, None, None), "repetition_penalty": (DECIMAL, None, None), "top_k": (INTEGER, 0, None),
+}
+CHECKS = {
+    CHAT_PATH: {**COMMON_CHECKS, "max_completion_tokens": (INTEGER, 1, None), "top_logprobs": (INTEGER, 0, 20),
+                "logprobs": (BOOLEAN, None, None)},
+    "completions": {**COMMON_CHECKS, "best_of": (INTEGER, 0, 20), "logprobs": (INTEGER, 0, 5)},
 }
 LOGIT_BIAS_MAX_ENTRIES = 1024
 LOGIT_BIAS_LIMIT = 100
@@ -54,6 +55,16 @@ def _range_error(field: str, kind: str, value, bound, above: bool) -> InvalidReq
                                f"but got {value} instead.", param=field.split(".")[0], code=f"{kind}_{code}_value")
 
 
+def check_field(field: str, value, kind: str, low, high) -> None:
+    if kind == BOOLEAN:
+        if not isinstance(value, bool):
+            raise _type_error(field, "a boolean", value)
+    elif kind == LOGIT_BIAS:
+        _check_logit_bias(value)
+    else:
+        check_range(field, value, kind, low, high)
+
+
 def check_range(field: str, value, kind: str, low, high) -> None:
     if isinstance(value, bool) or not isinstance(value, int if kind == INTEGER else (int, float)):
         raise _type_error(field, "an integer" if kind == INTEGER else "a decimal", value)
@@ -78,15 +89,12 @@ def check_request(doc: object, path: str, allowed: frozenset[str] | None) -> boo
     if not isinstance(doc.get("stream", False), bool):
         raise _type_error("stream", "a boolean", doc["stream"])
     chat = path == CHAT_PATH
-    for field, kind, low, high in RANGES[CHAT_PATH if chat else "completions"]:
-        value = doc.get(field)
-        if value is not None:
-            check_range(field, value, kind, low, high)
-    if doc.get("logit_bias") is not None:
-        _check_logit_bias(doc["logit_bias"])
+    checks = CHECKS[CHAT_PATH if chat else "completions"]
+    for field, value in doc.items():  # a request has a few fields: cheaper than a lookup per check
+        spec = checks.get(field)
+        if spec is not None and value is not None:
+            check_field(field, value, *spec)
     if chat:
-        if doc.get("logprobs") is not None and not isinstance(doc["logprobs"], bool):
-            raise _type_error("logprobs", "a boolean", doc["logprobs"])
         return _check_messages(doc.get("messages"))
     best_of = doc.get("best_of")
     if best_of is not None and best_of < (doc.get("n") or 1):
