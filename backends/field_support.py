@@ -20,6 +20,13 @@ from __future__ import annotations
 
 from backends.errors import UnsupportedFeatureError
 
+FIELDS = frozenset({"n", "best_of", "logprobs", "top_logprobs", "echo", "suffix"})
+
+
+def asks_for_any(body: dict) -> bool:
+    """One C-level look before any check: most requests name none of these fields."""
+    return not FIELDS.isdisjoint(body)
+
 
 def check_best_of(body: dict, backend: str) -> None:
     best_of = body.get("best_of")

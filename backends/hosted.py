@@ -17,7 +17,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.field_support import check_n, check_unserved
+from backends.field_support import asks_for_any, check_n, check_unserved
 from backends.openai_compat import OpenAICompatDriver
 from backends.protocol import CHAT_PATH, HOSTED_FIXED_SAMPLING, SAMPLING_EXTENSION_FIELDS
 
@@ -172,9 +172,10 @@ class MoonshotDriver(OpenAICompatDriver):
         for name in SAMPLING_EXTENSION_FIELDS:
             if name in request.body:
                 raise UnsupportedFeatureError(f"The hosted API does not accept '{name}'.", backend=self.name, param=name)
-        check_n(request.body, self.name, 1, "the hosted API fixes n at 1")
-        check_unserved(request.body, self.name, ("logprobs", "top_logprobs"),
-                       "the hosted API returns no log probabilities")
+        if asks_for_any(request.body):
+            check_n(request.body, self.name, 1, "the hosted API fixes n at 1")
+            check_unserved(request.body, self.name, ("logprobs", "top_logprobs"),
+                           "the hosted API returns no log probabilities")
         check_tools(request.body, self.name)
 
     def to_body(self, request: BackendRequest) -> dict:

@@ -19,7 +19,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.field_support import check_n, check_unserved, drop_best_of
+from backends.field_support import asks_for_any, check_n, check_unserved, drop_best_of
 from backends.json_grammar import UnsupportedSchemaError, response_format_grammar
 from backends.openai_compat import OpenAICompatDriver
 
@@ -171,8 +171,9 @@ class LlamaCppDriver(OpenAICompatDriver):
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
-        check_n(request.body, self.name, self.slots, "one choice per llama-server slot, and it has {most}")
-        check_unserved(request.body, self.name, ("echo", "suffix"), "llama-server accepts it and ignores it")
+        if asks_for_any(request.body):
+            check_n(request.body, self.name, self.slots, "one choice per llama-server slot, and it has {most}")
+            check_unserved(request.body, self.name, ("echo", "suffix"), "llama-server accepts it and ignores it")
         self._structured_output_grammar(request)  # refuses a schema that has no grammar form
         if request.adapter is not None and request.adapter not in self._id_of:
             raise UnsupportedFeatureError(

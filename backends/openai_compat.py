@@ -18,7 +18,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.field_support import check_best_of
+from backends.field_support import asks_for_any, check_best_of
 from backends.reply_shape import ReplyShape
 from backends.transport import UpstreamResponse
 
@@ -193,7 +193,8 @@ class OpenAICompatDriver:
             raise UnsupportedFeatureError(
                 f"The route's backend '{self.name}' ({self.kind}) has no vision: image parts cannot be served there.",
                 backend=self.name, param="messages")
-        check_best_of(request.body, self.name)
+        if asks_for_any(request.body):
+            check_best_of(request.body, self.name)
 
     def to_body(self, request: BackendRequest) -> dict:
         raise NotImplementedError

@@ -16,7 +16,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
-from backends.field_support import check_unserved, drop_best_of
+from backends.field_support import asks_for_any, check_unserved, drop_best_of
 from backends.openai_compat import OpenAICompatDriver, StreamErrorEvent
 
 
@@ -104,7 +104,8 @@ class SglangDriver(OpenAICompatDriver):
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
-        check_unserved(request.body, self.name, ("suffix",), "SGLang ignores it unless it runs a completion template")
+        if asks_for_any(request.body):
+            check_unserved(request.body, self.name, ("suffix",), "SGLang ignores it unless it runs a completion template")
         if self._expert_adapter is not None and request.adapter != self._expert_adapter:
             raise UnsupportedFeatureError(
                 f"SGLang backend '{self.name}' is dedicated to expert adapter '{self._expert_adapter}'.",
