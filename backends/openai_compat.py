@@ -135,6 +135,7 @@ class RelayReply:
         if self._fix_block is not None:
             block = self._fix_block(block, request)
         if b'"usage"' in block:
+            block = self.shape.usage_block(block)
             self._note_usage(block)
             if request.hide_usage_chunk and USAGE_ONLY_EVENT in block:
                 block = b"".join(event + EVENT_END for event in block.split(EVENT_END)

@@ -12,7 +12,7 @@ The rules (docs/openai-compat.md has them as a table):
 - `system_fingerprint` never names a backend build (llama.cpp sends "b1-0c1e570"): a backend's value is
   replaced by `fp_` + the first 10 hex digits of its SHA-256, which still changes when the build changes
   (what the field is for) and names nothing. Absent stays absent.
-- `timings` (llama.cpp's per-request speed report) is dropped; so is a whole reply's top-level `metadata`
+- `timings` (llama.cpp's per-request speed report, on its last chunk, which carries usage) is dropped; so is a whole reply's top-level `metadata`
   from SGLang (`{"weight_version": …}`: OpenAI's `metadata` is the client's own, echoed), and SGLang's
   `usage.prompt_tokens_details: null` (OpenAI omits the details it does not have; its schema has no null).
 - A whole reply gets what OpenAI always sends, as null where there is no value: `choices[].logprobs`, and
@@ -109,11 +109,17 @@ class ReplyShape:
             doc["system_fingerprint"] = fingerprint(doc["system_fingerprint"])
 
     def block(self, block: bytes) -> bytes:
-        """Whole SSE events in, the same events with one id, one `created`, no build details out."""
+        """Whole SSE events in, the same events with one id, one `created`, no build fingerprint out."""
         block = ID_FIELD.sub(self._id_field, block)
         block = CREATED_FIELD.sub(self._created_field, block)
         if b'"system_fingerprint"' in block:
             block = map_fingerprints(block)
+        return block
+
+    @staticmethod
+    def usage_block(block: bytes) -> bytes:
+        """Blocks with usage only (the caller looked): llama.cpp's `timings` rides on its last chunk, which
+        always carries usage since the gateway always asks for stream usage; SGLang's null details are usage's."""
         if b'"timings"' in block:
             block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         if b'_tokens_details":' in block:

@@ -35,7 +35,7 @@ LLAMA_STREAM = (event(llama_chunk(100, {"role": "assistant", "content": None}))
                 + event(llama_chunk(100, {"tool_calls": [{"index": 0, "id": "Xk2fT9", "type": "function",
                                                           "function": {"name": "f", "arguments": "{}"}}]}))
                 + event(llama_chunk(101, {"content": " hi"}))
-                + event(llama_chunk(102, {}, "tool_calls", timings=TIMINGS))
+                + event(llama_chunk(102, {}, "tool_calls"))  # timings ride on the last chunk: usage, as asked
                 + event({"choices": [], "created": 102, "id": "chatcmpl-LLAMA", "model": "tiny.gguf",
                          "object": "chat.completion.chunk", "system_fingerprint": "b1-0c1e570",
                          "usage": {"completion_tokens": 2, "prompt_tokens": 5, "total_tokens": 7},
@@ -113,12 +113,15 @@ async def test_whole_completion_reply_id_says_cmpl():
     assert out["id"].startswith("cmpl-") and out["choices"][0]["logprobs"] is None
 
 
-def test_timings_anywhere_in_an_event_leaves_valid_json():
+def test_timings_anywhere_in_a_usage_event_leaves_valid_json():
     shape = ReplyShape(CHAT, 7)
-    for doc in ({"timings": TIMINGS, "id": "chatcmpl-1", "choices": []}, {"id": "chatcmpl-1", "timings": TIMINGS},
-                {"choices": [], "timings": TIMINGS, "usage": None}):
-        out = orjson.loads(shape.block(event(doc))[6:])
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "prompt_tokens_details": None}
+    for doc in ({"timings": TIMINGS, "id": "chatcmpl-1", "choices": [], "usage": usage},
+                {"id": "chatcmpl-1", "usage": usage, "timings": TIMINGS},
+                {"choices": [], "timings": TIMINGS, "usage": {"prompt_tokens_details": None, "total_tokens": 2}}):
+        out = orjson.loads(shape.usage_block(shape.block(event(doc)))[6:])
         assert "timings" not in out and out.get("id", shape.id) == shape.id
+        assert "prompt_tokens_details" not in out["usage"]
 
 
 def test_backend_requests_carry_the_request_id():
