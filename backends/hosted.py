@@ -21,8 +21,9 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.field_support import asks_for_any, check_n, check_unserved
 from backends.openai_compat import OpenAICompatDriver
-from backends.protocol import HOSTED_FIXED_SAMPLING, SAMPLING_EXTENSION_FIELDS
+from backends.protocol import CHAT_PATH, HOSTED_FIXED_SAMPLING, SAMPLING_EXTENSION_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ ACCOUNT_STATUSES = {401: "the gateway's hosted API key was refused (401)",
 TRY_AGAIN_AFTER = re.compile(r"after (\d+(?:\.\d+)?) seconds")
 # Hosted families that always think and refuse the `thinking` field (§1: kimi-k3 takes reasoning_effort).
 ALWAYS_THINKING = ("kimi-k3",)
+# Removed from every hosted body: the fixed sampling (§2.1; temperature and top_p are the sampling policy's,
+# n above 1 is refused by check()), the self-hosted thinking switch, and the unset forms (false, 0, null) of
+# the fields check() refuses when set.
+HOSTED_STRIPPED = frozenset(HOSTED_FIXED_SAMPLING) | {"chat_template_kwargs", "logprobs", "top_logprobs"}
+HOSTED_FIXED_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
 MAX_TOOLS = 128
@@ -105,8 +111,10 @@ def check_tools(body: dict, backend: str) -> None:
 
 
 def to_moonshot_body(request: BackendRequest, hosted_model: str) -> dict:
-    body = {key: value for key, value in request.body.items() if key not in HOSTED_FIXED_SAMPLING}
-    body.pop("chat_template_kwargs", None)
+    body = {key: value for key, value in request.body.items() if key not in HOSTED_STRIPPED}
+    for penalty in HOSTED_FIXED_PENALTIES:  # fixed at 0 (§2.1): another value is adjusted, and said so
+        if request.body.get(penalty):
+            request.adjustments.append(f"{penalty}=0")
     body["model"] = hosted_model
     if not hosted_model.startswith(ALWAYS_THINKING):
         thinking = apply_thinking_rules(body, request)
@@ -193,9 +201,16 @@ class MoonshotDriver(OpenAICompatDriver):
         if not request.thinking and self.hosted_model(request.route).startswith(ALWAYS_THINKING):
             raise UnsupportedFeatureError(f"Hosted model '{self.hosted_model(request.route)}' always thinks: "
                                           "instant mode is not available there.", backend=self.name, param="thinking")
+        if request.path != CHAT_PATH:
+            raise UnsupportedFeatureError("The hosted API serves chat completions only (no /v1/completions).",
+                                          backend=self.name)
         for name in SAMPLING_EXTENSION_FIELDS:
             if name in request.body:
                 raise UnsupportedFeatureError(f"The hosted API does not accept '{name}'.", backend=self.name, param=name)
+        if asks_for_any(request.body):
+            check_n(request.body, self.name, 1, "the hosted API fixes n at 1")
+            check_unserved(request.body, self.name, ("logprobs", "top_logprobs"),
+                           "the hosted API returns no log probabilities")
         check_tools(request.body, self.name)
 
     def to_body(self, request: BackendRequest, replica: int) -> dict:

@@ -26,6 +26,7 @@ from backends.errors import (
     ServerChangedError,
     UnsupportedFeatureError,
 )
+from backends.field_support import asks_for_any, check_n, check_unserved, drop_best_of
 from backends.json_grammar import UnsupportedSchemaError, response_format_grammar
 from backends.openai_compat import OpenAICompatDriver
 
@@ -88,6 +89,7 @@ def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
 def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None) -> dict:
     body = dict(request.body)
     body.update(request.sampling)
+    drop_best_of(body)  # llama-server ignores best_of; check() refused one that means something
     for name, native in RENAMED_FIELDS.items():
         if name in body:
             body[native] = body.pop(name)
@@ -157,6 +159,7 @@ class LlamaCppDriver(OpenAICompatDriver):
             if hasattr(transport, "connection_check"):
                 transport.check_path = "/lora-adapters"
                 transport.connection_check = partial(self._connection_check, replica)
+        self.slots: int | None = None                # its parallel slots (-np): the most `n` it can serve
 
     async def start(self) -> None:
         for replica in range(len(self._transports)):
@@ -266,10 +269,15 @@ class LlamaCppDriver(OpenAICompatDriver):
                 continue
             template = props.get("chat_template") or "" if isinstance(props, dict) else ""
             self.kimi_template = all(marker in template for marker in KIMI_TEMPLATE_MARKERS)
+            slots = props.get("total_slots") if isinstance(props, dict) else None
+            self.slots = slots if isinstance(slots, int) and slots > 0 else None
             return
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
+        if asks_for_any(request.body):
+            check_n(request.body, self.name, self.slots, "one choice per llama-server slot, and it has {most}")
+            check_unserved(request.body, self.name, ("echo", "suffix"), "llama-server accepts it and ignores it")
         self._structured_output_grammar(request)  # refuses a schema that has no grammar form
 
     def _structured_output_grammar(self, request: BackendRequest) -> str | None:

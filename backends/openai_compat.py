@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import orjson
@@ -20,7 +21,9 @@ from backends.errors import (
     ServerChangedError,
     UnsupportedFeatureError,
 )
+from backends.field_support import asks_for_any, check_best_of
 from backends.protocol import COMPLETIONS_PATH
+from backends.reply_shape import ReplyShape
 from backends.transport import UpstreamResponse
 
 # The verification probe: greedy and short, so that it repeats exactly and costs little (issue 13).
@@ -34,6 +37,7 @@ MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 DONE = b"data: [DONE]"
 EVENT_END = b"\n\n"
 MAX_ERROR_BODY = 64 * 1024
+REQUEST_ID = "x-request-id"
 
 
 class StreamErrorEvent(BackendRejectedError):
@@ -97,10 +101,11 @@ def strip_reasoning(doc: dict) -> None:
 class RelayReply:
     """A success reply from an OpenAI-compatible backend, relayed with as little work as possible.
 
-    Per stream block (one TCP read's worth of whole events) it always rewrites `model`; everything else
-    happens only for requests that asked for it, or for the one or two events that carry a usage object
-    (parsed: counted for metrics, then shown to the client only as the single usage chunk it asked for),
-    stripping reasoning, and showing tool-using replies to the request's observer.
+    Per stream block (one TCP read's worth of whole events) it always rewrites `model`, and `id`, `created`
+    and build details to OpenAI's shape (backends/reply_shape.py); everything else happens only for
+    requests that asked for it, or for the one or two events that carry a usage object (parsed: counted for
+    metrics, then shown to the client only as the single usage chunk it asked for), stripping reasoning, and
+    showing tool-using replies to the request's observer.
 
     The first `data:` event ends the upstream's first-byte deadline (`first_event_received()`): a head
     that came before prefill does not count as the first byte.
@@ -123,6 +128,7 @@ class RelayReply:
         self._fix_block = fix_block
         self._usage_shown = False  # the client got its usage chunk
         self._usage_head: dict | None = None  # id/object/created of the event usage came in, for a stand-in
+        self.shape = ReplyShape(request.path, int(time.time()), request.stream)
 
     async def read(self) -> bytes:
         raw = await self._upstream.read()
@@ -134,6 +140,7 @@ class RelayReply:
             raise BackendProtocolError("the backend answered with a JSON body that is not an object", backend=self._backend)
         request = self._request
         doc["model"] = request.model
+        self.shape.document(doc)
         self.usage = usage_of(doc)
         strip_choice_usage(doc.get("choices"))  # top-level usage is the OpenAI contract; a copy in a choice is not
         if self._fix_document is not None:
@@ -175,9 +182,11 @@ class RelayReply:
 
     def _rewrite(self, block: bytes) -> bytes:
         request = self._request
-        block = MODEL_FIELD.sub(self._replace_model, block)
+        block = self.shape.block(MODEL_FIELD.sub(self._replace_model, block))
         if self._fix_block is not None:
             block = self._fix_block(block, request)
+        if b'"usage"' in block:
+            block = self.shape.usage_block(block)
         if has_usage_object(block):
             block = self._route_usage(block)
         if request.observer is not None:
@@ -273,6 +282,8 @@ class OpenAICompatDriver:
             raise UnsupportedFeatureError(
                 f"The route's backend '{self.name}' ({self.kind}) has no vision: image parts cannot be served there.",
                 backend=self.name, param="messages")
+        if asks_for_any(request.body):
+            check_best_of(request.body, self.name)
 
     def to_body(self, request: BackendRequest, replica: int) -> dict:
         raise NotImplementedError
@@ -289,6 +300,13 @@ class OpenAICompatDriver:
 
     def stream_error_for(self, replica: int) -> Callable[[bytes], BackendError] | None:
         return self.stream_error
+
+    def request_headers(self, request: BackendRequest) -> dict[str, str] | None:
+        """The backend sees the client's `x-request-id`, so that its logs join the gateway's."""
+        headers = self.headers()
+        if not request.request_id:
+            return headers
+        return {**headers, REQUEST_ID: request.request_id} if headers else {REQUEST_ID: request.request_id}
 
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)
@@ -317,7 +335,7 @@ class OpenAICompatDriver:
 
     async def _post(self, replica: int, request: BackendRequest) -> UpstreamResponse:
         payload = orjson.dumps(self.to_body(request, replica))
-        return await self._transports[replica].request("POST", request.path, payload, self.headers())
+        return await self._transports[replica].request("POST", request.path, payload, self.request_headers(request))
 
     def replica_error(self, replica: int, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
         """A dialect may recognise a replica that lost its adapters here (SGLang after a restart)."""

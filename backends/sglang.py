@@ -22,6 +22,7 @@ from backends.errors import (
     BackendUnavailableError,
     UnsupportedFeatureError,
 )
+from backends.field_support import asks_for_any, check_unserved, drop_best_of
 from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent, parse_json
 
 ALREADY_LOADED = "already loaded"
@@ -47,6 +48,7 @@ def to_sglang_body(request: BackendRequest, served_model: str) -> dict:
     body.update(request.sampling)
     body["model"] = f"{served_model}:{request.adapter}" if request.adapter else served_model
     body.pop("lora_path", None)  # the adapter is chosen by the gateway only
+    drop_best_of(body)           # SGLang would ignore it; check() refused a best_of that means something
     if request.path.endswith("chat/completions"):
         kwargs = dict(body.get("chat_template_kwargs") or {})
         kwargs["thinking"] = request.thinking   # `enable_thinking` does nothing for kimi_k2 (§4)
@@ -171,6 +173,8 @@ class SglangDriver(OpenAICompatDriver):
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
+        if asks_for_any(request.body):
+            check_unserved(request.body, self.name, ("suffix",), "SGLang ignores it unless it runs a completion template")
         if self._expert_adapter is not None and (request.adapter or "").partition("@")[0] != self._expert_adapter:
             raise UnsupportedFeatureError(
                 f"SGLang backend '{self.name}' is dedicated to expert adapter '{self._expert_adapter}'.",

@@ -20,6 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, InvalidRequestError, error_body
 from gateway.exposure import admin_listener_paths, exposed, on_admin_listener, shared_paths
+from gateway.request_id import RequestIdApp
 from gateway.state import GatewayState, build_state
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,19 @@ class GatewayApp:
         self.split = config.admin_listen is not None
         self.admin_paths = admin_listener_paths(config)
         self.shared_paths = shared_paths(config)
+        self.front = RequestIdApp(self._control_or_not_found)   # the data plane sets its own request id
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             path, on_admin = scope["path"], self.split and on_admin_listener(scope, self.state.config)
             if path in DATA_PATHS and scope["method"] == "POST" and not on_admin:
                 return await self.data_plane(scope, receive, send)
-            if self.split and path not in self.shared_paths and on_admin != self._admin_side(path):
+        return await self.front(scope, receive, send)
+
+    async def _control_or_not_found(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.split:
+            path, on_admin = scope["path"], on_admin_listener(scope, self.state.config)
+            if path not in self.shared_paths and on_admin != self._admin_side(path):
                 return await not_found(send)
         return await self.control(scope, receive, send)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from functools import partial
 
 import orjson
@@ -24,6 +23,8 @@ from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import with_retries
 from gateway.policies.sampling import apply_sampling_policy
 from gateway.policies.tools import check_agent_fields
+from gateway.request_id import HEADER as REQUEST_ID_HEADER
+from gateway.request_id import request_id_of
 from gateway.routing import Resolved, Target
 from gateway.state import GatewayState
 from gateway.streaming import DisconnectWatcher, relay_stream
@@ -62,10 +63,10 @@ class DataPlane:
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
 
     async def __call__(self, scope, receive, send) -> None:
-        request_id = os.urandom(12).hex()
-        recorder = RequestRecorder(self.state.metrics)
         headers = dict(scope["headers"])
-        extra: list[tuple[bytes, bytes]] = [(b"x-request-id", request_id.encode())]
+        request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
+        recorder = RequestRecorder(self.state.metrics)
+        extra: list[tuple[bytes, bytes]] = [(REQUEST_ID_HEADER, request_id.encode())]
         code, usage, watcher, body = 500, None, None, None
         try:
             # The key first, from the headers: an unauthenticated client gets nothing buffered for it.

@@ -21,17 +21,18 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def error_event(exc: Exception, request_id: str) -> tuple[bytes, int]:
-    """The error event and `[DONE]` a failed stream ends with, and the status it counts as."""
+    """The error event and `[DONE]` a failed stream ends with, and the status it counts as. OpenAI's error
+    object has `code` as a string or null, so the status is not put there."""
     if isinstance(exc, StreamErrorEvent) and exc.status < 500:
-        code, body = exc.status, error_body(scrub(exc.message), "invalid_request_error", None, exc.status)
+        code, body = exc.status, error_body(scrub(exc.message), "invalid_request_error")
     elif isinstance(exc, BackendTimeoutError):
         code, body = 504, error_body(f"The backend timed out during the stream: {scrub(exc.message)}",
-                                     "server_error", None, 504)
+                                     "server_error")
     elif isinstance(exc, BackendError):
         code, body = 502, error_body(f"The backend failed during the stream: {scrub(exc.message)}",
-                                     "server_error", None, 502)
+                                     "server_error")
     else:
-        code, body = 500, error_body(InternalError(request_id).message, "server_error", None, 500)
+        code, body = 500, error_body(InternalError(request_id).message, "server_error")
     return b"data: " + body + b"\n\n" + DONE_EVENT, code
 
 

@@ -12,6 +12,7 @@ import pytest
 from backends.launchers.llamacpp import free_port
 from tests.adapter_files import write_peft
 from tests.integration.conftest import ROOT, sdk
+from tests.openai_spec import assert_conforms
 
 PROMPT = [{"role": "user", "content": "Tell me about the blue river"}]
 
@@ -108,6 +109,7 @@ def test_stream_error_under_200_becomes_an_openai_error_event(gateway, sglang):
     assert response.status_code == 200
     error = orjson.loads(events[-2].removeprefix("data: "))["error"]
     assert set(error) == {"message", "type", "param", "code"}
+    assert_conforms("ErrorResponse", {"error": error})
     assert events[-1] == "data: [DONE]"
 
 

@@ -9,6 +9,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from tests.app_client import running, write_adapter_set
 from tests.emulators.fake_driver import FakeDriver, Step, chunk
+from tests.openai_spec import assert_conforms
 
 CONFIG = {
     "backends": [{"name": "one", "kind": "llamacpp", "url": "http://127.0.0.1:9"},
@@ -183,6 +184,7 @@ async def test_stream_failure_after_first_byte_is_one_error_event_then_done():
     events = [e for e in response.text.split("\n\n") if e]
     assert events[0] == chunk("hel", "kimi").decode().strip()
     assert orjson.loads(events[1][6:])["error"]["type"] == "server_error"
+    assert_conforms("ErrorResponse", orjson.loads(events[1][6:]))
     assert events[2] == "data: [DONE]" and len(events) == 3
 
 

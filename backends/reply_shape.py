@@ -1,0 +1,130 @@
+"""OpenAI-exact replies: what the gateway changes in every backend reply so that it matches OpenAI's response
+schemas (`CreateChatCompletionResponse`, `…StreamResponse`, `CreateCompletionResponse`), for a whole reply
+(already parsed) and for a stream (bytes, never parsed per chunk).
+
+The rules (docs/openai-compat.md has them as a table):
+- `id` is the gateway's, one per request: `chatcmpl-<24 hex>` on chat, `cmpl-<24 hex>` on completions.
+  Backends vary it (SGLang gives each choice of an `n > 1` stream its own) or mislabel it (llama.cpp
+  answers completions with `chatcmpl-…`). In a stream, a top-level id is recognised by its value's
+  `chatcmpl-`/`cmpl-` prefix (every backend kind here uses one), which tool-call ids never carry.
+- `created` is the gateway's clock when the backend's reply began: one value per request (llama.cpp and
+  SGLang stamp each chunk with the second it was written).
+Cost per stream event (callgrind): two regex passes (id, created), plus a fingerprint look and replace where
+the backend sends one; about 13k instructions for an SGLang event, 21k for a llama.cpp one.
+- `system_fingerprint` never names a backend build (llama.cpp sends "b1-0c1e570"): a backend's value is
+  replaced by `fp_` + the first 10 hex digits of its SHA-256, which still changes when the build changes
+  (what the field is for) and names nothing. Absent stays absent.
+- `timings` (llama.cpp's per-request speed report; in a stream, on its last chunk, which carries usage) is
+  dropped; so is a whole reply's top-level `metadata` from SGLang (`{"weight_version": …}`: OpenAI's
+  `metadata` is the client's own, echoed), and SGLang's `usage.prompt_tokens_details: null` (OpenAI omits
+  the details it does not have; its schema has no null).
+- A whole reply gets what OpenAI always sends, as null where there is no value: `choices[].logprobs`, and
+  on chat `message.content` and `message.refusal`; `message.tool_calls: null` is removed (OpenAI omits it,
+  and its schema has no null there). Streams already carry their required fields on every backend kind.
+Other extensions pass through: `reasoning_content`, SGLang's `matched_stop`, usage details.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+
+from backends.protocol import CHAT_PATH
+
+ID_FIELD = re.compile(rb'"id":\s*"(?:chatcmpl|cmpl)-[^"\\]*"')
+CREATED_FIELD = re.compile(rb'"created":\s*\d+')
+FINGERPRINT_FIELD = re.compile(rb'"system_fingerprint":\s*"(?:[^"\\]|\\.)*"')
+TIMINGS_FIELD = re.compile(rb',?\s*"timings":\s*\{[^{}]*\}')
+NULL_DETAILS_FIELD = re.compile(rb',?\s*"(?:prompt|completion)_tokens_details":\s*null')
+_fingerprints: dict[bytes, bytes] = {}   # a backend's raw field -> ours; as many entries as backend builds
+_NEVER = b'"system_fingerprint":"\x00"'  # JSON text never holds a raw NUL
+_last_fingerprint = (_NEVER, _NEVER)     # the pair seen last: a stream repeats it in every chunk
+
+
+def completion_id(path: str) -> str:
+    """Unique, not secret: `random` is reseeded in a forked child, so worker processes never share ids."""
+    return ("chatcmpl-%024x" if path == CHAT_PATH else "cmpl-%024x") % random.getrandbits(96)
+
+
+def fingerprint(value: str) -> str:
+    return "fp_" + hashlib.sha256(value.encode()).hexdigest()[:10]
+
+
+def _fingerprint_field(match: re.Match) -> bytes:
+    global _last_fingerprint
+    raw = match[0]
+    mapped = _fingerprints.get(raw)
+    if mapped is None:
+        value = raw.split(b":", 1)[1].strip()[1:-1].decode("utf-8", "replace")
+        mapped = b'"system_fingerprint":"' + fingerprint(value).encode() + b'"'
+        if len(_fingerprints) < 64:
+            _fingerprints[raw] = mapped
+    _last_fingerprint = (raw, mapped)
+    return mapped
+
+
+def map_fingerprints(block: bytes) -> bytes:
+    """bytes.replace for the value seen last (the common case), the regex only when another one remains."""
+    raw, mapped = _last_fingerprint
+    block = block.replace(raw, mapped)
+    if block.count(b'"system_fingerprint"') != block.count(mapped):
+        block = FINGERPRINT_FIELD.sub(_fingerprint_field, block)
+    return block
+
+
+class ReplyShape:
+    """One request's id and clock, applied to its whole reply or to each block of its stream."""
+
+    __slots__ = ("id", "created", "_chat", "_id_field", "_created_field")
+
+    def __init__(self, path: str, created: int, stream: bool = True) -> None:
+        self.id, self.created, self._chat = completion_id(path), created, path == CHAT_PATH
+        if stream:
+            self._id_field = f'"id":"{self.id}"'.encode()
+            self._created_field = f'"created":{created}'.encode()
+
+    def document(self, doc: dict) -> None:
+        doc["id"], doc["created"] = self.id, self.created
+        if "timings" in doc or "metadata" in doc or "system_fingerprint" in doc:
+            self._backend_extensions(doc)
+        usage = doc.get("usage")
+        if usage.__class__ is dict:
+            if usage.get("prompt_tokens_details", 0) is None:
+                del usage["prompt_tokens_details"]
+            if usage.get("completion_tokens_details", 0) is None:
+                del usage["completion_tokens_details"]
+        for choice in doc.get("choices") or ():
+            if choice.__class__ is not dict:
+                continue
+            choice.setdefault("logprobs", None)
+            message = choice.get("message")
+            if self._chat and message.__class__ is dict:
+                message.setdefault("content", None)
+                message.setdefault("refusal", None)
+                if message.get("tool_calls", ()) is None:
+                    del message["tool_calls"]
+
+    @staticmethod
+    def _backend_extensions(doc: dict) -> None:
+        doc.pop("timings", None)
+        doc.pop("metadata", None)
+        if isinstance(doc.get("system_fingerprint"), str):
+            doc["system_fingerprint"] = fingerprint(doc["system_fingerprint"])
+
+    def block(self, block: bytes) -> bytes:
+        """Whole SSE events in, the same events with one id, one `created`, no build fingerprint out."""
+        block = ID_FIELD.sub(self._id_field, block)
+        block = CREATED_FIELD.sub(self._created_field, block)
+        if b'"system_fingerprint"' in block:
+            block = map_fingerprints(block)
+        return block
+
+    @staticmethod
+    def usage_block(block: bytes) -> bytes:
+        """Blocks with usage only (the caller looked): llama.cpp's `timings` rides on its last chunk, which
+        always carries usage since the gateway always asks for stream usage; SGLang's null details are usage's."""
+        if b'"timings"' in block:
+            block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
+        if b'_tokens_details":' in block:
+            block = NULL_DETAILS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
+        return block
