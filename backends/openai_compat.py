@@ -86,8 +86,8 @@ def usage_for_client(doc: dict, client_asked: bool, continuous: bool) -> bool:
     if not choices:
         return client_asked
     strip_choice_usage(choices)
-    if doc.get("usage") is not None and not continuous:
-        doc["usage"] = None
+    if "usage" in doc and (doc["usage"] is None or not continuous):
+        del doc["usage"]  # OpenAI's completion chunks have an object there or nothing, never null
     return True
 
 

@@ -72,6 +72,11 @@ def map_fingerprints(block: bytes) -> bytes:
     return block
 
 
+# Fields OpenAI's schemas allow to be absent but not null (usage on a completion chunk, role and tool_calls in a
+# delta). A string value cannot contain `"usage":null` unescaped, so this never touches content.
+NULL_ONLY_FIELD = re.compile(rb',\s*"(?:usage|tool_calls|role)":\s*null(?=\s*[,}])|"(?:usage|tool_calls|role)":\s*null\s*,\s*')
+
+
 class ReplyShape:
     """One request's id and clock, applied to its whole reply or to each block of its stream."""
 
@@ -117,6 +122,8 @@ class ReplyShape:
         block = CREATED_FIELD.sub(self._created_field, block)
         if b'"system_fingerprint"' in block:
             block = map_fingerprints(block)
+        if b'":null' in block or b'": null' in block:  # SGLang writes every unset field as null
+            block = NULL_ONLY_FIELD.sub(b"", block)
         return block
 
     @staticmethod

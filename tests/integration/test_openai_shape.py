@@ -38,6 +38,7 @@ def moonshot(start_process) -> str:
 @pytest.fixture(scope="module")
 def gateway(llama_server, tiny_models, sglang, moonshot, start_gateway) -> str:
     return start_gateway({
+        "adapter_roots": [str(tiny_models.model.parent)],
         "backends": [{"name": "llama", "kind": "llamacpp", "url": llama_server},
                      {"name": "kt", "kind": "sglang", "url": sglang},
                      {"name": "hosted", "kind": "moonshot", "url": f"{moonshot}/v1", "api_key_env": "SHAPE_HOSTED_KEY",
