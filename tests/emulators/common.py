@@ -184,10 +184,11 @@ class FaultInjector:
         self.pending.append(fault)
 
     def take(self, stream: bool, path: str | None = None) -> Fault | None:
-        """The next fault for a request to `path` (None and LOGGED_PATHS: chat/completions)."""
-        target = None if path in LOGGED_PATHS else path
+        """The next fault for a request to `path`: a fault without a path applies to both OpenAI endpoints,
+        one with a path (`/v1/chat/completions`, `/load_lora_adapter`, ...) to that path only."""
         for fault in self.pending:
-            if fault.path != target or (fault.stream_only and not stream):
+            applies = path in LOGGED_PATHS if fault.path is None else fault.path == path
+            if not applies or (fault.stream_only and not stream):
                 continue
             fault.count -= 1
             if fault.count == 0:

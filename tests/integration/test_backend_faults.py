@@ -70,11 +70,14 @@ def gateway(sglang, moonshot, adapter_dir, start_gateway) -> str:
 
 
 def fault(emulator: str, **spec) -> None:
+    """Aimed at chat requests: the adapter lifecycle's verification probes (completions) never take one."""
+    spec.setdefault("path", "/v1/chat/completions")
     httpx.post(f"{emulator}/_emulator/faults", json=spec, timeout=10).raise_for_status()
 
 
 def received(emulator: str) -> int:
-    return len(httpx.get(f"{emulator}/_emulator/requests", timeout=10).json())
+    entries = httpx.get(f"{emulator}/_emulator/requests", timeout=10).json()
+    return sum(entry["path"] == "/v1/chat/completions" for entry in entries)
 
 
 @pytest.fixture(autouse=True)

@@ -54,6 +54,7 @@ def received(emulator: str) -> list[dict]:
 
 
 def fault(emulator: str, **spec) -> None:
+    spec.setdefault("path", "/v1/chat/completions")  # never taken by the lifecycle's verification probes
     httpx.post(f"{emulator}/_emulator/faults", json=spec, timeout=10).raise_for_status()
 
 
