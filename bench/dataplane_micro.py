@@ -80,7 +80,7 @@ async def run(requests: int, cycles: bool = False, stream: bool = False) -> floa
     config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
                                            "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
                                            "routes": [{"name": "kimi", "targets": ["up"]}]})
-    app = create_app(config, drivers={"up": LlamaCppDriver("up", [CannedTransport()], adapters={})})
+    app = create_app(config, drivers={"up": LlamaCppDriver("up", [CannedTransport()])})
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
         (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
     sent = []
