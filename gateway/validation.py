@@ -126,7 +126,8 @@ def _check_messages(messages: object) -> bool:
         raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
     has_images = False
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict role is unhashable: check the type first
             raise InvalidRequestError(f"Invalid message at messages[{index}]: expected an object with a valid 'role'.",
                                       param=f"messages[{index}]")
         content = message.get("content")

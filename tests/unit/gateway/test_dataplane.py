@@ -207,3 +207,10 @@ async def test_client_keys_and_allowlist(monkeypatch):
     assert (missing.status_code, wrong.status_code, denied.status_code, allowed.status_code) == (401, 401, 403, 200)
     assert "kimi" not in denied.json()["error"]["message"]
     assert [m["id"] for m in listed.json()["data"]] == ["ada"]
+
+
+@pytest.mark.parametrize("role", [["user"], {"r": 1}, 7, None])
+async def test_a_role_that_is_not_a_string_is_a_400_not_a_500(role):
+    async with make_client(FakeDriver("one"), FakeDriver("two")) as client:
+        response = await post(client, {**CHAT, "messages": [{"role": role, "content": "hi"}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0]"
