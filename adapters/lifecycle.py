@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from adapters.errors import AdapterInUseError, AdapterPlacementError, RestartNeededError
 from adapters.models import AdapterRecord, AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
-from adapters.placement import BackendPlacement, Launcher
+from adapters.placement import BackendPlacement, Launcher, is_present
 from adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterStore
 from adapters.validation import AdapterFacts, AdapterValidationError, BaseModelDims, validate_adapter
 from backends.base import BackendDriver
@@ -332,7 +332,6 @@ class AdapterLifecycle:
                 loaded = await placement.driver.list_adapters(replica)
             except Exception:
                 return
-            from adapters.placement import is_present
             for version in wanted:
                 if version.label in placement.ready[replica] and not is_present(version, loaded, placement.fixed_name):
                     log.warning("%s replica %s lost %s (restarted?): reloading", backend,

@@ -3,6 +3,7 @@ built. A new kind is one driver module (config model + driver) plus one entry he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Callable, Union
 
 from pydantic import Field
@@ -11,6 +12,8 @@ from backends.base import BackendDriver
 from backends.config import BackendConfigBase
 from backends.hosted import MoonshotConfig, MoonshotDriver
 from backends.httpx_transport import HttpxTransport
+from backends.launchers.llama_build import find_llama_server
+from backends.launchers.supervisor import LaunchError, LlamaServerSupervisor
 from backends.llamacpp import LlamaCppConfig, LlamaCppDriver
 from backends.sglang import SglangConfig, SglangDriver
 from backends.transport import LeanTransport
@@ -53,20 +56,47 @@ def build_moonshot(backend: MoonshotConfig, secrets: Secrets) -> MoonshotDriver:
                           vision=backend.has_vision)
 
 
+def llamacpp_launchers(backend: LlamaCppConfig, logs: Path) -> list[LlamaServerSupervisor] | None:
+    """With `launch`: one supervised llama-server per configured URL (its port)."""
+    launch = backend.launch
+    if launch is None:
+        return None
+    binary = Path(launch.binary) if launch.binary else find_llama_server()
+    if binary is None:
+        raise LaunchError(f"backends.{backend.name}.launch: no llama-server binary: set `binary`, put "
+                          "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
+    return [LlamaServerSupervisor(binary=binary, model=Path(launch.model), url=url, ctx_size=launch.ctx_size,
+                                  threads=launch.threads, parallel=launch.parallel, args=launch.args,
+                                  ready_timeout_s=launch.ready_timeout_s, log_path=logs / f"{backend.name}-{i}.log")
+            for i, url in enumerate(backend.endpoints)]
+
+
 @dataclass(frozen=True)
 class Kind:
     config: type[BackendConfigBase]
     build: Callable[..., BackendDriver]
+    launchers: Callable[..., list | None] | None = None   # processes the gateway runs for the backend, if any
 
 
 KINDS: dict[str, Kind] = {
     "sglang": Kind(SglangConfig, build_sglang),
-    "llamacpp": Kind(LlamaCppConfig, build_llamacpp),
+    "llamacpp": Kind(LlamaCppConfig, build_llamacpp, llamacpp_launchers),
     "moonshot": Kind(MoonshotConfig, build_moonshot),
 }
 
 # The config's `backends:` entries: one model per kind, chosen by `kind`.
 BackendConfig = Annotated[Union[tuple(kind.config for kind in KINDS.values())], Field(discriminator="kind")]
+
+
+def build_launchers(config, logs: Path) -> dict[str, list]:
+    """The backends whose processes the gateway runs itself (a `launch` block), by backend name."""
+    launchers = {}
+    for backend in config.backends:
+        make = KINDS[backend.kind].launchers
+        started = make(backend, logs) if make is not None else None
+        if started:
+            launchers[backend.name] = started
+    return launchers
 
 
 def build_drivers(config, secrets: Secrets) -> dict[str, BackendDriver]:

@@ -220,14 +220,20 @@ class LlamaCppDriver(OpenAICompatDriver):
         return set(self._listing[replica] or ())
 
     async def _post(self, replica: int, request: BackendRequest):
-        """Sent again once if the connection check found a changed server; the body carries its ids."""
+        """The body is built on the connection it goes out on (checked against the server it reaches), so its
+        ids are that server's; sent again once if the check found the server changed."""
+        transport = self._transports[replica]
+        build = partial(self._payload, request, replica)
         try:
-            return await super()._post(replica, request)
+            return await transport.request("POST", request.path, build, self.request_headers(request))
         except ServerChangedError:
-            if request.adapter is not None and request.adapter not in self._id_of[replica]:
-                raise AdapterNotReadyError(f"Adapter version '{request.adapter}' is not loaded on a replica "
-                                           f"of '{self.name}' any more.", backend=self.name) from None
-            return await super()._post(replica, request)
+            return await transport.request("POST", request.path, build, self.request_headers(request))
+
+    def _payload(self, request: BackendRequest, replica: int) -> bytes:
+        if request.adapter is not None and request.adapter not in self._id_of[replica]:
+            raise AdapterNotReadyError(f"Adapter version '{request.adapter}' is not loaded on a replica of "
+                                       f"'{self.name}' any more.", backend=self.name)
+        return orjson.dumps(self.to_body(request, replica))
 
     async def probe(self, replica: int, adapter: str | None, files: AdapterFiles | None = None) -> str:
         """A version not served yet is probed by its file's id on this replica."""

@@ -459,7 +459,8 @@ class LeanTransport:
         self._probe_pool = _Pool(self._connect, 1, connect_timeout_s, backend)
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+        self, method: str, path: str, body: bytes | Callable[[], bytes] = b"",
+        headers: Mapping[str, str] | None = None,
     ) -> UpstreamResponse:
         return await self._send(self._pool, method, path, body, headers)
 
@@ -474,9 +475,13 @@ class LeanTransport:
         return response.status
 
     async def _send(
-        self, pool: _Pool, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
+        self, pool: _Pool, method: str, path: str, body: bytes | Callable[[], bytes],
+        headers: Mapping[str, str] | None,
     ) -> UpstreamResponse:
-        head = self._encode_head(method, path, body, headers)
+        """`body` may be a function: it is called once a checked connection is in hand, so that what it
+        builds (llama.cpp's adapter ids) matches the server that connection reaches."""
+        build = body if callable(body) else None
+        head = self._encode_head(method, path, body, headers) if build is None else b""
         fresh, checks = False, 0
         while True:
             conn = await pool.acquire(fresh)
@@ -488,6 +493,13 @@ class LeanTransport:
                         raise BackendUnavailableError("the server closes every new connection", backend=self.backend)
                     fresh = True
                     continue
+            if build is not None:
+                try:
+                    body = build()
+                except BaseException:
+                    pool.release(conn)  # nothing was sent on it
+                    raise
+                head = self._encode_head(method, path, body, headers)
             response = UpstreamResponse(conn, self, method == "HEAD")
             try:
                 await response._start(head, body)

@@ -70,6 +70,7 @@ class CannedResponse:
 
 class CannedTransport:
     async def request(self, method, path, body=b"", headers=None):
+        body = body() if callable(body) else body  # llama.cpp builds its body on the connection
         return CannedResponse(b'"stream":true' in body)
 
     async def aclose(self) -> None:

@@ -12,9 +12,8 @@ from adapters.models import AdapterSpec
 from adapters.store import open_store
 from adapters.validation import BaseModelDims, dims_from_gguf, dims_from_hf_config
 from backends.base import BackendDriver
-from backends.factory import build_drivers
-from backends.launchers.llama_build import find_llama_server
-from backends.launchers.supervisor import LlamaServerSupervisor
+from backends.factory import build_drivers, build_launchers
+from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
 from gateway.metrics import LifecycleRecorder, Metrics
@@ -101,25 +100,11 @@ def base_model_dims(config: GatewayConfig) -> BaseModelDims | None:
     return None
 
 
-def build_launchers(config: GatewayConfig) -> dict[str, list[LlamaServerSupervisor]]:
-    """One supervised llama-server per URL of each llama.cpp backend that has a `launch` block."""
-    logs = Path(config.state_dir).expanduser() / "logs"
-    launchers: dict[str, list[LlamaServerSupervisor]] = {}
-    for backend in config.backends:
-        launch = getattr(backend, "launch", None)
-        if backend.kind != "llamacpp" or launch is None:
-            continue
-        binary = Path(launch.binary) if launch.binary else find_llama_server()
-        if binary is None:
-            raise ConfigError(f"backends.{backend.name}.launch: no llama-server binary: set `binary`, put "
-                              "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
-        launchers[backend.name] = [
-            LlamaServerSupervisor(binary=binary, model=Path(launch.model), url=url, ctx_size=launch.ctx_size,
-                                  threads=launch.threads, parallel=launch.parallel, args=launch.args,
-                                  ready_timeout_s=launch.ready_timeout_s,
-                                  log_path=logs / f"{backend.name}-{index}.log")
-            for index, url in enumerate(backend.endpoints)]
-    return launchers
+def launchers_of(config: GatewayConfig) -> dict:
+    try:
+        return build_launchers(config, Path(config.state_dir).expanduser() / "logs")
+    except LaunchError as exc:  # a config that cannot run: named like any other config error
+        raise ConfigError(str(exc)) from exc
 
 
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
@@ -129,7 +114,8 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base_model_dims(config),
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
-        launchers=build_launchers(config), events=LifecycleRecorder(metrics),
+        launchers=launchers_of(config),
+        events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s)
     return GatewayState(
         config=config,

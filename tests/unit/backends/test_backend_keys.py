@@ -39,6 +39,7 @@ class RecordingTransport:
         self.calls: list[tuple[str, str, dict | None]] = []
 
     async def request(self, method, path, body=b"", headers=None):
+        body = body() if callable(body) else body  # llama.cpp builds its body on the connection
         self.calls.append((method, path, dict(headers) if headers else None))
         return Answer(ANSWERS[path])
 
