@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 
 from adapters.models import AdapterSpec
 from backends.config import EnvName, Name, Strict, env_name_not_secret

@@ -106,6 +106,14 @@ def start_gateway(start_process, tmp_path_factory) -> Callable[[dict], str]:
     return start
 
 
+def start_moonshot(start_process, name: str, api_key: str) -> str:
+    """The Moonshot emulator on a free port, accepting `api_key`; returns its base URL (no /v1)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port), "--api-key", api_key]
+    start_process(name, argv, f"http://127.0.0.1:{port}/_emulator/requests", env={"PYTHONPATH": str(ROOT)})
+    return f"http://127.0.0.1:{port}"
+
+
 def sdk(base_url: str, api_key: str = "none") -> openai.OpenAI:
     """The real OpenAI SDK, with its own retries off: the gateway does the retrying."""
     return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)

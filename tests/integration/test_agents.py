@@ -4,14 +4,12 @@ from its history, as common frameworks do."""
 from __future__ import annotations
 
 import json
-import sys
 
 import httpx
 import openai
 import pytest
 
-from backends.launchers.llamacpp import free_port
-from tests.integration.conftest import ROOT, sdk
+from tests.integration.conftest import sdk, start_moonshot
 from tests.integration.test_moonshot import HOSTED_KEY
 from tests.integration.test_sglang import start_sglang
 
@@ -23,11 +21,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris? call get_weath
 
 @pytest.fixture(scope="module")
 def moonshot(start_process) -> str:
-    port = free_port()
-    argv = [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port), "--api-key", HOSTED_KEY]
-    start_process("moonshot-agents", argv, f"http://127.0.0.1:{port}/_emulator/requests",
-                  env={"PYTHONPATH": str(ROOT)})
-    return f"http://127.0.0.1:{port}/v1"
+    return start_moonshot(start_process, "moonshot-agents", HOSTED_KEY) + "/v1"
 
 
 def hosted_gateway(start_gateway, moonshot: str, name: str, **extra) -> str:

@@ -5,7 +5,6 @@ quota 429 are never retried; health probes never queue behind data-plane streams
 a 502; a stream that fails after its first byte ends with one error event and `[DONE]` and counts as failed."""
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
@@ -13,9 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from backends.launchers.llamacpp import free_port
 from tests.adapter_files import write_peft
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import start_moonshot
 from tests.integration.test_moonshot import HOSTED_KEY
 from tests.integration.test_sglang import start_sglang
 
@@ -30,11 +28,7 @@ def sglang(start_process) -> str:
 
 @pytest.fixture(scope="module")
 def moonshot(start_process) -> str:
-    port = free_port()
-    argv = [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port), "--api-key", HOSTED_KEY]
-    start_process("moonshot-faults", argv, f"http://127.0.0.1:{port}/_emulator/requests",
-                  env={"PYTHONPATH": str(ROOT)})
-    return f"http://127.0.0.1:{port}"
+    return start_moonshot(start_process, "moonshot-faults", HOSTED_KEY)
 
 
 @pytest.fixture(scope="module")

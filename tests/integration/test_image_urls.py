@@ -9,16 +9,14 @@ request log shows the bytes. In forward mode the SGLang emulator gets the re-ser
 from __future__ import annotations
 
 import base64
-import sys
 import time
 from urllib.parse import quote
 
 import httpx
 import pytest
 
-from backends.launchers.llamacpp import free_port
 from tests.image_hosts import IMAGES, PNG, ImageHost
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import start_moonshot
 from tests.integration.test_sglang import start_sglang
 
 IMAGE_IP, SENTINEL_IP = "127.0.0.3", "127.0.0.2"
@@ -40,11 +38,7 @@ def sentinel():
 
 @pytest.fixture(scope="module")
 def moonshot(start_process) -> str:
-    port = free_port()
-    argv = [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port), "--api-key", HOSTED_KEY]
-    start_process("moonshot-images", argv, f"http://127.0.0.1:{port}/_emulator/requests",
-                  env={"PYTHONPATH": str(ROOT)})
-    return f"http://127.0.0.1:{port}"
+    return start_moonshot(start_process, "moonshot-images", HOSTED_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,13 @@
 """The gateway in front of the Moonshot emulator (reference/moonshot-api.md), driven by the openai SDK."""
 from __future__ import annotations
 
-import sys
 
 import httpx
 import openai
 import orjson
 import pytest
 
-from backends.launchers.llamacpp import free_port
-from tests.integration.conftest import ROOT, sdk
+from tests.integration.conftest import sdk, start_moonshot
 
 PROMPT = [{"role": "user", "content": "Tell me about the blue river"}]
 HOSTED_KEY = "sk-hosted-test-key-123"
@@ -17,10 +15,7 @@ HOSTED_KEY = "sk-hosted-test-key-123"
 
 @pytest.fixture(scope="module")
 def moonshot(start_process) -> str:
-    port = free_port()
-    argv = [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port), "--api-key", HOSTED_KEY]
-    start_process("moonshot", argv, f"http://127.0.0.1:{port}/_emulator/requests", env={"PYTHONPATH": str(ROOT)})
-    return f"http://127.0.0.1:{port}"
+    return start_moonshot(start_process, "moonshot", HOSTED_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ and error bodies, each validated against OpenAI's own response schemas (tests/op
 from __future__ import annotations
 
 import re
-import sys
 
 import httpx
 import orjson
 import pytest
 
-from backends.launchers.llamacpp import free_port
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import start_moonshot
 from tests.integration.test_sglang import start_sglang
 from tests.openai_spec import assert_conforms
 
@@ -29,10 +27,7 @@ def sglang(start_process) -> str:
 
 @pytest.fixture(scope="module")
 def moonshot(start_process) -> str:
-    port = free_port()
-    argv = [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port), "--api-key", HOSTED_KEY]
-    start_process("moonshot-shape", argv, f"http://127.0.0.1:{port}/_emulator/requests", env={"PYTHONPATH": str(ROOT)})
-    return f"http://127.0.0.1:{port}"
+    return start_moonshot(start_process, "moonshot-shape", HOSTED_KEY)
 
 
 @pytest.fixture(scope="module")

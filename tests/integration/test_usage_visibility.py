@@ -4,14 +4,12 @@ the hosted API's usage inside the final choice, llama-server's usage chunk); tok
 client that asked gets exactly one usage chunk (issue 14 part 5)."""
 from __future__ import annotations
 
-import sys
 
 import httpx
 import orjson
 import pytest
 
-from backends.launchers.llamacpp import free_port
-from tests.integration.conftest import ROOT, llama_config
+from tests.integration.conftest import llama_config, start_moonshot
 from tests.integration.test_moonshot import HOSTED_KEY
 from tests.integration.test_sglang import start_sglang
 
@@ -22,15 +20,12 @@ ASKED = {"stream_options": {"include_usage": True}}
 @pytest.fixture(scope="module")
 def gateways(start_process, start_gateway, llama_server, tiny_models) -> dict[str, str]:
     sglang = start_sglang(start_process, "sglang-usage")
-    port = free_port()
-    start_process("moonshot-usage", [sys.executable, "-m", "tests.emulators.moonshot", "--port", str(port),
-                                     "--api-key", HOSTED_KEY],
-                  f"http://127.0.0.1:{port}/_emulator/requests", env={"PYTHONPATH": str(ROOT)})
+    moonshot = start_moonshot(start_process, "moonshot-usage", HOSTED_KEY)
     return {
         "sglang": start_gateway({"backends": [{"name": "kt", "kind": "sglang", "url": sglang}],
                                  "routes": [{"name": "kimi-k2.5", "targets": ["kt"]}]}, name="gateway-usage-sglang"),
         "moonshot": start_gateway({"backends": [{"name": "hosted", "kind": "moonshot",
-                                                 "url": f"http://127.0.0.1:{port}/v1", "api_key_env": "MOONSHOT_KEY",
+                                                 "url": f"{moonshot}/v1", "api_key_env": "MOONSHOT_KEY",
                                                  "models": {"kimi-k2.5": "kimi-k2.6"}}],
                                    "routes": [{"name": "kimi-k2.5", "targets": ["hosted"]}]},
                                   name="gateway-usage-moonshot", env={"MOONSHOT_KEY": HOSTED_KEY}),
