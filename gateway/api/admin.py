@@ -2,6 +2,8 @@
 Handlers only check the request and call the adapter lifecycle; its errors map to statuses in gateway/errors.py."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError
@@ -57,7 +59,7 @@ async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
     if state.routes.get(spec.name) is not None and spec.name not in state.lifecycle.names():
         raise ConflictError(f"'{spec.name}' is already a route name.")
     try:
-        await state.lifecycle.register(spec)
+        await asyncio.shield(state.lifecycle.register(spec))  # an admin who hangs up does not cut it in half
         return state.lifecycle.view(spec.name)
     except LIFECYCLE_ERRORS as exc:
         state.metrics.adapter_operations.labels("add", "error").inc()
@@ -69,7 +71,7 @@ async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
     if swap.source is None and swap.gguf is None:
         raise UnprocessableAdapterError("A swap needs the new version's `source` (PEFT dir) and/or `gguf`.")
     try:
-        changed = await state.lifecycle.swap(name, swap.source, swap.gguf)
+        changed = await asyncio.shield(state.lifecycle.swap(name, swap.source, swap.gguf))
         return {**state.lifecycle.view(name), "changed": changed}
     except LIFECYCLE_ERRORS as exc:
         state.metrics.adapter_operations.labels("swap", "error").inc()
@@ -80,7 +82,7 @@ async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
 async def remove_adapter(name: str, state: StateDep) -> Response:
     users = [route.name for route in state.routes.routes() if route.experiment and name in route.experiment.variants]
     try:
-        await state.lifecycle.remove(name, referenced_by=users)
+        await asyncio.shield(state.lifecycle.remove(name, referenced_by=users))
     except LIFECYCLE_ERRORS as exc:
         raise to_gateway_error(exc) from exc
     return Response(status_code=204)
