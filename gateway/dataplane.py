@@ -12,7 +12,7 @@ from functools import partial
 import orjson
 
 from backends.base import BackendRequest
-from backends.errors import BackendError, BackendRejectedError, UnsupportedFeatureError
+from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
@@ -172,10 +172,8 @@ class DataPlane:
             if failure is not None:
                 state.metrics.fallbacks.labels(route.name, target.backend).inc()
             recorder.routed(request.model, target.name, target.backend)
-            policy = self.retry_policies[target.backend]
             try:
-                return await with_retries(partial(open_reply, driver, request, target), policy,
-                                          lambda exc: state.metrics.retries.labels(target.backend, type(exc).__name__).inc())
+                return await self.attempt(driver, request, route.name, target)
             except BackendRejectedError as exc:
                 if exc.status < 500:
                     raise from_backend_error(exc) from exc
@@ -186,6 +184,35 @@ class DataPlane:
         if failure is not None:
             raise from_backend_error(failure)
         raise from_backend_error(unsupported or UnsupportedFeatureError(f"Route '{route.name}' has no target."))
+
+    async def attempt(self, driver, request: BackendRequest, route_name: str, target: Target) -> Forwarded:
+        """One target with its retries. A version swapped out while the request waited for its backend (a
+        drained restart) is answered by the route's active version, never by a 503."""
+        policy = self.retry_policies[target.backend]
+        count = partial(count_retry, self.state.metrics, target.backend)
+        try:
+            return await with_retries(partial(open_reply, driver, request, target), policy, count)
+        except AdapterNotReadyError:
+            current = self.swapped(route_name, target)
+            if current is None:
+                raise
+            request.adapter = current.adapter
+            return await with_retries(partial(open_reply, driver, request, current), policy, count)
+
+    def swapped(self, route_name: str, target: Target) -> Target | None:
+        """The same target in the current route table, when its adapter version changed since the request
+        was routed (a swap flipped the route while the request waited for a drained restart)."""
+        if target.adapter is None:
+            return None
+        route = self.state.routes.get(route_name)
+        for current in route.targets if route is not None else ():
+            if current.backend == target.backend and current.adapter != target.adapter:
+                return current
+        return None
+
+
+def count_retry(metrics, backend: str, exc: BaseException) -> None:
+    metrics.retries.labels(backend, type(exc).__name__).inc()
 
 
 async def open_reply(driver, request: BackendRequest, target: Target) -> Forwarded:

@@ -85,3 +85,39 @@ async def test_separate_admin_listener_hides_admin_from_the_main_port(make_clien
         # httpx's ASGITransport reports the server as ("gateway", 80): the main port.
         assert (await client.get("/admin/adapters", headers=ADMIN)).status_code == 404
         assert (await client.get("/v1/models")).status_code == 200
+
+
+class SwapsMidRequest(FakeDriver):
+    """The first request for an adapter reaches the driver only after a swap retired the version it was
+    routed to (as when it waited out a drained restart): the driver no longer serves that version."""
+
+    swap = None
+
+    async def send(self, request):
+        if self.swap is not None and request.adapter is not None:
+            swap, self.swap = self.swap, None
+            await swap()
+        return await super().send(request)
+
+
+async def test_a_request_routed_to_a_version_swapped_out_meanwhile_is_answered_by_the_active_one(tmp_path, roots,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("KIMI_GATEWAY_ADMIN_KEYS", "admin-secret")
+    v1, v2 = write_peft(roots / "v1", r=8), write_peft(roots / "v2", r=4)
+    driver = SwapsMidRequest("kt")
+    config = GatewayConfig.model_validate({
+        "state_dir": str(tmp_path / "state"), "adapter_roots": [str(roots)],
+        "backends": [{"name": "kt", "kind": "sglang", "url": "http://127.0.0.1:9"}],
+        "adapters": [{"name": "legal", "source": str(v1), "backends": ["kt"]}],
+        "routes": [{"name": "kimi", "targets": ["kt"]}]})
+    app = create_app(config, drivers={"kt": driver})
+    async with running(app) as client:
+        [before] = app.state.lifecycle.active()
+        driver.swap = lambda: app.state.lifecycle.swap("legal", str(v2), None)
+        response = await client.post("/v1/chat/completions", json={"model": "legal",
+                                                                   "messages": [{"role": "user", "content": "hi"}]})
+        [after] = app.state.lifecycle.active()
+        assert after.label != before.label and before.label not in driver.serving
+        assert response.status_code == 200, response.text
+        assert response.headers["x-kimi-adapter"] == after.label
+        assert [r.adapter for r in driver.requests] == [after.label]
