@@ -23,6 +23,7 @@ class AgentRules:
     """A route's answers to the hosted API's thinking-mode rules (reference/moonshot-api.md §2.2, §3)."""
     forced_tool_choice: str = "downgrade"   # thinking + tool_choice required/named: downgrade | instant | reject
     missing_reasoning: str = "instant"      # thinking + a tool-call turn without reasoning: instant | reject | forward
+                                            # | placeholder (targets that always think use it instead of instant)
     strip_reasoning: bool = False           # remove reasoning_content from replies (clients that choke on it)
 
 
@@ -45,6 +46,7 @@ class BackendRequest:
     adjustments: list[str] = field(default_factory=list)  # what a driver changed, for x-kimi-adjusted
     hide_usage_chunk: bool = False  # the gateway asked for stream usage for its metrics, not the client
     observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
+    effort: str | None = None       # the client's reasoning effort (K3 targets take it; backends/generations.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +100,4 @@ class BackendDriver(Protocol):
     def disconnect(self, replica: int) -> None: ...          # drop idle connections before a restart
     def in_flight(self) -> list[int]: ...                    # requests in flight per replica
     def adapter_in_flight(self, adapter: str) -> int: ...
+    def retirements(self) -> list[tuple[str, int]]: ...     # (served model id, days to its retirement) if known

@@ -11,7 +11,9 @@
     ├── BackendTimeoutError         a phase (connect, idle between chunks) ran out (retryable before the first byte)
     │   └── BackendFirstByteTimeoutError  no first event in time: the prefill is not repeated on that backend
     ├── BackendProtocolError        the backend answered something that is not HTTP/SSE/JSON we understand
-    └── BackendRejectedError        the backend refused the request (4xx): status + a client-safe message
+    ├── BackendRejectedError        the backend refused the request (4xx): status + a client-safe message
+    └── UnsupportedFeatureError     the backend kind cannot do what the request asks (another target may)
+        └── ModelRetiredError       the hosted model id was retired and no successor is mapped (404)
 """
 from __future__ import annotations
 
@@ -102,3 +104,12 @@ class UnsupportedFeatureError(BackendError):
     def __init__(self, message: str, *, backend: str = "", param: str | None = None) -> None:
         super().__init__(message, backend=backend)
         self.param = param
+
+
+class ModelRetiredError(UnsupportedFeatureError):
+    """A retired hosted model id with no configured successor: a 404 naming the retirement (another target
+    of the route may still serve it)."""
+
+    def __init__(self, message: str, *, backend: str = "", model: str = "") -> None:
+        super().__init__(message, backend=backend, param="model")
+        self.model = model

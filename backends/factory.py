@@ -10,6 +10,7 @@ from pydantic import Field
 
 from backends.base import BackendDriver
 from backends.config import BackendConfigBase
+from backends.generations import generation
 from backends.hosted import MoonshotConfig, MoonshotDriver
 from backends.httpx_transport import HttpxTransport
 from backends.launchers.llama_build import find_llama_server
@@ -39,21 +40,24 @@ def transport_options(backend: BackendConfigBase) -> dict:
 
 def build_llamacpp(backend: LlamaCppConfig, secrets: Secrets) -> LlamaCppDriver:
     transports = [LeanTransport(base_url(url), **transport_options(backend)) for url in backend.endpoints]
-    return LlamaCppDriver(backend.name, transports, vision=backend.has_vision, api_key=api_key(backend, secrets))
+    return LlamaCppDriver(backend.name, transports, vision=backend.has_vision, api_key=api_key(backend, secrets),
+                          gen=generation(backend.generation) if backend.generation else None)
 
 
 def build_sglang(backend: SglangConfig, secrets: Secrets) -> SglangDriver:
     transports = [LeanTransport(base_url(url), **transport_options(backend)) for url in backend.endpoints]
+    flags = backend.parser_args()
     return SglangDriver(backend.name, transports, served_model=backend.served_model_name,
                         expert_adapter=backend.expert_adapter, vision=backend.has_vision,
-                        api_key=api_key(backend, secrets))
+                        api_key=api_key(backend, secrets), gen=generation(backend.generation),
+                        parsers={"reasoning_parser": flags[1], "tool_call_parser": flags[3]})
 
 
 def build_moonshot(backend: MoonshotConfig, secrets: Secrets) -> MoonshotDriver:
     # TLS over the internet: httpx's milliseconds vanish there (reference/hot-path.md).
     transports = [HttpxTransport(base_url(url), **transport_options(backend)) for url in backend.endpoints]
     return MoonshotDriver(backend.name, transports, api_key=api_key(backend, secrets), models=backend.models,
-                          vision=backend.has_vision)
+                          vision=backend.has_vision, catalog=backend.catalog(), refresh_s=backend.models_refresh_s)
 
 
 def llamacpp_launchers(backend: LlamaCppConfig, logs: Path) -> list[LlamaServerSupervisor] | None:

@@ -1,10 +1,13 @@
 """MoonshotDriver: the hosted Moonshot API (reference/moonshot-api.md). Base models only, fixed sampling
-stripped instead of earning a 400, thinking as the top-level `thinking` field, model ids mapped.
+stripped instead of earning a 400, the thinking switch in the target generation's form (backends/generations.py),
+model ids mapped and checked against retirements (backends/hosted_models.py).
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
+import time
 from typing import ClassVar, Literal, Mapping, Sequence
 
 import orjson
@@ -22,6 +25,8 @@ from backends.errors import (
     UnsupportedFeatureError,
 )
 from backends.field_support import asks_for_any, check_n, check_unserved
+from backends.generations import Generation, GenerationName, generation, generation_of_model
+from backends.hosted_models import HostedCatalog, today
 from backends.openai_compat import OpenAICompatDriver
 from backends.protocol import CHAT_PATH, HOSTED_FIXED_SAMPLING, SAMPLING_EXTENSION_FIELDS
 
@@ -34,12 +39,14 @@ ACCOUNT_STATUSES = {401: "the gateway's hosted API key was refused (401)",
                     403: "the gateway's hosted account may not use this (403)",
                     404: "the hosted model id is not available (retired or not permitted)"}
 TRY_AGAIN_AFTER = re.compile(r"after (\d+(?:\.\d+)?) seconds")
-# Hosted families that always think and refuse the `thinking` field (§1: kimi-k3 takes reasoning_effort).
-ALWAYS_THINKING = ("kimi-k3",)
 # Removed from every hosted body: the fixed sampling (§2.1; temperature and top_p are the sampling policy's,
-# n above 1 is refused by check()), the self-hosted thinking switch, and the unset forms (false, 0, null) of
-# the fields check() refuses when set.
-HOSTED_STRIPPED = frozenset(HOSTED_FIXED_SAMPLING) | {"chat_template_kwargs", "logprobs", "top_logprobs"}
+# n above 1 is refused by check()), every thinking switch (the generation writes its own, and never two of
+# them: §8), and the unset forms (false, 0, null) of the fields check() refuses when set.
+HOSTED_STRIPPED = frozenset(HOSTED_FIXED_SAMPLING) | {"chat_template_kwargs", "logprobs", "top_logprobs",
+                                                     "thinking", "reasoning_effort", "reasoning"}
+# Put in an assistant tool-call turn whose reasoning nobody has, where the route's rule asks for it (or the
+# target cannot turn thinking off): the least the API accepts (§3); never "", which K2.6 reads as missing (§8).
+REASONING_PLACEHOLDER = " "
 HOSTED_FIXED_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
@@ -54,13 +61,27 @@ class MoonshotConfig(BackendConfigBase):
     adapter_artifact: ClassVar[str | None] = None   # serves no LoRA
 
     kind: Literal["moonshot"]
-    models: dict[str, str] = Field(default_factory=dict)  # route model -> hosted id
+    models: dict[str, str] = Field(default_factory=dict)  # route model -> hosted id (a retired id's successor)
+    retirements: dict[str, dt.date] = Field(default_factory=dict)   # hosted id -> sunset date, beyond the known
+    retirement_warning_days: int = Field(60, ge=0)        # warn (log + gauge) this long before a date
+    generations: dict[str, GenerationName] = Field(default_factory=dict)  # hosted id -> generation, beyond the id
+    models_refresh_s: float = Field(3600.0, gt=0)         # how often /v1/models is read again
 
     @model_validator(mode="after")
     def _needs_a_key(self) -> MoonshotConfig:
         if not self.api_key_env:
             raise ValueError("a moonshot backend needs `api_key_env` (the name of the env var holding the key)")
+        catalog = self.catalog()
+        for route, hosted in self.models.items():
+            date = catalog.retirement(hosted)
+            if date is not None and date <= today():
+                raise ValueError(f"models.{route}: {hosted!r} was retired on {date.isoformat()}; map it to a "
+                                 "current model (kimi-k2.6, kimi-k3)")
         return self
+
+    def catalog(self) -> HostedCatalog:
+        return HostedCatalog(self.name, self.models, retirements=self.retirements, generations=self.generations,
+                             warning_days=self.retirement_warning_days)
 
 
 def forced_tool_choice(choice: object) -> bool:
@@ -73,15 +94,17 @@ def missing_reasoning(messages: list) -> bool:
                and not m.get("reasoning_content") for m in messages)
 
 
-def apply_thinking_rules(body: dict, request: BackendRequest) -> bool:
-    """The thinking mode to send, after the route's rules met the hosted API's (reference §2.2, §3).
-    Every change is recorded in request.adjustments; a `reject` rule raises a 400 naming the rule."""
-    thinking, rules = request.thinking, request.rules
+def apply_thinking_rules(body: dict, request: BackendRequest, gen: Generation) -> bool:
+    """The thinking mode to send, after the route's rules met the hosted API's (reference §2.2, §3). A target
+    that always thinks (K2.7-code, K3) cannot take the `instant` way out: there a forced tool_choice is
+    downgraded and missing reasoning gets the placeholder. Every change is recorded in request.adjustments;
+    a `reject` rule raises a 400 naming the rule."""
+    thinking, rules = request.thinking or gen.always_thinks, request.rules
     if thinking and forced_tool_choice(body.get("tool_choice")):
         if rules.forced_tool_choice == "reject":
             raise BackendRejectedError("With thinking on, the hosted API accepts only tool_choice 'auto' or "
                                        "'none' (route rule: reject).", status=400, param="tool_choice")
-        if rules.forced_tool_choice == "downgrade":
+        if rules.forced_tool_choice == "downgrade" or gen.always_thinks:
             body["tool_choice"] = "auto"
             request.adjustments.append("tool_choice=auto")
         else:
@@ -92,9 +115,21 @@ def apply_thinking_rules(body: dict, request: BackendRequest) -> bool:
             raise BackendRejectedError("With thinking on, the hosted API needs the reasoning_content of every "
                                        "earlier assistant tool-call turn, and the gateway has none for at least "
                                        "one (route rule: reject).", status=400, param="messages")
-        thinking = False
-        request.adjustments.append("thinking=off:reasoning_missing")
+        if rules.missing_reasoning == "placeholder" or gen.always_thinks:
+            body["messages"] = with_placeholders(body["messages"])
+            request.adjustments.append("reasoning=placeholder")
+        else:
+            thinking = False
+            request.adjustments.append("thinking=off:reasoning_missing")
     return thinking
+
+
+def with_placeholders(messages: list) -> list:
+    """A copy of the history (the client's stays as it is, for the route's next target) in which each
+    assistant tool-call turn without reasoning carries the placeholder."""
+    return [{**m, "reasoning_content": REASONING_PLACEHOLDER}
+            if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+            and not m.get("reasoning_content") else m for m in messages]
 
 
 def check_tools(body: dict, backend: str) -> None:
@@ -110,15 +145,14 @@ def check_tools(body: dict, backend: str) -> None:
                                           param=f"tools[{index}].function.name")
 
 
-def to_moonshot_body(request: BackendRequest, hosted_model: str) -> dict:
+def to_moonshot_body(request: BackendRequest, hosted_model: str, gen: Generation | None = None) -> dict:
+    gen = gen or generation_of_model(hosted_model) or generation("k2.5")
     body = {key: value for key, value in request.body.items() if key not in HOSTED_STRIPPED}
     for penalty in HOSTED_FIXED_PENALTIES:  # fixed at 0 (§2.1): another value is adjusted, and said so
         if request.body.get(penalty):
             request.adjustments.append(f"{penalty}=0")
     body["model"] = hosted_model
-    if not hosted_model.startswith(ALWAYS_THINKING):
-        thinking = apply_thinking_rules(body, request)
-        body["thinking"] = {"type": "enabled" if thinking else "disabled"}
+    body.update(gen.hosted_switch(apply_thinking_rules(body, request, gen), request.effort))
     return body
 
 
@@ -171,36 +205,71 @@ class MoonshotDriver(OpenAICompatDriver):
     health_path = "/v1/models"
 
     def __init__(self, name: str, transports: Sequence, *, api_key: str | None, models: Mapping[str, str],
-                 vision: bool = True) -> None:
+                 vision: bool = True, catalog: HostedCatalog | None = None, refresh_s: float = 3600.0) -> None:
         super().__init__(name, transports, vision=vision)
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._models = dict(models)
-        self.available: set[str] | None = None
+        self.catalog = catalog or HostedCatalog(name, models)
+        self.refresh_s = refresh_s
+        self._refreshed_at: float | None = None
+
+    @property
+    def available(self) -> set[str] | None:
+        return self.catalog.available
 
     def headers(self) -> dict[str, str]:
         return self._headers
 
     async def start(self) -> None:
-        """Check the hosted ids at start: `kimi-k2.5` was retired on 2026-08-31 (§0)."""
+        """Read the hosted ids at start (`kimi-k2.5` was retired on 2026-08-31, §0); the health loop reads
+        them again every `models_refresh_s`."""
+        await self.refresh_models()
+
+    async def health(self) -> bool:
+        healthy = await super().health()
+        due = self._refreshed_at is None or time.monotonic() - self._refreshed_at >= self.refresh_s
+        if healthy and due:
+            await self.refresh_models()
+        return healthy
+
+    async def refresh_models(self) -> None:
         try:
             listing = await self.get_json(self._transports[0], "/v1/models")
-            self.available = {card["id"] for card in listing.get("data", [])}
-        except (BackendError, ValueError, KeyError, AttributeError):
+            available = {card["id"] for card in listing.get("data", [])}
+        except (BackendError, ValueError, KeyError, AttributeError, TypeError):
             return
-        for route, hosted in self._models.items():
-            if hosted not in self.available:
+        self._refreshed_at = time.monotonic()
+        self.catalog.take_listing(available)
+        for route, hosted in self.catalog.models.items():
+            if hosted not in available:
                 log.warning("backend %s: hosted model %r (for route %r) is not offered", self.name, hosted, route)
+        self.warn_retirements()
+
+    def warn_retirements(self) -> None:
+        """Ahead of a sunset date, every refresh says so: the operator has `retirement_warning_days` to map
+        the id to its successor before its requests become 404s."""
+        for model, date, days in self.catalog.notices():
+            if days < 0:
+                log.error("backend %s: hosted model %r was retired on %s; its requests are refused (404) unless "
+                          "a route maps it to a successor", self.name, model, date.isoformat())
+            elif days <= self.catalog.warning_days:
+                log.warning("backend %s: hosted model %r retires on %s (in %d days): map it to its successor in "
+                            "`models`", self.name, model, date.isoformat(), days)
+
+    def retirements(self) -> list[tuple[str, int]]:
+        """(hosted id, days until its retirement) for the ids in use that have a date (a gauge)."""
+        return [(model, days) for model, _, days in self.catalog.notices()]
 
     def hosted_model(self, route: str) -> str:
-        return self._models.get(route, route)
+        return self.catalog.resolve(route)[0]
 
     def check(self, request: BackendRequest) -> None:
         super().check(request)
         if request.adapter is not None:
             raise UnsupportedFeatureError("The hosted API serves no LoRA adapters.", backend=self.name)
-        if not request.thinking and self.hosted_model(request.route).startswith(ALWAYS_THINKING):
-            raise UnsupportedFeatureError(f"Hosted model '{self.hosted_model(request.route)}' always thinks: "
-                                          "instant mode is not available there.", backend=self.name, param="thinking")
+        hosted, _, gen = self.catalog.resolve(request.route)   # a retired, unmapped id: ModelRetiredError (404)
+        if not request.thinking and gen.always_thinks:
+            raise UnsupportedFeatureError(f"Hosted model '{hosted}' always thinks: instant mode is not available "
+                                          "there.", backend=self.name, param="thinking")
         if request.path != CHAT_PATH:
             raise UnsupportedFeatureError("The hosted API serves chat completions only (no /v1/completions).",
                                           backend=self.name)
@@ -214,7 +283,10 @@ class MoonshotDriver(OpenAICompatDriver):
         check_tools(request.body, self.name)
 
     def to_body(self, request: BackendRequest, replica: int) -> dict:
-        return to_moonshot_body(request, self.hosted_model(request.route))
+        hosted, adjustment, gen = self.catalog.resolve(request.route)
+        if adjustment is not None:
+            request.adjustments.append(adjustment)
+        return to_moonshot_body(request, hosted, gen)
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
         return error_from_moonshot(status, headers, raw, self.name)

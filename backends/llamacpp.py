@@ -27,6 +27,7 @@ from backends.errors import (
     UnsupportedFeatureError,
 )
 from backends.field_support import asks_for_any, check_n, check_unserved, drop_best_of
+from backends.generations import EFFORT_TO_K3, Generation, GenerationName, generation, generation_of_template
 from backends.json_grammar import UnsupportedSchemaError, response_format_grammar
 from backends.openai_compat import OpenAICompatDriver
 
@@ -58,6 +59,7 @@ class LlamaCppConfig(BackendConfigBase):
 
     kind: Literal["llamacpp"]
     launch: LlamaLaunchConfig | None = None
+    generation: GenerationName | None = None     # None: read from the chat template in /props (else k2.5)
 
 
 def fix_reasoning(doc: dict, request: BackendRequest) -> None:
@@ -86,7 +88,8 @@ def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
     return [{"id": i, "scale": 1.0 if i == selected else 0.0} for i in adapter_ids]
 
 
-def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None) -> dict:
+def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None,
+                     gen: Generation = generation("k2.5")) -> dict:
     body = dict(request.body)
     body.update(request.sampling)
     drop_best_of(body)  # llama-server ignores best_of; check() refused one that means something
@@ -94,9 +97,11 @@ def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], select
         if name in body:
             body[native] = body.pop(name)
     kwargs = dict(body.get("chat_template_kwargs") or {})
-    kwargs["thinking"] = request.thinking
+    kwargs.update(gen.template_kwargs(request.thinking))
     if request.path.endswith("chat/completions"):
         body["chat_template_kwargs"] = kwargs
+        if gen.effort_field and request.effort in EFFORT_TO_K3:
+            body["reasoning_effort"] = EFFORT_TO_K3[request.effort]
     else:
         body.pop("chat_template_kwargs", None)
     if adapter_ids:
@@ -148,8 +153,11 @@ class LlamaCppDriver(OpenAICompatDriver):
 
     kind = "llamacpp"
 
-    def __init__(self, name: str, transports: Sequence, *, vision: bool = False, api_key: str | None = None) -> None:
+    def __init__(self, name: str, transports: Sequence, *, vision: bool = False, api_key: str | None = None,
+                 gen: Generation | None = None) -> None:
         super().__init__(name, transports, vision=vision, api_key=api_key)
+        self._configured_generation = gen
+        self.generation = gen or generation("k2.5")   # configured, else read from the template in /props
         count = len(self._transports)
         self._listing: list[dict[str, int] | None] = [None] * count   # real path -> id; None = not read yet
         self._wanted: list[dict[str, AdapterFiles]] = [{} for _ in range(count)]
@@ -275,6 +283,8 @@ class LlamaCppDriver(OpenAICompatDriver):
                 continue
             template = props.get("chat_template") or "" if isinstance(props, dict) else ""
             self.kimi_template = all(marker in template for marker in KIMI_TEMPLATE_MARKERS)
+            if self._configured_generation is None:
+                self.generation = generation_of_template(template) or generation("k2.5")
             slots = props.get("total_slots") if isinstance(props, dict) else None
             self.slots = slots if isinstance(slots, int) and slots > 0 else None
             return
@@ -309,11 +319,11 @@ class LlamaCppDriver(OpenAICompatDriver):
             if request.thinking:  # with thinking on, the constrained text would land in reasoning_content
                 request.thinking = False
                 request.adjustments.append("thinking=off:structured_output")
-            body = to_llamacpp_body(request, ids, selected)
+            body = to_llamacpp_body(request, ids, selected, self.generation)
             del body["response_format"]
             body["grammar"] = grammar
             return body
-        return to_llamacpp_body(request, ids, selected)
+        return to_llamacpp_body(request, ids, selected, self.generation)
 
     def error_from(self, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
         return error_from_llamacpp(status, headers, raw, self.name)

@@ -444,6 +444,10 @@ class OpenAICompatDriver:
     def adapter_in_flight(self, adapter: str) -> int:
         return self._adapter_busy.get(adapter, 0)
 
+    def retirements(self) -> list[tuple[str, int]]:
+        """Self-hosted models do not retire; the hosted driver knows its sunset dates."""
+        return []
+
     async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
         return []
 

@@ -23,7 +23,7 @@ OPENAI_COMPLETION_FIELDS = frozenset({
 })
 # Extensions the Kimi backends understand; each driver translates them or refuses them by name.
 SAMPLING_EXTENSION_FIELDS = frozenset({"min_p", "top_k", "repetition_penalty"})
-THINKING_FIELDS = frozenset({"thinking", "chat_template_kwargs"})
+THINKING_FIELDS = frozenset({"thinking", "chat_template_kwargs", "reasoning"})  # every form: gateway/policies/thinking.py
 EXTENSION_FIELDS = SAMPLING_EXTENSION_FIELDS | THINKING_FIELDS
 
 # Fields the hosted API fixes per mode (moonshot-api.md §2.1): strip them rather than earn a 400.

@@ -3,12 +3,13 @@
 """
 from __future__ import annotations
 
+import logging
 import re
 from functools import partial
 from typing import ClassVar, Literal, Mapping, Sequence
 
 import orjson
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
 from backends.config import BackendConfigBase, Name
@@ -23,8 +24,10 @@ from backends.errors import (
     UnsupportedFeatureError,
 )
 from backends.field_support import asks_for_any, check_unserved, drop_best_of
+from backends.generations import EFFORT_TO_K3, Generation, GenerationName, generation, sglang_parser_args
 from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent, parse_json
 
+log = logging.getLogger(__name__)
 ALREADY_LOADED = "already loaded"
 # "Got LoRA adapter that has never been loaded: <name>" and "...are not loaded: <name>" (sglang-kt.md §1.2).
 NOT_LOADED = re.compile(r"(?:has never been loaded|are not loaded): ([^\n]+)")
@@ -41,9 +44,21 @@ class SglangConfig(BackendConfigBase):
     max_lora_rank: int | None = Field(None, ge=1)          # its --max-lora-rank: larger adapters are refused (422)
     expert_adapter: Name | None = None           # KT expert LoRA: the one adapter fixed at launch (§0.1)
     launch: dict | None = None                   # read by `kimi-gateway launch sglang-kt`
+    generation: GenerationName = "k2.5"          # the model it serves: thinking switch, parsers (generations.py)
+    reasoning_parser: str | None = None          # --reasoning-parser; None = the generation's
+    tool_call_parser: str | None = None          # --tool-call-parser; None = the generation's
+
+    @model_validator(mode="after")
+    def _parsers_known(self) -> SglangConfig:
+        self.parser_args()  # a generation whose parsers are not known needs them named
+        return self
+
+    def parser_args(self) -> list[str]:
+        """The launch flags that make SGLang split reasoning and tool calls for this generation."""
+        return sglang_parser_args(generation(self.generation), self.reasoning_parser, self.tool_call_parser)
 
 
-def to_sglang_body(request: BackendRequest, served_model: str) -> dict:
+def to_sglang_body(request: BackendRequest, served_model: str, gen: Generation = generation("k2.5")) -> dict:
     body = dict(request.body)
     body.update(request.sampling)
     body["model"] = f"{served_model}:{request.adapter}" if request.adapter else served_model
@@ -51,8 +66,10 @@ def to_sglang_body(request: BackendRequest, served_model: str) -> dict:
     drop_best_of(body)           # SGLang would ignore it; check() refused a best_of that means something
     if request.path.endswith("chat/completions"):
         kwargs = dict(body.get("chat_template_kwargs") or {})
-        kwargs["thinking"] = request.thinking   # `enable_thinking` does nothing for kimi_k2 (§4)
+        kwargs.update(gen.template_kwargs(request.thinking))   # `enable_thinking` does nothing for kimi_k2 (§4)
         body["chat_template_kwargs"] = kwargs
+        if gen.effort_field and request.effort in EFFORT_TO_K3:
+            body["reasoning_effort"] = EFFORT_TO_K3[request.effort]
     return body
 
 
@@ -103,8 +120,11 @@ class SglangDriver(OpenAICompatDriver):
     health_path = "/health"
 
     def __init__(self, name: str, transports: Sequence, *, served_model: str | None,
-                 expert_adapter: str | None = None, vision: bool = True, api_key: str | None = None) -> None:
+                 expert_adapter: str | None = None, vision: bool = True, api_key: str | None = None,
+                 gen: Generation = generation("k2.5"), parsers: Mapping[str, str] | None = None) -> None:
         super().__init__(name, transports, vision=vision, api_key=api_key)
+        self.generation = gen
+        self._parsers = dict(parsers or {})   # what /server_info should say (reasoning_parser, tool_call_parser)
         self._served_model = served_model
         self._expert_adapter = self.expert_adapter = expert_adapter  # KT expert LoRA: only this one, fixed
         self.dynamic_adapters = expert_adapter is None
@@ -112,8 +132,19 @@ class SglangDriver(OpenAICompatDriver):
     async def start(self) -> None:
         try:
             await self.refresh_models()
-        except (BackendError, ValueError, KeyError):
+            await self.check_parsers()
+        except (BackendError, ValueError, KeyError, AttributeError):
             pass  # down now; the health loop retries
+
+    async def check_parsers(self) -> None:
+        """A server launched without the generation's parsers puts reasoning and tool calls in `content`
+        (sglang-kt.md §4): say so at start, by name, rather than serve mangled replies silently."""
+        info = await self.get_json(self._transports[0], "/server_info")
+        for flag, wanted in self._parsers.items():
+            running = info.get(flag) if isinstance(info, dict) else None
+            if running != wanted:
+                log.warning("backend %s serves generation %s but runs %s=%r, not %r: reasoning and tool calls "
+                            "will not be split out", self.name, self.generation.name, flag, running, wanted)
 
     async def refresh_models(self) -> None:
         for transport in self._transports:
@@ -188,7 +219,7 @@ class SglangDriver(OpenAICompatDriver):
     def to_body(self, request: BackendRequest, replica: int) -> dict:
         if self._served_model is None:
             raise BackendUnavailableError("the served model name is not known yet", backend=self.name)
-        body = to_sglang_body(request, self._served_model)
+        body = to_sglang_body(request, self._served_model, self.generation)
         if self._expert_adapter is not None:  # launched as `--lora-paths <name>=<dir>`: selected by that name
             body["model"] = f"{self._served_model}:{self._expert_adapter}"
         return body

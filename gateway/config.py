@@ -92,7 +92,8 @@ class ExperimentConfig(Strict):
 class AgentConfig(Strict):
     """What to do where the hosted API's thinking rules would refuse an agent's request (DESIGN.md)."""
     forced_tool_choice: Literal["downgrade", "instant", "reject"] = "downgrade"
-    missing_reasoning: Literal["instant", "reject", "forward"] = "instant"  # forward: let the backend decide
+    # forward: let the backend decide; placeholder: a non-empty stand-in (never "": K2.6 reads it as missing)
+    missing_reasoning: Literal["instant", "reject", "forward", "placeholder"] = "instant"
     strip_reasoning: bool = False
 
 

@@ -12,6 +12,7 @@ from functools import partial
 import orjson
 
 from backends.base import BackendRequest
+from backends.generations import normalise_history
 from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.agents import AgentSupport
@@ -134,11 +135,12 @@ class DataPlane:
         if resolved.variant is not None:
             metrics.experiment_assignments.labels(model, resolved.variant).inc()
         stream = doc.get("stream", False)
+        normalise_history(doc.get("messages"))  # `reasoning` -> `reasoning_content`, "" -> absent
         observer = self.agents.prepare(doc, principal.name, model) if "tools" in doc else None
         return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
                               thinking=decision.thinking, sampling=decision.values, stream=stream,
                               has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                              hide_usage_chunk=stream and ask_for_usage(doc)), resolved, decision
+                              hide_usage_chunk=stream and ask_for_usage(doc), effort=decision.effort), resolved, decision
 
     def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),

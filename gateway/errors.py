@@ -26,6 +26,7 @@ from backends.errors import (
     BackendRateLimitedError,
     BackendRejectedError,
     BackendTimeoutError,
+    ModelRetiredError,
     UnsupportedFeatureError,
 )
 
@@ -72,6 +73,15 @@ class ModelNotFoundError(GatewayError):
     def __init__(self, model: str) -> None:
         super().__init__(f"The model '{model}' does not exist or you do not have access to it.",
                          param="model", code="model_not_found")
+
+
+class ModelRetiredGatewayError(GatewayError):
+    """A hosted model id past its retirement with no successor mapped (backends/hosted_models.py)."""
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_retired")
 
 
 class NotFoundError(GatewayError):
@@ -199,6 +209,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], 
     (RestartNeededError, lambda e: ConflictError(str(e))),
     (AdapterPlacementError, lambda e: BadGatewayError(scrub(str(e)))),
     (BackendRejectedError, _rejected),
+    (ModelRetiredError, lambda e: ModelRetiredGatewayError(e.message)),
     (UnsupportedFeatureError, lambda e: InvalidRequestError(e.message, param=e.param)),
     (AdapterNotReadyError, lambda e: ServiceUnavailableError(
         "The adapter is being loaded on its backend; retry shortly.", headers=_retry_after(e))),

@@ -62,6 +62,9 @@ class Metrics:
                                    "backend rule (x-kimi-adjusted)", ["route", "adjustment"], registry=registry))
         self.reasoning_memory = Labeled(Counter(f"{PREFIX}reasoning_memory", "Reasoning put back into tool-call history "
                                         "(restored) or not found (missed)", ["route", "result"], registry=registry))
+        self.hosted_model_retirement = Labeled(Gauge(f"{PREFIX}hosted_model_retirement_days", "Days until a hosted "
+                                               "model id in use is retired (negative: already retired)",
+                                               ["backend", "model"], registry=registry))
         self.experiment_assignments = Labeled(Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
                                               ["experiment", "variant"], registry=registry))
 

@@ -57,6 +57,8 @@ class GatewayState:
         for name, up in zip(self.drivers, results):
             self.healthy[name] = up is True
             self.metrics.backend_up.labels(name).set(1 if up is True else 0)
+            for model, days in self.drivers[name].retirements():   # hosted sunset dates ahead (or passed)
+                self.metrics.hosted_model_retirement.labels(name, model).set(days)
         self.lifecycle.mark_all_dirty()  # every health cycle: each replica compared with the registry
 
     async def _health_loop(self) -> None:

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from gateway.config import SamplingConfig, SamplingProfile
-from gateway.errors import InvalidRequestError
+from gateway.policies.thinking import pop_reasoning_switch
 
 PROFILE_FIELDS = ("temperature", "top_p", "min_p")
 
@@ -21,36 +21,13 @@ class SamplingDecision:
     values: Mapping               # fields for the backend to set (self-hosted drivers apply them); read-only
     enforced: bool                # `x-kimi-sampling: enforced` rather than `default`
     overrides: tuple[str, ...]    # fields whose client value the policy replaced (counted in metrics)
+    effort: str | None = None     # the client's reasoning effort, for targets that take one (K3)
 
 
 def pop_thinking_switch(body: dict) -> bool | None:
-    """Remove the client's thinking switch from the body and return it: `thinking: {"type": ...}` (hosted
-    form) or `chat_template_kwargs: {"thinking": bool}` (self-hosted form). None when the client is silent."""
-    choices: list[bool] = []
-    if "thinking" in body:
-        switch = body.pop("thinking")
-        kind = switch.get("type") if isinstance(switch, dict) else None
-        if kind not in ("enabled", "disabled"):
-            raise InvalidRequestError('`thinking` must be {"type": "enabled"} or {"type": "disabled"}.', param="thinking")
-        choices.append(kind == "enabled")
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None:
-        if not isinstance(kwargs, dict):
-            raise InvalidRequestError("`chat_template_kwargs` must be an object.", param="chat_template_kwargs")
-        if "thinking" in kwargs:
-            value = kwargs["thinking"]
-            if not isinstance(value, bool):
-                raise InvalidRequestError("`chat_template_kwargs.thinking` must be true or false.",
-                                          param="chat_template_kwargs.thinking")
-            choices.append(value)
-            kwargs = {k: v for k, v in kwargs.items() if k != "thinking"}
-            if kwargs:
-                body["chat_template_kwargs"] = kwargs
-            else:
-                del body["chat_template_kwargs"]
-    if len(set(choices)) > 1:
-        raise InvalidRequestError("`thinking` and `chat_template_kwargs.thinking` disagree.", param="thinking")
-    return choices[0] if choices else None
+    """Remove the client's thinking switch (any generation's form: gateway/policies/thinking.py) and return
+    it; None when the client is silent."""
+    return pop_reasoning_switch(body)[0]
 
 
 def profile_for(config: SamplingConfig, name: str | None, thinking: bool | None) -> SamplingProfile:
@@ -74,12 +51,12 @@ def profile_values(profile: SamplingProfile) -> MappingProxyType:
 
 
 def apply_sampling_policy(body: dict, config: SamplingConfig, profile_name: str | None) -> SamplingDecision:
-    switch = pop_thinking_switch(body)
+    switch, effort = pop_reasoning_switch(body)
     profile = profile_for(config, profile_name, switch)
     thinking = profile.thinking if switch is None else switch
     wanted = profile_values(profile)
     if config.mode == "enforce":
         overrides = tuple(f for f, v in wanted.items() if f in body and body[f] != v)
-        return SamplingDecision(thinking, wanted, True, overrides)
+        return SamplingDecision(thinking, wanted, True, overrides, effort)
     values = {f: v for f, v in wanted.items() if f not in body} if any(f in body for f in wanted) else wanted
-    return SamplingDecision(thinking, values, False, ())
+    return SamplingDecision(thinking, values, False, (), effort)

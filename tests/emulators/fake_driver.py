@@ -95,6 +95,9 @@ class FakeDriver:
     def in_flight(self) -> list[int]:
         return [0]
 
+    def retirements(self) -> list[tuple[str, int]]:
+        return []
+
     def adapter_in_flight(self, adapter: str) -> int:
         return 0
 

@@ -20,7 +20,7 @@ def request(body: dict, thinking: bool = True, **rules) -> BackendRequest:
 ])
 def test_forced_tool_choice_while_thinking(choice, rule, thinking, tool_choice, adjustment):
     req = request({"tool_choice": choice}, forced_tool_choice=rule)
-    body = to_moonshot_body(req, "kimi-k2.6")
+    body = to_moonshot_body(req, "kimi-k2.5")
     assert body["thinking"] == {"type": thinking}
     assert body["tool_choice"] == (tool_choice or choice)
     assert req.adjustments == [adjustment]
@@ -28,22 +28,22 @@ def test_forced_tool_choice_while_thinking(choice, rule, thinking, tool_choice, 
 
 def test_forced_tool_choice_reject_and_no_rule_without_thinking():
     with pytest.raises(BackendRejectedError, match="route rule: reject"):
-        to_moonshot_body(request({"tool_choice": "required"}, forced_tool_choice="reject"), "kimi-k2.6")
+        to_moonshot_body(request({"tool_choice": "required"}, forced_tool_choice="reject"), "kimi-k2.5")
     req = request({"tool_choice": "required"}, thinking=False, forced_tool_choice="reject")
-    assert to_moonshot_body(req, "kimi-k2.6")["tool_choice"] == "required" and req.adjustments == []
+    assert to_moonshot_body(req, "kimi-k2.5")["tool_choice"] == "required" and req.adjustments == []
 
 
 @pytest.mark.parametrize("rule, thinking", [("instant", "disabled"), ("forward", "enabled")])
 def test_missing_reasoning(rule, thinking):
     req = request({"messages": [CALL]}, missing_reasoning=rule)
-    assert to_moonshot_body(req, "kimi-k2.6")["thinking"] == {"type": thinking}
+    assert to_moonshot_body(req, "kimi-k2.5")["thinking"] == {"type": thinking}
 
 
 def test_missing_reasoning_reject_and_present_reasoning_passes():
     with pytest.raises(BackendRejectedError, match="reasoning_content"):
-        to_moonshot_body(request({"messages": [CALL]}, missing_reasoning="reject"), "kimi-k2.6")
+        to_moonshot_body(request({"messages": [CALL]}, missing_reasoning="reject"), "kimi-k2.5")
     req = request({"messages": [{**CALL, "reasoning_content": "r"}]}, missing_reasoning="reject")
-    assert to_moonshot_body(req, "kimi-k2.6")["thinking"] == {"type": "enabled"}
+    assert to_moonshot_body(req, "kimi-k2.5")["thinking"] == {"type": "enabled"}
 
 
 def test_k3_gets_no_thinking_field():
