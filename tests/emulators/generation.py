@@ -224,6 +224,17 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    cut_tool_call: bool = False  # max_tokens ran out inside the tool call: `tool_call` holds what was emitted
+
+
+def cut_call(call: ToolCall, budget: int) -> ToolCall | None:
+    """The part of a tool call that fits in `budget` tokens: None when it had not begun; else its arguments
+    cut short, which is never a whole JSON object."""
+    if budget <= 0:
+        return None
+    need = count_tokens(call.arguments) + 1
+    keep = max(1, (len(call.arguments) * budget) // need)
+    return ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments[:min(keep, len(call.arguments) - 1)])
 
 
 def apply_stop(text: str, stop: Any, capped: bool) -> tuple[str, str, int | str | None]:
@@ -253,7 +264,14 @@ def plan_chat(
     reasoning = " ".join(words[:split]) or None if thinking else None
     answer_words = words[split:]
     tool_call = plan_tool_call(body, key, tool_id_format) if tool_id_format else None
-    if tool_call is not None:
+    reasoning_tokens = count_tokens(reasoning)
+    cut = False
+    if tool_call is not None and max_tokens is not None and reasoning_tokens + count_tokens(tool_call.arguments) + 1 > max_tokens:
+        # the budget ends inside the tool-call section (moonshot-api.md §8): what was emitted, then "length"
+        tool_call, cut = cut_call(tool_call, max_tokens - reasoning_tokens), True
+        content, finish, matched = None, "length", None
+        extra_tokens = max(0, max_tokens - reasoning_tokens)
+    elif tool_call is not None:
         content, finish, matched = None, "tool_calls", EOS_TOKEN_ID
         extra_tokens = count_tokens(tool_call.arguments) + 1
     else:
@@ -263,7 +281,6 @@ def plan_chat(
         else:
             content, finish, matched = apply_stop(" ".join(answer_words), body.get("stop"), max_tokens is not None)
         extra_tokens = count_tokens(content)
-    reasoning_tokens = count_tokens(reasoning)
     return Output(
         reasoning=reasoning,
         content=content,
@@ -273,6 +290,7 @@ def plan_chat(
         prompt_tokens=chat_prompt_tokens(messages),
         completion_tokens=reasoning_tokens + extra_tokens,
         reasoning_tokens=reasoning_tokens,
+        cut_tool_call=cut,
     )
 
 

@@ -9,8 +9,13 @@ Owns the app factory `create_moonshot_app(MoonshotOptions)`, the routes and the 
 - `POST /v1/chat/completions`: request rules in `moonshot_rules` (§2, §3); answers with
   `reasoning_content` before `content` (§3), flat `usage.cached_tokens` (§3 "Usage"), and in a
   stream a final chunk carrying `finish_reason` and `choices[0].usage`, the OpenAI-style usage
-  chunk with `include_usage`, then `data: [DONE]` (§3 "Streaming"); tool-call ids `{name}:{idx}`
-  (the hosted format is UNCONFIRMED, §3);
+  chunk with `include_usage`, then `data: [DONE]` (§3 "Streaming"); tool-call ids per generation
+  (`functions.{name}:{idx}` on K2, `{name}_{idx}` on K3: §8; the hosted format is UNCONFIRMED in §3);
+- generations (§8): each model id follows its generation's rules (`moonshot_rules.GENERATION_PROFILES`),
+  chosen by the id or by `--generation ID=GEN`; what a K2.6 server did with replayed reasoning ("kept" or
+  "discarded" without `keep: "all"`) is recorded for tests at `GET /_emulator/reasoning`;
+- `max_tokens` reached inside a tool call: the call's arguments stop where the budget does and the
+  finish_reason is "length" (§3 "finish_reason"), streamed or not;
 - `POST /v1/tokenizers/estimate-token-count` (§1);
 - faults: 429 is `engine_overloaded_error` with `Retry-After: 1`, 504 an HTML page (§4). The
   in-stream error event after `stream_error_after` is an emulator choice (nothing is documented).
@@ -65,10 +70,17 @@ from tests.emulators.common import (
     sse_response,
 )
 from tests.emulators.generation import Output, PromptCache, chat_deltas, chat_prompt_text, chat_prompt_tokens, plan_chat
-from tests.emulators.moonshot_rules import HostedError, check_chat_request, check_model, error_body, profile_of
+from tests.emulators.moonshot_rules import (
+    GENERATION_PROFILES,
+    HostedError,
+    check_chat_request,
+    check_model,
+    error_body,
+    profile_of,
+    replayed_reasoning,
+)
 
 DEFAULT_MODELS = ("kimi-k2.6", "kimi-k3")
-HOSTED_TOOL_ID_FORMAT = "{name}:{idx}"
 FAULT_DEFAULTS = {
     400: ("invalid_request_error", "Invalid request: emulated fault"),
     401: ("invalid_authentication_error", "Invalid Authentication"),
@@ -95,6 +107,7 @@ GATEWAY_TIMEOUT_HTML = (
 class MoonshotOptions:
     api_key: str | None = None  # None: any bearer key is accepted, a missing one still fails
     models: tuple[str, ...] = DEFAULT_MODELS
+    generations: dict[str, str] = field(default_factory=dict, compare=False)  # model id -> generation
     sleep: Callable[[float], Awaitable[Any]] = field(default=asyncio.sleep, compare=False)
 
 
@@ -127,9 +140,9 @@ def fault_response(fault: Fault) -> Response:
     return json_response(error_body(error_type, message), status, headers)
 
 
-def model_card(model: str, created: int) -> dict[str, Any]:
+def model_card(model: str, created: int, generations: dict[str, str] | None = None) -> dict[str, Any]:
     """Beyond `id`, the card's fields are UNCONFIRMED (§7); these are plausible ones."""
-    profile = profile_of(model)
+    profile = profile_of(model, generations)
     return {"id": model, "object": "model", "created": created, "owned_by": "moonshot", "root": model,
             "parent": None, "context_length": profile.context_length, "supports_image_in": True,
             "supports_video_in": True, "supports_reasoning": True}
@@ -195,14 +208,17 @@ class MoonshotState:
         self.log = RequestLog()
         self.cache = PromptCache()
         self.created = int(time.time())
+        self.replays: list[dict[str, Any]] = []  # what each request's replayed reasoning met (§8)
 
     def reset(self) -> None:
         self.cache.clear()
+        self.replays.clear()
 
 
 def api_router(state: MoonshotState) -> APIRouter:
     router = APIRouter()
     models = state.options.models
+    generations = state.options.generations
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -215,10 +231,14 @@ def api_router(state: MoonshotState) -> APIRouter:
         if json_error is not None:
             return hosted_error_response(HostedError(400, "invalid_request_error", f"Invalid request: {json_error}"))
         try:
-            model, thinking = check_chat_request(body, models)
+            model, thinking = check_chat_request(body, models, generations)
         except HostedError as error:
             return hosted_error_response(error)
-        output = plan_chat(body, adapter=model, thinking=thinking, tool_id_format=HOSTED_TOOL_ID_FORMAT)
+        profile = profile_of(model, generations)
+        replay = replayed_reasoning(body, profile, thinking)
+        if replay is not None:
+            state.replays.append({"model": model, "generation": profile.generation, "reasoning": replay})
+        output = plan_chat(body, adapter=model, thinking=thinking, tool_id_format=profile.tool_id_format)
         prompt = chat_prompt_text(body["messages"])
         usage = usage_body(output, state.cache.cached_tokens(model, prompt, output.prompt_tokens))
         prefill_s = fault.prefill_s if fault is not None else 0.0
@@ -235,14 +255,18 @@ def api_router(state: MoonshotState) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models() -> Response:
-        return json_response({"object": "list", "data": [model_card(m, state.created) for m in models]})
+        return json_response({"object": "list", "data": [model_card(m, state.created, generations) for m in models]})
+
+    @router.get("/_emulator/reasoning")
+    async def reasoning_replays() -> Response:
+        return json_response(state.replays)
 
     @router.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> Response:
         if model_id not in models:
             return hosted_error_response(HostedError(
                 404, "resource_not_found_error", f"Not found the model {model_id} or Permission denied"))
-        return json_response(model_card(model_id, state.created))
+        return json_response(model_card(model_id, state.created, generations))
 
     @router.post("/v1/tokenizers/estimate-token-count")
     async def estimate_token_count(request: Request) -> Response:
@@ -281,13 +305,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", help="the only accepted key; without it any bearer key is accepted")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                         help="model ids for /v1/models, space- or comma-separated (default: %(default)s)")
+    parser.add_argument("--generation", action="append", default=[], metavar="ID=GEN",
+                        help=f"the generation a model id follows ({', '.join(GENERATION_PROFILES)}); "
+                             "default: the one its name says, else k2.6")
     return parser.parse_args(argv)
+
+
+def parse_generations(entries: list[str]) -> dict[str, str]:
+    generations = {}
+    for entry in entries:
+        model, _, name = entry.partition("=")
+        if name not in GENERATION_PROFILES:
+            raise SystemExit(f"--generation {entry}: expected ID=GEN with GEN one of {', '.join(GENERATION_PROFILES)}")
+        generations[model] = name
+    return generations
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     models = tuple(m.strip() for entry in args.models for m in entry.split(",") if m.strip())
-    app = create_moonshot_app(MoonshotOptions(api_key=args.api_key, models=models))
+    app = create_moonshot_app(MoonshotOptions(api_key=args.api_key, models=models,
+                                              generations=parse_generations(args.generation)))
     uvicorn.run(QuietDisconnects(app), host=args.host, port=args.port, log_level="warning")
 
 

@@ -5,6 +5,12 @@ profiles (§0, §1 "Model IDs"), the thinking switch (§2.2), fixed sampling (§
 tool_choice limits (§2.2, §3 "Tool calls"), the reasoning_content-in-history rule (§3), image URLs
 (§3 "Images and video"), `stop` limits and the context limit (§1, §4). No HTTP here.
 
+Generations (§8): each model id follows one generation's profile (`GENERATION_PROFILES`), by its name or
+as configured (`--generation ID=GEN`): K2.6 discards replayed reasoning unless `thinking.keep` is "all"
+(the emulator records it: `replayed_reasoning`), K2.7-code accepts only `{type: enabled, keep: all}`, K3
+refuses `thinking`; `thinking` with `reasoning_effort` is a 400 on every model; tool-call ids are
+`functions.<name>:<idx>` on K2 and `<name>_<idx>` on K3.
+
 Emulator choices, stricter than anything documented, so gateway tests prove the fields are
 stripped: the self-hosted dialect fields in `SELF_HOSTED_FIELDS` (`chat_template_kwargs`, `min_p`,
 `top_k`, ...) are rejected as unknown fields, and `reasoning_effort` outside kimi-k3.
@@ -57,24 +63,40 @@ def invalid(message: str) -> HostedError:
 
 @dataclass(frozen=True)
 class ModelProfile:
+    """One generation's rules (§0-§2, §8). The emulator's own table, written from reference/, not imported
+    from the gateway: a gateway bug in backends/generations.py must not be mirrored here."""
+    generation: str
     thinking_field: bool = True  # accepts the `thinking` object
     keep_all: bool = False  # accepts `thinking.keep: "all"` (k2.6+)
+    only_keep_all: bool = False  # accepts nothing but {type: enabled, keep: all} (k2.7-code)
+    discards_without_keep: bool = False  # drops replayed reasoning unless keep: all (k2.6, §8)
     always_thinks: bool = False
     reasoning_effort: bool = False  # k3
     context_length: int = 262144
+    tool_id_format: str = "functions.{name}:{idx}"  # K2 ids (§8)
 
 
-PROFILES = {
-    "kimi-k2.5": ModelProfile(),
-    "kimi-k2.6": ModelProfile(keep_all=True),
-    "kimi-k2.7-code": ModelProfile(keep_all=True, always_thinks=True),
-    "kimi-k2.7-code-highspeed": ModelProfile(keep_all=True, always_thinks=True),
-    "kimi-k3": ModelProfile(thinking_field=False, always_thinks=True, reasoning_effort=True, context_length=1048576),
+GENERATION_PROFILES = {
+    "k2.5": ModelProfile("k2.5"),
+    "k2.6": ModelProfile("k2.6", keep_all=True, discards_without_keep=True),
+    "k2.7-code": ModelProfile("k2.7-code", keep_all=True, only_keep_all=True, always_thinks=True),
+    "k3": ModelProfile("k3", thinking_field=False, always_thinks=True, reasoning_effort=True,
+                       context_length=1048576, tool_id_format="{name}_{idx}"),
 }
+ID_PREFIXES = (("kimi-k3", "k3"), ("kimi-k2.7-code", "k2.7-code"), ("kimi-k2.6", "k2.6"), ("kimi-k2.5", "k2.5"))
+PROFILES = {model: GENERATION_PROFILES[name] for model, name in (
+    ("kimi-k2.5", "k2.5"), ("kimi-k2.6", "k2.6"), ("kimi-k2.7-code", "k2.7-code"),
+    ("kimi-k2.7-code-highspeed", "k2.7-code"), ("kimi-k3", "k3"))}
 
 
-def profile_of(model: str) -> ModelProfile:
-    return PROFILES.get(model, PROFILES["kimi-k2.6"])
+def profile_of(model: str, generations: dict[str, str] | None = None) -> ModelProfile:
+    """A configured generation for the id (`--generation ID=GEN`), else the one its name says, else K2.6's."""
+    if generations and model in generations:
+        return GENERATION_PROFILES[generations[model]]
+    for prefix, name in ID_PREFIXES:
+        if model.startswith(prefix):
+            return GENERATION_PROFILES[name]
+    return GENERATION_PROFILES["k2.6"]
 
 
 def is_number(value: Any) -> bool:
@@ -93,6 +115,8 @@ def check_model(body: Any, models: tuple[str, ...]) -> str:
 
 
 def check_fields(body: dict[str, Any], profile: ModelProfile) -> None:
+    if "thinking" in body and "reasoning_effort" in body:  # §8 (HKUDS/nanobot#3939), whatever the model
+        raise invalid("Invalid request: cannot specify both thinking and reasoning_effort")
     if "functions" in body:
         raise invalid("Invalid request: functions is not supported, use tools instead")
     for name in SELF_HOSTED_FIELDS:
@@ -116,6 +140,8 @@ def thinking_enabled(body: dict[str, Any], model: str, profile: ModelProfile) ->
     extra = set(thinking) - {"type", "keep"}
     if extra or ("keep" in thinking and not (profile.keep_all and thinking["keep"] == "all")):
         raise invalid(f"Invalid request: unsupported thinking options: {sorted(set(thinking) - {'type'})}")
+    if profile.only_keep_all and thinking != {"type": "enabled", "keep": "all"}:
+        raise invalid(f'Invalid request: model {model} only accepts thinking {{"type": "enabled", "keep": "all"}}')
     if profile.always_thinks and thinking["type"] == "disabled":
         raise invalid(f"Invalid request: thinking cannot be disabled for model {model}")
     return thinking["type"] == "enabled"
@@ -214,10 +240,22 @@ def check_output_options(body: dict[str, Any], profile: ModelProfile) -> None:
         raise invalid(f"Your request exceeded model token limit : {profile.context_length}")
 
 
-def check_chat_request(body: Any, models: tuple[str, ...]) -> tuple[str, bool]:
+def replayed_reasoning(body: dict[str, Any], profile: ModelProfile, thinking: bool) -> str | None:
+    """What the server does with the reasoning of earlier assistant turns (§8): "kept", "discarded" (K2.6
+    with thinking on and no `keep: "all"`: billed, unused), or None when the history carries none."""
+    replayed = [m for m in body.get("messages") or () if isinstance(m, dict) and m.get("role") == "assistant"
+                and m.get("reasoning_content")]
+    if not replayed:
+        return None
+    keep = (body.get("thinking") or {}).get("keep") == "all"
+    return "discarded" if thinking and profile.discards_without_keep and not keep else "kept"
+
+
+def check_chat_request(body: Any, models: tuple[str, ...],
+                       generations: dict[str, str] | None = None) -> tuple[str, bool]:
     """Apply every rule in the hosted API's order of concern: (model, thinking on?)."""
     model = check_model(body, models)
-    profile = profile_of(model)
+    profile = profile_of(model, generations)
     check_fields(body, profile)
     thinking = thinking_enabled(body, model, profile)
     check_sampling(body, thinking)

@@ -147,6 +147,10 @@ def chat_output(body: dict[str, Any], adapter: str | None, reasoning_parser: str
     if thinking and not (reasoning_parser and body.get("separate_reasoning", True)):
         raw = f"{output.reasoning or ''}</think>{output.content or ''}"
         output = dataclasses.replace(output, reasoning=None, content=raw, reasoning_tokens=0)
+    if output.cut_tool_call and output.tool_call is not None:
+        # max_tokens inside the tool-call section: the kimi_k2 detector presents the half-parsed call as a
+        # finished one (moonshot-api.md §8, sglang#23363): the gateway must not pass that on
+        output = dataclasses.replace(output, finish_reason="tool_calls", matched_stop=None)
     return output
 
 

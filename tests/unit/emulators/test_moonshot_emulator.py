@@ -153,7 +153,7 @@ async def test_named_tool_choice_with_thinking_off_calls_the_tool():
     choice_out = body["choices"][0]
     assert choice_out["finish_reason"] == "tool_calls"
     (call,) = choice_out["message"]["tool_calls"]
-    assert call["id"] == "get_weather:0" and call["type"] == "function"
+    assert call["id"] == "functions.get_weather:0" and call["type"] == "function"
     assert set(json.loads(call["function"]["arguments"])) == {"city", "days"}
     assert "reasoning_content" not in choice_out["message"]
 
@@ -302,7 +302,7 @@ async def test_streamed_tool_call_deltas():
                                                 stream=True))).text)
     tool_deltas = [p["choices"][0]["delta"]["tool_calls"][0] for p in payloads[:-1]
                    if "tool_calls" in p["choices"][0]["delta"]]
-    assert tool_deltas[0]["id"] == "get_weather:0" and tool_deltas[0]["function"]["arguments"] == ""
+    assert tool_deltas[0]["id"] == "functions.get_weather:0" and tool_deltas[0]["function"]["arguments"] == ""
     json.loads("".join(d["function"]["arguments"] for d in tool_deltas[1:]))
     assert payloads[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
