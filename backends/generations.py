@@ -133,3 +133,22 @@ def normalise_history(messages: object) -> int:
             del message["reasoning_content"]
             changed += 1
     return changed
+
+
+# Replies: servers that name the field `reasoning` (vLLM, newer SDK-facing servers: §8) are shown to the
+# client as `reasoning_content`. `"reasoning":` cannot occur inside a JSON string (its quotes would be
+# escaped), so a byte replacement renames exactly the key; `"reasoning_tokens":` does not match.
+REASONING_ALIAS_KEY = b'"reasoning":'
+
+
+def reasoning_alias_block(block: bytes) -> bytes:
+    return block.replace(REASONING_ALIAS_KEY, b'"reasoning_content":') if REASONING_ALIAS_KEY in block else block
+
+
+def reasoning_alias_document(doc: dict) -> None:
+    for choice in doc.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and "reasoning" in message:
+            alias = message.pop("reasoning")
+            if alias and not message.get("reasoning_content"):
+                message["reasoning_content"] = alias

@@ -12,6 +12,8 @@ from typing import AsyncIterator, Callable, Mapping, Sequence
 import orjson
 
 from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
+from backends.cut_tool_calls import CutCallGuard, fix_cut_document
+from backends.generations import REASONING_ALIAS_KEY, reasoning_alias_block, reasoning_alias_document
 from backends.errors import (
     AdapterNotReadyError,
     BackendError,
@@ -129,6 +131,8 @@ class RelayReply:
         self._usage_shown = False  # the client got its usage chunk
         self._usage_head: dict | None = None  # id/object/created of the event usage came in, for a stand-in
         self.shape = ReplyShape(request.path, int(time.time()), request.stream)
+        # a stream of a tool-using request: a call cut by max_tokens must not end as "tool_calls"
+        self._cut_guard = CutCallGuard() if request.stream and "tools" in request.body else None
 
     async def read(self) -> bytes:
         raw = await self._upstream.read()
@@ -143,8 +147,11 @@ class RelayReply:
         self.shape.document(doc)
         self.usage = usage_of(doc)
         strip_choice_usage(doc.get("choices"))  # top-level usage is the OpenAI contract; a copy in a choice is not
+        reasoning_alias_document(doc)           # `reasoning` (vLLM's name) reaches clients as reasoning_content
         if self._fix_document is not None:
             self._fix_document(doc, request)
+        if "tools" in request.body:
+            fix_cut_document(doc)
         if request.observer is not None:
             request.observer.on_document(doc)
         if request.rules.strip_reasoning:
@@ -183,8 +190,12 @@ class RelayReply:
     def _rewrite(self, block: bytes) -> bytes:
         request = self._request
         block = self.shape.block(MODEL_FIELD.sub(self._replace_model, block))
+        if REASONING_ALIAS_KEY in block:
+            block = reasoning_alias_block(block)
         if self._fix_block is not None:
             block = self._fix_block(block, request)
+        if self._cut_guard is not None:
+            block = self._cut_guard.block(block)
         if b'"usage"' in block:
             block = self.shape.usage_block(block)
         if has_usage_object(block):
