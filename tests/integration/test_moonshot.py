@@ -34,14 +34,15 @@ def received(emulator: str) -> list[dict]:
 
 def test_model_mapped_sampling_stripped_thinking_top_level(gateway, moonshot):
     """The emulator answers 400 to any temperature but the mode's fixed one: the gateway must strip it."""
-    response = sdk(gateway).chat.completions.create(model="kimi-k2.5", messages=PROMPT, max_tokens=8,
-                                                    temperature=0.3, top_p=0.5)
-    assert response.model == "kimi-k2.5"
+    raw = sdk(gateway).chat.completions.with_raw_response.create(model="kimi-k2.5", messages=PROMPT, max_tokens=8,
+                                                                 temperature=0.3, top_p=0.5)
+    response = raw.parse()
+    assert response.model == "kimi-k2.5" and raw.headers["x-kimi-adjusted"] == "model=kimi-k2.6"
     assert getattr(response.choices[0].message, "reasoning_content", None)
     entry = received(moonshot)[-1]
     body = entry["body"]
     assert entry["has_authorization"]
-    assert body["model"] == "kimi-k2.6" and body["thinking"] == {"type": "enabled"}
+    assert body["model"] == "kimi-k2.6" and body["thinking"] == {"type": "enabled", "keep": "all"}
     assert not {"temperature", "top_p", "min_p", "chat_template_kwargs"} & body.keys()
 
 
