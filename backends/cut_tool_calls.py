@@ -59,10 +59,10 @@ class CutCallGuard:
         self.arguments: dict[tuple[int, int], str] = {}
 
     def block(self, block: bytes) -> bytes:
-        if b'"tool_calls"' not in block:
-            return block
         if b'"arguments"' in block:
             self._gather(block)
+        elif not self.arguments:  # no call has begun: content and reasoning blocks pass after one scan
+            return block
         if TOOL_CALLS_FINISH.search(block) and not all(map(complete_arguments, self.arguments.values())):
             return TOOL_CALLS_FINISH.sub(LENGTH_FINISH, block)
         return block

@@ -47,7 +47,6 @@ HOSTED_STRIPPED = frozenset(HOSTED_FIXED_SAMPLING) | {"chat_template_kwargs", "l
 # Put in an assistant tool-call turn whose reasoning nobody has, where the route's rule asks for it (or the
 # target cannot turn thinking off): the least the API accepts (§3); never "", which K2.6 reads as missing (§8).
 REASONING_PLACEHOLDER = " "
-HOSTED_FIXED_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
 MAX_TOOLS = 128
@@ -148,11 +147,15 @@ def check_tools(body: dict, backend: str) -> None:
 def to_moonshot_body(request: BackendRequest, hosted_model: str, gen: Generation | None = None) -> dict:
     gen = gen or generation_of_model(hosted_model) or generation("k2.5")
     body = {key: value for key, value in request.body.items() if key not in HOSTED_STRIPPED}
-    for penalty in HOSTED_FIXED_PENALTIES:  # fixed at 0 (§2.1): another value is adjusted, and said so
-        if request.body.get(penalty):
-            request.adjustments.append(f"{penalty}=0")
     body["model"] = hosted_model
-    body.update(gen.hosted_switch(apply_thinking_rules(body, request, gen), request.effort))
+    thinking = apply_thinking_rules(body, request, gen)
+    # The API fixes these per generation and mode (§2.1) and refuses other values: they are left out (the
+    # server applies its own), and a client value the server will not use is said so in x-kimi-adjusted.
+    for name, fixed in gen.fixed_sampling(thinking).items():
+        value = request.body.get(name)
+        if value is not None and value != fixed:
+            request.adjustments.append(f"{name}={fixed:g}")
+    body.update(gen.hosted_switch(thinking, request.effort))
     return body
 
 

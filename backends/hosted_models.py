@@ -10,6 +10,7 @@ backend's `retirements`; ahead of a date the driver logs a warning and the gatew
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Mapping
 
 from backends.errors import ModelRetiredError
@@ -27,6 +28,9 @@ KNOWN_RETIREMENTS: tuple[tuple[str, dt.date], ...] = (
 )
 
 
+EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
 def today() -> dt.date:
     return dt.datetime.now(dt.timezone.utc).date()
 
@@ -41,7 +45,7 @@ class HostedCatalog:
         self.warning_days = warning_days
         self.available: set[str] | None = None       # the last /v1/models listing; None = never read
         self.in_use: set[str] = set(self.models.values())   # ids sent (or about to be): warned about
-        self._resolved: dict[str, tuple[str, str | None, Generation]] = {}
+        self._resolved: dict[str, tuple[int, tuple[str, str | None, Generation]]] = {}   # route -> (day, answer)
 
     def retirement(self, model: str) -> dt.date | None:
         if model in self.retirements:
@@ -65,11 +69,12 @@ class HostedCatalog:
 
     def resolve(self, route: str, on: dt.date | None = None) -> tuple[str, str | None, Generation]:
         """(hosted id, adjustment or None, its generation) for a route, or ModelRetiredError (a 404).
-        Cached per route and day; a new listing clears the cache."""
-        on = on or today()
+        Cached per route and UTC day (one dict lookup on the hot path); a new listing clears the cache."""
+        day = on.toordinal() if on is not None else int(time.time() // 86400) + EPOCH_ORDINAL
         cached = self._resolved.get(route)
-        if cached is not None and cached[0] == on.isoformat():
+        if cached is not None and cached[0] == day:
             return cached[1]
+        on = on or dt.date.fromordinal(day)
         hosted = self.models.get(route, route)
         if self.retired(hosted, on):
             date = self.retirement(hosted)
@@ -82,7 +87,7 @@ class HostedCatalog:
         adjustment = f"model={hosted}" if hosted != route and named else None
         self.in_use.add(hosted)
         result = (hosted, adjustment, self.generation_of(hosted))
-        self._resolved[route] = (on.isoformat(), result)
+        self._resolved[route] = (day, result)
         return result
 
     def take_listing(self, ids: set[str]) -> None:

@@ -159,3 +159,15 @@ def test_config_refuses_a_mapping_onto_a_retired_id():
         MoonshotConfig(**base, generations={"x": "k9"})
     config = MoonshotConfig(**base, models={"kimi-k2.5": "kimi-k2.6"}, retirements={"kimi-k2.6": "2026-12-31"})
     assert config.catalog().retirement("kimi-k2.6") == dt.date(2026, 12, 31)
+
+
+@pytest.mark.parametrize("model, thinking, sent, adjusted", [
+    ("kimi-k2.6", True, {"temperature": 0.6, "top_p": 0.95}, ["temperature=1"]),
+    ("kimi-k2.6", False, {"temperature": 0.6, "presence_penalty": 0.5}, ["presence_penalty=0"]),
+    ("kimi-k2.5", False, {"temperature": 1.0}, ["temperature=0.6"]),
+    ("kimi-k3", True, {"temperature": 1.0, "frequency_penalty": 0}, []),
+])
+def test_fixed_sampling_per_generation_and_mode_is_left_to_the_server_and_said(model, thinking, sent, adjusted):
+    req = request(sent, thinking)
+    body = to_moonshot_body(req, model)
+    assert not set(sent) & set(body) and req.adjustments == adjusted
