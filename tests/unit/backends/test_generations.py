@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import orjson
 import pytest
 
 from backends.base import AgentRules, BackendRequest
@@ -16,10 +17,10 @@ from backends.generations import (
     reasoning_alias_document,
     sglang_parser_args,
 )
-from backends.hosted import MoonshotConfig, to_moonshot_body
+from backends.hosted import MoonshotConfig, MoonshotDriver, to_moonshot_body
 from backends.hosted_models import HostedCatalog
-from backends.llamacpp import to_llamacpp_body
-from backends.sglang import to_sglang_body
+from backends.llamacpp import LlamaCppDriver, to_llamacpp_body
+from backends.sglang import SglangDriver, to_sglang_body
 
 CALL = {"role": "assistant", "tool_calls": [{"id": "get_weather_0", "type": "function",
                                              "function": {"name": "get_weather", "arguments": "{}"}}]}
@@ -171,3 +172,71 @@ def test_fixed_sampling_per_generation_and_mode_is_left_to_the_server_and_said(m
     req = request(sent, thinking)
     body = to_moonshot_body(req, model)
     assert not set(sent) & set(body) and req.adjustments == adjusted
+
+
+# --- drivers: where the generation comes from ----------------------------------------------------------
+
+
+class Served:
+    """A transport answering GETs from a table (and counting them)."""
+
+    def __init__(self, answers: dict) -> None:
+        self.answers, self.gets = answers, []
+
+    async def request(self, method, path, body=b"", headers=None):
+        self.gets.append(path)
+        answer = self.answers[path]
+
+        class Reply:
+            status, headers = 200, {}
+
+            async def read(self):
+                return orjson.dumps(answer)
+
+            async def aclose(self):
+                pass
+        return Reply()
+
+    async def probe(self, path, headers=None) -> int:
+        return 200
+
+    async def aclose(self) -> None:
+        pass
+
+
+KIMI_26_TEMPLATE = "<|tool_calls_section_begin|><|tool_call_begin|>{% if preserve_thinking %}{% endif %}"
+
+
+async def test_llama_cpp_reads_the_generation_from_the_template():
+    transport = Served({"/lora-adapters": [], "/props": {"chat_template": KIMI_26_TEMPLATE}})
+    driver = LlamaCppDriver("gguf", [transport])
+    await driver.start()
+    assert driver.generation.name == "k2.6"
+    body = driver.to_body(request(), 0)
+    assert body["chat_template_kwargs"] == {"thinking": True, "preserve_thinking": True}
+    pinned = LlamaCppDriver("gguf", [transport], gen=generation("k2.5"))
+    await pinned.start()
+    assert pinned.generation.name == "k2.5"  # configured wins over the template
+
+
+async def test_sglang_says_when_the_server_runs_other_parsers(caplog):
+    transport = Served({"/v1/models": {"data": [{"id": "kimi"}]},
+                        "/server_info": {"reasoning_parser": None, "tool_call_parser": "kimi_k2"}})
+    driver = SglangDriver("kt", [transport], served_model=None, gen=generation("k2.6"),
+                          parsers={"reasoning_parser": "kimi_k2", "tool_call_parser": "kimi_k2"})
+    await driver.start()
+    assert "runs reasoning_parser=None, not 'kimi_k2'" in caplog.text and "tool_call_parser" not in caplog.text
+
+
+async def test_hosted_models_are_read_at_start_and_again_when_due(monkeypatch):
+    transport = Served({"/v1/models": {"data": [{"id": "kimi-k2.6"}]}})
+    catalog = HostedCatalog("hosted", {"kimi-k2.5": "kimi-k2.6"}, retirements={"kimi-k2.6": dt.date(2099, 1, 1)})
+    driver = MoonshotDriver("hosted", [transport], api_key="k", models={}, catalog=catalog, refresh_s=3600)
+    await driver.start()
+    assert driver.available == {"kimi-k2.6"} and transport.gets == ["/v1/models"]
+    await driver.health()
+    assert transport.gets == ["/v1/models"]  # not due yet
+    driver.refresh_s = 0
+    await driver.health()
+    assert transport.gets == ["/v1/models", "/v1/models"]
+    assert driver.retirements()[0][0] == "kimi-k2.6" and driver.retirements()[0][1] > 20000
