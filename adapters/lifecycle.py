@@ -357,6 +357,8 @@ class AdapterLifecycle:
             for backend, replica in sorted(dirty):
                 try:
                     await self.reconcile(backend, replica)
+                except StoreUnavailableError as exc:
+                    log.warning("reconciling %s replica %d waits for the adapter store: %s", backend, replica, exc)
                 except Exception:  # one replica's trouble must not stop the loop
                     log.exception("reconciling %s replica %d failed", backend, replica)
 
@@ -372,13 +374,13 @@ class AdapterLifecycle:
         placement = self.placements[backend]
         if not placement.driver.replica_up()[replica]:
             return
-        if not await self.leases.acquire(f"backend:{backend}", 0):
-            return   # another replica is working there; the next round looks again
-        try:
-            async with placement.lock:
+        async with placement.lock:   # the lock first, then the lease: the order `_backend` takes them in
+            if not await self.leases.acquire(f"backend:{backend}", 0):
+                return   # another replica is working there; the next round looks again
+            try:
                 await self._reconcile_locked(placement, backend, replica)
-        finally:
-            await self.leases.release(f"backend:{backend}")
+            finally:
+                await self.leases.release(f"backend:{backend}")
 
     async def _reconcile_locked(self, placement: BackendPlacement, backend: str, replica: int) -> None:
         """Reload what it lost, verify what it has (`reconcile`, holding the backend)."""

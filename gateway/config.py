@@ -125,7 +125,7 @@ class SharedConfig(Strict):
     url_env: EnvName | None = None              # redis: the env var holding its URL
     key_prefix: str = Field("kimi-gateway", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     replicas: int = Field(1, ge=1)              # fleet size assumed for the per-replica share until Redis said
-    timeout_s: float = Field(0.25, gt=0, le=5)  # one Redis call; past it the replica serves degraded
+    timeout_s: float = Field(0.5, gt=0, le=5)   # one Redis call; past it the replica serves degraded
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> SharedConfig:

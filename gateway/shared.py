@@ -17,7 +17,7 @@ import uuid
 
 import redis.asyncio as redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError
 from redis.retry import Retry
 
 from gateway.config import ConfigError, GatewayConfig, resolve_secret
@@ -36,8 +36,10 @@ FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 class RedisLink:
     def __init__(self, url: str, *, prefix: str, timeout_s: float, replicas: int, metrics: Metrics) -> None:
+        # One retry, on a fresh connection, for a pooled one that Redis closed (a restart); never for a timeout.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 0), health_check_interval=0)
+                                           retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+                                           health_check_interval=0)
         self.prefix = prefix
         self.replicas = replicas                 # alive replicas, as the heartbeat last saw them
         self.metrics = metrics
@@ -52,8 +54,10 @@ class RedisLink:
     def failed(self, what: str, exc: BaseException | None) -> None:
         """A request served without Redis: counted; the outage logged once, when it starts."""
         self.metrics.shared_degraded.labels(what).inc()
-        if exc is None:
-            return
+        if exc is not None:
+            self.down(exc)
+
+    def down(self, exc: BaseException) -> None:
         now = time.monotonic()
         self._down_until = now + RETRY_S
         if self._down_since is None:
@@ -90,7 +94,7 @@ class RedisLink:
                 self.replicas = max(1, int(count))
                 self.succeeded()
             except FAILURES as exc:
-                self.failed("heartbeat", exc)
+                self.down(exc)
             await asyncio.sleep(HEARTBEAT_S)
 
 
