@@ -34,6 +34,7 @@ from backends.base import BackendDriver
 log = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 5.0
 INTERRUPTED = "interrupted by a gateway restart"
+TAKEN_OVER = "interrupted: the gateway replica doing it stopped; rolled back by another"
 MIRROR_INTERVAL_S = 10.0      # a fleet replica re-reads the store at least this often, notified or not
 PROPAGATION_S = 1.0           # every replica applies a committed change within this; a swap waits it out
 OPERATION_WAIT_S = 60.0       # an admin operation waits this long for another replica's operation to end
@@ -510,7 +511,7 @@ class AdapterLifecycle:
                     if version.status is VersionStatus.CANDIDATE:
                         log.warning("%s: taking over a registration or swap that another replica left; rolling back",
                                     version.label)
-                        await self._retire(version, backends, status=VersionStatus.FAILED, reason=INTERRUPTED)
+                        await self._retire(version, backends, status=VersionStatus.FAILED, reason=TAKEN_OVER)
                     elif version.status is VersionStatus.RETIRING and record is not None:
                         log.warning("%s: finishing the retirement another replica left", version.label)
                         await self._retire(version, backends)

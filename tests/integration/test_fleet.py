@@ -6,6 +6,8 @@ test controls) and given back.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -256,3 +258,38 @@ def test_redis_down_serves_degraded_then_shares_again(fleet):
                 break   # served through Redis again
             assert time.monotonic() < deadline, "the replica never went back to Redis"
             time.sleep(0.5)
+
+
+def test_a_replica_killed_mid_swap_leaves_it_to_another(fleet, processes):
+    """Last: it kills replica 0. Its lease runs out; another replica rolls the swap back (unloading the
+    candidate); the old version serves on everywhere that is left, without a failed request."""
+    before = admin(fleet.bases[1], "GET", "/adapters/legal").json()["active"]
+    # Slow the new version's verification probes down, then kill the replica while it waits on them.
+    httpx.post(f"{fleet.sglang}/_emulator/faults", json={"delay_first_byte_s": 3.0, "count": 3}).raise_for_status()
+
+    def doomed_swap() -> None:
+        with pytest.raises(httpx.HTTPError):
+            admin(fleet.bases[0], "POST", "/adapters/legal/swap", json={"source": str(fleet.dirs["v2"])})
+    swap = threading.Thread(target=doomed_swap)
+    swap.start()
+    time.sleep(1.0)
+    victim = next(p for p in reversed(processes) if p.argv[-1].endswith("gw-fleet-0.yaml"))
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    victim.process.wait()
+    swap.join()
+    time.sleep(3.0)   # the delayed probes are spent
+    deadline = time.monotonic() + 40   # lease expiry (10 s) + the next look (at most 10 s) + the rollback
+    while True:
+        view = admin(fleet.bases[1], "GET", "/adapters/legal").json()
+        statuses = [v["status"] for v in view["versions"]]
+        if "candidate" not in statuses:
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.5)
+    assert view["active"] == before
+    taken_over = [v for v in view["versions"] if v["reason"] and "another" in v["reason"]]
+    assert len(taken_over) == 1 and taken_over[0]["status"] == "failed", view["versions"]
+    answers = spread_load(fleet.bases[1:], "legal", 30)
+    assert {a.status for a in answers} == {200} and {a.label for a in answers} == {f"legal@{before}"}
+    loaded = [c["id"] for c in httpx.get(f"{fleet.sglang}/v1/models").json()["data"] if c.get("parent")]
+    assert f"legal@{taken_over[0]['short']}" not in loaded
