@@ -213,7 +213,8 @@ class PostgresStore:
             if removed is False:
                 raise AdapterExistsError(f"adapter {spec.name!r} is already registered")
             await conn.execute(
-                "INSERT INTO adapter (name, spec, origin, active, removed, updated_at) VALUES ($1, $2, $3, NULL, false, $4) "
+                "INSERT INTO adapter (name, spec, origin, active, removed, updated_at) "
+                "VALUES ($1, $2, $3, NULL, false, $4) "
                 "ON CONFLICT (name) DO UPDATE SET seq = DEFAULT, spec = EXCLUDED.spec, origin = EXCLUDED.origin, "
                 "active = NULL, removed = false, updated_at = EXCLUDED.updated_at",
                 spec.name, spec.model_dump_json(), origin, now)
@@ -265,7 +266,8 @@ class PostgresStore:
             if row["active"] and row["active"] != version.version:
                 await conn.execute("UPDATE adapter_version SET status = $1 WHERE adapter = $2 AND version = $3",
                                    VersionStatus.RETIRING.value, version.adapter, row["active"])
-            await conn.execute("UPDATE adapter_version SET status = $1, reason = NULL WHERE adapter = $2 AND version = $3",
+            await conn.execute("UPDATE adapter_version SET status = $1, reason = NULL "
+                               "WHERE adapter = $2 AND version = $3",
                                VersionStatus.ACTIVE.value, version.adapter, version.version)
             return AdapterRecord(spec, row["origin"], version.version, now)
 

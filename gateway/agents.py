@@ -21,7 +21,8 @@ def memory_scope(key_name: str, doc: dict) -> str | None:
 
 
 class AgentSupport:
-    def __init__(self, config: ReasoningMemoryConfig, metrics: Metrics, memory: ReasoningMemory | None = _BUILD) -> None:
+    def __init__(self, config: ReasoningMemoryConfig, metrics: Metrics,
+                 memory: ReasoningMemory | None = _BUILD) -> None:   # _BUILD: the in-process one, from config
         self.metrics = metrics
         if memory is _BUILD:
             memory = ReasoningMemory(max_entries=config.max_entries, max_bytes=config.max_bytes,
