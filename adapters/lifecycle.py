@@ -586,7 +586,14 @@ class AdapterLifecycle:
         state = ReplicaState(version.adapter, version.version, backend, url, phase, reason, time.time())
         self.states[(version.adapter, version.version, backend, replica)] = state
         log.info("%s on %s %s: %s%s", version.label, backend, url, phase.value, f" ({reason})" if reason else "")
-        await self.store.put_state(state)
+        try:
+            await self.store.put_state(state)
+        except StoreUnavailableError as exc:
+            if not self.fleet:
+                raise
+            # A backend that restarted while the database is away still gets its adapters back: the state is
+            # what others would trust, and without it they verify for themselves.
+            log.warning("%s on %s %s: %s not recorded (%s)", version.label, backend, url, phase.value, exc)
 
     def _report_loaded(self, adapter: str, backend: str) -> None:
         record = self.records.get(adapter)

@@ -29,6 +29,7 @@ MIGRATION_LOCK = 0x6B696D69_67770001   # pg_advisory_lock key: "kimi" + "gw" + 1
 CONNECT_TIMEOUT_S = 3.0
 COMMAND_TIMEOUT_S = 5.0
 RECONNECT_S = 0.5
+OPEN_WAIT_S = 30.0
 
 # (version, statements): append only; a released migration never changes.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -108,11 +109,20 @@ class PostgresStore:
 
     # --- connections ------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        try:
-            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-        except UNREACHABLE as exc:
-            raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+    async def open(self, wait_s: float = OPEN_WAIT_S) -> None:
+        """Migrate, then open the pool. A database that is away at start is waited for (a fleet's replicas
+        and its database often start together), for `wait_s`, then StoreUnavailableError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
+                break
+            except UNREACHABLE as exc:
+                if loop.time() >= deadline:
+                    raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+                log.warning("adapter store: PostgreSQL is unreachable (%s); waiting for it", describe(exc))
+                await asyncio.sleep(1.0)
         try:
             applied = await migrate(conn)
         finally:

@@ -55,7 +55,7 @@ async def test_an_unreachable_database_is_a_store_error_not_a_hang():
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/none")
     started = time.monotonic()
     with pytest.raises(StoreUnavailableError, match="unreachable"):
-        await store.open()
+        await store.open(wait_s=1.0)
     assert time.monotonic() - started < 5
 
 
