@@ -46,6 +46,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: ok, {len(config.backends)} backends, {len(config.adapters)} adapters, "
           f"{len(config.routes)} routes, sampling mode {config.sampling.mode}")
     print(route_table(config))
+    from gateway.generation_report import generation_table
+
+    print(generation_table(config))
     return 0
 
 
