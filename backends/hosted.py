@@ -62,7 +62,7 @@ class MoonshotConfig(BackendConfigBase):
     kind: Literal["moonshot"]
     models: dict[str, str] = Field(default_factory=dict)  # route model -> hosted id (a retired id's successor)
     retirements: dict[str, dt.date] = Field(default_factory=dict)   # hosted id -> sunset date, beyond the known
-    retirement_warning_days: int = Field(60, ge=0)        # warn (log + gauge) this long before a date
+    retirement_warning_days: int = Field(60, ge=0)        # log a warning this long before a date (the gauge always counts)
     generations: dict[str, GenerationName] = Field(default_factory=dict)  # hosted id -> generation, beyond the id
     models_refresh_s: float = Field(3600.0, gt=0)         # how often /v1/models is read again
 
@@ -70,6 +70,10 @@ class MoonshotConfig(BackendConfigBase):
     def _needs_a_key(self) -> MoonshotConfig:
         if not self.api_key_env:
             raise ValueError("a moonshot backend needs `api_key_env` (the name of the env var holding the key)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_mapping_onto_a_retired_id(self) -> MoonshotConfig:
         catalog = self.catalog()
         for route, hosted in self.models.items():
             date = catalog.retirement(hosted)
