@@ -4,11 +4,12 @@ instead of testing model ids, so a K2.5-shaped client request is written in the 
 
 | | k2.5 | k2.6 | k2.7-code | k3 |
 |---|---|---|---|---|
-| hosted thinking switch | `thinking: {type}` | `thinking: {type, keep: "all"}` when on (without `keep` the server drops replayed reasoning, §8) | only `{type: enabled, keep: all}` | no `thinking`; `reasoning_effort` low/high/max |
+| hosted switch | `thinking: {type}` | `{type, keep: "all"}` when on (a) | only `{type: enabled, keep: all}` | (b) |
 | instant mode | yes | yes | no | no |
 | tool-call ids | `functions.<name>:<idx>` | same | same | `<name>_<idx>` (§8) |
 | self-hosted parsers | `kimi_k2` / `kimi_k2` | same (same architecture, §0) | same | unknown: configure them |
 | self-hosted keep switch | none | `preserve_thinking` template variable (§5.2) | none needed | none |
+(a) without `keep` the server drops replayed reasoning (§8). (b) no `thinking`; `reasoning_effort` low/high/max.
 Never `thinking` and `reasoning_effort` in one request: the hosted API answers 400 (§8).
 Pure data and functions; no I/O, nothing per streamed chunk.
 """

@@ -62,7 +62,7 @@ class MoonshotConfig(BackendConfigBase):
     kind: Literal["moonshot"]
     models: dict[str, str] = Field(default_factory=dict)  # route model -> hosted id (a retired id's successor)
     retirements: dict[str, dt.date] = Field(default_factory=dict)   # hosted id -> sunset date, beyond the known
-    retirement_warning_days: int = Field(60, ge=0)        # log a warning this long before a date (the gauge always counts)
+    retirement_warning_days: int = Field(60, ge=0)        # log a warning this long before a date (gauge: always)
     generations: dict[str, GenerationName] = Field(default_factory=dict)  # hosted id -> generation, beyond the id
     models_refresh_s: float = Field(3600.0, gt=0)         # how often /v1/models is read again
 

@@ -142,7 +142,8 @@ class DataPlane:
         return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
                               thinking=decision.thinking, sampling=decision.values, stream=stream,
                               has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                              hide_usage_chunk=stream and ask_for_usage(doc), effort=decision.effort), resolved, decision
+                              hide_usage_chunk=stream and ask_for_usage(doc),
+                              effort=decision.effort), resolved, decision
 
     def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),

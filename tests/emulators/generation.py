@@ -266,7 +266,8 @@ def plan_chat(
     tool_call = plan_tool_call(body, key, tool_id_format) if tool_id_format else None
     reasoning_tokens = count_tokens(reasoning)
     cut = False
-    if tool_call is not None and max_tokens is not None and reasoning_tokens + count_tokens(tool_call.arguments) + 1 > max_tokens:
+    call_tokens = count_tokens(tool_call.arguments) + 1 if tool_call is not None else 0
+    if tool_call is not None and max_tokens is not None and reasoning_tokens + call_tokens > max_tokens:
         # the budget ends inside the tool-call section (moonshot-api.md §8): what was emitted, then "length"
         tool_call, cut = cut_call(tool_call, max_tokens - reasoning_tokens), True
         content, finish, matched = None, "length", None
