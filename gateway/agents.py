@@ -4,7 +4,6 @@ The memory is scoped per client key, or per `user` on an open gateway (memory_sc
 from __future__ import annotations
 
 from gateway.config import ReasoningMemoryConfig
-from gateway.metrics import Metrics
 from gateway.policies.reasoning_memory import ReasoningCapture, ReasoningMemory
 
 
@@ -18,19 +17,16 @@ def memory_scope(key_name: str, doc: dict) -> str | None:
 
 
 class AgentSupport:
-    def __init__(self, config: ReasoningMemoryConfig, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self, config: ReasoningMemoryConfig) -> None:
         self.memory = ReasoningMemory(max_entries=config.max_entries, max_bytes=config.max_bytes,
                                       ttl_s=config.ttl_s) if config.enabled else None
 
-    def prepare(self, doc: dict, key_name: str, route: str) -> ReasoningCapture | None:
-        """Restore reasoning in `doc["messages"]` (counted) and return the observer for the reply."""
+    def prepare(self, doc: dict, key_name: str, recorder) -> ReasoningCapture | None:
+        """Restore reasoning in `doc["messages"]` (counted through the request's recorder) and return the
+        observer for the reply."""
         scope = memory_scope(key_name, doc)
         if self.memory is None or scope is None:
             return None
         restored, missed = self.memory.restore(scope, doc.get("messages") or [])
-        if restored:
-            self.metrics.reasoning_memory.labels(route, "restored").inc(restored)
-        if missed:
-            self.metrics.reasoning_memory.labels(route, "missed").inc(missed)
+        recorder.reasoning_memory(restored, missed)
         return ReasoningCapture(self.memory, scope)
