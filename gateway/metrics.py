@@ -12,7 +12,8 @@ import logging
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "kimi_gateway_"
 # LLM latencies: a first token in 10 ms (cached prefix, small model) to a minute (long prefill on a busy box).
@@ -102,6 +103,14 @@ class Metrics:
 
     def _histogram(self, name: str, doc: str, buckets, *labels: str) -> Labeled:
         return Labeled(Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry))
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this process's registry, or with `--workers` every worker's (their files)."""
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def initialise(self, config, adapters=()) -> None:
         """Every label combination known from config and registry at zero, so that rate() and the dashboard
