@@ -12,6 +12,8 @@ from backends import errors as backend_errors
 from gateway.metrics import ADAPTER_OPS, ADAPTER_RESULTS, MEMORY_RESULTS, TOKEN_KINDS
 
 SAMPLING_PARAMS = ("temperature", "top_p", "min_p")
+# Answers given before a request has a route (bad body, auth, unknown model, too large, rate limit): route="".
+UNROUTED_CODES = ("400", "401", "403", "404", "413", "429")
 # Why a retry happened is the failure's class name (gateway/dataplane.py count_retry); these can be retried.
 RETRY_REASONS = tuple(sorted(
     name for name, value in vars(backend_errors).items()
@@ -38,6 +40,8 @@ def route_targets(config, adapters: Sequence) -> dict[str, list[tuple[str, str, 
 def initial_series(config, adapters: Sequence = ()) -> Iterator[tuple[str, tuple[str, ...]]]:
     """(Metrics attribute, label values) for each series to put at zero."""
     backends = [backend.name for backend in config.backends]
+    for code in UNROUTED_CODES:
+        yield "requests", ("", "", "", "", code)
     for backend in backends:
         yield "in_flight", (backend,)
         yield "inter_token", (backend,)

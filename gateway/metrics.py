@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "kimi_gateway_"
@@ -24,6 +24,7 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 # The gateway's own time per request: tens of µs when lean, milliseconds when something is wrong.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
+disable_created_metrics()   # no `_created` series: half the exposition, and nothing the dashboard reads
 LATENCY_BUCKETS = DURATION_BUCKETS   # the old name (other modules may import it)
 TOKEN_KINDS = ("prompt", "completion")
 ADAPTER_OPS = ("add", "swap", "remove", "load", "validate")
