@@ -249,7 +249,9 @@ class RequestRecorder:
         if self.variant is not None:
             metrics.experiment_requests.labels(self.route, self.variant, str(code)).inc()
         completion = usage.get("completion_tokens") if usage else None
-        if self.backend:
+        if not self.backend:
+            self.overhead_s = self.duration_s   # answered by the gateway alone (the log says so; no metric)
+        else:
             metrics.in_flight.labels(self.backend).dec()
             metrics.duration.labels(self.route, self.backend).observe(self.duration_s)
             self.overhead_s = self.duration_s - self.upstream_s - (now - self._first if self._first else 0.0)

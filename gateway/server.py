@@ -33,7 +33,8 @@ def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
     # and no `server: uvicorn` header (nothing to tell clients about what runs here).
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http=NoDelayHttpToolsProtocol,
                           lifespan=lifespan, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
-                          proxy_headers=False, server_header=False)
+                          proxy_headers=False, server_header=False,
+                          log_config=None)  # uvicorn's own lines go through gateway/logs.py like every other
 
 
 class QuietServer(uvicorn.Server):

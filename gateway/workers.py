@@ -66,7 +66,10 @@ def wait_serving(host: str, port: int, process, timeout_s: float = 120.0) -> Non
 
 
 def serve_workers(config_path: str, config: GatewayConfig, *, host: str, port: int, workers: int) -> None:
+    from gateway.logs import configure_logging
+
     check_workers(config, workers)
+    configure_logging(config.logging)
     given = os.environ.get(METRICS_DIR)
     metrics_dir = given or tempfile.mkdtemp(prefix="kimi-gateway-metrics-")
     for name in os.listdir(metrics_dir):   # a previous run's counters must not add to this one's
