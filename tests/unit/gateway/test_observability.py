@@ -215,3 +215,40 @@ async def test_traceparent_is_forwarded_unchanged_when_tracing_is_off(incoming, 
         await client.post("/v1/chat/completions", content=orjson.dumps(CHAT),
                           headers={"traceparent": incoming.replace("\r\n", " ")})
     assert one.requests[0].traceparent == forwarded
+
+
+def test_log_formats_carry_the_request_id_and_access_fields():
+    from gateway.logs import REQUEST_ID, TextFormatter
+
+    record = logging.LogRecord("kimi_gateway.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"route": "kimi", "status": 200, "variant": None}
+    other = logging.LogRecord("gateway.x", logging.WARNING, __file__, 1, "backend %s failed", ("kt",), None)
+    other.extra_field = 7
+    token = REQUEST_ID.set("req-9")
+    try:
+        for item in (record, other):
+            RequestIdFilter().filter(item)
+    finally:
+        REQUEST_ID.reset(token)
+    text = TextFormatter().format(record)
+    assert "[req-9]: request route=kimi status=200" in text and "variant" not in text
+    line = orjson.loads(JsonFormatter().format(other))
+    assert line["message"] == "backend kt failed" and line["request_id"] == "req-9" and line["extra_field"] == 7
+    assert line["level"] == "warning" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
+
+
+def test_configure_logging_replaces_handlers_and_switches_the_access_log():
+    from gateway.logs import configure_logging
+    from gateway.telemetry_config import LoggingConfig
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        handler = configure_logging(LoggingConfig(format="text", level="warning", access_log=False))
+        assert root.handlers == [handler] and root.level == logging.WARNING
+        assert logging.getLogger("kimi_gateway.access").disabled
+        handler.close()
+    finally:
+        logging.getLogger("kimi_gateway.access").disabled = False
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
