@@ -91,7 +91,8 @@ class RequestTracer:
                 if isinstance(usage.get(field), int):
                     attributes[key] = usage[field]
             for key, value in (("gen_ai.provider.name", provider), ("kimi.route", recorder.route),
-                               ("kimi.adapter", recorder.version or recorder.adapter), ("kimi.variant", recorder.variant),
+                               ("kimi.adapter", recorder.version or recorder.adapter),
+                               ("kimi.variant", recorder.variant),
                                ("kimi.backend", recorder.backend), ("kimi.time_to_first_token_s", recorder.ttft_s),
                                ("kimi.upstream_s", recorder.upstream_s if recorder.backend else None),
                                ("kimi.overhead_s", recorder.overhead_s)):

@@ -190,8 +190,8 @@ class Traffic:
             self.request(client, "kimi-k2.5", {"max_tokens": 8, "response_format": schema})  # adjusted: thinking off
             self.stream(client, "kimi-k2.5", {"max_tokens": 1900, "temperature": 0}, cut=True)
             history = [{"role": "user", "content": "weather?"},
-                       {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
-                           "name": "weather", "arguments": "{}"}}]},
+                       {"role": "assistant", "content": "", "tool_calls": [
+                           {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
                        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
             tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
             response = client.post(f"{self.url}/chat/completions", json={

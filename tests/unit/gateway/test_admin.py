@@ -137,7 +137,8 @@ async def test_a_swap_moves_the_active_version_and_its_series_and_a_failed_one_i
     labels = sorted({line.split('version="', 1)[1].split('"', 1)[0] for line in metrics.splitlines()
                      if line.startswith("kimi_gateway_adapter_active_version{")})
     assert len(labels) == 2 and all(label.startswith("legal@") for label in labels)
-    active = [label for label in labels if f'adapter_active_version{{adapter="legal",version="{label}"}} 1.0' in metrics]
+    active = [label for label in labels
+              if f'adapter_active_version{{adapter="legal",version="{label}"}} 1.0' in metrics]
     assert len(active) == 1 and f'version="{active[0]}"}} 1.0' not in before
     assert all(f'adapter_active_version{{adapter="legal",version="{label}"}} 1.0' in before
                for label in labels if label != active[0])

@@ -95,8 +95,9 @@ async def test_series_known_from_config_exist_at_zero_before_any_request():
         text = (await client.get("/metrics")).text
         version = (await post(client, {**CHAT, "model": "ada"})).headers["x-kimi-adapter"]
     present = series(text)
-    for route, adapter, ver, backend in [("kimi", "", "", "one"), ("kimi", "", "", "two"), ("ada", "ada", version, "one"),
-                                         ("ab", "ada", version, "one"), ("ab", "", "", "two")]:
+    for route, adapter, ver, backend in [("kimi", "", "", "one"), ("kimi", "", "", "two"),
+                                         ("ada", "ada", version, "one"), ("ab", "ada", version, "one"),
+                                         ("ab", "", "", "two")]:
         assert requests_key(route, adapter, ver, backend, "200") in present
         labels = (("backend", backend), ("le", "0.01"), ("route", route))
         assert ("kimi_gateway_time_to_first_token_seconds_bucket", labels) in present
