@@ -234,8 +234,8 @@ def in_flight(gateway: str) -> float:
                if line.startswith("kimi_gateway_in_flight_requests{"))
 
 
-def query(prometheus: str, expr: str) -> list[dict]:
-    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=30).json()
+def query(prometheus: str, expr: str, at: float) -> list[dict]:
+    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr, "time": at}, timeout=30).json()
     assert answer["status"] == "success", f"{expr}: {answer.get('error')}"
     return answer["data"]["result"]
 
@@ -246,6 +246,7 @@ def test_dashboard_and_alert_queries_return_data_from_real_traffic(gateway, prom
     deadline = time.monotonic() + 10
     while in_flight(gateway) and time.monotonic() < deadline:   # cut streams end on the gateway's side too
         time.sleep(0.1)
+    at = time.time() + 2   # every query as of just after the traffic, whatever time the queries take
     time.sleep(3)   # a few more scrapes and rule evaluations after the last request
 
     # What the client saw, exactly what the gateway counted; a stream the client cut counts as 499 when the
@@ -267,7 +268,7 @@ def test_dashboard_and_alert_queries_return_data_from_real_traffic(gateway, prom
 
     empty = []
     for name, expr in dashboard_expressions() + rule_expressions():
-        result = query(prometheus, expr)
+        result = query(prometheus, expr, at)
         values = [float(series["value"][1]) for series in result]
         if not any(math.isfinite(value) for value in values):
             empty.append(f"{name}: {expr} -> {result}")
