@@ -14,9 +14,9 @@ import orjson
 from backends.base import BackendRequest
 from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
+from gateway.access_log import write_access_line
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
-from gateway.access_log import write_access_line
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
 from gateway.logs import REQUEST_ID
 from gateway.metrics import RequestRecorder
