@@ -8,7 +8,6 @@ method that writes it; `initialise()` puts the label combinations known from con
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -25,7 +24,6 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 
 # The gateway's own time per request: tens of µs when lean, milliseconds when something is wrong.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
 disable_created_metrics()   # no `_created` series: half the exposition, and nothing the dashboard reads
-LATENCY_BUCKETS = DURATION_BUCKETS   # the old name (other modules may import it)
 TOKEN_KINDS = ("prompt", "completion")
 ADAPTER_OPS = ("add", "swap", "remove", "load", "validate")
 ADAPTER_RESULTS = ("ok", "error", "invalid")
@@ -156,9 +154,6 @@ class FleetRecorder:
 
     def backend_up(self, backend: str, up: bool) -> None:
         self._metrics.backend_up.labels(backend).set(1 if up else 0)
-
-
-access_log = logging.getLogger("kimi_gateway.access")
 
 
 class RequestRecorder:
