@@ -54,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_checked(args.config)
     host, port = args.host or config.listen.host, args.port if args.port is not None else config.listen.port
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected 1 or more")
     if args.workers > 1:
         from gateway.workers import serve_workers
 
