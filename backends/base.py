@@ -45,6 +45,7 @@ class BackendRequest:
     adjustments: list[str] = field(default_factory=list)  # what a driver changed, for x-kimi-adjusted
     hide_usage_chunk: bool = False  # the gateway asked for stream usage for its metrics, not the client
     observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
+    traceparent: str | None = None  # W3C trace context for the backend (gateway/tracing.py)
 
 
 @dataclass(frozen=True, slots=True)
