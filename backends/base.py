@@ -47,6 +47,7 @@ class BackendRequest:
     hide_usage_chunk: bool = False  # the gateway asked for stream usage for its metrics, not the client
     observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
     effort: str | None = None       # the client's reasoning effort (K3 targets take it; backends/generations.py)
+    traceparent: str | None = None  # W3C trace context for the backend (gateway/tracing.py)
 
 
 @dataclass(frozen=True, slots=True)

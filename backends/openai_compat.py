@@ -313,11 +313,17 @@ class OpenAICompatDriver:
         return self.stream_error
 
     def request_headers(self, request: BackendRequest) -> dict[str, str] | None:
-        """The backend sees the client's `x-request-id`, so that its logs join the gateway's."""
+        """The backend sees the client's `x-request-id`, so that its logs join the gateway's, and the trace
+        context (`traceparent`), so that its spans join the caller's trace."""
         headers = self.headers()
-        if not request.request_id:
+        if not request.request_id and not request.traceparent:
             return headers
-        return {**headers, REQUEST_ID: request.request_id} if headers else {REQUEST_ID: request.request_id}
+        headers = {**headers} if headers else {}
+        if request.request_id:
+            headers[REQUEST_ID] = request.request_id
+        if request.traceparent:
+            headers["traceparent"] = request.traceparent
+        return headers
 
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)

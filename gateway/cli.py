@@ -56,7 +56,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
     config = load_checked(args.config)
-    serve(config, host=args.host or config.listen.host, port=args.port if args.port is not None else config.listen.port)
+    host, port = args.host or config.listen.host, args.port if args.port is not None else config.listen.port
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected 1 or more")
+    if args.workers > 1:
+        from gateway.workers import serve_workers
+
+        serve_workers(args.config, config, host=host, port=port, workers=args.workers)
+        return 0
+    serve(config, host=host, port=port)
     return 0
 
 
@@ -88,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", required=True)
     serve_cmd.add_argument("--host")
     serve_cmd.add_argument("--port", type=int)
+    serve_cmd.add_argument("--workers", type=int, default=1,
+                           help="gateway processes on the same port (metrics added up across them)")
     serve_cmd.set_defaults(run=cmd_serve)
     hash_key = commands.add_parser("hash-key", help="print a key-file entry for the client key read on stdin")
     hash_key.add_argument("--name", default="client")

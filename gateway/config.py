@@ -11,6 +11,7 @@ from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, mod
 from adapters.models import AdapterSpec
 from backends.config import EnvName, Name, Strict, env_name_not_secret
 from backends.factory import KINDS, BackendConfig
+from gateway.telemetry_config import LoggingConfig, TracingConfig
 
 ImageURLMode = Literal["fetch", "forward"]  # gateway/policies/content.py: who fetches a client's http(s) image
 
@@ -193,6 +194,8 @@ class GatewayConfig(Strict):
     reasoning_memory: ReasoningMemoryConfig = ReasoningMemoryConfig()
     base_model: BaseModelConfig = BaseModelConfig()
     exposure: ExposureConfig = ExposureConfig()
+    logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig | None = None        # absent: no spans (docs/observability.md)
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()

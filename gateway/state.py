@@ -17,9 +17,10 @@ from backends.factory import build_drivers, build_launchers
 from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
-from gateway.metrics import LifecycleRecorder, Metrics
+from gateway.metrics import FleetRecorder, LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 from gateway.shared import Shared, build_shared
+from gateway.tracing import build_tracer
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 5.0
@@ -38,11 +39,18 @@ class GatewayState:
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
     _health_task: asyncio.Task | None = None
+    fleet: FleetRecorder | None = None
+    tracer: object | None = None     # gateway/tracing.py RequestTracer when `tracing:` is configured
+
+    def __post_init__(self) -> None:
+        if self.fleet is None:
+            self.fleet = FleetRecorder(self.metrics)
 
     async def start(self) -> None:
         self.lifecycle.on_routes_changed = self.rebuild_routes
         await self.shared.start()
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
+        self.fleet.routes_changed(self.config, self.lifecycle.active())
         for driver in self.drivers.values():
             await driver.start()
         await self.check_health()
@@ -56,12 +64,14 @@ class GatewayState:
         await self.shared.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flushes the last spans (blocking I/O)
 
     async def check_health(self) -> None:
         results = await asyncio.gather(*(d.health() for d in self.drivers.values()), return_exceptions=True)
         for name, up in zip(self.drivers, results):
             self.healthy[name] = up is True
-            self.metrics.backend_up.labels(name).set(1 if up is True else 0)
+            self.fleet.backend_up(name, up is True)
             for model, days in self.drivers[name].retirements():   # hosted sunset dates ahead (or passed)
                 self.metrics.hosted_model_retirement.labels(name, model).set(days)
         self.lifecycle.mark_all_dirty()  # every health cycle: each replica compared with the registry
@@ -76,7 +86,9 @@ class GatewayState:
 
     def rebuild_routes(self) -> None:
         """A registry change: a new route table, swapped in whole (never mutated under a request)."""
-        self.routes = RouteTable(self.config, self.lifecycle.active())
+        active = self.lifecycle.active()
+        self.routes = RouteTable(self.config, active)
+        self.fleet.routes_changed(self.config, active)
 
     def ready(self) -> bool:
         """Every route has at least one healthy target."""
@@ -128,6 +140,7 @@ def store_of(config: GatewayConfig) -> AdapterStore:
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
     drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
     metrics = Metrics()
+    fleet = FleetRecorder(metrics)
     store = store_of(config)
     lifecycle = AdapterLifecycle(
         store, drivers, roots=config.adapter_roots, base=base_model_dims(config),
@@ -142,8 +155,10 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         routes=RouteTable(config, []),
         drivers=drivers,
         lifecycle=lifecycle,
-        shared=build_shared(config, metrics),
+        shared=build_shared(config, fleet),
         metrics=metrics,
+        fleet=fleet,
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),
+        tracer=build_tracer(config),
     )

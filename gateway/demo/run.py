@@ -21,6 +21,7 @@ def demo_config(llama_url: str, models, state_dir: Path) -> dict:
     return {
         "listen": {"host": "127.0.0.1", "port": 8080},
         "state_dir": str(state_dir),
+        "logging": {"format": "text"},   # a person reads this terminal, not a log shipper
         "adapter_roots": [str(models.model.parent)],
         "backends": [{"name": "llama", "kind": "llamacpp", "url": llama_url}],
         "adapters": [

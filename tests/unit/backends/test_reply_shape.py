@@ -129,3 +129,12 @@ def test_backend_requests_carry_the_request_id():
     assert driver.request_headers(request()) == {"x-request-id": "req-1"}
     driver.headers = lambda: {"authorization": "Bearer k"}
     assert driver.request_headers(request()) == {"authorization": "Bearer k", "x-request-id": "req-1"}
+
+
+def test_backend_requests_carry_the_trace_context():
+    driver = OpenAICompatDriver("b", [], vision=False)
+    traced = request()
+    traced.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert driver.request_headers(traced) == {"x-request-id": "req-1", "traceparent": traced.traceparent}
+    traced.request_id = ""
+    assert driver.request_headers(traced) == {"traceparent": traced.traceparent}
