@@ -58,6 +58,7 @@ class DataPlane:
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
         self.agents = AgentSupport(state.config.reasoning_memory, state.metrics)
         self.images = ImagePolicy(limits)
+        self.facts = state.experiments.facts
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
@@ -65,12 +66,13 @@ class DataPlane:
     async def __call__(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])
         request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
-        recorder = RequestRecorder(self.state.metrics)
+        recorder = RequestRecorder(self.state.metrics, self.facts, request_id)
         extra: list[tuple[bytes, bytes]] = [(REQUEST_ID_HEADER, request_id.encode())]
         code, usage, watcher, body = 500, None, None, None
         try:
             # The key first, from the headers: an unauthenticated client gets nothing buffered for it.
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
+            recorder.key = principal.name
             body = await read_body(receive, self.max_body)
             doc = parse_body(body)
             watcher = DisconnectWatcher(receive)
@@ -131,14 +133,17 @@ class DataPlane:
         recorder.route = model
         for param in decision.overrides:
             metrics.sampling_overrides.labels(model, param).inc()
-        if resolved.variant is not None:
-            metrics.experiment_assignments.labels(model, resolved.variant).inc()
         stream = doc.get("stream", False)
         observer = self.agents.prepare(doc, principal.name, model) if "tools" in doc else None
-        return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
-                              thinking=decision.thinking, sampling=decision.values, stream=stream,
-                              has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                              hide_usage_chunk=stream and ask_for_usage(doc)), resolved, decision
+        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
+                                 thinking=decision.thinking, sampling=decision.values, stream=stream,
+                                 has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
+                                 hide_usage_chunk=stream and ask_for_usage(doc))
+        if resolved.variant is not None:
+            metrics.experiment_assignments.labels(model, resolved.variant).inc()
+            recorder.variant = resolved.variant
+            recorder.after = state.shadows.pick(state.routes.get(model), request)
+        return request, resolved, decision
 
     def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),
@@ -171,7 +176,7 @@ class DataPlane:
                 continue
             if failure is not None:
                 state.metrics.fallbacks.labels(route.name, target.backend).inc()
-            recorder.routed(request.model, target.name, target.backend)
+            recorder.routed(request.model, target.name, target.backend, target.adapter)
             try:
                 return await self.attempt(driver, request, route.name, target)
             except BackendRejectedError as exc:

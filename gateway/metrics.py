@@ -64,6 +64,17 @@ class Metrics:
                                         "(restored) or not found (missed)", ["route", "result"], registry=registry))
         self.experiment_assignments = Labeled(Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
                                               ["experiment", "variant"], registry=registry))
+        # Experiments (gateway/experiments/): shadow calls, feedback, the canary guard, request facts.
+        self.shadow_calls = Labeled(Counter(f"{PREFIX}shadow_calls", "Shadow calls by result (ok, error, timeout, "
+                                    "dropped: over its limits)", ["experiment", "variant", "result"], registry=registry))
+        self.feedback = Labeled(Counter(f"{PREFIX}feedback", "Feedback recorded (score or label)",
+                                ["experiment", "variant", "kind"], registry=registry))
+        self.guard_events = Labeled(Counter(f"{PREFIX}experiment_guard_events", "Candidates the canary guard rolled "
+                                    "back", ["experiment", "variant", "reason"], registry=registry))
+        self.experiment_weight = Labeled(Gauge(f"{PREFIX}experiment_weight", "Variant weights in force",
+                                         ["experiment", "variant"], registry=registry))
+        self.facts_dropped = Counter(f"{PREFIX}request_facts_dropped", "Request facts not stored: the write queue "
+                                     "was full", registry=registry)
 
 
 class LifecycleRecorder:
@@ -79,22 +90,54 @@ class LifecycleRecorder:
         self._metrics.adapter_loaded.labels(adapter, backend).set(1 if loaded else 0)
 
 
-class RequestRecorder:
-    """started -> routed -> first_event -> finished, the last one always (in a `finally`)."""
-
-    __slots__ = ("_metrics", "_start", "_first", "_events", "route", "adapter", "backend")
+class ExperimentRecorder:
+    """Experiments' events as metrics (gateway/experiments/service.py ExperimentEvents)."""
 
     def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def facts_dropped(self, count: int) -> None:
+        self._metrics.facts_dropped.inc(count)
+
+    def guard_event(self, experiment: str, variant: str, reason: str) -> None:
+        self._metrics.guard_events.labels(experiment, variant, reason).inc()
+
+    def promoted(self, experiment: str, variant: str) -> None:
+        self._metrics.adapter_operations.labels("promote", "ok").inc()
+
+    def shadow_call(self, experiment: str, variant: str, result: str) -> None:
+        self._metrics.shadow_calls.labels(experiment, variant, result).inc()
+
+    def feedback(self, experiment: str, variant: str, kind: str) -> None:
+        self._metrics.feedback.labels(experiment, variant, kind).inc()
+
+    def weights(self, experiment: str, weights: dict[str, float]) -> None:
+        total = sum(weights.values()) or 1
+        for variant, weight in weights.items():
+            self._metrics.experiment_weight.labels(experiment, variant).set(weight / total)
+
+
+class RequestRecorder:
+    """started -> routed -> first_event -> finished, the last one always (in a `finally`). With a fact log
+    (gateway/experiments/facts.py), `finished` also hands it the request's facts, and then starts `after`
+    (shadow calls that wait for the answer to be done)."""
+
+    __slots__ = ("_metrics", "_start", "_first", "_events", "route", "adapter", "backend", "version", "variant",
+                 "key", "request_id", "facts", "after")
+
+    def __init__(self, metrics: Metrics, facts=None, request_id: str = "") -> None:
         self._metrics = metrics
         self._start = time.perf_counter()
         self._first = 0.0
         self._events = 0
-        self.route = self.adapter = self.backend = ""
+        self.route = self.adapter = self.backend = self.key = ""
+        self.version = self.variant = self.after = None
+        self.facts, self.request_id = facts, request_id
 
-    def routed(self, route: str, adapter: str | None, backend: str) -> None:
+    def routed(self, route: str, adapter: str | None, backend: str, version: str | None = None) -> None:
         if self.backend:
             self._metrics.in_flight.labels(self.backend).dec()
-        self.route, self.adapter, self.backend = route, adapter or "", backend
+        self.route, self.adapter, self.backend, self.version = route, adapter or "", backend, version
         self._metrics.in_flight.labels(backend).inc()
 
     def first_event(self) -> None:
@@ -117,3 +160,9 @@ class RequestRecorder:
                 count = usage.get(f"{kind}_tokens")
                 if isinstance(count, int) and count > 0:
                     metrics.tokens.labels(self.route, self.adapter, kind).inc(count)
+        if self.facts is not None and self.route:
+            first = self._first - self._start if self._first else now - self._start
+            self.facts.record(self.request_id, self.route, self.route if self.variant else None, self.variant,
+                              self.version, self.backend or None, self.key, code, now - self._start, first, usage)
+        if self.after is not None:
+            self.after.start()

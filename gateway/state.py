@@ -16,7 +16,10 @@ from backends.factory import build_drivers, build_launchers
 from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
-from gateway.metrics import LifecycleRecorder, Metrics
+from gateway.experiments.service import Experiments
+from gateway.experiments.shadow import ShadowMirror
+from gateway.experiments.sqlite_store import SqliteExperimentStore
+from gateway.metrics import ExperimentRecorder, LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,8 @@ class GatewayState:
     metrics: Metrics
     client_keys: tuple[ClientKey, ...] | None
     lifecycle: AdapterLifecycle
+    experiments: Experiments
+    shadows: ShadowMirror
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
@@ -38,6 +43,8 @@ class GatewayState:
 
     async def start(self) -> None:
         self.lifecycle.on_routes_changed = self.rebuild_routes
+        self.experiments.on_routes_changed = self.rebuild_routes
+        await self.experiments.start()   # run-time routes first: the lifecycle's first rebuild uses them
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
         for driver in self.drivers.values():
             await driver.start()
@@ -48,9 +55,11 @@ class GatewayState:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.shadows.aclose()
         await self.lifecycle.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
+        await self.experiments.aclose()   # after the drivers: the last requests' facts are written too
 
     async def check_health(self) -> None:
         results = await asyncio.gather(*(d.health() for d in self.drivers.values()), return_exceptions=True)
@@ -69,7 +78,12 @@ class GatewayState:
 
     def rebuild_routes(self) -> None:
         """A registry change: a new route table, swapped in whole (never mutated under a request)."""
-        self.routes = RouteTable(self.config, self.lifecycle.active())
+        self.routes = RouteTable(self.config, self.lifecycle.active(), self.experiments.routes(),
+                                 self.experiments.weights)
+        recorder = ExperimentRecorder(self.metrics)
+        for route in self.routes.routes():
+            if route.experiment is not None:
+                recorder.weights(route.name, self.experiments.weights_in_force(route))
 
     def ready(self) -> bool:
         """Every route has at least one healthy target."""
@@ -117,7 +131,9 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s)
-    return GatewayState(
+    experiments = Experiments(config, SqliteExperimentStore(Path(config.state_dir).expanduser()),
+                              ExperimentRecorder(metrics))
+    state = GatewayState(
         config=config,
         routes=RouteTable(config, []),
         drivers=drivers,
@@ -125,4 +141,9 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         metrics=metrics,
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),
+        experiments=experiments,
+        shadows=ShadowMirror(drivers, lambda: state.routes, experiments.facts,
+                             {b.name: b.max_connections for b in config.backends},
+                             ExperimentRecorder(metrics).shadow_call),
     )
+    return state
