@@ -73,3 +73,27 @@ def test_a_rolled_back_candidate_is_said_so():
     assert "rolled back by the canary guard: error rate 0.300" in report["comparisons"][0]["decision"]
     assert report["decision"].startswith("decided: keep v1")
     assert report["events"][0]["kind"] == "rollback"
+
+
+def test_the_cli_renders_the_report_as_tables(capsys):
+    import httpx
+
+    from gateway.experiments_cli import add_commands
+    from gateway.adapters_cli import run_command
+    import argparse
+
+    report = build_report("legal", EXPERIMENT, {"v1": 50, "v2": 50}, seeded_rows(2000, 0.5, 0.65), [], [])
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        return httpx.Response(200, json=report)
+
+    root = argparse.ArgumentParser()
+    add_commands(root.add_subparsers(dest="command"))
+    args = root.parse_args(["experiments", "report", "legal", "--url", "http://gw:1"])
+    assert run_command(args, httpx.MockTransport(handler)) == 0
+    out = capsys.readouterr().out
+    assert seen == [("GET", "/admin/experiments/legal")]
+    assert "v1 (control)" in out and "p (always valid)" in out and "decision: decided: promote v2" in out
+    assert "v2: decided: v2 is better than v1" in out
