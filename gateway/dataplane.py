@@ -33,6 +33,7 @@ from gateway.validation import check_request
 log = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 STICKY_HEADER = b"x-kimi-sticky-key"
+VARIANT_HEADER = b"x-kimi-variant"
 CLOSE = (b"connection", b"close")
 
 
@@ -83,6 +84,8 @@ class DataPlane:
         except GatewayError as exc:
             if body is None:  # refused before its body was read (401, 413): close rather than drain the rest
                 extra.append(CLOSE)
+            if recorder.variant is not None and not any(name == VARIANT_HEADER for name, _ in extra):
+                extra.append((VARIANT_HEADER, recorder.variant.encode()))  # an error answer says its variant too
             code = await send_error(send, exc, extra)
         except asyncio.CancelledError:
             code = 499  # nginx's "client closed request": nothing is left to answer
@@ -126,6 +129,7 @@ class DataPlane:
         principal.require(model)
         self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
         resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
+        recorder.variant = resolved.variant
         route = resolved.route
         if has_images:
             await self.images.apply(doc, route.image_urls or self.limits.image_urls)
@@ -141,7 +145,6 @@ class DataPlane:
                                  hide_usage_chunk=stream and ask_for_usage(doc))
         if resolved.variant is not None:
             metrics.experiment_assignments.labels(model, resolved.variant).inc()
-            recorder.variant = resolved.variant
             recorder.after = state.shadows.pick(state.routes.get(model), request)
         return request, resolved, decision
 
@@ -150,7 +153,7 @@ class DataPlane:
                    (b"x-kimi-adapter", (target.adapter or "").encode()),
                    (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
         if resolved.variant is not None:
-            headers.append((b"x-kimi-variant", resolved.variant.encode()))
+            headers.append((VARIANT_HEADER, resolved.variant.encode()))
         if request.adjustments:
             adjustments = list(dict.fromkeys(request.adjustments))
             headers.append((b"x-kimi-adjusted", ",".join(adjustments).encode()))

@@ -112,8 +112,9 @@ async def test_the_guard_rolls_back_a_failing_candidate(config):
     two = FakeDriver("two", failing)
     config["routes"][0]["experiment"]["variants"] = {"v1": 50, "v2": 50}
     async with app(config, two=two) as client:
-        for u in range(200):
-            await chat(client, f"user{u}")
+        answers = [await chat(client, f"user{u}") for u in range(200)]
+        failed = [a for a in answers if a.status_code == 503]
+        assert failed and {a.headers["x-kimi-variant"] for a in failed} == {"v2"}   # an error names its variant
         state = client._transport.app.state
         await state.experiments.facts.flush()
         await state.experiments.guard("legal")
