@@ -20,6 +20,8 @@ def route_table(config: GatewayConfig) -> str:
         if route.experiment is not None:
             variants = ", ".join(f"{name} {weight}" for name, weight in route.experiment.variants.items())
             where = f"experiment [{variants}] sticky by {route.experiment.sticky_by}"
+            if route.experiment.shadow:
+                where += ", shadow " + ", ".join(f"{n} {f:g}" for n, f in route.experiment.shadow.items())
         else:
             where = " -> ".join(f"{t.adapter}@{t.backend}" if t.adapter else t.backend for t in route.targets)
         profile = route.profile or config.sampling.default_profile
