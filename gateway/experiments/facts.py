@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class FactLog:
     def __init__(self, store: ExperimentStore, config: ExperimentsConfig, *,
                  on_dropped: Callable[[int], None] = lambda n: None,
-                 on_batch: Callable[[set[str]], None] = lambda experiments: None) -> None:
+                 on_batch: Callable[[list[RequestFact]], None] = lambda facts: None) -> None:
         self.store = store
         self.limit = config.queue_size
         self.batch_size = config.batch_size
@@ -99,9 +99,9 @@ class FactLog:
             self._requeue(facts, shadows)
             raise
         self.written += len(facts)
-        experiments = {fact.experiment for fact in facts if fact.experiment}
-        if experiments:
-            self.on_batch(experiments)
+        written = [fact for fact in facts if fact.experiment]
+        if written:
+            self.on_batch(written)     # the experiments' facts, once stored (the canary guard's input)
 
     def _requeue(self, facts: Iterable[RequestFact], shadows: Iterable[ShadowCall]) -> None:
         """A failed write goes back to the front, as far as the bound allows."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Mapping
+from collections import deque
+from typing import Callable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -19,10 +20,11 @@ from gateway.experiments import guard as guard_rule
 from gateway.experiments.allocation import thompson_weights
 from gateway.experiments.facts import FactLog
 from gateway.experiments.report import build_report
-from gateway.experiments.store import ExperimentEvent, ExperimentStore, FactRow, RouteOverride
+from gateway.experiments.store import ExperimentEvent, ExperimentStore, FactRow, RequestFact, RouteOverride
 
 log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600.0
+GUARD_WINDOW = 20_000     # per variant: the guard judges the latest this many requests since the route changed
 
 
 class ExperimentError(Exception):
@@ -44,6 +46,7 @@ class Experiments:
         self.weights: dict[str, dict[str, float]] = {}      # adaptive allocation's weights, per experiment
         self.on_routes_changed: Callable[[], None] = lambda: None
         self._guard_due: set[str] = set()
+        self._windows: dict[str, dict[str, deque[FactRow]]] = {}   # the guard's view, per experiment and variant
         self._guard_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._change = asyncio.Lock()       # one route change at a time (PUT, rollback, promotion)
@@ -123,6 +126,7 @@ class Experiments:
         await self.store.put_route(override)
         self.overrides[route.name] = override
         self.weights.pop(route.name, None)
+        self._windows.pop(route.name, None)     # the guard counts afresh from this change
         if route.experiment is not None:
             await self.store.add_event(ExperimentEvent(route.name, override.updated_at, kind, variant,
                                                        detail or f"weights {route.experiment.variants}"))
@@ -133,6 +137,7 @@ class Experiments:
             deleted = await self.store.delete_route(name)
             self.overrides.pop(name, None)
             self.weights.pop(name, None)
+            self._windows.pop(name, None)
             self.on_routes_changed()
             return deleted
 
@@ -143,9 +148,15 @@ class Experiments:
 
     # --- the canary guard -----------------------------------------------------------------------
 
-    def _guard_soon(self, experiments: set[str]) -> None:
-        """A batch of facts was written: look at these experiments, at most every guard_interval_s."""
-        self._guard_due |= experiments
+    def _guard_soon(self, facts: Sequence[RequestFact]) -> None:
+        """A batch of facts was written: add them to the guard's windows and look at their experiments soon (at
+        most every guard_interval_s). Windows that were never filled are read from the store first."""
+        for fact in facts:
+            window = self._windows.get(fact.experiment)
+            if window is not None and fact.at >= self.since(fact.experiment):
+                window.setdefault(fact.variant, deque(maxlen=GUARD_WINDOW)).append(FactRow(
+                    fact.at, fact.variant, fact.status, fact.latency_s, fact.ttft_s, None, None, None, None))
+            self._guard_due.add(fact.experiment)
         if self._guard_task is None or self._guard_task.done():
             self._guard_task = asyncio.create_task(self._guard_pass(), name="experiments-guard")
 
@@ -159,22 +170,28 @@ class Experiments:
                     log.exception("canary guard of %s failed", name)
             await asyncio.sleep(self.settings.guard_interval_s)
 
+    async def _window(self, name: str) -> dict[str, deque[FactRow]]:
+        window = self._windows.get(name)
+        if window is None:      # once per process and route change: what the store has since the change
+            window = {}
+            for row in await self.store.experiment_facts(name, self.since(name)):
+                window.setdefault(row.variant, deque(maxlen=GUARD_WINDOW)).append(row)
+            self._windows[name] = window
+        return window
+
     async def guard(self, name: str) -> list[str]:
         """Roll back each candidate the guard's rule condemns; returns their names."""
         route = self.route(name)
         if route is None or route.experiment is None or not route.experiment.guard.enabled:
             return []
         experiment = route.experiment
-        rows = await self.store.experiment_facts(name, self.since(name))
-        by_variant: dict[str, list[FactRow]] = {}
-        for row in rows:
-            by_variant.setdefault(row.variant, []).append(row)
-        control = guard_rule.Sample.of(by_variant.get(experiment.control, []))
+        window = await self._window(name)
+        control = guard_rule.Sample.of(window.get(experiment.control, ()))
         condemned = []
         for candidate, weight in experiment.variants.items():
             if candidate == experiment.control or weight <= 0:
                 continue
-            verdict = guard_rule.judge(experiment.guard, control, guard_rule.Sample.of(by_variant.get(candidate, [])))
+            verdict = guard_rule.judge(experiment.guard, control, guard_rule.Sample.of(window.get(candidate, ())))
             if verdict is not None:
                 await self.rollback(name, candidate, verdict)
                 condemned.append(candidate)
