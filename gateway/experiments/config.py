@@ -71,6 +71,7 @@ class ExperimentConfig(Strict):
 class ExperimentsConfig(Strict):
     """Request facts (route, variant, version, latency, TTFT, tokens, status) by request id, for feedback
     and reports; written off the hot path in batches."""
+    record: Literal["all", "experiments"] = "all"   # experiments: only requests to experiment routes leave facts
     retention_days: float = Field(30.0, gt=0)
     queue_size: int = Field(10000, ge=1)          # facts waiting to be written; past it they are dropped, counted
     batch_size: int = Field(500, ge=1)

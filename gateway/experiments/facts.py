@@ -25,6 +25,7 @@ class FactLog:
                  on_batch: Callable[[list[RequestFact]], None] = lambda facts: None) -> None:
         self.store = store
         self.limit = config.queue_size
+        self.only_experiments = config.record == "experiments"
         self.batch_size = config.batch_size
         self.interval_s = config.flush_interval_s
         self.on_dropped = on_dropped
@@ -42,6 +43,8 @@ class FactLog:
     def record(self, request_id: str, route: str, experiment: str | None, variant: str | None, adapter: str | None,
                backend: str | None, key: str, status: int, latency_s: float, ttft_s: float | None,
                usage: dict | None) -> None:
+        if experiment is None and self.only_experiments:
+            return
         if len(self._facts) >= self.limit:
             self.dropped += 1
             self.on_dropped(1)

@@ -69,3 +69,12 @@ async def test_the_writer_tells_which_experiments_got_facts():
     log.record("r2", "kimi", None, None, None, "gguf", "", 200, 0.1, 0.1, None)
     await log.flush()
     assert [[f.request_id for f in batch] for batch in seen] == [["r1"]]
+
+
+async def test_only_experiment_requests_when_so_configured():
+    store = MemoryStore()
+    log = FactLog(store, ExperimentsConfig(record="experiments"))
+    record(log, "r1")
+    log.record("r2", "kimi", None, None, None, "gguf", "", 200, 0.1, 0.1, None)
+    await log.flush()
+    assert [f.request_id for b in store.batches for f in b] == ["r1"]
