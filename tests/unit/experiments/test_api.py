@@ -104,3 +104,40 @@ async def test_promote_needs_a_decision_or_a_named_variant_and_swaps_the_control
         assert route["experiment"]["variants"] == {"v1": 100, "v2": 0}
         answer = await chat(client, "bob")
         assert answer.headers["x-kimi-adapter"] == f"v1@{v2['active']}"
+
+
+@pytest.mark.parametrize("failing", [False, True])
+async def test_shadow_calls_are_recorded_and_never_reach_the_client(config, failing):
+    steps = [Step(error=BackendUnavailableError("down", backend="two")) for _ in range(20)] if failing else []
+    two = FakeDriver("two", steps)
+    config["routes"][0]["experiment"] = {"variants": {"v1": 1}, "shadow": {"v2": 1.0},
+                                         "shadow_limits": {"max_concurrency": 20}}
+    async with app(config, two=two) as client:
+        answers = [await chat(client, f"user{u}") for u in range(10)]
+        assert all(a.status_code == 200 and a.headers["x-kimi-variant"] == "v1" for a in answers)
+        state = client._transport.app.state
+        await asyncio.gather(*state.shadows.tasks)
+        await state.experiments.facts.flush()
+        report = (await client.get("/admin/experiments/legal", headers=ADMIN)).json()
+        [shadow] = report["shadow"]
+        assert shadow["variant"] == "v2" and shadow["calls"] == 10
+        assert shadow["errors"] == (10 if failing else 0)
+        if not failing:
+            assert shadow["output_chars_mean"] == len("hello") and shadow["distinct_outputs"] == 1
+            assert all(r.stream is False and r.request_id.endswith(":shadow") for r in two.requests)
+        result = "error" if failing else "ok"
+        assert f'kimi_gateway_shadow_calls_total{{experiment="legal",result="{result}",variant="v2"}} 10.0' in \
+            (await client.get("/metrics")).text
+
+
+async def test_shadow_calls_past_the_limit_are_dropped_not_queued(config):
+    config["routes"][0]["experiment"] = {"variants": {"v1": 1}, "shadow": {"v2": 1.0},
+                                         "shadow_limits": {"max_concurrency": 2}}
+    async with app(config) as client:
+        state = client._transport.app.state
+        state.shadows.in_flight["legal"] = 2          # two shadow calls are still running
+        await chat(client, "alice")
+        assert not state.shadows.tasks
+        assert 'kimi_gateway_shadow_calls_total{experiment="legal",result="dropped",variant="v2"} 1.0' in \
+            (await client.get("/metrics")).text
+        state.shadows.in_flight["legal"] = 0
