@@ -197,24 +197,29 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-@pytest.mark.parametrize("fault", [{"delay_first_byte_s": 10}, {"status": 500}], ids=["slow-10s", "failing"])
+@pytest.mark.parametrize("fault", [{"status": 500}, {"delay_first_byte_s": 10}], ids=["failing", "slow-10s"])
 def test_a_slow_or_failing_shadow_leaves_client_latency_and_errors_unchanged(shadow_gateway, fault):
     base, emulator = shadow_gateway
+    rounds = 100
     httpx.post(f"{emulator}/_emulator/reset", timeout=10).raise_for_status()
     httpx.post(f"{emulator}/_emulator/faults", json={**fault, "count": 10_000, "path": "/v1/chat/completions"},
                timeout=10).raise_for_status()
     before = {r: metric(base, "kimi_gateway_shadow_calls_total", result=r) for r in ("ok", "error", "dropped")}
-    measured = latencies(base, 60)
+    started = time.monotonic()
+    measured = latencies(base, rounds)
+    elapsed = time.monotonic() - started
     (plain, plain_errors), (shadowed, shadowed_errors) = measured["plain"], measured["shadowed"]
     assert plain_errors == shadowed_errors == 0
     # Within noise: the medians within a quarter (or 25 ms), the tails within half (or 100 ms).
     assert p(shadowed, 50) <= max(1.25 * p(plain, 50), p(plain, 50) + 0.025), (p(shadowed, 50), p(plain, 50))
     assert p(shadowed, 99) <= max(1.5 * p(plain, 99), p(plain, 99) + 0.1), (p(shadowed, 99), p(plain, 99))
     dropped = metric(base, "kimi_gateway_shadow_calls_total", result="dropped") - before["dropped"]
-    if "status" in fault:      # failing at once: every mirror was sent and recorded as an error
-        assert metric(base, "kimi_gateway_shadow_calls_total", result="error") - before["error"] == 60
+    if "status" in fault:      # failing at once: the mirrors were sent and recorded as errors
+        errors = metric(base, "kimi_gateway_shadow_calls_total", result="error") - before["error"]
+        assert errors + dropped == rounds and errors >= rounds * 0.9, (errors, dropped)
         report = admin(base, "GET", "/admin/experiments/shadowed").json()
         [shadow] = report["shadow"]
-        assert shadow["variant"] == "candidate" and shadow["errors"] >= 60
+        assert shadow["variant"] == "candidate" and shadow["errors"] >= errors
     else:                      # 10 s each: four in flight at most, the rest dropped, none waited for
-        assert dropped >= 60 - 4 * 2, dropped
+        launched = rounds - dropped
+        assert launched <= 4 * (elapsed // 10 + 1), (launched, elapsed)
