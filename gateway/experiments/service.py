@@ -48,6 +48,7 @@ class Experiments:
         self._guard_due: set[str] = set()
         self._windows: dict[str, dict[str, deque[FactRow]]] = {}   # the guard's view, per experiment and variant
         self._guard_task: asyncio.Task | None = None
+        self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._change = asyncio.Lock()       # one route change at a time (PUT, rollback, promotion)
 
@@ -61,6 +62,7 @@ class Experiments:
                        asyncio.create_task(self._allocation_loop(), name="experiments-allocation")]
 
     async def aclose(self) -> None:
+        self._closing = True     # the last flush below must not start a guard pass on a closing store
         tasks = [*self._tasks, *([self._guard_task] if self._guard_task else [])]
         for task in tasks:
             task.cancel()
@@ -157,6 +159,8 @@ class Experiments:
                 window.setdefault(fact.variant, deque(maxlen=GUARD_WINDOW)).append(FactRow(
                     fact.at, fact.variant, fact.status, fact.latency_s, fact.ttft_s, None, None, None, None))
             self._guard_due.add(fact.experiment)
+        if self._closing:
+            return
         if self._guard_task is None or self._guard_task.done():
             self._guard_task = asyncio.create_task(self._guard_pass(), name="experiments-guard")
 

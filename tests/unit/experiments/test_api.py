@@ -141,3 +141,15 @@ async def test_shadow_calls_past_the_limit_are_dropped_not_queued(config):
         assert 'kimi_gateway_shadow_calls_total{experiment="legal",result="dropped",variant="v2"} 1.0' in \
             (await client.get("/metrics")).text
         state.shadows.in_flight["legal"] = 0
+
+
+async def test_closing_writes_the_last_facts_without_a_guard_pass_on_a_closed_store(config, caplog):
+    async with app(config) as client:
+        state = client._transport.app.state
+        state.experiments.facts.interval_s = 3600     # nothing is written before the shutdown
+        await chat(client, "alice")
+    await asyncio.sleep(0.1)
+    assert "canary guard of legal failed" not in caplog.text
+    async with app(config) as client:
+        report = (await client.get("/admin/experiments/legal", headers=ADMIN)).json()
+        assert sum(v["requests"] for v in report["variants"]) == 1
