@@ -2,13 +2,18 @@
 scipy's where it matters here, and its words say whether there is a decision."""
 from __future__ import annotations
 
+import argparse
+
+import httpx
 import numpy as np
 import pytest
 from scipy import stats
 
+from gateway.adapters_cli import run_command
 from gateway.experiments.config import ExperimentConfig
 from gateway.experiments.report import build_report
 from gateway.experiments.store import ExperimentEvent, FactRow
+from gateway.experiments_cli import add_commands
 
 EXPERIMENT = ExperimentConfig(variants={"v1": 50, "v2": 50})
 
@@ -76,12 +81,6 @@ def test_a_rolled_back_candidate_is_said_so():
 
 
 def test_the_cli_renders_the_report_as_tables(capsys):
-    import httpx
-
-    from gateway.experiments_cli import add_commands
-    from gateway.adapters_cli import run_command
-    import argparse
-
     report = build_report("legal", EXPERIMENT, {"v1": 50, "v2": 50}, seeded_rows(2000, 0.5, 0.65), [], [])
     seen = []
 
