@@ -93,13 +93,16 @@ def test_a_canary_failing_30_percent_is_rolled_back_within_its_sample_and_that_s
     base = start_gateway(config, name="gw-canary", env=ENV)
     statuses: dict[str, list[int]] = {"legal-v1": [], "legal-v2": []}
     request_ids: list[tuple[str, str]] = []
-    lock, rolled_back = threading.Lock(), threading.Event()
+    lock, rolled_back, local, clients = threading.Lock(), threading.Event(), threading.local(), []
 
     def one(index: int) -> None:
         if rolled_back.is_set():
             return
-        with httpx.Client(timeout=30) as client:
-            response = chat(client, base, "legal", f"user-{index}")
+        if not hasattr(local, "client"):       # one keep-alive connection per worker thread
+            local.client = httpx.Client(timeout=30)
+            with lock:
+                clients.append(local.client)
+        response = chat(local.client, base, "legal", f"user-{index}")
         with lock:
             statuses[response.headers.get("x-kimi-variant", "?")].append(response.status_code)
             request_ids.append((response.headers["x-request-id"], response.headers.get("x-kimi-variant", "?")))
@@ -110,6 +113,8 @@ def test_a_canary_failing_30_percent_is_rolled_back_within_its_sample_and_that_s
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(one, range(1000)))
+    for client in clients:
+        client.close()
     deadline = time.monotonic() + 10
     while not rolled_back.is_set() and time.monotonic() < deadline:
         if admin(base, "GET", "/admin/routes/legal").json()["experiment"]["variants"]["legal-v2"] == 0:
