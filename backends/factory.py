@@ -13,7 +13,8 @@ from backends.config import BackendConfigBase
 from backends.hosted import MoonshotConfig, MoonshotDriver
 from backends.httpx_transport import HttpxTransport
 from backends.launchers.llama_build import find_llama_server
-from backends.launchers.supervisor import LaunchError, LlamaServerSupervisor
+from backends.launchers.llamacpp import LlamaServerSupervisor
+from backends.launchers.supervisor import LaunchError
 from backends.llamacpp import LlamaCppConfig, LlamaCppDriver
 from backends.sglang import SglangConfig, SglangDriver
 from backends.transport import LeanTransport
@@ -67,7 +68,10 @@ def llamacpp_launchers(backend: LlamaCppConfig, logs: Path) -> list[LlamaServerS
                           "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
     return [LlamaServerSupervisor(binary=binary, model=Path(launch.model), url=url, ctx_size=launch.ctx_size,
                                   threads=launch.threads, parallel=launch.parallel, args=launch.args,
-                                  ready_timeout_s=launch.ready_timeout_s, log_path=logs / f"{backend.name}-{i}.log")
+                                  ready_timeout_s=launch.ready_timeout_s, alias=launch.alias,
+                                  restart=launch.restart.policy(), name=f"{backend.name}-{i}",
+                                  log_max_bytes=launch.log.max_bytes, log_backups=launch.log.backups,
+                                  log_path=logs / f"{backend.name}-{i}.log")
             for i, url in enumerate(backend.endpoints)]
 
 

@@ -7,6 +7,7 @@ import sys
 
 from gateway.adapters_cli import add_commands as add_admin_commands
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.launch_cli import add_commands as add_launch_commands
 
 
 def route_table(config: GatewayConfig) -> str:
@@ -94,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where the demo's model, adapters and config go (default: user cache)")
     demo.set_defaults(run=cmd_demo)
     add_admin_commands(commands)
+    add_launch_commands(commands)
     return root
 
 
