@@ -121,7 +121,8 @@ def check_paths(plan: SglangPlan, launch: SglangLaunchConfig, found: Findings) -
             continue
         if step.script is not None and os.path.isdir(os.path.dirname(step.script)) and not os.path.isfile(step.script):
             found.problems.append(f"step {step.name}: the converter {step.script} does not exist")
-        if step.input is not None and not os.path.exists(step.input) and not _made_by_earlier_step(plan, step):
+        if step.input not in (None, launch.model_path) and not os.path.exists(step.input) \
+                and not _made_by_earlier_step(plan, step):
             found.problems.append(f"step {step.name}: its input {step.input} does not exist")
         if os.path.lexists(step.partial):
             found.notes.append(f"step {step.name}: {step.partial} is left from an interrupted run; it is removed "
