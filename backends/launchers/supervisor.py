@@ -123,7 +123,11 @@ class Supervisor:
         self._stopping = False
         self._done = asyncio.Event()
         self._set(ServerState.STARTING)
-        await self._spawn_ready()
+        try:
+            await self._spawn_ready()
+        except BaseException:
+            self._close_log()
+            raise
         self._set(ServerState.READY)
         self._watch = asyncio.create_task(self._watch_exits(), name=f"supervise {self.spec.name}")
 
@@ -145,6 +149,7 @@ class Supervisor:
             self._set(ServerState.STOPPING)
             await self._terminate(process)
         await self._end_pump()
+        self._close_log()
         if self.state != ServerState.FAILED:
             self._set(ServerState.STOPPED)
         if self._done is not None:
@@ -199,6 +204,11 @@ class Supervisor:
         assert process.stdout is not None
         while line := await process.stdout.readline():  # one short append per line: cheap, not the hot path
             logger.info("%s", line.decode(errors="replace").rstrip("\n"))
+
+    def _close_log(self) -> None:
+        logger, self._logger = self._logger, None
+        for handler in logger.handlers if logger is not None else ():
+            handler.close()
 
     async def _end_pump(self) -> None:
         pump, self._pump = self._pump, None
@@ -255,6 +265,7 @@ class Supervisor:
                     log.error("%s: crash loop: %d crashes within %.0f s; not restarting it again",
                               self.spec.name, len(self.crashes), self.spec.restart.window_s)
                     self._process = None
+                    self._close_log()
                     self._set(ServerState.FAILED)
                     assert self._done is not None
                     self._done.set()
