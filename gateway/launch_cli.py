@@ -92,14 +92,23 @@ def logs_dir(config: GatewayConfig) -> Path:
 
 async def supervise(supervisors: Sequence[Supervisor], files: Sequence[str] = ()) -> int:
     """Start every server (health-gated), then keep them up until SIGTERM/SIGINT, which is forwarded to each
-    (SIGTERM: the server drains) before this returns. A crash loop ends the launch with EXIT_CRASH_LOOP."""
+    (SIGTERM: the server drains) before this returns; a signal during a long start cancels it. A crash loop
+    ends the launch with EXIT_CRASH_LOOP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    stopping = asyncio.create_task(stop.wait())
     try:
+        starting = asyncio.gather(*(s.start(files) for s in supervisors))
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
         try:
-            await asyncio.gather(*(s.start(files) for s in supervisors))
+            await starting
+        except asyncio.CancelledError:
+            await asyncio.gather(*(s.stop() for s in supervisors))
+            return 0
         except LaunchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             await asyncio.gather(*(s.stop() for s in supervisors))
@@ -107,9 +116,7 @@ async def supervise(supervisors: Sequence[Supervisor], files: Sequence[str] = ()
         for s in supervisors:
             print(f"[launch] {s.spec.name} is ready ({s.spec.health_url}, pid {s.pid})", file=sys.stderr, flush=True)
         ended = [asyncio.create_task(s.wait()) for s in supervisors]
-        stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, *ended], return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
         failed = [s for s in supervisors if s.state == ServerState.FAILED]
         await asyncio.gather(*(s.stop() for s in supervisors))
         for task in ended:
@@ -120,6 +127,7 @@ async def supervise(supervisors: Sequence[Supervisor], files: Sequence[str] = ()
             return EXIT_CRASH_LOOP
         return 0
     finally:
+        stopping.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

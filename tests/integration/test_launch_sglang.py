@@ -125,3 +125,20 @@ def test_a_server_that_starts_then_keeps_crashing_stops_at_the_limit(tmp_path, s
     assert "restarting it in 2.0 s (crash 3 of at most 3" in out
     assert "crash loop: 4 crashes within 60 s; not restarting it again" in out
     assert "kt kept crashing; gave up after 3 restarts" in out
+
+
+def test_sigterm_during_a_long_start_stops_the_server_at_once(tmp_path, stop_later):
+    """SGLang loads weights for a long time; a SIGTERM then must not wait for the health deadline."""
+    port = free_port()
+    slow = [sys.executable, "-c", "import time; print('loading weights', flush=True); time.sleep(600)"]
+    launch = start_launch(write_config(tmp_path, port, server_command=slow), tmp_path / "launch.out")
+    stop_later(launch)
+    log = tmp_path / "state" / "logs" / "kt.log"
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "loading weights" in log.read_text()):
+        assert time.monotonic() < deadline and launch.poll() is None
+        time.sleep(0.05)
+    [server] = children(launch.pid)
+    os.kill(launch.pid, signal.SIGTERM)
+    assert launch.wait(timeout=20) == 0
+    assert not Path(f"/proc/{server}").exists() or "zombie" in Path(f"/proc/{server}/status").read_text()
