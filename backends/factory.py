@@ -13,6 +13,7 @@ from backends.config import BackendConfigBase
 from backends.hosted import MoonshotConfig, MoonshotDriver
 from backends.httpx_transport import HttpxTransport
 from backends.launchers.llama_build import find_llama_server
+from backends.launchers.llama_plan import first_shard, make_supervisor
 from backends.launchers.llamacpp import LlamaServerSupervisor
 from backends.launchers.supervisor import LaunchError
 from backends.llamacpp import LlamaCppConfig, LlamaCppDriver
@@ -66,13 +67,7 @@ def llamacpp_launchers(backend: LlamaCppConfig, logs: Path) -> list[LlamaServerS
     if binary is None:
         raise LaunchError(f"backends.{backend.name}.launch: no llama-server binary: set `binary`, put "
                           "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
-    return [LlamaServerSupervisor(binary=binary, model=Path(launch.model), url=url, ctx_size=launch.ctx_size,
-                                  threads=launch.threads, parallel=launch.parallel, args=launch.args,
-                                  ready_timeout_s=launch.ready_timeout_s, alias=launch.alias,
-                                  restart=launch.restart.policy(), name=f"{backend.name}-{i}",
-                                  log_max_bytes=launch.log.max_bytes, log_backups=launch.log.backups,
-                                  log_path=logs / f"{backend.name}-{i}.log")
-            for i, url in enumerate(backend.endpoints)]
+    return [make_supervisor(backend, str(binary), first_shard(launch.model), url, logs, i) for i, url in enumerate(backend.endpoints)]
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ EXIT_PROBLEMS = 1      # config or preflight problems, a failed step
 EXIT_CRASH_LOOP = 3    # the server kept crashing: the restart limit was reached
 
 
-def find_backend(config: GatewayConfig, name: str, kind: type) -> SglangConfig | LlamaCppConfig:
+def find_backend(config: GatewayConfig, name: str, kind: str) -> SglangConfig | LlamaCppConfig:
     for backend in config.backends:
         if backend.name == name:
-            if not isinstance(backend, kind):
-                raise ConfigError(f"backend {name!r} is of kind {backend.kind!r}, not {kind.model_fields['kind'].annotation.__args__[0]!r}")
+            if backend.kind != kind:
+                raise ConfigError(f"backend {name!r} is of kind {backend.kind!r}, not {kind!r}")
             if backend.launch is None:
                 raise ConfigError(f"backends.{name} has no `launch:` block")
             return backend
@@ -144,7 +144,7 @@ def sglang_supervisor(plan: SglangPlan, backend: SglangConfig, logs: Path) -> Su
 
 def launch_sglang(args: argparse.Namespace, host: HostFacts | None = None) -> int:
     config = load_config(args.config)
-    backend = find_backend(config, args.backend, SglangConfig)
+    backend = find_backend(config, args.backend, "sglang")
     try:
         plan = build_sglang_plan(config, backend, args.replica)
     except PlanError as exc:
@@ -173,7 +173,7 @@ def launch_sglang(args: argparse.Namespace, host: HostFacts | None = None) -> in
 
 def launch_llama(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    backend = find_backend(config, args.backend, LlamaCppConfig)
+    backend = find_backend(config, args.backend, "llamacpp")
     specs = asyncio.run(registered_specs(config, backend.name))
     loras = [gguf for _, _, gguf in specs if gguf]
     try:
