@@ -67,7 +67,8 @@ def llamacpp_launchers(backend: LlamaCppConfig, logs: Path) -> list[LlamaServerS
     if binary is None:
         raise LaunchError(f"backends.{backend.name}.launch: no llama-server binary: set `binary`, put "
                           "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
-    return [make_supervisor(backend, str(binary), first_shard(launch.model), url, logs, i) for i, url in enumerate(backend.endpoints)]
+    return [make_supervisor(backend, str(binary), first_shard(launch.model), url, logs, i)
+            for i, url in enumerate(backend.endpoints)]
 
 
 @dataclass(frozen=True)
