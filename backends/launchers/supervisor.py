@@ -26,6 +26,7 @@ import httpx
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.05
+LINE_LIMIT = 1024 * 1024       # longer output lines are logged in pieces
 PR_SET_PDEATHSIG = 1
 
 
@@ -192,7 +193,7 @@ class Supervisor:
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env={**os.environ, **self.spec.env},
+                stderr=asyncio.subprocess.STDOUT, env={**os.environ, **self.spec.env}, limit=LINE_LIMIT,
                 start_new_session=True, preexec_fn=die_with_parent)
         except OSError as exc:
             raise LaunchError(f"{self.spec.name}: cannot run {argv[0]}: {exc}") from exc
@@ -202,7 +203,15 @@ class Supervisor:
     @staticmethod
     async def _copy_output(process: asyncio.subprocess.Process, logger: logging.Logger) -> None:
         assert process.stdout is not None
-        while line := await process.stdout.readline():  # one short append per line: cheap, not the hot path
+        while True:   # one short append per line: cheap, and never on the request path
+            try:
+                line = await process.stdout.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:   # the end, without a last newline
+                line = exc.partial
+            except asyncio.LimitOverrunError as exc:     # a line longer than the buffer: log it in pieces
+                line = await process.stdout.read(max(exc.consumed, 1))
+            if not line:
+                return
             logger.info("%s", line.decode(errors="replace").rstrip("\n"))
 
     def _close_log(self) -> None:

@@ -131,3 +131,12 @@ async def test_the_log_rotates(tmp_path):
 def test_backoff_doubles_up_to_the_maximum():
     policy = RestartPolicy(backoff_initial_s=1, backoff_max_s=10, max_crashes=9, window_s=60)
     assert [policy.delay_s(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+async def test_a_line_longer_than_the_buffer_is_logged_in_pieces(tmp_path):
+    long_line = [sys.executable, "-c", "import sys, time; sys.stdout.write('y' * 3_000_000 + '\\nafter\\n'); "
+                 "sys.stdout.flush(); time.sleep(60)"]
+    supervisor = Supervisor(spec(tmp_path, argv=long_line, ready_timeout_s=2))
+    with pytest.raises(LaunchError, match="after"):
+        await supervisor.start()
+    assert (tmp_path / "logs" / "child.log").read_text().count("y") >= 3_000_000
