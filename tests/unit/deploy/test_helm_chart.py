@@ -128,3 +128,8 @@ def test_the_pod_runs_as_non_root(rendered):
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
     assert container(rendered)["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_helm_lint_is_clean():
+    report = helm_python.lint(str(CHART), strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] > 1] == []
