@@ -14,7 +14,7 @@ import yaml
 
 from backends.launchers.llamacpp import free_port
 from tests.integration.conftest import ROOT
-from tests.integration.test_launch_sglang import children, wait_healthy
+from tests.integration.test_launch_sglang import children, wait_healthy, wait_supervised
 
 RESTART = {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_crashes": 5, "window_s": 60}
 
@@ -46,7 +46,7 @@ def test_launch_llama_server_restarts_after_kill_9(llama_binary, tiny_models, tm
                                    "--backend", "gguf"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:
-        wait_healthy(url, launch, 60)
+        wait_supervised(tmp_path / "launch.out", launch)
         adapters = httpx.get(f"{url}/lora-adapters", timeout=5).json()
         assert [a["path"] for a in adapters] == [str(tiny_models.lora_a)]   # the registered adapter, preloaded
         [server] = llama_children(launch.pid, tiny_models.model)

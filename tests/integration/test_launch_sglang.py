@@ -64,6 +64,15 @@ def wait_healthy(url: str, launch: subprocess.Popen, timeout_s: float) -> float:
     pytest.fail(f"{url} was not healthy within {timeout_s} s")
 
 
+def wait_supervised(out: Path, launch: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Until the launcher itself has seen the server healthy (before that, a crash fails the launch)."""
+    deadline = time.monotonic() + timeout_s
+    while "is ready (" not in out.read_text():
+        assert launch.poll() is None, f"launch exited with {launch.returncode}: {out.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "the launcher never reported the server ready"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def stop_later():
     started: list[subprocess.Popen] = []
@@ -79,7 +88,7 @@ def test_launch_gates_on_health_restarts_after_kill_9_and_drains_on_sigterm(tmp_
     url = f"http://127.0.0.1:{port}"
     launch = start_launch(write_config(tmp_path, port), tmp_path / "launch.out")
     stop_later(launch)
-    wait_healthy(url, launch, 60)
+    wait_supervised(tmp_path / "launch.out", launch)
     reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "kimi", "max_tokens": 4,
                                                             "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
     assert reply.status_code == 200 and reply.json()["choices"]
@@ -114,7 +123,7 @@ def test_a_server_that_starts_then_keeps_crashing_stops_at_the_limit(tmp_path, s
         "/bin/sh", "-c", f'if [ -e {flag} ]; then echo crashing; exit 7; fi; exec "$0" "$@"', *STANDIN])
     launch = start_launch(config, tmp_path / "launch.out")
     stop_later(launch)
-    wait_healthy(f"http://127.0.0.1:{port}", launch, 60)
+    wait_supervised(tmp_path / "launch.out", launch)
     flag.touch()
     [server] = children(launch.pid)
     os.kill(server, signal.SIGKILL)
