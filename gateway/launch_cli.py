@@ -61,14 +61,14 @@ def sglang_adapters(config: GatewayConfig, specs: Sequence[tuple[str, str | None
     """Each adapter's kind from its files: a KT-SFT output is converted first; a PEFT dir is served under the
     gateway's version label `name@hash8` (so a gateway finds it loaded), an expert adapter under its name."""
     adapters, problems = [], []
-    for name, source, _ in specs:
+    for name, source, gguf in specs:
         if source is None:
             continue
         if (Path(source) / KT_SFT_MARKER).is_file():
             adapters.append(PlanAdapter(name, source, "kt-sft"))
             continue
         try:
-            facts = validate_adapter(source, None, config.adapter_roots)
+            facts = validate_adapter(source, gguf, config.adapter_roots)   # the hash the lifecycle gives the version
         except AdapterValidationError as exc:
             problems.append(f"adapter {name!r}: {exc}")
             continue
