@@ -7,9 +7,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.lease import StoreLeases
 from adapters.lifecycle import AdapterLifecycle
 from adapters.models import AdapterSpec
-from adapters.store import open_store
+from adapters.store import AdapterStore, open_store
 from adapters.validation import BaseModelDims, dims_from_gguf, dims_from_hf_config
 from backends.base import BackendDriver
 from backends.factory import build_drivers, build_launchers
@@ -18,6 +19,7 @@ from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
 from gateway.metrics import LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
+from gateway.shared import Shared, build_shared
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 5.0
@@ -31,6 +33,7 @@ class GatewayState:
     metrics: Metrics
     client_keys: tuple[ClientKey, ...] | None
     lifecycle: AdapterLifecycle
+    shared: Shared
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
@@ -38,6 +41,7 @@ class GatewayState:
 
     async def start(self) -> None:
         self.lifecycle.on_routes_changed = self.rebuild_routes
+        await self.shared.start()
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
         for driver in self.drivers.values():
             await driver.start()
@@ -49,6 +53,7 @@ class GatewayState:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
         await self.lifecycle.aclose()
+        await self.shared.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
 
@@ -107,21 +112,35 @@ def launchers_of(config: GatewayConfig) -> dict:
         raise ConfigError(str(exc)) from exc
 
 
+def store_of(config: GatewayConfig) -> AdapterStore:
+    """config `store`: SQLite in state_dir, or the PostgreSQL whose DSN the named env var holds."""
+    if config.store.kind == "sqlite":
+        return open_store(config.state_dir)
+    dsn = resolve_secret(config.store.dsn_env)
+    if dsn is None:
+        raise ConfigError(f"store.dsn_env: the environment variable {config.store.dsn_env} (the PostgreSQL DSN) "
+                          "is not set")
+    return open_store(config.state_dir, dsn, config.store.pool_size)
+
+
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
     drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
     metrics = Metrics()
+    store = store_of(config)
     lifecycle = AdapterLifecycle(
-        open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base_model_dims(config),
+        store, drivers, roots=config.adapter_roots, base=base_model_dims(config),
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
-        drain_deadline_s=config.adapter_drain_deadline_s)
+        drain_deadline_s=config.adapter_drain_deadline_s,
+        leases=StoreLeases(store) if config.store.kind == "postgres" else None)
     return GatewayState(
         config=config,
         routes=RouteTable(config, []),
         drivers=drivers,
         lifecycle=lifecycle,
+        shared=build_shared(config, metrics),
         metrics=metrics,
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),
