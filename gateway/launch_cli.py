@@ -38,12 +38,13 @@ def find_backend(config: GatewayConfig, name: str, kind: str) -> SglangConfig | 
 
 async def registered_specs(config: GatewayConfig, backend: str) -> list[tuple[str, str | None, str | None]]:
     """(name, source, gguf) of every adapter registered for `backend`: the config's, and those added at run time
-    to the registry in state_dir when it exists (never created here), with their active version's files."""
+    to the registry (the configured store; a SQLite file that does not exist yet is not created here), with
+    their active version's files."""
     found = {spec.name: (spec.name, spec.source, spec.gguf) for spec in config.adapters if backend in spec.backends}
-    if (Path(config.state_dir).expanduser() / "registry.sqlite3").exists():
-        from adapters.store import open_store
+    if config.store.kind != "sqlite" or (Path(config.state_dir).expanduser() / "registry.sqlite3").exists():
+        from gateway.state import store_of
 
-        store = open_store(config.state_dir)
+        store = store_of(config)   # the gateway's own store: SQLite in state_dir, or the fleet's PostgreSQL
         await store.open()
         try:
             for record in await store.adapters():

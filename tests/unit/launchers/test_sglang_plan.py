@@ -7,7 +7,7 @@ import pytest
 from gateway.cli import main, parser
 from gateway.config import ConfigError, load_config
 from gateway.launch_cli import launch_sglang
-from tests.unit.launchers.golden import config_from, check_golden
+from tests.unit.launchers.golden import ROOT, check_golden, config_from
 from tests.unit.launchers.hosts import GOOD_HOST
 
 
@@ -97,3 +97,27 @@ def test_unknown_backend_and_wrong_kind(tmp_path, capsys):
     assert "no backend named 'nope'; configured: kt-a, kt-expert, kt-raw" in capsys.readouterr().err
     assert main(["launch", "llama-server", "--config", str(config), "--backend", "kt-a", "--dry-run"]) == 1
     assert "backend 'kt-a' is of kind 'sglang', not 'llamacpp'" in capsys.readouterr().err
+
+
+def test_adapters_registered_at_run_time_are_planned_too(tmp_path, capsys):
+    """The registry in state_dir (what `adapters add` wrote) is read, not only the config's `adapters:`."""
+    import asyncio
+
+    from adapters.models import AdapterSpec
+    from adapters.store import open_store
+
+    config = config_from("launch/seed000.yaml", tmp_path)
+    state = tmp_path / "state"
+    config.write_text(config.read_text().replace("/var/lib/kimi-gateway-golden", str(state)).replace(
+        "  - {name: legal-attn, source:", "  - {name: other, source:").replace("backends: [kt-a, kt-raw]}",
+                                                                                "backends: [kt-raw]}"))
+    source = ROOT / "tests" / "golden" / "launch" / "adapters" / "legal-attn"
+
+    async def register() -> None:
+        store = open_store(str(state))
+        await store.open()
+        await store.add_adapter(AdapterSpec(name="late", source=str(source), backends=("kt-a",)), "admin")
+        await store.close()
+    asyncio.run(register())
+    _, out = dry_run(config, "kt-a", capsys, "--json")
+    assert list(json.loads(out)["server"]["lora_paths"]) == ["late@559998dd"]
