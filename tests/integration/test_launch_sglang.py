@@ -144,7 +144,7 @@ def test_sigterm_during_a_long_start_stops_the_server_at_once(tmp_path, stop_lat
     stop_later(launch)
     log = tmp_path / "state" / "logs" / "kt.log"
     deadline = time.monotonic() + 30
-    while not (log.exists() and "loading weights" in log.read_text()):
+    while not (log.exists() and "[kt] loading weights\n" in log.read_text()):   # its output, not its argv
         assert time.monotonic() < deadline and launch.poll() is None
         time.sleep(0.05)
     [server] = children(launch.pid)
