@@ -8,6 +8,7 @@ import sys
 from gateway.adapters_cli import add_commands as add_admin_commands
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.experiments_cli import add_commands as add_experiment_commands
+from gateway.launch_cli import add_commands as add_launch_commands
 
 
 def route_table(config: GatewayConfig) -> str:
@@ -108,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     add_admin_commands(commands)
     add_experiment_commands(commands)
+    add_launch_commands(commands)
     return root
 
 
