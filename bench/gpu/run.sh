@@ -7,15 +7,20 @@
 # vendor/llama.cpp, trimmed: bench/gpu/pack.sh makes it) and whl/ (the project's dependencies as wheels for the
 # machine's Python). SECONDS (default 560) bounds this call: the sweep stops before a cell that would not fit,
 # and a rerun (same machine, same KIMI_GPU_WORK) skips the build, the models and every cell already measured.
-# Results: $KIMI_GPU_WORK/results-<type>.json, copied with the logs to $OUT when it is set.
+# Results: $KIMI_GPU_WORK/results-<shape>-<type>.json, copied with the logs to $OUT when it is set.
 set -uo pipefail
 T0=$SECONDS
 BUDGET=${1:-560}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-SRC=$(cd "${KIMI_GPU_SRC:-$ROOT/.gpu}" && pwd)
+SRC=$(realpath -m "${KIMI_GPU_SRC:-$ROOT/.gpu}")
 WORK=${KIMI_GPU_WORK:-/tmp/kimi-gpu}
 TYPE=${KIMI_GPU_TYPE:-q8_0}            # the model type measured; both are written
+SHAPE=${KIMI_GPU_SHAPE:-8b}            # mini: the same run on a CPU, in seconds
+PY=${KIMI_GPU_PYTHON:-python3}
 JOBS=${KIMI_GPU_JOBS:-$(nproc)}
+CPUS_LLAMA=${KIMI_GPU_CPUS_LLAMA:-0-11}
+CPUS_CLIENT=${KIMI_GPU_CPUS_CLIENT:-12-13}
+CPU_GATEWAY=${KIMI_GPU_CPU_GATEWAY:-15}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - T0))s] $*" >&2; }
@@ -27,8 +32,9 @@ for f in "$WORK"/pids/*; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; rm -f
 mkdir -p "$WORK/pids"
 
 # 1. The project's dependencies for this Python.
-if [ ! -f "$WORK/site/.done" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+if ! "$PY" -c 'import fastapi, pydantic, orjson, gguf, uvicorn, httptools, tenacity' 2>/dev/null \
+   && [ ! -f "$WORK/site/.done" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
     "$SRC"/whl/*.whl || exit 1
   touch "$WORK/site/.done"
 fi
@@ -36,11 +42,11 @@ export PYTHONPATH="$WORK/site:$ROOT"
 export PATH="/usr/local/cuda/bin:$PATH"
 
 # 2. llama-server with CUDA for sm_90, from the same source and flags the project builds on the CPU.
-BIN="$WORK/build/bin/llama-server"
+BIN=${KIMI_GPU_LLAMA_SERVER:-$WORK/build/bin/llama-server}
 if [ ! -x "$BIN" ]; then
   log "building llama-server (CUDA, sm_90, $JOBS jobs)"
   rm -rf "$WORK/llama.cpp" && tar xJf "$SRC/llama.cpp.tar.xz" -C "$WORK" || exit 1
-  FLAGS=$(python3 -c 'from backends.launchers.llama_build import CMAKE_FLAGS; print(" ".join(CMAKE_FLAGS))') || exit 1
+  FLAGS=$("$PY" -c 'from backends.launchers.llama_build import CMAKE_FLAGS; print(" ".join(CMAKE_FLAGS))') || exit 1
   ( cmake -S "$WORK/llama.cpp" -B "$WORK/build" -G Ninja $FLAGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       && cmake --build "$WORK/build" --target llama-server -j "$JOBS" ) > "$WORK/build.log" 2>&1 &
   BUILD_PID=$!
@@ -49,34 +55,36 @@ fi
 # 3. The models (meanwhile): an 8B Llama shape in Q8_0 and f16, and two rank-16 adapters.
 mkdir -p "$WORK/models"
 gen() {  # gen TYPE [--lora A --lora B]
-  local model="$WORK/models/llama-8b-$1.gguf"
+  local model="$WORK/models/llama-$SHAPE-$1.gguf"
   [ -f "$model" ] && return 0
-  python3 -m gateway.demo.sized_gguf "$model.tmp" --shape 8b --type "$@" > "$WORK/gen-$1.log" 2>&1 \
+  "$PY" -m gateway.demo.sized_gguf "$model.tmp" --shape "$SHAPE" --type "$@" > "$WORK/gen-$1.log" 2>&1 \
     && mv "$model.tmp" "$model"
 }
-if [ ! -f "$WORK/models/lora-b.gguf" ]; then
-  python3 -m gateway.demo.sized_gguf - --shape 8b --lora-only --lora "$WORK/models/lora-a.gguf" \
-    --lora "$WORK/models/lora-b.gguf" > "$WORK/gen-lora.log" 2>&1 || { log "LoRA generation failed"; cat "$WORK/gen-lora.log"; exit 1; }
+if [ ! -f "$WORK/models/lora-$SHAPE-b.gguf" ]; then
+  "$PY" -m gateway.demo.sized_gguf - --shape "$SHAPE" --lora-only --lora "$WORK/models/lora-$SHAPE-a.gguf" \
+    --lora "$WORK/models/lora-$SHAPE-b.gguf" > "$WORK/gen-lora.log" 2>&1 || { log "LoRA generation failed"; cat "$WORK/gen-lora.log"; exit 1; }
 fi
 gen q8_0 & GEN_Q=$!
-gen f16 & GEN_F=$!
+if [ "${KIMI_GPU_F16:-1}" = 1 ]; then gen f16 & GEN_F=$!; else GEN_F=; fi
 wait $GEN_Q || { log "q8_0 generation failed"; cat "$WORK/gen-q8_0.log"; exit 1; }
-wait $GEN_F || { log "f16 generation failed"; cat "$WORK/gen-f16.log"; exit 1; }
-log "models: $(ls -la "$WORK/models" | tail -n +2 | awk '{print $5, $9}' | tr '\n' ' ')"
+[ -z "$GEN_F" ] || wait $GEN_F || { log "f16 generation failed"; cat "$WORK/gen-f16.log"; exit 1; }
+log "models: $(cd "$WORK/models" && du -h -- * | tr '\t\n' ' ')"
 if [ -n "${BUILD_PID:-}" ]; then
   wait $BUILD_PID || { log "build failed"; tail -40 "$WORK/build.log"; exit 1; }
   log "llama-server built"
 fi
 "$BIN" --version 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null
 
 # 4. The sweep: llama-server on cores 0-11, the load generator on 12-13, the gateway alone on core 15.
 LEFT=$((BUDGET - (SECONDS - T0) - 40))
-log "sweep ($TYPE), ${LEFT}s left for it"
-taskset -c 12-13 python3 "$ROOT/bench/gpu/bench.py" --llama-server "$BIN" \
-  --model "$WORK/models/llama-8b-$TYPE.gguf" --lora "$WORK/models/lora-a.gguf" --lora "$WORK/models/lora-b.gguf" \
-  --out "$WORK/results-$TYPE.json" --workdir "$WORK/bench" --pid-dir "$WORK/pids" --mirror "$OUT" \
-  --llama-cpus 0-11 --llama-threads 8 --gateway-cpu 15 --deadline-s "$LEFT" ${KIMI_GPU_BENCH_ARGS:-}
+log "sweep ($SHAPE $TYPE), ${LEFT}s left for it"
+taskset -c "$CPUS_CLIENT" "$PY" "$ROOT/bench/gpu/bench.py" --llama-server "$BIN" \
+  --model "$WORK/models/llama-$SHAPE-$TYPE.gguf" \
+  --lora "$WORK/models/lora-$SHAPE-a.gguf" --lora "$WORK/models/lora-$SHAPE-b.gguf" \
+  --out "$WORK/results-$SHAPE-$TYPE.json" --workdir "$WORK/bench" --pid-dir "$WORK/pids" --mirror "$OUT" \
+  --llama-cpus "$CPUS_LLAMA" --llama-threads 8 --gateway-cpu "$CPU_GATEWAY" --deadline-s "$LEFT" \
+  ${KIMI_GPU_BENCH_ARGS:-}
 rc=$?
 log "bench.py exited with $rc"
 exit $rc
