@@ -245,7 +245,7 @@ routes:
                     order += 1
                     continue
                 n = requests_for(concurrency, a.requests_per_stream, a.min_requests, a.max_requests)
-                estimate = (last_pair[1] * n / last_pair[0]) if last_pair else 0.0
+                estimate = (1.3 * last_pair[1] * n / last_pair[0]) if last_pair else 0.0  # prefill-bound: ~ n
                 left = a.deadline_s - (time.monotonic() - started)
                 if estimate > left:
                     log(f"stopping before {key}: about {estimate:.0f}s needed, {left:.0f}s left")

@@ -24,7 +24,12 @@ CPU_GATEWAY=${KIMI_GPU_CPU_GATEWAY:-15}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - T0))s] $*" >&2; }
-save() { cp -f "$WORK"/results-*.json "$WORK"/*.log "$WORK"/bench/*.log "$OUT"/ 2>/dev/null; true; }
+save() {  # the results and one file of log tails ($OUT returns at most 8 files)
+  cp -f "$WORK"/results-*.json "$OUT"/ 2>/dev/null
+  for f in "$WORK"/*.log "$WORK"/bench/*.log; do [ -f "$f" ] && { echo "=== $f"; tail -c 100000 "$f"; }; done \
+    > "$OUT/logs.txt" 2>/dev/null
+  true
+}
 trap save EXIT
 
 # Processes a cut-off earlier call left running (they start their own sessions): only the ones we recorded.
