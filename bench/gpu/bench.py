@@ -198,7 +198,11 @@ routes:
         for adapter in (None, ADAPTER_ROUTE):
             for path in ("direct", "gateway"):
                 url, key, full = self.target(path, adapter, body)
-                texts[f"{path}/{adapter or 'base'}"] = http_json(url, full, key)["choices"][0]["message"]["content"]
+                try:
+                    answer = http_json(url, full, key)["choices"][0]["message"]["content"]
+                except (OSError, KeyError, IndexError, ValueError) as exc:  # recorded; the sweep says the rest
+                    answer = f"error: {exc}"
+                texts[f"{path}/{adapter or 'base'}"] = answer
         result = {"texts": texts,
                   "same_text_direct_and_gateway": texts["direct/base"] == texts["gateway/base"]
                   and texts[f"direct/{ADAPTER_ROUTE}"] == texts[f"gateway/{ADAPTER_ROUTE}"],
