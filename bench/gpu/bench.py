@@ -21,6 +21,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -91,6 +92,7 @@ class Bench:
         self.args = args
         self.work = Path(args.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "slots").mkdir(exist_ok=True)
         self.llama: ServerProcess | None = None
         self.gateway: subprocess.Popen | None = None
         self.lora_ids: dict[str, int] = {}
@@ -102,8 +104,9 @@ class Bench:
 
     def start_llama(self) -> None:
         a = self.args
+        # --slot-save-path only enables POST /slots (the erase between runs); nothing is saved.
         extra = ["-ngl", str(a.ngl), "-np", str(a.slots), "-c", str(a.ctx), "--kv-unified", "--cont-batching",
-                 *a.llama_arg]
+                 "--slot-save-path", str(self.work / "slots"), *a.llama_arg]
         launch = LlamaServerLaunch(Path(a.llama_server), Path(a.model), tuple(Path(p) for p in a.lora),
                                    port=free_port(), alias="bench", threads=a.llama_threads, extra=tuple(extra))
         argv = ["taskset", "-c", a.llama_cpus, *launch.argv()] if a.llama_cpus else launch.argv()
@@ -189,6 +192,22 @@ routes:
             return (f"{self.llama_url}/v1/chat/completions", None,
                     {**body, "model": "bench", "lora": self.lora_field(adapter)})
         return f"{self.gateway_url}/v1/chat/completions", CLIENT_KEY, {**body, "model": adapter or BASE_ROUTE}
+
+    def wait_adapters(self, timeout_s: float = 180) -> float:
+        """The gateway loads and verifies registered adapters after it starts (503 until then)."""
+        started = time.monotonic()
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1, "stream": False, **SAMPLING}
+        url, key, full = self.target("gateway", ADAPTER_ROUTE, body)
+        while True:
+            try:
+                http_json(url, full, key, timeout=60)
+                waited = time.monotonic() - started
+                log(f"the adapter route answers after {waited:.1f}s")
+                return waited
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"the adapter route answers {exc.code}: {exc.read()[:300]!r}") from exc
+            time.sleep(0.5)
 
     def sanity(self) -> dict:
         """Greedy text must be the same direct and through the gateway, and differ with the adapter."""
@@ -352,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.start_gateway()
         run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "llama_argv": bench.llama_argv,
                "gateway_argv": bench.gateway_argv, "llama_ready_s": round(bench.llama_ready_s, 1),
-               "bench_argv": sys.argv, "machine": machine_facts(args), "sanity": bench.sanity()}
+               "bench_argv": sys.argv, "machine": machine_facts(args),
+               "adapter_ready_s": round(bench.wait_adapters(), 1), "sanity": bench.sanity()}
         results.setdefault("runs", []).append(run)
         results["settings"] = {k: getattr(args, k) for k in ("model", "lora", "concurrency", "max_tokens",
                                                               "prompt_mix", "requests_per_stream", "min_requests",

@@ -43,6 +43,8 @@ class _Conn(asyncio.Protocol):
         self.buffer = b""
         self.last = 0.0
         self.closed = False
+        self.keep_alive = True
+        self.got_bytes = False
         self.error_body = b""
 
     def connection_made(self, transport) -> None:
@@ -53,7 +55,7 @@ class _Conn(asyncio.Protocol):
         self._finish(False, f"connection lost: {exc}")
 
     def send(self, data: bytes, record: Record) -> asyncio.Future:
-        self.record, self.buffer, self.error_body = record, b"", b""
+        self.record, self.buffer, self.error_body, self.got_bytes = record, b"", b"", False
         self.done = asyncio.get_running_loop().create_future()
         self.parser = httptools.HttpResponseParser(self)
         record.t_send = self.last = time.perf_counter()
@@ -61,6 +63,7 @@ class _Conn(asyncio.Protocol):
         return self.done
 
     def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -101,6 +104,7 @@ class _Conn(asyncio.Protocol):
                         record.tokens += 1
 
     def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
         if self.record.status != 200:
             self._finish(False, f"HTTP {self.record.status}: {self.error_body[:300]!r}")
         else:
@@ -139,19 +143,24 @@ async def run_streams(url: str, key: str | None, bodies: list[dict], concurrency
         conn: _Conn | None = None
         while queue:
             index, body = queue.pop()
-            record = records[index] = Record()
-            try:
-                if conn is None or conn.closed:
-                    _, conn = await loop.create_connection(_Conn, host, port)
-                await asyncio.wait_for(conn.send(build_request(url, key, body), record), timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
-                record.ok, record.error = False, f"{type(exc).__name__}: {exc}"
-                if conn is not None and conn.transport is not None:
-                    conn.transport.close()
-                conn = None
-            if not record.ok and conn is not None and conn.transport is not None:
-                conn.transport.close()  # a failed response may leave the stream mid-body
-                conn = None
+            for attempt in (1, 2):
+                record = records[index] = Record()
+                reused = conn is not None and not conn.closed
+                try:
+                    if not reused:
+                        _, conn = await loop.create_connection(_Conn, host, port)
+                    await asyncio.wait_for(conn.send(build_request(url, key, body), record), timeout_s)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    record.ok, record.error = False, f"{type(exc).__name__}: {exc}"
+                # A kept-alive connection the server closed before answering anything: send again on a new one
+                # (what every HTTP client does); any other failure counts.
+                retry = not record.ok and reused and not conn.got_bytes and attempt == 1
+                if conn is not None and (not record.ok or not conn.keep_alive or conn.closed):
+                    if conn.transport is not None:
+                        conn.transport.close()  # a failed response may leave the stream mid-body
+                    conn = None
+                if not retry:
+                    break
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
