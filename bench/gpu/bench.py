@@ -72,12 +72,14 @@ def parse_mix(text: str) -> list[int]:
     return cycle
 
 
-def make_bodies(n: int, mix: list[int], max_tokens: int, seed: int) -> list[dict]:
+def make_bodies(n: int, mix: list[int], max_tokens: int, seed: int, order_seed: int = 0) -> list[dict]:
     """n chat requests whose prompts are `length` random words (one token each), unique per request and seed,
-    so no run is served from another's prompt cache."""
-    rng = random.Random(seed)
+    so no run is served from another's prompt cache. The order of the lengths depends on order_seed only: both
+    paths of a cell queue the same prompt lengths in the same order (where a 4,096-token prompt lands in the
+    queue moves the TTFT median by seconds at high concurrency; the 2026-12-01 run still had one order per path)."""
     lengths = [mix[i % len(mix)] for i in range(n)]
-    rng.shuffle(lengths)
+    random.Random(order_seed).shuffle(lengths)
+    rng = random.Random(seed)
     return [{"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=length))}],
              "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}, **SAMPLING}
             for length in lengths]
@@ -280,7 +282,8 @@ routes:
                 cell = {"concurrency": concurrency, "adapter": adapter, "requests": n, "order": list(paths)}
                 for i, path in enumerate(paths):
                     # Different prompts for the two paths (same lengths): no prompt is ever computed twice.
-                    bodies = make_bodies(n, mix, a.max_tokens, seed=zlib.crc32(f"{key}/{path}".encode()))
+                    bodies = make_bodies(n, mix, a.max_tokens, seed=zlib.crc32(f"{key}/{path}".encode()),
+                                         order_seed=zlib.crc32(key.encode()))
                     log(f"{key} {path}: {n} requests, {concurrency} streams")
                     cell[path] = self.run_path(path, adapter, bodies, concurrency)
                     log(f"{key} {path}: {json.dumps(cell[path])}")

@@ -2,7 +2,7 @@
 # bench/gpu/pack.sh [DEST]: what bench/gpu/run.sh needs on a GPU machine that cannot reach the network.
 #   DEST/llama.cpp.tar.xz  the llama.cpp the project builds on the CPU (backends/launchers/llama_build.py:
 #                          vendor/llama.cpp of the llama-cpp-python sdist), without models/, docs/, tests/,
-#                          examples/ and the converters: 7.6 MB instead of 176 MB
+#                          examples/ and the converters: about 8 MB instead of 176 MB
 #   DEST/whl/              the project's runtime dependencies as wheels for CPython 3.12 on x86-64 Linux, at
 #                          the versions of the local venv, minus what that machine's image already has
 # Run here (with the network), from the repo root; DEST defaults to .gpu (add /.gpu/ to .git/info/exclude).
@@ -18,7 +18,7 @@ trap 'rm -rf "$tmp"' EXIT
 "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$SDIST" -d "$tmp"
 tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
 src=$(echo "$tmp"/llama_cpp_python-*/vendor)
-(cd "$src/llama.cpp" && rm -rf models docs media benches tests examples conversion gguf-py scripts)
+(cd "$src/llama.cpp" && rm -rf models docs media benches tests examples conversion gguf-py)  # scripts/: the build needs ui-assets.cmake
 tar cJf "$DEST/llama.cpp.tar.xz" -C "$src" llama.cpp
 
 # Not on the image (KINDS.md lists what is): pinned to what the project's venv runs here.

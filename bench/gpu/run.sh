@@ -23,6 +23,7 @@ CPUS_CLIENT=${KIMI_GPU_CPUS_CLIENT:-12-13}
 CPU_GATEWAY=${KIMI_GPU_CPU_GATEWAY:-15}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
+cd "$ROOT" || exit 1  # python -m finds this checkout's packages first
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - T0))s] $*" >&2; }
 save() {  # the results and one file of log tails ($OUT returns at most 8 files)
   cp -f "$WORK"/results-*.json "$OUT"/ 2>/dev/null
@@ -51,7 +52,8 @@ log "$(nvcc --version 2>&1 | tail -1); $(cmake --version 2>&1 | head -1); ninja 
 BIN=${KIMI_GPU_LLAMA_SERVER:-$WORK/build/bin/llama-server}
 if [ ! -x "$BIN" ]; then
   log "building llama-server (CUDA, sm_90, $JOBS jobs)"
-  rm -rf "$WORK/llama.cpp" && tar xJf "$SRC/llama.cpp.tar.xz" -C "$WORK" || exit 1
+  [ -d "$WORK/llama.cpp" ] || tar xJf "$SRC/llama.cpp.tar.xz" -C "$WORK" || exit 1  # kept: ninja resumes
+  [ -d "$SRC/llama-scripts" ] && [ ! -d "$WORK/llama.cpp/scripts" ] && cp -r "$SRC/llama-scripts" "$WORK/llama.cpp/scripts"
   FLAGS=$("$PY" -c 'from backends.launchers.llama_build import CMAKE_FLAGS; print(" ".join(CMAKE_FLAGS))') || exit 1
   GEN=""; command -v ninja > /dev/null && GEN="-G Ninja"
   ( cmake -S "$WORK/llama.cpp" -B "$WORK/build" $GEN $FLAGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
