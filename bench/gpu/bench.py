@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-mix", default="512:7,4096:1", help="prompt tokens:weight,…")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=8)
-    parser.add_argument("--max-requests", type=int, default=256)
+    parser.add_argument("--max-requests", type=int, default=128)
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--ctx", type=int, default=524288, help="total KV tokens, shared by the slots (--kv-unified)")
     parser.add_argument("--ngl", type=int, default=99)

@@ -17,6 +17,10 @@ def fmt(value, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def signed(value) -> str:
+    return "–" if value is None else f"{value:+,.1f}"
+
+
 def ratio(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
@@ -29,11 +33,13 @@ def table(results: dict, name: str) -> str:
         f"Results file: `{name}`. Model: `{Path(settings['model']).name}` ({settings['slots']} slots, "
         f"{settings['ctx']:,} KV tokens shared), prompts `{settings['prompt_mix']}` (tokens:weight), "
         f"{settings['max_tokens']} tokens out, greedy; requests per cell = "
-        f"clamp({settings['requests_per_stream']} × streams, {settings['min_requests']}, {settings['max_requests']}).",
+        f"max(streams, clamp({settings['requests_per_stream']} × streams, {settings['min_requests']}, "
+        f"{settings['max_requests']})).",
         f"Machine: {machine['gpu']}; {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, "
         f"uvicorn {machine['uvicorn']}, uvloop {machine['uvloop']}, httptools {machine['httptools']}; "
         f"gateway commit {machine['gateway_commit']}.",
-        f"llama-server: `{machine['llama_server_version'].splitlines()[-1] if machine['llama_server_version'] else '?'}`.",
+        f"llama-server: `{' / '.join(machine['llama_server_version'].splitlines())}` (llama-cpp-python 0.3.36's "
+        f"vendor/llama.cpp, CUDA 13.0, sm_90).",
         f"Sanity (greedy, 12 tokens): same text direct and through the gateway: "
         f"{run['sanity']['same_text_direct_and_gateway']}; the adapter changes the text: "
         f"{run['sanity']['adapter_changes_text']}.",
@@ -57,7 +63,7 @@ def table(results: dict, name: str) -> str:
         q = cell["ratios"]
         lines.append(
             f"| {cell['concurrency']} | {adapter} | **gateway/direct** | | {ratio(q['ttft_p50_ms'])} "
-            f"(+{fmt(q.get('added_ttft_p50_ms'), 1)} ms) | {ratio(q['ttft_p99_ms'])} | {ratio(q['itl_p50_ms'])} "
+            f"({signed(q.get('added_ttft_p50_ms'))} ms) | {ratio(q['ttft_p99_ms'])} | {ratio(q['itl_p50_ms'])} "
             f"| {ratio(q['itl_p99_ms'])} | **{ratio(q['output_tokens_per_s'])}** | {ratio(q['requests_per_s'])} "
             f"| | | |")
     if results.get("stopped_before"):
