@@ -139,8 +139,8 @@ def test_backend_requests_carry_the_request_id():
     (b'data: {"choices":[{"delta":{"role": null, "content":"a"}}], "usage": null}\n\n',
      b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'),
     # llama.cpp: finish_reason null on every token is OpenAI's own shape and stays as it is
-    (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" w"}}],"object":"chat.completion.chunk"}\n\n',
-     b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" w"}}],"object":"chat.completion.chunk"}\n\n'),
+    (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" w"}}],"object":"x"}\n\n',
+     b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" w"}}],"object":"x"}\n\n'),
 ])
 def test_null_only_fields_go_and_finish_reason_null_stays(event, expected):
     assert ReplyShape("/v1/chat/completions", 1).block(event) == expected
