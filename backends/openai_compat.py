@@ -455,6 +455,11 @@ class OpenAICompatDriver:
     def replica_up(self) -> list[bool]:
         return list(self._up)
 
+    def set_replica_up(self, replica: int, up: bool) -> None:
+        """A supervisor saw the replica's process die or come back: route around it now, not at the next health
+        check (a down replica is tried only when every replica is down)."""
+        self._up[replica] = up
+
     def in_flight(self) -> list[int]:
         return list(self._busy)
 

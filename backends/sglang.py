@@ -26,6 +26,7 @@ from backends.errors import (
 from backends.field_support import asks_for_any, check_unserved, drop_best_of
 from backends.generations import EFFORT_TO_K3, Generation, GenerationName, generation, sglang_parser_args
 from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent, parse_json
+from backends.sglang_launch import SglangLaunchConfig
 
 log = logging.getLogger(__name__)
 ALREADY_LOADED = "already loaded"
@@ -43,7 +44,7 @@ class SglangConfig(BackendConfigBase):
     max_loaded_adapters: int | None = Field(None, ge=1)   # its --max-loaded-loras: pinned adapters stay within it
     max_lora_rank: int | None = Field(None, ge=1)          # its --max-lora-rank: larger adapters are refused (422)
     expert_adapter: Name | None = None           # KT expert LoRA: the one adapter fixed at launch (§0.1)
-    launch: dict | None = None                   # read by `kimi-gateway launch sglang-kt`
+    launch: SglangLaunchConfig | None = None     # read by `kimi-gateway launch sglang-kt`
     generation: GenerationName = "k2.5"          # the model it serves: thinking switch, parsers (generations.py)
     reasoning_parser: str | None = None          # --reasoning-parser; None = the generation's
     tool_call_parser: str | None = None          # --tool-call-parser; None = the generation's

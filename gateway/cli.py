@@ -7,6 +7,8 @@ import sys
 
 from gateway.adapters_cli import add_commands as add_admin_commands
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.experiments_cli import add_commands as add_experiment_commands
+from gateway.launch_cli import add_commands as add_launch_commands
 
 
 def route_table(config: GatewayConfig) -> str:
@@ -19,6 +21,8 @@ def route_table(config: GatewayConfig) -> str:
         if route.experiment is not None:
             variants = ", ".join(f"{name} {weight}" for name, weight in route.experiment.variants.items())
             where = f"experiment [{variants}] sticky by {route.experiment.sticky_by}"
+            if route.experiment.shadow:
+                where += ", shadow " + ", ".join(f"{n} {f:g}" for n, f in route.experiment.shadow.items())
         else:
             where = " -> ".join(f"{t.adapter}@{t.backend}" if t.adapter else t.backend for t in route.targets)
         profile = route.profile or config.sampling.default_profile
@@ -107,6 +111,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where the demo's model, adapters and config go (default: user cache)")
     demo.set_defaults(run=cmd_demo)
     add_admin_commands(commands)
+    add_experiment_commands(commands)
+    add_launch_commands(commands)
     return root
 
 

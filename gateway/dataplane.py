@@ -36,6 +36,7 @@ from gateway.validation import check_request
 log = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 STICKY_HEADER = b"x-kimi-sticky-key"
+VARIANT_HEADER = b"x-kimi-variant"
 CLOSE = (b"connection", b"close")
 SERVER_TIMING = b"server-timing"
 
@@ -64,6 +65,7 @@ class DataPlane:
         self.tracer = state.tracer
         self.include_prompts = state.config.logging.include_prompts
         self.images = ImagePolicy(limits)
+        self.facts = state.experiments.facts
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
@@ -72,7 +74,7 @@ class DataPlane:
         headers = dict(scope["headers"])
         request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
         REQUEST_ID.set(request_id)  # on every log line written while serving it (gateway/logs.py)
-        recorder = RequestRecorder(self.state.metrics)
+        recorder = RequestRecorder(self.state.metrics, self.facts, request_id)
         recorder.traceparent = incoming_traceparent(headers.get(TRACEPARENT))
         span = None
         if self.tracer is not None:
@@ -83,6 +85,7 @@ class DataPlane:
         try:
             # The key first, from the headers: an unauthenticated client gets nothing buffered for it.
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
+            recorder.key = principal.name
             body = await read_body(receive, self.max_body)
             doc = parse_body(body)
             watcher = DisconnectWatcher(receive)
@@ -94,6 +97,8 @@ class DataPlane:
             if body is None:  # refused before its body was read (401, 413): close rather than drain the rest
                 extra.append(CLOSE)
             extra.append((SERVER_TIMING, recorder.server_timing()))
+            if recorder.variant is not None and not any(name == VARIANT_HEADER for name, _ in extra):
+                extra.append((VARIANT_HEADER, recorder.variant.encode()))  # an error answer says its variant too
             code = await send_error(send, exc, extra)
         except asyncio.CancelledError:
             code = 499  # nginx's "client closed request": nothing is left to answer
@@ -153,6 +158,7 @@ class DataPlane:
         if principal.rpm or principal.tpm:
             await self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
         resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
+        recorder.variant = resolved.variant
         route = resolved.route
         if has_images:
             await self.images.apply(doc, route.image_urls or self.limits.image_urls)
@@ -166,18 +172,21 @@ class DataPlane:
         if "tools" in doc and self.agents.shared:
             await self.agents.prefetch(doc, principal.name)
         observer = self.agents.prepare(doc, principal.name, recorder) if "tools" in doc else None
-        return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
-                              thinking=decision.thinking, sampling=decision.values, stream=stream,
-                              has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                              hide_usage_chunk=stream and ask_for_usage(doc),
-                              effort=decision.effort, traceparent=recorder.traceparent), resolved, decision
+        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
+                                 thinking=decision.thinking, sampling=decision.values, stream=stream,
+                                 has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
+                                 hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent,
+                                 effort=decision.effort)
+        if resolved.variant is not None:
+            recorder.after = state.shadows.pick(state.routes.get(model), request)
+        return request, resolved, decision
 
     def response_headers(self, target, resolved, decision, request, recorder) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),
                    (b"x-kimi-adapter", (target.adapter or "").encode()),
                    (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
         if resolved.variant is not None:
-            headers.append((b"x-kimi-variant", resolved.variant.encode()))
+            headers.append((VARIANT_HEADER, resolved.variant.encode()))
         if request.adjustments:
             adjustments = list(dict.fromkeys(request.adjustments))
             headers.append((b"x-kimi-adjusted", ",".join(adjustments).encode()))

@@ -94,6 +94,15 @@ class Metrics:
                                      "experiment", "variant", "code")
         self.experiment_ttft = h("experiment_time_to_first_token_seconds", "Time to first token per variant",
                                  TTFT_BUCKETS, "experiment", "variant")
+        self.experiment_weight = g("experiment_weight", "Variant weights in force", "livemax", "experiment", "variant")
+        # experiments (gateway/experiments/): shadow calls, feedback, the canary guard, request facts
+        self.shadow_calls = c("shadow_calls", "Shadow calls by result (ok, error, timeout, dropped: over its limits)",
+                              "experiment", "variant", "result")
+        self.feedback = c("feedback", "Feedback recorded (score or label)", "experiment", "variant", "kind")
+        self.guard_events = c("experiment_guard_events", "Candidates the canary guard rolled back",
+                              "experiment", "variant", "reason")
+        self.facts_dropped = Counter(PREFIX + "request_facts_dropped", "Request facts not stored: the write queue "
+                                     "was full", registry=self.registry)
         # a fleet's shared state
         self.shared_degraded = c("shared_degraded", "Requests served without the shared Redis (ratelimit: this "
                                  "replica's share; memory: local only)", "what")
@@ -165,16 +174,46 @@ class FleetRecorder:
         self._metrics.shared_degraded.labels(what).inc()
 
 
-class RequestRecorder:
-    """started -> routed -> upstream_* -> first_event -> finished, the last one always (in a `finally`).
-    It also holds what the access log line and the Server-Timing header say (gateway/observe.py)."""
-
-    __slots__ = ("_metrics", "start", "_first", "_events", "route", "adapter", "version", "backend", "variant",
-                 "upstream_s", "_upstream_start", "code", "usage", "ttft_s", "duration_s", "overhead_s",
-                 "traceparent")
+class ExperimentRecorder:
+    """Experiments' events as metrics (gateway/experiments/service.py ExperimentEvents)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+
+    def facts_dropped(self, count: int) -> None:
+        self._metrics.facts_dropped.inc(count)
+
+    def guard_event(self, experiment: str, variant: str, reason: str) -> None:
+        self._metrics.guard_events.labels(experiment, variant, reason).inc()
+
+    def promoted(self, experiment: str, variant: str) -> None:
+        self._metrics.adapter_operations.labels("promote", "ok").inc()
+
+    def shadow_call(self, experiment: str, variant: str, result: str) -> None:
+        self._metrics.shadow_calls.labels(experiment, variant, result).inc()
+
+    def feedback(self, experiment: str, variant: str, kind: str) -> None:
+        self._metrics.feedback.labels(experiment, variant, kind).inc()
+
+    def weights(self, experiment: str, weights: dict[str, float]) -> None:
+        total = sum(weights.values()) or 1
+        for variant, weight in weights.items():
+            self._metrics.experiment_weight.labels(experiment, variant).set(weight / total)
+
+
+class RequestRecorder:
+    """started -> routed -> upstream_* -> first_event -> finished, the last one always (in a `finally`).
+    It also holds what the access log line and the Server-Timing header say (gateway/observe.py). With a fact
+    log (gateway/experiments/facts.py), `finished` also hands it the request's facts, and then starts `after`
+    (shadow calls that wait for the answer to be done)."""
+
+    __slots__ = ("_metrics", "start", "_first", "_events", "route", "adapter", "version", "backend", "variant",
+                 "upstream_s", "_upstream_start", "code", "usage", "ttft_s", "duration_s", "overhead_s",
+                 "traceparent", "key", "request_id", "facts", "after")
+
+    def __init__(self, metrics: Metrics, facts=None, request_id: str = "") -> None:
+        self._metrics = metrics
+        self.facts, self.request_id, self.key, self.after = facts, request_id, "", None
         self.start = time.perf_counter()
         self._first = 0.0
         self._events = 0
@@ -271,3 +310,10 @@ class RequestRecorder:
                 metrics.tokens.labels(self.route, self.adapter, "prompt").inc(prompt)
             if isinstance(completion, int) and completion > 0:
                 metrics.tokens.labels(self.route, self.adapter, "completion").inc(completion)
+        if self.facts is not None and self.route:
+            first = self._first - self.start if self._first else self.duration_s
+            self.facts.record(self.request_id, self.route, self.route if self.variant else None, self.variant,
+                              self.version or None, self.backend or None, self.key, code, self.duration_s, first,
+                              usage)
+        if self.after is not None:
+            self.after.start()

@@ -17,7 +17,10 @@ from backends.factory import build_drivers, build_launchers
 from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
-from gateway.metrics import FleetRecorder, LifecycleRecorder, Metrics
+from gateway.experiments.service import Experiments
+from gateway.experiments.shadow import ShadowMirror
+from gateway.experiments.sqlite_store import SqliteExperimentStore
+from gateway.metrics import ExperimentRecorder, FleetRecorder, LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 from gateway.shared import Shared, build_shared
 from gateway.tracing import build_tracer
@@ -35,6 +38,8 @@ class GatewayState:
     client_keys: tuple[ClientKey, ...] | None
     lifecycle: AdapterLifecycle
     shared: Shared
+    experiments: Experiments
+    shadows: ShadowMirror
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
@@ -49,6 +54,8 @@ class GatewayState:
     async def start(self) -> None:
         self.lifecycle.on_routes_changed = self.rebuild_routes
         await self.shared.start()
+        self.experiments.on_routes_changed = self.rebuild_routes
+        await self.experiments.start()   # run-time routes first: the lifecycle's first rebuild uses them
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
         self.fleet.routes_changed(self.config, self.lifecycle.active())
         for driver in self.drivers.values():
@@ -60,10 +67,12 @@ class GatewayState:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.shadows.aclose()
         await self.lifecycle.aclose()
         await self.shared.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
+        await self.experiments.aclose()   # after the drivers: the last requests' facts are written too
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)  # flushes the last spans (blocking I/O)
 
@@ -87,8 +96,12 @@ class GatewayState:
     def rebuild_routes(self) -> None:
         """A registry change: a new route table, swapped in whole (never mutated under a request)."""
         active = self.lifecycle.active()
-        self.routes = RouteTable(self.config, active)
+        self.routes = RouteTable(self.config, active, self.experiments.routes(), self.experiments.weights)
         self.fleet.routes_changed(self.config, active)
+        recorder = ExperimentRecorder(self.metrics)
+        for route in self.routes.routes():
+            if route.experiment is not None:
+                recorder.weights(route.name, self.experiments.weights_in_force(route))
 
     def ready(self) -> bool:
         """Every route has at least one healthy target."""
@@ -150,7 +163,9 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s,
         leases=StoreLeases(store) if config.store.kind == "postgres" else None)
-    return GatewayState(
+    experiments = Experiments(config, SqliteExperimentStore(Path(config.state_dir).expanduser()),
+                              ExperimentRecorder(metrics))
+    state = GatewayState(
         config=config,
         routes=RouteTable(config, []),
         drivers=drivers,
@@ -161,4 +176,9 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),
         tracer=build_tracer(config),
+        experiments=experiments,
+        shadows=ShadowMirror(drivers, lambda: state.routes, experiments.facts,
+                             {b.name: b.max_connections for b in config.backends},
+                             ExperimentRecorder(metrics).shadow_call),
     )
+    return state

@@ -83,7 +83,8 @@ async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
 
 @router.delete("/adapters/{name}", status_code=204)
 async def remove_adapter(name: str, state: StateDep) -> Response:
-    users = [route.name for route in state.routes.routes() if route.experiment and name in route.experiment.variants]
+    users = [route.name for route in state.routes.routes()
+             if route.experiment and (name in route.experiment.variants or name in route.experiment.shadow)]
     try:
         await asyncio.shield(state.lifecycle.remove(name, referenced_by=users))
     except LIFECYCLE_ERRORS as exc:

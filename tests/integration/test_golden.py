@@ -1,4 +1,4 @@
-"""The golden corpus (tests/golden/<generation>.json): request/response pairs per Kimi generation, written from
+"""The golden corpus (tests/golden/generations/<generation>.json): request/response pairs per Kimi generation, written from
 reference/ (not recorded from live traffic), run through the real gateway against the emulators, each one
 whole and streamed. A case names its gateway route (`target`), its turns and, per turn, what the backend must
 have received (`upstream`: `equals`, `present`, `absent`, dotted paths), what the client must see (`reply`,
@@ -19,7 +19,7 @@ from tests.integration.conftest import ROOT
 from tests.integration.test_sglang import start_sglang
 
 KEY = "sk-golden-test-123"
-CORPUS = Path(__file__).parents[1] / "golden"
+CORPUS = Path(__file__).parents[1] / "golden" / "generations"
 CASES = [pytest.param(path.stem, index, case, id=f"{path.stem}:{index}:{case['case']}:{case['target']}")
          for path in sorted(CORPUS.glob("*.json")) for index, case in enumerate(json.loads(path.read_text())["cases"])]
 HOSTED_ROUTES = {"hosted-k2.5": "kimi-k2.5", "hosted-k2.6": "kimi-k2.6", "hosted-k2.7-code": "kimi-k2.7-code",
