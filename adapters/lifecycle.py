@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
+from adapters.conversion import ConversionError, Converter, Step, Unconverted, needs_step, plan, with_artifacts
 from adapters.errors import AdapterInUseError, AdapterPlacementError, RestartNeededError
 from adapters.models import AdapterRecord, AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
 from adapters.placement import BackendPlacement, Launcher, is_present
@@ -81,8 +82,9 @@ class AdapterLifecycle:
                  base: BaseModelDims | None = None, max_rank: Mapping[str, int | None] | None = None,
                  launchers: Mapping[str, Sequence[Launcher]] | None = None,
                  events: LifecycleEvents | None = None, drain_deadline_s: float = 600.0,
-                 max_pinned: Mapping[str, int] | None = None) -> None:
+                 max_pinned: Mapping[str, int] | None = None, converter: Converter | None = None) -> None:
         self.store = store
+        self.converter = converter or Unconverted()
         self.drivers = drivers
         self.roots = tuple(roots)
         self.base = base
@@ -166,13 +168,21 @@ class AdapterLifecycle:
         """Every adapter serves one version: the active one, validated again now (its files may have
         changed or gone); a registry entry with none gets its first version activated."""
         facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
+        made = await self.converter.convert(facts, self._plan(facts, record.spec.backends))  # cached: no rerun
+        source, gguf = with_artifacts(record.spec.source, record.spec.gguf, made)
         known = self.versions.get(record.spec.name, {})
         if record.active is not None and record.active == facts.content_hash:
+            version = known.get(record.active)
+            if version is not None and (version.source, version.gguf) != (source, gguf):  # cache moved/cleared
+                version = replace(version, source=source, gguf=gguf)
+                known[version.version] = version
+                await self.store.put_version(version)
             return
         if record.active is not None:
             log.warning("adapter %s: its files changed on disk since version %s; serving them as a new version",
                         record.spec.name, record.active[:8])
         version = known.get(facts.content_hash) or self._new_version(record.spec, facts)
+        version = replace(version, source=source, gguf=gguf)
         await self.store.put_version(version)
         self.records[record.spec.name] = await self.store.activate(version)
         self.versions.setdefault(record.spec.name, {})[version.version] = version.with_status(VersionStatus.ACTIVE)
@@ -184,10 +194,12 @@ class AdapterLifecycle:
         nothing of it stays registered."""
         async with self._operation:
             facts = await self._validate(spec.source, spec.gguf, spec.backends)
+            steps = self._plan(facts, spec.backends)
             record = await self.store.add_adapter(spec, "admin")
             self.records[spec.name] = record
             version = self._new_version(spec, facts)
             try:
+                version = await self._convert(version, facts, steps, spec.backends)
                 await self._bring_in(version, spec.backends)
             except BaseException:
                 await self.store.remove_adapter(spec.name)
@@ -206,7 +218,9 @@ class AdapterLifecycle:
             clock.lap("validate")
             if facts.content_hash == record.active:
                 return False
-            version = self._new_version(spec, facts)
+            steps = self._plan(facts, spec.backends)
+            version = await self._convert(self._new_version(spec, facts), facts, steps, spec.backends)
+            clock.lap("convert")
             old = self.versions[name].get(record.active) if record.active else None
             await self._bring_in(version, spec.backends, keep=old)
             clock.lap("load+verify")
@@ -395,6 +409,44 @@ class AdapterLifecycle:
         except AdapterValidationError:
             self.events.adapter_operation("validate", "invalid")
             raise
+
+    def _plan(self, facts: AdapterFacts, backends: Sequence[str]) -> list[Step]:
+        try:
+            return plan(facts, {b: self.drivers[b].kind for b in backends if b in self.drivers})
+        except ConversionError:
+            self.events.adapter_operation("validate", "invalid")
+            raise
+
+    async def _convert(self, version: AdapterVersion, facts: AdapterFacts, steps: list[Step],
+                       backends: Sequence[str]) -> AdapterVersion:
+        """Make the artifacts the backends need (`converting` on their replicas meanwhile); the version then
+        points at them. A failure leaves the version `failed` with the tool's last lines, and raises."""
+        if not steps:
+            return version
+        await self.store.put_version(version)
+        self.versions.setdefault(version.adapter, {})[version.version] = version
+        affected = [b for b in backends if needs_step(self.drivers[b].kind, steps)]
+        for backend in affected:
+            for replica in self.placements[backend].replicas:
+                await self._set_state(version, backend, replica, ReplicaPhase.CONVERTING, ", ".join(map(str, steps)))
+
+        def progress(step: Step, line: str) -> None:
+            log.info("%s %s: %s", version.label, step.tool, line)
+
+        try:
+            made = await self.converter.convert(facts, steps, progress)
+        except ConversionError as exc:
+            for backend in affected:
+                for replica in self.placements[backend].replicas:
+                    await self._set_state(version, backend, replica, ReplicaPhase.FAILED, "conversion failed")
+            failed = version.with_status(VersionStatus.FAILED, str(exc))
+            self.versions[version.adapter][version.version] = failed
+            await self.store.put_version(failed)
+            self.events.adapter_operation("convert", "error")
+            raise ConversionError(f"{version.label}: {exc}") from exc
+        self.events.adapter_operation("convert", "ok")
+        source, gguf = with_artifacts(version.source, version.gguf, made)
+        return replace(version, source=source, gguf=gguf)
 
     @staticmethod
     def _new_version(spec: AdapterSpec, facts: AdapterFacts) -> AdapterVersion:

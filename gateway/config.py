@@ -74,6 +74,16 @@ class BaseModelConfig(Strict):
     gguf: str | None = None          # a base GGUF: its metadata and tensor shapes
 
 
+class ConversionConfig(Strict):
+    """The Pythons that run the real converters, each with its own deps (`kimi-gateway setup converters`
+    makes both venvs and prints these lines); adapters/conversion.py runs them as subprocesses."""
+    llama_cpp_python: str | None = None   # convert_lora_to_gguf.py: torch, transformers, gguf
+    llama_cpp_dir: str | None = None      # holds convert_lora_to_gguf.py; default: the copy setup cached
+    kt_python: str | None = None          # convert_kt_to_sglang_adapter.py (kt-kernel): torch, safetensors
+    timeout_s: float = Field(1800.0, gt=0)
+    cache_dir: str | None = None          # converted artifacts by content hash; default <state_dir>/converted
+
+
 AdapterConfig = AdapterSpec  # a config `adapters:` entry is exactly an adapter spec
 
 
@@ -158,6 +168,7 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     reasoning_memory: ReasoningMemoryConfig = ReasoningMemoryConfig()
     base_model: BaseModelConfig = BaseModelConfig()
+    conversion: ConversionConfig = ConversionConfig()
     exposure: ExposureConfig = ExposureConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()

@@ -16,6 +16,7 @@ from backends.factory import build_drivers, build_launchers
 from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
+from gateway.conversion import converter_of
 from gateway.metrics import LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 
@@ -116,7 +117,8 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
-        drain_deadline_s=config.adapter_drain_deadline_s)
+        drain_deadline_s=config.adapter_drain_deadline_s,
+        converter=converter_of(config, base_model_dims(config)))
     return GatewayState(
         config=config,
         routes=RouteTable(config, []),
