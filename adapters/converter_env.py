@@ -135,7 +135,10 @@ def ensure_venv(venv: Path, requirements: Sequence[str], no_deps: Sequence[str],
     if venv.exists():
         venv.rename(partial)
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+        if made.returncode != 0:
+            raise ConverterSetupError(f"{what}: python -m venv failed (Debian: apt-get install python3-venv): "
+                                      f"{made.stderr.strip()[-300:]}")
         _pip(python, list(requirements), log, what)
         if no_deps:
             _pip(python, ["--no-deps", *no_deps], log, what)
@@ -219,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         where = setup_converters(args.dir, lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConverterSetupError, llama_build.BuildError, subprocess.CalledProcessError) as exc:
+    except (ConverterSetupError, llama_build.BuildError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("# add to your gateway config:")

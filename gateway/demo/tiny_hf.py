@@ -49,6 +49,23 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> Path:
     return path
 
 
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every F32 tensor of a safetensors file (what the converters write for F32 input)."""
+    raw = Path(path).read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    data = raw[8 + length:]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] != "F32":
+            raise ValueError(f"{path}: {name} is {entry['dtype']}, only F32 is read here")
+        start, stop = entry["data_offsets"]
+        tensors[name] = np.frombuffer(data[start:stop], dtype="<f4").reshape(entry["shape"])
+    return tensors
+
+
 def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of llama.cpp's `LlamaModel.permute` along axis 0 (HF rotary half-split layout)."""
     return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
