@@ -67,12 +67,15 @@ class ActiveAdapter:
 
 
 def check_config_adapters(specs: Sequence[AdapterSpec], roots: Sequence[str], base: BaseModelDims | None,
-                          max_rank: Mapping[str, int | None]) -> None:
-    """Validate every config adapter now (before a server starts): the first bad one raises, named."""
+                          max_rank: Mapping[str, int | None], kinds: Mapping[str, str] | None = None) -> None:
+    """Validate every config adapter now (before a server starts): the first bad one raises, named. Given the
+    backends' kinds, an adapter that one of its backends cannot serve even converted is refused too."""
     for index, spec in enumerate(specs):
         ranks = [max_rank[b] for b in spec.backends if max_rank.get(b)]
         try:
-            validate_adapter(spec.source, spec.gguf, roots, base, min(ranks) if ranks else None)
+            facts = validate_adapter(spec.source, spec.gguf, roots, base, min(ranks) if ranks else None)
+            if kinds is not None:
+                plan(facts, {b: kinds[b] for b in spec.backends if b in kinds})
         except AdapterValidationError as exc:
             raise AdapterValidationError(f"adapters[{index}] ({spec.name}): {exc}") from exc
 

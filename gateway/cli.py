@@ -37,7 +37,8 @@ def load_checked(path: str) -> GatewayConfig:
     config = load_config(path)
     try:
         check_config_adapters(config.adapters, config.adapter_roots, base_model_dims(config),
-                              {b.name: getattr(b, "max_lora_rank", None) for b in config.backends})
+                              {b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
+                              {b.name: b.kind for b in config.backends})
     except AdapterValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return config
