@@ -184,7 +184,7 @@ class ToolConverter:
             else:
                 if (target / FUSED_FILE).exists():
                     raise AdapterValidationError(f"the output still holds {FUSED_FILE}")
-                validate_peft_dir(target, target.name, [str(work)], self.base, None)
+                validate_peft_dir(target, str(target), [str(work)], self.base, None)
         except AdapterValidationError as exc:
             raise ConversionError(f"{step.tool} wrote an output that fails validation: {exc}") from exc
 

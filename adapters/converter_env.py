@@ -5,7 +5,8 @@ that llama-server is built from) and the two venvs that run the converters, made
 - llama.cpp venv: convert_lora_to_gguf.py needs torch, transformers (the version llama.cpp's
   requirements-convert_legacy_llama.txt pins), safetensors and gguf's own dependencies (the script puts the
   sdist's gguf-py first on sys.path, so the gguf it runs is the one matching the server).
-- KT venv: convert_kt_to_sglang_adapter.py needs only torch and safetensors; kt-kernel is installed
+- KT venv: convert_kt_to_sglang_adapter.py needs torch and safetensors (whose torch `save_file` imports
+  numpy, so numpy too); kt-kernel is installed
   without its dependencies, since only that pure-Python script is used (run by path, so kt_kernel's
   compiled extension is never imported).
 torch is pinned: on these machines torch==2.13.0 is a CPU build on local disk, while an unpinned torch
@@ -27,10 +28,10 @@ from backends.launchers import llama_build
 
 TORCH = "torch==2.13.0"
 LLAMA_CPP_REQUIREMENTS = (TORCH, "transformers==4.57.6", "safetensors==0.8.0", "gguf==0.19.0")
-KT_REQUIREMENTS = (TORCH, "safetensors==0.8.0")
+KT_REQUIREMENTS = (TORCH, "safetensors==0.8.0", "numpy==2.4.6")   # safetensors' torch save_file imports numpy
 KT_KERNEL = "kt-kernel==0.7.2"               # installed with --no-deps
 LLAMA_CPP_IMPORTS = ("torch", "transformers", "safetensors", "numpy", "yaml", "tqdm")
-KT_IMPORTS = ("torch", "safetensors")
+KT_IMPORTS = ("torch", "safetensors", "numpy")
 KT_SCRIPT = "kt_kernel/sft/convert_kt_to_sglang_adapter.py"
 LLAMA_SCRIPT = "convert_lora_to_gguf.py"
 MARKER = ".kimi-gateway-ready"

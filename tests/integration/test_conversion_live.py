@@ -107,8 +107,10 @@ async def test_a_peft_dir_for_another_architecture_fails_with_the_tools_last_lin
 
 async def test_a_missing_base_config_and_a_timeout_leave_nothing_behind(converters, family, tmp_path):
     facts = validate_adapter(str(family["peft"]), None, [str(family["root"])])
-    with pytest.raises(ConversionError, match="failed \\(exit 1\\)(.|\n)*config.json"):
-        await tool(converters, tmp_path / "cache", tmp_path / "gone" / "config.json").convert(facts, [PEFT_TO_GGUF])
+    (tmp_path / "base").mkdir()   # the base model's dir, without its config.json
+    with pytest.raises(ConversionError, match="failed \\(exit 1\\)(.|\n)*No such file or directory: "
+                                              f"'{tmp_path}/base/config.json'"):
+        await tool(converters, tmp_path / "cache", tmp_path / "base" / "config.json").convert(facts, [PEFT_TO_GGUF])
     with pytest.raises(ConversionError, match="timed out after"):
         await tool(converters, tmp_path / "cache", family["hf"] / "config.json",
                    timeout_s=0.5).convert(facts, [PEFT_TO_GGUF])

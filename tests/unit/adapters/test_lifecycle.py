@@ -84,3 +84,74 @@ async def test_a_replica_that_lost_its_adapters_gets_them_back(tmp_path, dirs):
         assert states == [ReplicaPhase.READY]
     finally:
         await lifecycle.aclose()
+
+
+# --- the conversion step (a stand-in tool; the real converters run in test_conversion_live.py) --------------
+
+class SglangLikeDriver(FakeDriver):
+    kind = "sglang"
+
+
+def kt_converter(tmp_path, body: str):
+    from adapters.conversion import ConversionSettings, ToolConverter
+    from tests.unit.adapters.test_conversion import stand_in
+
+    return ToolConverter(ConversionSettings(cache_dir=tmp_path / "cache", kt_python=stand_in(tmp_path, body),
+                                            kt_script="convert_kt_to_sglang_adapter.py"))
+
+
+COPY_PEFT = """
+import shutil, sys
+print('Converted KT fused expert LoRA adapter')
+shutil.copytree(sys.argv[1].replace('kt-sft', 'v2'), sys.argv[2])
+"""
+
+
+async def test_a_kt_sft_swap_is_converted_then_served_from_the_conversion(tmp_path, dirs):
+    from tests.adapter_files import write_kt_sft
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    driver = SglangLikeDriver("kt")
+    lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
+                                 converter=kt_converter(tmp_path, COPY_PEFT))
+    await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
+    try:
+        assert await lifecycle.swap("legal", str(checkpoint), None) is True
+        view = lifecycle.view("legal")
+        active = next(v for v in view["versions"] if v["status"] == "active")
+        assert active["source"] == str(tmp_path / "cache" / active["version"] / "sglang")
+        assert view["class"] == "experts"
+        assert [files.source for files in driver.serving.values()] == [active["source"]]
+        phases = [s.state for k, s in lifecycle.states.items() if k[1] == active["version"]]
+        assert phases == [ReplicaPhase.READY]
+    finally:
+        await lifecycle.aclose()
+
+
+async def test_a_failed_conversion_leaves_the_version_failed_with_the_tools_last_lines(tmp_path, dirs):
+    from adapters.conversion import ConversionError
+    from tests.adapter_files import write_kt_sft
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    driver = SglangLikeDriver("kt")
+    crash = "import sys\nprint('Traceback (most recent call last):')\nprint('ValueError: Inconsistent LoRA ranks')\nsys.exit(1)"
+    lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
+                                 converter=kt_converter(tmp_path, crash))
+    await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
+    try:
+        [before] = lifecycle.active()
+        with pytest.raises(ConversionError, match="failed \\(exit 1\\)(.|\n)*ValueError: Inconsistent LoRA ranks"):
+            await lifecycle.swap("legal", str(checkpoint), None)
+        assert lifecycle.active() == [before] and list(driver.loaded) == [before.label]
+        failed = [v for v in lifecycle.view("legal")["versions"] if v["status"] == "failed"]
+        assert len(failed) == 1 and failed[0]["reason"].endswith("ValueError: Inconsistent LoRA ranks")
+        assert {s.state for k, s in lifecycle.states.items() if k[1] == failed[0]["version"]} == {ReplicaPhase.FAILED}
+        with pytest.raises(ConversionError):   # a registration: nothing of it stays registered
+            await lifecycle.register(AdapterSpec(name="neko", source=str(checkpoint), backends=("kt",)))
+        assert lifecycle.names() == ["legal"]
+        assert [p.name for p in (tmp_path / "cache").iterdir() if p.name != "logs"] == [failed[0]["version"]]
+        assert list((tmp_path / "cache" / failed[0]["version"]).iterdir()) == []
+    finally:
+        await lifecycle.aclose()
