@@ -66,6 +66,11 @@ def plan(facts: AdapterFacts, backends: Mapping[str, str]) -> list[Step]:
                 raise ConversionError(f"backend {name!r} (llama.cpp) cannot serve this adapter: it adapts MoE "
                                       "experts (.mlp.experts.*), which llama.cpp's base GGUF holds fused "
                                       "(ffn_*_exps) with no per-expert tensor a LoRA could match")
+            if "kv_b_proj" in facts.target_modules:
+                raise ConversionError(f"backend {name!r} (llama.cpp) cannot serve this adapter: llama.cpp's "
+                                      "convert_lora_to_gguf.py cannot convert a LoRA on kv_b_proj (it splits the "
+                                      "MLA kv_b_proj into attn_k_b/attn_v_b, which it does not implement for "
+                                      "LoRA: NotImplementedError); train without kv_b_proj, or give `gguf`")
             if PEFT_TO_GGUF not in steps:
                 steps.append(PEFT_TO_GGUF)
         if kind in PEFT_KINDS:

@@ -2,7 +2,7 @@
 Kimi-K2.5-shaped KT-SFT checkpoint (full expert dims, `--layers` MoE layers of the 60) to extrapolate the
 real adapter's conversion from.
 
-    python -m bench.conversion [--layers 2]     (after `kimi-gateway setup converters`)
+    python -m bench.conversion [--layers 2] [--no-tiny]     (after `kimi-gateway setup converters`)
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def timed(converter: ToolConverter, source: Path, root: Path, step) -> flo
     return time.monotonic() - started
 
 
-async def main(layers: int) -> None:
+async def main(layers: int, tiny: bool) -> None:
     where = converter_env.paths()
     with tempfile.TemporaryDirectory(prefix="bench-conversion-") as tmp:
         root = Path(tmp)
@@ -62,10 +62,12 @@ async def main(layers: int) -> None:
             cache_dir=root / "cache", llama_cpp_python=str(where.llama_cpp_python),
             llama_cpp_dir=str(where.llama_cpp_dir), kt_python=str(where.kt_python),
             base_hf_config=str(hf / "config.json")))
-        print(f"tiny PEFT -> GGUF (convert_lora_to_gguf.py): {await timed(converter, peft, root, PEFT_TO_GGUF):.1f} s")
-        kt = write_kt_sft(root / "kt-sft")
-        print(f"tiny KT-SFT -> SGLang (convert_kt_to_sglang_adapter.py): "
-              f"{await timed(converter, kt, root, KT_TO_SGLANG):.1f} s")
+        if tiny:
+            print(f"tiny PEFT -> GGUF (convert_lora_to_gguf.py): "
+                  f"{await timed(converter, peft, root, PEFT_TO_GGUF):.1f} s")
+            kt = write_kt_sft(root / "kt-sft")
+            print(f"tiny KT-SFT -> SGLang (convert_kt_to_sglang_adapter.py): "
+                  f"{await timed(converter, kt, root, KT_TO_SGLANG):.1f} s")
         size = k25_slice(root / "k25", layers)
         seconds = await timed(converter, root / "k25", root, KT_TO_SGLANG)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
@@ -77,4 +79,6 @@ async def main(layers: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
-    asyncio.run(main(parser.parse_args().layers))
+    parser.add_argument("--no-tiny", action="store_true", help="only the K2.5 slice")
+    args = parser.parse_args()
+    asyncio.run(main(args.layers, not args.no_tiny))

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from adapters.base_model import dims_from_gguf, dims_from_hf_config
-from adapters.conversion import KT_TO_SGLANG, PEFT_TO_GGUF, ConversionError, ConversionSettings, ToolConverter
+from adapters.conversion import (
+    KT_TO_SGLANG,
+    PEFT_TO_GGUF,
+    ConversionError,
+    ConversionSettings,
+    ToolConverter,
+    plan,
+)
 from adapters.validation import validate_adapter
 from backends.launchers.llamacpp import LlamaServerLaunch, free_port
 from gateway.demo import tiny_gguf, tiny_hf
@@ -115,6 +122,35 @@ async def test_a_missing_base_config_and_a_timeout_leave_nothing_behind(converte
         await tool(converters, tmp_path / "cache", family["hf"] / "config.json",
                    timeout_s=0.5).convert(facts, [PEFT_TO_GGUF])
     assert [p.name for p in (tmp_path / "cache" / facts.content_hash).iterdir()] == []
+
+
+def kimi_peft(directory: Path, with_kv_b: bool) -> Path:
+    tensors = {k: v for k, v in kimi_attention_matrices().items() if with_kv_b or "kv_b_proj" not in k}
+    directory.mkdir(parents=True)
+    tiny_hf.write_safetensors(directory / "adapter_model.safetensors", tensors)
+    modules = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"] + (["kv_b_proj"] if with_kv_b else [])
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                               "target_modules": modules}))
+    return directory
+
+
+async def test_kimi_attention_lora_converts_to_gguf_except_on_kv_b_proj(converters, tmp_path):
+    """A Kimi-K2.5-shaped base (kimi_k25, text model under text_config, MLA): llama.cpp's converter maps the MLA
+    projections, but raises NotImplementedError on kv_b_proj, which is why plan() refuses that one up front."""
+    config = tmp_path / "kimi" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(KIMI_MINI))
+    converter = tool(converters, tmp_path / "cache", config)
+    good = validate_adapter(str(kimi_peft(tmp_path / "good", False)), None, [str(tmp_path)])
+    made = await converter.convert(good, [PEFT_TO_GGUF])
+    names = set(tiny_hf.gguf_tensors(Path(made["gguf"])))
+    assert {"blk.0.attn_q_a.weight.lora_a", "blk.1.attn_q_b.weight.lora_b", "blk.1.attn_kv_a_mqa.weight.lora_a",
+            "blk.0.attn_output.weight.lora_b"} <= names and len(names) == 16
+    bad = validate_adapter(str(kimi_peft(tmp_path / "bad", True)), None, [str(tmp_path)])
+    with pytest.raises(ConversionError, match="cannot convert a LoRA on kv_b_proj"):
+        plan(bad, {"gguf": "llamacpp"})
+    with pytest.raises(ConversionError, match="failed \\(exit 1\\)(.|\n)*NotImplementedError"):
+        await converter.convert(bad, [PEFT_TO_GGUF])
 
 
 # --- KT-SFT -> SGLang ------------------------------------------------------------------------------------------

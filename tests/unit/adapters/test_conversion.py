@@ -23,7 +23,7 @@ from adapters.conversion import (
 from adapters.tool_run import run_tool
 from adapters.validation import AdapterValidationError, validate_adapter
 from gateway.demo import tiny_gguf
-from tests.adapter_files import KIMI_MINI, TINY_LLAMA_MODULES, kt_sft_matrices, write_kt_sft, write_peft
+from tests.adapter_files import KIMI_MINI, KIMI_MINI_ATTENTION, TINY_LLAMA_MODULES, kt_sft_matrices, write_kt_sft, write_peft
 
 
 @pytest.fixture
@@ -41,6 +41,9 @@ def facts_of(tmp_path, kind: str):
         return validate_adapter(str(write_peft(tmp_path / "e", experts=True)), None, root)
     if kind == "kt":
         return validate_adapter(str(write_kt_sft(tmp_path / "k")), None, root)
+    if kind == "kv_b":   # Kimi's MLA attention, as the KT recipe trains it (reference/sglang-kt.md §3.5)
+        return validate_adapter(str(write_peft(tmp_path / "m", r=4, modules=KIMI_MINI_ATTENTION,
+                                               target_modules=["q_a_proj", "kv_b_proj"])), None, root)
     model = tiny_gguf.write_tiny_model(tmp_path / "m.gguf")
     return validate_adapter(None, str(tiny_gguf.write_tiny_lora(tmp_path / "l.gguf", model, seed=1, name="l")), root)
 
@@ -61,6 +64,7 @@ def test_plan_makes_what_the_backends_need(tmp_path, kind, backends, steps):
     ("experts", {"gguf": "llamacpp"}, "backend 'gguf' \\(llama.cpp\\) cannot serve this adapter: it adapts MoE"),
     ("kt", {"kt": "sglang", "gguf": "llamacpp"}, "backend 'gguf' \\(llama.cpp\\) cannot serve a KT-SFT"),
     ("gguf", {"kt": "sglang"}, "backend 'kt' \\(SGLang\\) needs `source`"),
+    ("kv_b", {"gguf": "llamacpp"}, "cannot convert a LoRA on kv_b_proj"),
 ])
 def test_plan_refuses_what_a_target_cannot_serve(tmp_path, kind, backends, why):
     with pytest.raises(ConversionError, match=why):
