@@ -15,12 +15,13 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Protocol
 
 from adapters.base_model import BaseModelDims
 from adapters.kt_sft import FUSED_FILE
+from adapters.models import AdapterVersion
 from adapters.tool_run import run_tool
 from adapters.validation import (
     AdapterFacts,
@@ -200,6 +201,6 @@ def needs_step(kind: str, steps: Collection[Step]) -> bool:
         kind in PEFT_KINDS and any(step.artifact == "sglang" for step in steps)
 
 
-def with_artifacts(source: str | None, gguf: str | None, made: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """The files a version is served from: what was made, else what was given."""
-    return made.get("sglang", source), made.get("gguf", gguf)
+def with_artifacts(version: AdapterVersion, made: Mapping[str, str]) -> AdapterVersion:
+    """The version served from what conversion made (its given files stay what the user registered)."""
+    return replace(version, converted_source=made.get("sglang"), converted_gguf=made.get("gguf"))

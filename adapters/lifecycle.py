@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from adapters.conversion import ConversionError, Converter, Step, Unconverted, needs_step, plan, with_artifacts
@@ -172,20 +172,17 @@ class AdapterLifecycle:
         changed or gone); a registry entry with none gets its first version activated."""
         facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
         made = await self.converter.convert(facts, self._plan(facts, record.spec.backends))  # cached: no rerun
-        source, gguf = with_artifacts(record.spec.source, record.spec.gguf, made)
         known = self.versions.get(record.spec.name, {})
         if record.active is not None and record.active == facts.content_hash:
             version = known.get(record.active)
-            if version is not None and (version.source, version.gguf) != (source, gguf):  # cache moved/cleared
-                version = replace(version, source=source, gguf=gguf)
-                known[version.version] = version
-                await self.store.put_version(version)
+            if version is not None:
+                known[version.version] = with_artifacts(version, made)
             return
         if record.active is not None:
             log.warning("adapter %s: its files changed on disk since version %s; serving them as a new version",
                         record.spec.name, record.active[:8])
         version = known.get(facts.content_hash) or self._new_version(record.spec, facts)
-        version = replace(version, source=source, gguf=gguf)
+        version = with_artifacts(version, made)
         await self.store.put_version(version)
         self.records[record.spec.name] = await self.store.activate(version)
         self.versions.setdefault(record.spec.name, {})[version.version] = version.with_status(VersionStatus.ACTIVE)
@@ -375,7 +372,9 @@ class AdapterLifecycle:
             "profile": record.spec.profile, "backends": list(record.spec.backends), "origin": record.origin,
             "active": active, "source": record.spec.source, "gguf": record.spec.gguf,
             "versions": [{"version": v.version, "short": v.short, "status": v.status.value, "source": v.source,
-                          "gguf": v.gguf, "rank": v.rank, "created_at": v.created_at, "reason": v.reason}
+                          "gguf": v.gguf, "rank": v.rank, "created_at": v.created_at, "reason": v.reason,
+                          "converted": {k: p for k, p in (("source", v.converted_source), ("gguf", v.converted_gguf))
+                                        if p}}
                          for v in versions],
             "replicas": [{"backend": s.backend, "replica": s.replica, "version": s.version[:8], "state": s.state.value,
                           "reason": s.reason, "updated_at": s.updated_at}
@@ -448,8 +447,7 @@ class AdapterLifecycle:
             self.events.adapter_operation("convert", "error")
             raise ConversionError(f"{version.label}: {exc}") from exc
         self.events.adapter_operation("convert", "ok")
-        source, gguf = with_artifacts(version.source, version.gguf, made)
-        return replace(version, source=source, gguf=gguf)
+        return with_artifacts(version, made)
 
     @staticmethod
     def _new_version(spec: AdapterSpec, facts: AdapterFacts) -> AdapterVersion:

@@ -246,7 +246,8 @@ def test_registering_a_peft_adapter_for_llama_cpp_converts_verifies_and_serves_i
     assert response.status_code == 201, response.text
     view = admin(base, "GET", "/adapters/trained").json()
     active = next(v for v in view["versions"] if v["status"] == "active")
-    assert active["gguf"].endswith(f"/converted/{active['version']}/adapter.gguf")
+    assert active["source"] == str(family["peft"]) and active["gguf"] is None
+    assert active["converted"]["gguf"].endswith(f"/converted/{active['version']}/adapter.gguf")
     assert {r["state"] for r in view["replicas"]} == {"ready"}
     for prompt in PROMPTS:
         assert chat(base, "trained", prompt) == chat(base, "direct", prompt) != chat(base, "kimi-k2.5", prompt)
@@ -281,9 +282,10 @@ def test_registering_a_kt_sft_checkpoint_for_sglang_converts_and_loads_it(
     assert response.status_code == 201, response.text
     view = admin(base, "GET", "/adapters/neko").json()
     active = next(v for v in view["versions"] if v["status"] == "active")
-    assert active["source"].endswith(f"/converted/{active['version']}/sglang")
+    assert active["source"] == str(checkpoint)
+    assert active["converted"]["source"].endswith(f"/converted/{active['version']}/sglang")
     assert view["class"] == "experts" and {r["state"] for r in view["replicas"]} == {"ready"}
     loaded = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
     assert {card["id"]: card["root"] for card in loaded if card["id"] != "kimi"} == \
-        {f"neko@{active['version'][:8]}": active["source"]}
+        {f"neko@{active['version'][:8]}": active["converted"]["source"]}
     assert chat(base, "neko", PROMPTS[0])

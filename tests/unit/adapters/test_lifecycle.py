@@ -120,9 +120,10 @@ async def test_a_kt_sft_swap_is_converted_then_served_from_the_conversion(tmp_pa
         assert await lifecycle.swap("legal", str(checkpoint), None) is True
         view = lifecycle.view("legal")
         active = next(v for v in view["versions"] if v["status"] == "active")
-        assert active["source"] == str(tmp_path / "cache" / active["version"] / "sglang")
-        assert view["class"] == "experts"
-        assert [files.source for files in driver.serving.values()] == [active["source"]]
+        assert active["source"] == str(checkpoint)   # what was registered stays what is shown and stored
+        assert active["converted"] == {"source": str(tmp_path / "cache" / active["version"] / "sglang")}
+        assert view["class"] == "experts" and view["source"] == str(checkpoint)
+        assert [files.source for files in driver.serving.values()] == [active["converted"]["source"]]
         phases = [s.state for k, s in lifecycle.states.items() if k[1] == active["version"]]
         assert phases == [ReplicaPhase.READY]
     finally:
@@ -155,3 +156,29 @@ async def test_a_failed_conversion_leaves_the_version_failed_with_the_tools_last
         assert list((tmp_path / "cache" / failed[0]["version"]).iterdir()) == []
     finally:
         await lifecycle.aclose()
+
+
+async def test_a_config_adapter_converts_at_start_once_and_again_if_the_cache_is_cleared(tmp_path, dirs):
+    import shutil
+
+    from tests.adapter_files import write_kt_sft
+
+    root, _ = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    counting = COPY_PEFT + f"\nopen({str(tmp_path / 'runs')!r}, 'a').write('x')\n"
+    spec = AdapterSpec(name="neko", source=str(checkpoint), backends=("kt",))
+    for attempt in range(3):
+        if attempt == 2:
+            shutil.rmtree(tmp_path / "cache")
+        driver = SglangLikeDriver("kt")
+        lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
+                                     converter=kt_converter(tmp_path, counting))
+        await lifecycle.start([spec], lambda s: True)
+        try:
+            await lifecycle.reconcile_all()
+            [active] = lifecycle.active()
+            assert [files.source for files in driver.serving.values()] == \
+                [str(tmp_path / "cache" / lifecycle.records["neko"].active / "sglang")]
+        finally:
+            await lifecycle.aclose()
+    assert (tmp_path / "runs").read_text() == "xx"   # the first start and the one after the cache was cleared
