@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from adapters.conversion import ConversionError, Converter, Step, Unconverted, needs_step, plan, with_artifacts
@@ -432,8 +432,17 @@ class AdapterLifecycle:
             for replica in self.placements[backend].replicas:
                 await self._set_state(version, backend, replica, ReplicaPhase.CONVERTING, ", ".join(map(str, steps)))
 
+        shown = [0.0]
+
         def progress(step: Step, line: str) -> None:
+            """Each tool line goes to the log; the latest, once a second, to the replicas' `converting` reason
+            (what `adapters show` displays while it runs; not stored: it changes too often)."""
             log.info("%s %s: %s", version.label, step.tool, line)
+            if time.monotonic() - shown[0] >= 1.0 and line.strip():
+                shown[0] = time.monotonic()
+                for key, state in list(self.states.items()):
+                    if key[:2] == (version.adapter, version.version) and state.state is ReplicaPhase.CONVERTING:
+                        self.states[key] = replace(state, reason=f"{step.tool}: {line.strip()[:200]}")
 
         try:
             made = await self.converter.convert(facts, steps, progress)

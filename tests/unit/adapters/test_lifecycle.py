@@ -182,3 +182,26 @@ async def test_a_config_adapter_converts_at_start_once_and_again_if_the_cache_is
         finally:
             await lifecycle.aclose()
     assert (tmp_path / "runs").read_text() == "xx"   # the first start and the one after the cache was cleared
+
+
+async def test_a_running_conversion_shows_its_latest_line(tmp_path, dirs):
+    import asyncio
+
+    from tests.adapter_files import write_kt_sft
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    slow = "import time\nprint('Loading fused expert LoRA', flush=True)\ntime.sleep(2)\n" + COPY_PEFT
+    lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": SglangLikeDriver("kt")}, roots=[str(root)],
+                                 converter=kt_converter(tmp_path, slow))
+    await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
+    try:
+        swap = asyncio.create_task(lifecycle.swap("legal", str(checkpoint), None))
+        seen = set()
+        while not swap.done():
+            seen |= {(r["state"], r["reason"]) for r in lifecycle.view("legal")["replicas"] if r["state"] == "converting"}
+            await asyncio.sleep(0.05)
+        assert await swap is True
+        assert ("converting", "convert_kt_to_sglang_adapter.py: Loading fused expert LoRA") in seen
+    finally:
+        await lifecycle.aclose()
