@@ -141,8 +141,8 @@ class ToolConverter:
             target = work / out.name
             argv = self._argv(facts, step, target)
             log.info("converting %s: %s", facts.source_path, " ".join(argv))
-            result = await run_tool(argv, timeout_s=self.settings.timeout_s,
-                                    log_path=self.settings.cache_dir / "logs" / f"{facts.content_hash[:16]}-{step.artifact}.log",
+            log_path = self.settings.cache_dir / "logs" / f"{facts.content_hash[:16]}-{step.artifact}.log"
+            result = await run_tool(argv, timeout_s=self.settings.timeout_s, log_path=log_path,
                                     env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
                                     on_line=(lambda line: progress(step, line)) if progress else None)
             if not result.ok:

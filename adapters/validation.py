@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from adapters.kt_sft import FUSED_FILE, check_fused, is_kt_sft
 from adapters.base_model import (
     BaseModelDims,
     BaseModelError,
@@ -33,6 +32,7 @@ from adapters.base_model import (
     gguf_base_ne,
     module_shape,
 )
+from adapters.kt_sft import FUSED_FILE, check_fused, is_kt_sft
 
 __all__ = [
     "AdapterFacts", "AdapterValidationError", "BaseModelDims", "BaseModelError", "content_hash",

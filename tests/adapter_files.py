@@ -120,6 +120,7 @@ def write_kt_sft(directory: Path, *, rank: int = 4, alpha: float = 8.0, seed: in
         write_values(directory / "adapter_model.safetensors", kimi_attention_matrices(rank=rank, seed=seed + 1))
     (directory / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none", "task_type": "CAUSAL_LM",
-        "target_modules": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] if attention else ["gate_proj", "up_proj", "down_proj"],
+        "target_modules": (["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] if attention
+                           else ["gate_proj", "up_proj", "down_proj"]),
         "base_model_name_or_path": "moonshotai/Kimi-K2.5"}))
     return directory

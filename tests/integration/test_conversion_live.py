@@ -71,7 +71,10 @@ def test_the_hf_twin_holds_the_gguf_weights(family):
     twin = tiny_hf.read_safetensors(family["hf"] / "model.safetensors")
     assert len(twin) == len(gguf_weights)
     q, k = twin["model.layers.1.self_attn.q_proj.weight"], twin["model.layers.1.self_attn.k_proj.weight"]
-    permute = lambda w, n: w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)  # noqa: E731
+
+    def permute(w, n):   # llama.cpp conversion/llama.py LlamaModel.permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
     assert np.array_equal(permute(q, tiny_gguf.N_HEAD), gguf_weights["blk.1.attn_q.weight"])
     assert np.array_equal(permute(k, tiny_gguf.N_HEAD_KV), gguf_weights["blk.1.attn_k.weight"])
     assert not np.array_equal(q, gguf_weights["blk.1.attn_q.weight"])  # the permutation is not a no-op here

@@ -23,7 +23,14 @@ from adapters.conversion import (
 from adapters.tool_run import run_tool
 from adapters.validation import AdapterValidationError, validate_adapter
 from gateway.demo import tiny_gguf
-from tests.adapter_files import KIMI_MINI, KIMI_MINI_ATTENTION, TINY_LLAMA_MODULES, kt_sft_matrices, write_kt_sft, write_peft
+from tests.adapter_files import (
+    KIMI_MINI,
+    KIMI_MINI_ATTENTION,
+    TINY_LLAMA_MODULES,
+    kt_sft_matrices,
+    write_kt_sft,
+    write_peft,
+)
 
 
 @pytest.fixture

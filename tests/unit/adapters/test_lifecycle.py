@@ -137,7 +137,8 @@ async def test_a_failed_conversion_leaves_the_version_failed_with_the_tools_last
     root, paths = dirs
     checkpoint = write_kt_sft(root / "kt-sft")
     driver = SglangLikeDriver("kt")
-    crash = "import sys\nprint('Traceback (most recent call last):')\nprint('ValueError: Inconsistent LoRA ranks')\nsys.exit(1)"
+    crash = ("import sys\nprint('Traceback (most recent call last):')\n"
+             "print('ValueError: Inconsistent LoRA ranks')\nsys.exit(1)")
     lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
                                  converter=kt_converter(tmp_path, crash))
     await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
@@ -199,7 +200,8 @@ async def test_a_running_conversion_shows_its_latest_line(tmp_path, dirs):
         swap = asyncio.create_task(lifecycle.swap("legal", str(checkpoint), None))
         seen = set()
         while not swap.done():
-            seen |= {(r["state"], r["reason"]) for r in lifecycle.view("legal")["replicas"] if r["state"] == "converting"}
+            seen |= {(r["state"], r["reason"]) for r in lifecycle.view("legal")["replicas"]
+                     if r["state"] == "converting"}
             await asyncio.sleep(0.05)
         assert await swap is True
         assert ("converting", "convert_kt_to_sglang_adapter.py: Loading fused expert LoRA") in seen
