@@ -219,7 +219,10 @@ def check_adapter_references(adapter: AdapterConfig, config: GatewayConfig, wher
         if artifact is None:
             raise ValueError(f"{where}.backends[{j}]: {name!r} is a {backend.kind} backend, which serves no LoRA")
         if getattr(adapter, artifact) is None:
-            what = {"gguf": "a GGUF LoRA file", "source": "a PEFT dir"}[artifact]
+            if artifact == "gguf" and adapter.source is not None and config.conversion.llama_cpp_python:
+                continue  # made from `source` by convert_lora_to_gguf.py (adapters/conversion.py)
+            what = {"gguf": "a GGUF LoRA file, or `source` with conversion.llama_cpp_python set to convert it",
+                    "source": "a PEFT dir"}[artifact]
             raise ValueError(f"{where}: backend {name!r} is {backend.kind}, so the adapter needs `{artifact}` ({what})")
 
 

@@ -41,3 +41,23 @@ def test_unknown_conversion_keys_are_config_errors(tmp_path, capsys):
 def test_setup_converters_is_a_command():
     args = parser().parse_args(["setup", "converters", "--dir", "/tmp/x"])
     assert (args.what, str(args.dir)) == ("converters", "/tmp/x")
+
+
+def test_a_peft_adapter_on_llama_cpp_is_converted_only_with_a_converter(tmp_path):
+    from gateway.config import ConfigError, load_config
+
+    def config(conversion: dict) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({
+            "conversion": conversion,
+            "backends": [{"name": "gguf", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+            "adapters": [{"name": "legal", "source": "/adapters/legal", "backends": ["gguf"]}]}))
+        return str(path)
+
+    assert load_config(config({"llama_cpp_python": "/opt/convert/bin/python"})).adapters[0].gguf is None
+    try:
+        load_config(config({}))
+    except ConfigError as exc:
+        assert "needs `gguf` (a GGUF LoRA file, or `source` with conversion.llama_cpp_python set" in str(exc)
+    else:
+        raise AssertionError("a PEFT-only adapter on llama.cpp without a converter must be refused")
