@@ -67,7 +67,7 @@ def plan(facts: AdapterFacts, backends: Mapping[str, str]) -> list[Step]:
                 raise ConversionError(f"backend {name!r} (llama.cpp) cannot serve this adapter: it adapts MoE "
                                       "experts (.mlp.experts.*), which llama.cpp's base GGUF holds fused "
                                       "(ffn_*_exps) with no per-expert tensor a LoRA could match")
-            if "kv_b_proj" in facts.target_modules:
+            if any(module.endswith("kv_b_proj") for module in facts.target_modules):
                 raise ConversionError(f"backend {name!r} (llama.cpp) cannot serve this adapter: llama.cpp's "
                                       "convert_lora_to_gguf.py cannot convert a LoRA on kv_b_proj (it splits the "
                                       "MLA kv_b_proj into attn_k_b/attn_v_b, which it does not implement for "
@@ -84,9 +84,10 @@ def plan(facts: AdapterFacts, backends: Mapping[str, str]) -> list[Step]:
 
 
 class Converter(Protocol):
+    """Runs the planned steps; returns artifact ("gguf" | "sglang") -> the path made for it."""
+
     async def convert(self, facts: AdapterFacts, steps: list[Step],
                       progress: Callable[[Step, str], None] | None = None) -> dict[str, str]: ...
-    """artifact ("gguf" | "sglang") -> the path made for it (cached per content hash)."""
 
 
 class Unconverted:
@@ -116,7 +117,6 @@ class ToolConverter:
     def __init__(self, settings: ConversionSettings, base: BaseModelDims | None = None) -> None:
         self.settings = settings
         self.base = base
-        self.timings: dict[tuple[str, str], float] = {}   # (content hash, artifact) -> seconds, for the log
 
     def cached(self, facts: AdapterFacts, step: Step) -> Path:
         name = GGUF_OUT if step.artifact == "gguf" else SGLANG_OUT
@@ -151,7 +151,6 @@ class ToolConverter:
                                       f"{result.last_lines()}")
             await asyncio.to_thread(self._check_output, step, target, work)
             target.rename(out)
-            self.timings[(facts.content_hash, step.artifact)] = result.seconds
             log.info("converted %s to %s in %.2f s", facts.source_path, out, result.seconds)
         finally:
             shutil.rmtree(work, ignore_errors=True)
