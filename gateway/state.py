@@ -111,14 +111,15 @@ def launchers_of(config: GatewayConfig) -> dict:
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
     drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
     metrics = Metrics()
+    base = base_model_dims(config)
     lifecycle = AdapterLifecycle(
-        open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base_model_dims(config),
+        open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base,
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s,
-        converter=converter_of(config, base_model_dims(config)))
+        converter=converter_of(config, base))
     return GatewayState(
         config=config,
         routes=RouteTable(config, []),
