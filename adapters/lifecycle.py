@@ -7,26 +7,41 @@ is up, flips the route in one store write, drains the old version's requests, th
 before the flip rolls back, and the old version keeps serving. A background loop reconciles what each
 replica says it has with what it should have, after every health cycle and whenever a driver saw a replica
 change (a restart).
+
+A fleet (several gateway replicas on one PostgreSQL store) shares the store and the backends: each replica
+mirrors the store (`refresh`, on every change notification and after a lost connection), trusts the `ready`
+states other replicas wrote for a backend replica, and does backend work and admin operations under leases
+(adapters/lease.py), so that no two replicas load, unload or restart the same thing at once. What a dead
+replica left half done is settled by another once its lease runs out (`settle`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from adapters.conversion import ConversionError, Converter, Step, Unconverted, needs_step, plan, with_artifacts
 from adapters.errors import AdapterInUseError, AdapterPlacementError, RestartNeededError
+from adapters.lease import Leases, LocalLeases, holding
 from adapters.models import AdapterRecord, AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
 from adapters.placement import BackendPlacement, Launcher, is_present
-from adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterStore
+from adapters.store import AdapterExistsError, AdapterNotFoundError, AdapterStore, StoreUnavailableError
 from adapters.validation import AdapterFacts, AdapterValidationError, BaseModelDims, validate_adapter
 from backends.base import BackendDriver
 
 log = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 5.0
 INTERRUPTED = "interrupted by a gateway restart"
+TAKEN_OVER = "interrupted: the gateway replica doing it stopped; rolled back by another"
+MIRROR_INTERVAL_S = 10.0      # a fleet replica re-reads the store at least this often, notified or not
+PROPAGATION_S = 1.0           # every replica applies a committed change within this; a swap waits it out
+OPERATION_WAIT_S = 60.0       # an admin operation waits this long for another replica's operation to end
+BACKEND_WAIT_S = 120.0        # backend work waits this long for another replica's (a drained restart)
+UNSETTLED = (VersionStatus.CANDIDATE, VersionStatus.RETIRING)
+GONE = (VersionStatus.RETIRING, VersionStatus.RETIRED, VersionStatus.FAILED)
 
 
 class LifecycleEvents(Protocol):
@@ -85,9 +100,13 @@ class AdapterLifecycle:
                  base: BaseModelDims | None = None, max_rank: Mapping[str, int | None] | None = None,
                  launchers: Mapping[str, Sequence[Launcher]] | None = None,
                  events: LifecycleEvents | None = None, drain_deadline_s: float = 600.0,
-                 max_pinned: Mapping[str, int] | None = None, converter: Converter | None = None) -> None:
+                 max_pinned: Mapping[str, int] | None = None, leases: Leases | None = None,
+                 converter: Converter | None = None) -> None:
         self.store = store
         self.converter = converter or Unconverted()
+        self.made: dict[tuple[str, str], dict[str, str]] = {}   # (adapter, version) -> its converted artifacts
+        self.leases = leases or LocalLeases()
+        self.fleet = leases is not None and not isinstance(leases, LocalLeases)   # other replicas share the store
         self.drivers = drivers
         self.roots = tuple(roots)
         self.base = base
@@ -105,6 +124,9 @@ class AdapterLifecycle:
         self._dirty: set[tuple[str, int]] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._heard = asyncio.Event()        # the store announced a change (or a reconnect)
+        self._mirror_task: asyncio.Task | None = None
+        self._usable: Callable[[AdapterSpec], bool] = lambda spec: True
         for name, driver in drivers.items():
             driver.on_replica_change = lambda replica, backend=name: self.mark_dirty(backend, replica)
 
@@ -114,6 +136,7 @@ class AdapterLifecycle:
         """Load the registry, settle what a crash left in flight, seed and validate config adapters (a bad one
         raises AdapterValidationError: the gateway must not start on it), then reconcile in the background."""
         await self.store.open()
+        self._usable = usable
         config_specs = list(config_specs)
         await self.store.seed(config_specs)
         from_config = {spec.name for spec in config_specs}
@@ -122,6 +145,10 @@ class AdapterLifecycle:
                 self.records[record.spec.name] = record
         retiring = []
         for version in await self.store.versions():
+            # What a crash cut short; in a fleet, only where no live replica's operation holds the adapter.
+            if version.status in UNSETTLED and not await self._abandoned(version.adapter):
+                self.versions.setdefault(version.adapter, {})[version.version] = version
+                continue
             if version.status is VersionStatus.CANDIDATE:  # a swap or registration that a crash cut short
                 version = version.with_status(VersionStatus.FAILED, INTERRUPTED)
                 await self.store.put_version(version)
@@ -145,6 +172,18 @@ class AdapterLifecycle:
         self._changed()
         self.mark_all_dirty()
         self._task = asyncio.create_task(self._reconcile_loop(retiring), name="adapter-reconcile")
+        if self.fleet:
+            await self.store.watch(self._heard.set)
+            self._mirror_task = asyncio.create_task(self._mirror_loop(), name="adapter-mirror")
+
+    async def _abandoned(self, adapter: str) -> bool:
+        """No replica is operating on `adapter` (its lease is free or ran out); always so for one replica."""
+        if not self.fleet:
+            return True
+        if not await self.leases.acquire(f"adapter:{adapter}", 0):
+            return False
+        await self.leases.release(f"adapter:{adapter}")
+        return True
 
     async def _load_states(self) -> None:
         """What the last process saw, until this one looks again: what was in flight says so."""
@@ -160,9 +199,10 @@ class AdapterLifecycle:
             self.states[key] = state
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._mirror_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for placement in self.placements.values():
             await placement.stop_servers()
         await self.store.close()
@@ -172,6 +212,7 @@ class AdapterLifecycle:
         changed or gone); a registry entry with none gets its first version activated."""
         facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
         made = await self.converter.convert(facts, self._plan(facts, record.spec.backends))  # cached: no rerun
+        self.made[(record.spec.name, facts.content_hash)] = made
         known = self.versions.get(record.spec.name, {})
         if record.active is not None and record.active == facts.content_hash:
             version = known.get(record.active)
@@ -192,7 +233,7 @@ class AdapterLifecycle:
     async def register(self, spec: AdapterSpec) -> None:
         """A new adapter: validated, loaded and verified everywhere it is planned, then routed. On failure
         nothing of it stays registered."""
-        async with self._operation:
+        async with self._leased(spec.name), self._operation:
             facts = await self._validate(spec.source, spec.gguf, spec.backends)
             steps = self._plan(facts, spec.backends)
             record = await self.store.add_adapter(spec, "admin")
@@ -211,24 +252,26 @@ class AdapterLifecycle:
     async def swap(self, name: str, source: str | None, gguf: str | None) -> bool:
         """Bring in the new files as a new version; False when they are the active version already."""
         clock = StepClock()
-        async with self._operation:
-            record = self._record(name)
-            spec = record.spec.model_copy(update={k: v for k, v in (("source", source), ("gguf", gguf)) if v})
-            facts = await self._validate(spec.source, spec.gguf, spec.backends)
-            clock.lap("validate")
-            if facts.content_hash == record.active:
-                return False
-            steps = self._plan(facts, spec.backends)
-            version = await self._convert(self._new_version(spec, facts), facts, steps, spec.backends)
-            clock.lap("convert")
-            old = self.versions[name].get(record.active) if record.active else None
-            await self._bring_in(version, spec.backends, keep=old)
-            clock.lap("load+verify")
-            await self._flip(version)
-            clock.lap("flip")
-        if old is not None:
-            await self._retire(old, spec.backends)
-            clock.lap("drain+unload")
+        async with self._leased(name):   # held through the drain: a dead replica's retirement is taken over
+            async with self._operation:
+                record = self._record(name)
+                spec = record.spec.model_copy(update={k: v for k, v in (("source", source), ("gguf", gguf)) if v})
+                facts = await self._validate(spec.source, spec.gguf, spec.backends)
+                clock.lap("validate")
+                if facts.content_hash == record.active:
+                    return False
+                steps = self._plan(facts, spec.backends)
+                version = await self._convert(self._new_version(spec, facts), facts, steps, spec.backends)
+                clock.lap("convert")
+                old = self.versions[name].get(record.active) if record.active else None
+                await self._bring_in(version, spec.backends, keep=old)
+                clock.lap("load+verify")
+                await self._flip(version)
+                clock.lap("flip")
+            if old is not None:
+                await self._propagated()
+                await self._retire(old, spec.backends)
+                clock.lap("drain+unload")
         log.info("swap %s -> %s: %s", name, version.label, clock)
         self.events.adapter_operation("swap", "ok")
         return True
@@ -237,14 +280,21 @@ class AdapterLifecycle:
         if referenced_by:
             raise AdapterInUseError(f"Adapter '{name}' is a variant of experiment(s) {list(referenced_by)}; "
                                     "change them first.")
-        async with self._operation:
-            record = self._record(name)
-            await self.store.remove_adapter(name)
-            del self.records[name]
-            self._changed()
-        if record.active is not None:
-            await self._retire(self.versions[name][record.active], record.spec.backends)
+        async with self._leased(name):
+            async with self._operation:
+                record = self._record(name)
+                await self.store.remove_adapter(name)
+                del self.records[name]
+                self._changed()
+            if record.active is not None:
+                await self._propagated()
+                await self._retire(self.versions[name][record.active], record.spec.backends)
         self.events.adapter_operation("remove", "ok")
+
+    async def _propagated(self) -> None:
+        """After a flip: in a fleet, every replica stops routing to the old version before it is drained."""
+        if self.fleet:
+            await asyncio.sleep(PROPAGATION_S)
 
     async def _bring_in(self, version: AdapterVersion, backends: Sequence[str], keep: AdapterVersion | None = None) -> None:
         """Load and verify on every replica that is up; any failure unloads it again and raises."""
@@ -254,7 +304,7 @@ class AdapterLifecycle:
         restart_only = True
         for backend in backends:
             placement = self.placements[backend]
-            async with placement.lock:
+            async with self._backend(placement, BACKEND_WAIT_S):
                 keep_here = self._wanted(backend, exclude=version.adapter) + ([keep] if keep else [])
                 up = placement.driver.replica_up()
                 for replica in placement.replicas:
@@ -287,7 +337,7 @@ class AdapterLifecycle:
                       status: VersionStatus = VersionStatus.RETIRED, reason: str | None = None) -> None:
         for backend in backends:
             placement = self.placements[backend]
-            async with placement.lock:
+            async with self._backend(placement, BACKEND_WAIT_S):
                 for replica in placement.replicas:
                     if (version.adapter, version.version, backend, replica) in self.states:
                         await placement.unload(replica, version)
@@ -325,6 +375,8 @@ class AdapterLifecycle:
             for backend, replica in sorted(dirty):
                 try:
                     await self.reconcile(backend, replica)
+                except StoreUnavailableError as exc:
+                    log.warning("reconciling %s replica %d waits for the adapter store: %s", backend, replica, exc)
                 except Exception:  # one replica's trouble must not stop the loop
                     log.exception("reconciling %s replica %d failed", backend, replica)
 
@@ -340,22 +392,176 @@ class AdapterLifecycle:
         placement = self.placements[backend]
         if not placement.driver.replica_up()[replica]:
             return
-        async with placement.lock:
-            wanted = self._wanted(backend)
+        async with placement.lock:   # the lock first, then the lease: the order `_backend` takes them in
+            if not await self.leases.acquire(f"backend:{backend}", 0):
+                return   # another replica is working there; the next round looks again
             try:
-                loaded = await placement.driver.list_adapters(replica)
+                await self._reconcile_locked(placement, backend, replica)
+            finally:
+                await self.leases.release(f"backend:{backend}")
+
+    async def _reconcile_locked(self, placement: BackendPlacement, backend: str, replica: int) -> None:
+        """Reload what it lost, verify what it has (`reconcile`, holding the backend)."""
+        wanted = self._wanted(backend)
+        try:
+            loaded = await placement.driver.list_adapters(replica)
+        except Exception:
+            return
+        for version in wanted:
+            if version.label in placement.ready[replica] and not is_present(version, loaded, placement.fixed_name):
+                log.warning("%s replica %s lost %s (restarted?): reloading", backend,
+                            placement.driver.replicas[replica], version.label)
+                placement.lose(replica, version)
+        todo = [v for v in wanted if v.label not in placement.ready[replica]]
+        if todo:
+            await placement.place(replica, todo, [v for v in wanted if v not in todo], pin=True)
+        for version in wanted:
+            self._report_loaded(version.adapter, backend)
+
+    # --- a fleet: the store as every replica's truth --------------------------------------------------------
+
+    @asynccontextmanager
+    async def _leased(self, adapter: str):
+        """An admin operation on `adapter`: one replica at a time; it starts from the store's latest word."""
+        async with holding(self.leases, f"adapter:{adapter}", OPERATION_WAIT_S):
+            if self.fleet:
+                await self.refresh()
+            yield
+
+    @asynccontextmanager
+    async def _backend(self, placement: BackendPlacement, wait_s: float):
+        """Work on a backend: this replica's lock, then the fleet's lease for it."""
+        async with placement.lock, holding(self.leases, f"backend:{placement.name}", wait_s):
+            yield
+
+    async def _mirror_loop(self) -> None:
+        """Apply every change the store announces (and re-read at least every MIRROR_INTERVAL_S); then finish
+        what a dead replica left half done."""
+        interval = MIRROR_INTERVAL_S
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._heard.wait()
+            except TimeoutError:
+                pass
+            self._heard.clear()
+            try:
+                await self.refresh()
+                await self.settle()
+                interval = MIRROR_INTERVAL_S
+            except StoreUnavailableError as exc:
+                log.warning("the adapter store is unreachable (%s); serving what this replica knows", exc)
+                interval = 1.0   # look again soon: convergence right after the store is back
             except Exception:
-                return
-            for version in wanted:
-                if version.label in placement.ready[replica] and not is_present(version, loaded, placement.fixed_name):
-                    log.warning("%s replica %s lost %s (restarted?): reloading", backend,
-                                placement.driver.replicas[replica], version.label)
-                    placement.lose(replica, version)
-            todo = [v for v in wanted if v.label not in placement.ready[replica]]
-            if todo:
-                await placement.place(replica, todo, [v for v in wanted if v not in todo], pin=True)
-            for version in wanted:
-                self._report_loaded(version.adapter, backend)
+                log.exception("applying the adapter store's changes failed")
+
+    async def refresh(self) -> None:
+        """Mirror the store: records, versions, states; routes and what each backend replica may serve."""
+        while True:
+            writes = self.store.writes
+            adapters, versions, states = await self.store.snapshot()
+            if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
+                break
+        self._apply(adapters, versions, states)
+        if await self._convert_mirrored():
+            for name, placement in self.placements.items():
+                self._mirror_placement(name, placement)
+
+    async def _convert_mirrored(self) -> bool:
+        """Active versions another replica registered: converted here too (a shared conversion.cache_dir makes
+        that a cache hit). True when one of them changed."""
+        changed = False
+        for name, record in list(self.records.items()):
+            if record.active is None or (name, record.active) in self.made:
+                continue
+            try:
+                facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
+                made = await self.converter.convert(facts, self._plan(facts, record.spec.backends))
+            except AdapterValidationError as exc:
+                log.error("adapter %s: cannot make its artifacts on this replica: %s", name, exc)
+                continue
+            self.made[(name, facts.content_hash)] = made
+            version = self.versions.get(name, {}).get(record.active)
+            if version is not None and made and facts.content_hash == record.active:
+                self.versions[name][record.active] = with_artifacts(version, made)
+                changed = True
+        return changed
+
+    def _apply(self, adapters: Sequence[AdapterRecord], versions: Sequence[AdapterVersion],
+               states: Sequence[ReplicaState]) -> None:
+        known: dict[str, dict[str, AdapterVersion]] = {}
+        for version in versions:   # the store keeps what was registered; what this replica converted stays
+            made = self.made.get((version.adapter, version.version), {})
+            known.setdefault(version.adapter, {})[version.version] = with_artifacts(version, made)
+        records = {}
+        for record in adapters:
+            name = record.spec.name
+            if record.active is not None and record.active not in known.get(name, {}):
+                continue  # written between our reads; the next notification brings both
+            if name in self.records or self._usable(record.spec):
+                records[name] = record
+        before = set(self._active_labels())
+        self.records, self.versions = records, known
+        self.states = {}
+        for state in states:
+            driver = self.drivers.get(state.backend)
+            if driver is not None and state.replica in driver.replicas:
+                self.states[(state.adapter, state.version, state.backend, driver.replicas.index(state.replica))] = state
+        after = set(self._active_labels())
+        for name, placement in self.placements.items():
+            self._mirror_placement(name, placement)
+            for label in after - before:
+                placement.driver.expect(label)   # its requests wait for it to be ready here
+            for label in before - after:
+                placement.driver.forget(label)
+        self._changed()   # a route's spec may have changed too (a swap keeps the label's adapter name)
+        self.mark_all_dirty()
+
+    def _mirror_placement(self, backend: str, placement: BackendPlacement) -> None:
+        """Forward to what another replica verified on a shared backend replica; stop forwarding what retired."""
+        wanted = {version.label: version for version in self._wanted(backend)}
+        for replica in placement.replicas:
+            ready, changed = placement.ready[replica], False
+            for label, version in list(ready.items()):
+                current = self.versions.get(version.adapter, {}).get(version.version)
+                if version.adapter not in self.records or current is None or current.status in GONE:
+                    del ready[label]
+                    changed = True
+            for label, version in wanted.items():
+                state = self.states.get((version.adapter, version.version, backend, replica))
+                if label not in ready and state is not None and state.state is ReplicaPhase.READY:
+                    ready[label] = version
+                    changed = True
+            if changed:
+                placement.publish(replica)
+
+    async def settle(self) -> None:
+        """Versions a dead replica left as candidates are rolled back, retiring ones retired, once no live
+        replica holds their adapter (its lease ran out)."""
+        for name, versions in list(self.versions.items()):
+            unsettled = [v for v in versions.values() if v.status in UNSETTLED]
+            unsettled = [v for v in unsettled if v.status is VersionStatus.CANDIDATE
+                         or (name in self.records and self.records[name].active != v.version)]
+            if not unsettled or not await self.leases.acquire(f"adapter:{name}", 0):
+                continue
+            try:
+                await self.refresh()
+                record = self.records.get(name)
+                backends = record.spec.backends if record is not None else ()
+                for version in self.versions.get(name, {}).values():
+                    if version.status is VersionStatus.CANDIDATE:
+                        log.warning("%s: taking over a registration or swap that another replica left; rolling back",
+                                    version.label)
+                        await self._retire(version, backends, status=VersionStatus.FAILED, reason=TAKEN_OVER)
+                    elif version.status is VersionStatus.RETIRING and record is not None:
+                        log.warning("%s: finishing the retirement another replica left", version.label)
+                        await self._retire(version, backends)
+                if record is not None and record.active is None:   # registered, never flipped: not registered
+                    await self.store.remove_adapter(name)
+                    self.records.pop(name, None)
+                    self._changed()
+            finally:
+                await self.leases.release(f"adapter:{name}")
 
     # --- views ------------------------------------------------------------------------------------------
 
@@ -456,6 +662,7 @@ class AdapterLifecycle:
             self.events.adapter_operation("convert", "error")
             raise ConversionError(f"{version.label}: {exc}") from exc
         self.events.adapter_operation("convert", "ok")
+        self.made[(version.adapter, version.version)] = made
         return with_artifacts(version, made)
 
     @staticmethod
@@ -469,7 +676,14 @@ class AdapterLifecycle:
         state = ReplicaState(version.adapter, version.version, backend, url, phase, reason, time.time())
         self.states[(version.adapter, version.version, backend, replica)] = state
         log.info("%s on %s %s: %s%s", version.label, backend, url, phase.value, f" ({reason})" if reason else "")
-        await self.store.put_state(state)
+        try:
+            await self.store.put_state(state)
+        except StoreUnavailableError as exc:
+            if not self.fleet:
+                raise
+            # A backend that restarted while the database is away still gets its adapters back: the state is
+            # what others would trust, and without it they verify for themselves.
+            log.warning("%s on %s %s: %s not recorded (%s)", version.label, backend, url, phase.value, exc)
 
     def _report_loaded(self, adapter: str, backend: str) -> None:
         record = self.records.get(adapter)

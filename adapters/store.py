@@ -1,8 +1,8 @@
 """The adapter store: the durable half of the registry (adapters, their versions, per-replica states).
 
-`AdapterStore` is the interface the lifecycle uses, async all the way so that a networked store (PostgreSQL,
-a later issue) fits behind it; `SqliteStore` is the embedded default under `state_dir`. Nothing outside this
-module knows it is SQLite: no SQL elsewhere, no locks held by callers.
+`AdapterStore` is the interface the lifecycle uses, async all the way so that a networked store fits behind it:
+`SqliteStore` is the embedded default under `state_dir` (one replica), `PostgresStore` (adapters/store_postgres.py)
+the one every replica of a fleet shares. Nothing outside these modules knows SQL: no locks held by callers.
 
 Durability: every write is one SQLite transaction in WAL mode with synchronous=FULL, so a `kill -9` at any
 moment leaves the last committed state. The route flip of a swap is one UPDATE (`activate`): after a crash
@@ -32,6 +32,10 @@ class AdapterNotFoundError(KeyError):
     pass
 
 
+class StoreUnavailableError(ConnectionError):
+    """The store cannot be reached now (PostgreSQL down): the admin change is refused (503), serving goes on."""
+
+
 class AdapterStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -44,6 +48,9 @@ class AdapterStore(Protocol):
     async def activate(self, version: AdapterVersion) -> AdapterRecord: ...  # the atomic route flip
     async def put_state(self, state: ReplicaState) -> None: ...
     async def states(self, name: str | None = None) -> list[ReplicaState]: ...
+    async def snapshot(self) -> tuple[list[AdapterRecord], list[AdapterVersion], list[ReplicaState]]: ...
+    async def watch(self, on_change: Callable[[], None]) -> None: ...   # other writers' changes, as they commit
+    writes: int   # writes this process started: a snapshot read while it moved may be stale
 
 
 SCHEMA = """
@@ -88,8 +95,10 @@ class SqliteStore:
         self.path = Path(state_dir) / "registry.sqlite3"
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self.writes = 0
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+        self.writes += write
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._in_transaction, work)
 
@@ -146,7 +155,7 @@ class SqliteStore:
 
     async def adapters(self) -> list[AdapterRecord]:
         rows = await self._run(lambda db: db.execute(
-            "SELECT spec, origin, active, updated_at FROM adapter WHERE removed = 0 ORDER BY rowid").fetchall())
+            "SELECT spec, origin, active, updated_at FROM adapter WHERE removed = 0 ORDER BY rowid").fetchall(), False)
         return [AdapterRecord(AdapterSpec.model_validate(json.loads(spec)), origin, active, updated)
                 for spec, origin, active, updated in rows]
 
@@ -180,7 +189,7 @@ class SqliteStore:
     async def versions(self, name: str | None = None) -> list[AdapterVersion]:
         query = ("SELECT adapter, version, source, gguf, adapter_class, rank, status, created_at, reason "
                  "FROM adapter_version" + (" WHERE adapter = ?" if name else "") + " ORDER BY created_at")
-        rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall())
+        rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall(), False)
         return [AdapterVersion(a, v, s, g, c, r, VersionStatus(st), t, reason) for a, v, s, g, c, r, st, t, reason in rows]
 
     async def activate(self, version: AdapterVersion) -> AdapterRecord:
@@ -215,10 +224,20 @@ class SqliteStore:
     async def states(self, name: str | None = None) -> list[ReplicaState]:
         query = ("SELECT adapter, version, backend, replica, state, reason, updated_at FROM replica_state"
                  + (" WHERE adapter = ?" if name else "") + " ORDER BY adapter, backend, replica")
-        rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall())
+        rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall(), False)
         return [ReplicaState(a, v, b, r, ReplicaPhase(st), reason, t) for a, v, b, r, st, reason, t in rows]
 
 
-def open_store(state_dir: str) -> AdapterStore:
-    """The configured store; SQLite under state_dir is the embedded default."""
+    async def snapshot(self) -> tuple[list[AdapterRecord], list[AdapterVersion], list[ReplicaState]]:
+        return await self.adapters(), await self.versions(), await self.states()
+
+    async def watch(self, on_change: Callable[[], None]) -> None:
+        """One replica owns a SQLite store: no other writer to hear from."""
+
+
+def open_store(state_dir: str, dsn: str | None = None, pool_size: int = 4) -> AdapterStore:
+    """The configured store: PostgreSQL when a DSN is given (a fleet), else SQLite under state_dir."""
+    if dsn is not None:
+        from adapters.store_postgres import PostgresStore  # asyncpg is only imported where it is used
+        return PostgresStore(dsn, pool_size=pool_size)
     return SqliteStore(Path(state_dir).expanduser())

@@ -1,11 +1,14 @@
 """AgentSupport: what the data plane does for tool-using requests, and only for them: put remembered
 reasoning back into the history, and watch the reply so that its reasoning can be put back next turn.
-The memory is scoped per client key, or per `user` on an open gateway (memory_scope)."""
+The memory is scoped per client key, or per `user` on an open gateway (memory_scope); where it lives (this
+process, or Redis for a fleet) is gateway/shared.py's choice."""
 from __future__ import annotations
 
 from gateway.config import ReasoningMemoryConfig
 from gateway.metrics import Metrics
 from gateway.policies.reasoning_memory import ReasoningCapture, ReasoningMemory
+
+_BUILD = object()
 
 
 def memory_scope(key_name: str, doc: dict) -> str | None:
@@ -18,10 +21,20 @@ def memory_scope(key_name: str, doc: dict) -> str | None:
 
 
 class AgentSupport:
-    def __init__(self, config: ReasoningMemoryConfig, metrics: Metrics) -> None:
+    def __init__(self, config: ReasoningMemoryConfig, metrics: Metrics,
+                 memory: ReasoningMemory | None = _BUILD) -> None:   # _BUILD: the in-process one, from config
         self.metrics = metrics
-        self.memory = ReasoningMemory(max_entries=config.max_entries, max_bytes=config.max_bytes,
-                                      ttl_s=config.ttl_s) if config.enabled else None
+        if memory is _BUILD:
+            memory = ReasoningMemory(max_entries=config.max_entries, max_bytes=config.max_bytes,
+                                     ttl_s=config.ttl_s) if config.enabled else None
+        self.memory = memory
+        self.shared = getattr(memory, "prefetch", None) is not None   # a fleet's memory: fetch before restoring
+
+    async def prefetch(self, doc: dict, key_name: str) -> None:
+        """A fleet's memory: the turns this history names, from Redis, before `prepare` restores them."""
+        scope = memory_scope(key_name, doc)
+        if scope is not None and isinstance(doc.get("messages"), list):
+            await self.memory.prefetch(scope, doc["messages"])
 
     def prepare(self, doc: dict, key_name: str, route: str) -> ReasoningCapture | None:
         """Restore reasoning in `doc["messages"]` (counted) and return the observer for the reply."""

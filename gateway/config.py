@@ -111,6 +111,37 @@ class ReasoningMemoryConfig(Strict):
     max_entries: int = Field(10000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     ttl_s: float = Field(3600.0, gt=0)
+    tenant_max_bytes: int = Field(8 * 1024 * 1024, ge=1024)   # shared (Redis) memory: the bound per tenant
+
+
+class StoreConfig(Strict):
+    """Where the adapter registry lives: SQLite in state_dir (one replica), or PostgreSQL shared by a fleet."""
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    dsn_env: EnvName | None = None              # postgres: the env var holding the DSN (it may carry a password)
+    pool_size: int = Field(4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> StoreConfig:
+        if self.kind == "postgres" and self.dsn_env is None:
+            raise ValueError("a postgres store needs `dsn_env`, the env var that holds its DSN")
+        if self.kind == "sqlite" and self.dsn_env is not None:
+            raise ValueError("`dsn_env` is for kind: postgres (sqlite lives in state_dir)")
+        return self
+
+
+class SharedConfig(Strict):
+    """Where per-request, short-lived state lives: in this process, or in Redis shared by a fleet."""
+    kind: Literal["local", "redis"] = "local"
+    url_env: EnvName | None = None              # redis: the env var holding its URL
+    key_prefix: str = Field("kimi-gateway", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    replicas: int = Field(1, ge=1)              # fleet size assumed for the per-replica share until Redis said
+    timeout_s: float = Field(0.5, gt=0, le=5)   # one Redis call; past it the replica serves degraded
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> SharedConfig:
+        if self.kind == "redis" and self.url_env is None:
+            raise ValueError("a redis `shared` needs `url_env`, the env var that holds its URL")
+        return self
 
 
 class RouteConfig(Strict):
@@ -161,6 +192,8 @@ class GatewayConfig(Strict):
     listen: ListenConfig = ListenConfig()
     admin_listen: ListenConfig | None = None   # the admin API on its own listener (then not on `listen`)
     state_dir: str = "~/.local/state/kimi-gateway"
+    store: StoreConfig = StoreConfig()
+    shared: SharedConfig = SharedConfig()
     adapter_roots: tuple[str, ...] = ()
     adapter_drain_deadline_s: float = Field(600.0, gt=0)   # a swap waits this long for the old version's requests
     auth: AuthConfig = AuthConfig()

@@ -19,7 +19,6 @@ from gateway.auth import authenticate
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
 from gateway.metrics import RequestRecorder
 from gateway.policies.content import ImagePolicy, check_limits
-from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import with_retries
 from gateway.policies.sampling import apply_sampling_policy
 from gateway.policies.tools import check_agent_fields
@@ -54,9 +53,9 @@ class DataPlane:
         self.state = state
         self.limits = limits = state.config.limits
         self.max_body = limits.max_body_bytes
-        self.rate_limiter = RateLimiter()
+        self.rate_limiter = state.shared.limiter        # in process, or Redis for a fleet (gateway/shared.py)
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
-        self.agents = AgentSupport(state.config.reasoning_memory, state.metrics)
+        self.agents = AgentSupport(state.config.reasoning_memory, state.metrics, state.shared.memory)
         self.images = ImagePolicy(limits)
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
@@ -122,7 +121,8 @@ class DataPlane:
         check_agent_fields(doc)
         model = doc["model"]
         principal.require(model)
-        self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
+        if principal.rpm or principal.tpm:
+            await self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
         resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
         route = resolved.route
         if has_images:
@@ -134,6 +134,8 @@ class DataPlane:
         if resolved.variant is not None:
             metrics.experiment_assignments.labels(model, resolved.variant).inc()
         stream = doc.get("stream", False)
+        if "tools" in doc and self.agents.shared:
+            await self.agents.prefetch(doc, principal.name)
         observer = self.agents.prepare(doc, principal.name, model) if "tools" in doc else None
         return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
                               thinking=decision.thinking, sampling=decision.values, stream=stream,

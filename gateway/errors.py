@@ -19,6 +19,8 @@ from adapters.errors import (
     AdapterValidationError,
     RestartNeededError,
 )
+from adapters.lease import LeaseBusyError
+from adapters.store import StoreUnavailableError
 from backends.errors import (
     AdapterNotReadyError,
     BackendError,
@@ -198,6 +200,10 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], 
     (AdapterInUseError, lambda e: ConflictError(str(e))),
     (RestartNeededError, lambda e: ConflictError(str(e))),
     (AdapterPlacementError, lambda e: BadGatewayError(scrub(str(e)))),
+    (StoreUnavailableError, lambda e: ServiceUnavailableError(
+        "The adapter registry's database is unreachable; nothing was changed. Retry shortly.",
+        headers={"retry-after": "5"})),
+    (LeaseBusyError, lambda e: ServiceUnavailableError(str(e), headers={"retry-after": "5"})),
     (BackendRejectedError, _rejected),
     (UnsupportedFeatureError, lambda e: InvalidRequestError(e.message, param=e.param)),
     (AdapterNotReadyError, lambda e: ServiceUnavailableError(

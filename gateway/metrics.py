@@ -64,6 +64,9 @@ class Metrics:
                                         "(restored) or not found (missed)", ["route", "result"], registry=registry))
         self.experiment_assignments = Labeled(Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
                                               ["experiment", "variant"], registry=registry))
+        self.shared_degraded = Labeled(Counter(f"{PREFIX}shared_degraded", "Requests served without the shared "
+                                       "Redis (ratelimit: this replica's share; memory: local only)", ["what"],
+                                       registry=registry))
 
 
 class LifecycleRecorder:

@@ -7,9 +7,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.lease import StoreLeases
 from adapters.lifecycle import AdapterLifecycle
 from adapters.models import AdapterSpec
-from adapters.store import open_store
+from adapters.store import AdapterStore, open_store
 from adapters.validation import BaseModelDims, dims_from_gguf, dims_from_hf_config
 from backends.base import BackendDriver
 from backends.factory import build_drivers, build_launchers
@@ -19,6 +20,7 @@ from gateway.config import ConfigError, GatewayConfig, check_adapter_references,
 from gateway.conversion import converter_of
 from gateway.metrics import LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
+from gateway.shared import Shared, build_shared
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 5.0
@@ -32,6 +34,7 @@ class GatewayState:
     metrics: Metrics
     client_keys: tuple[ClientKey, ...] | None
     lifecycle: AdapterLifecycle
+    shared: Shared
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
@@ -39,6 +42,7 @@ class GatewayState:
 
     async def start(self) -> None:
         self.lifecycle.on_routes_changed = self.rebuild_routes
+        await self.shared.start()
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
         for driver in self.drivers.values():
             await driver.start()
@@ -50,6 +54,7 @@ class GatewayState:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
         await self.lifecycle.aclose()
+        await self.shared.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
 
@@ -108,23 +113,37 @@ def launchers_of(config: GatewayConfig) -> dict:
         raise ConfigError(str(exc)) from exc
 
 
+def store_of(config: GatewayConfig) -> AdapterStore:
+    """config `store`: SQLite in state_dir, or the PostgreSQL whose DSN the named env var holds."""
+    if config.store.kind == "sqlite":
+        return open_store(config.state_dir)
+    dsn = resolve_secret(config.store.dsn_env)
+    if dsn is None:
+        raise ConfigError(f"store.dsn_env: the environment variable {config.store.dsn_env} (the PostgreSQL DSN) "
+                          "is not set")
+    return open_store(config.state_dir, dsn, config.store.pool_size)
+
+
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
     drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
     metrics = Metrics()
+    store = store_of(config)
     base = base_model_dims(config)
     lifecycle = AdapterLifecycle(
-        open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base,
+        store, drivers, roots=config.adapter_roots, base=base,
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s,
+        leases=StoreLeases(store) if config.store.kind == "postgres" else None,
         converter=converter_of(config, base))
     return GatewayState(
         config=config,
         routes=RouteTable(config, []),
         drivers=drivers,
         lifecycle=lifecycle,
+        shared=build_shared(config, metrics),
         metrics=metrics,
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),

@@ -7,6 +7,8 @@ import asyncio
 from fastapi import APIRouter, Depends, Request, Response
 
 from adapters.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError
+from adapters.lease import LeaseBusyError
+from adapters.store import StoreUnavailableError
 from adapters.models import AdapterSpec, SwapSpec
 from gateway.auth import bearer, match_key
 from gateway.config import check_adapter_references
@@ -20,7 +22,8 @@ from gateway.errors import (
 )
 from gateway.state import GatewayState
 
-LIFECYCLE_ERRORS = (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError)
+LIFECYCLE_ERRORS = (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterValidationError,
+                    StoreUnavailableError, LeaseBusyError)
 
 
 def require_admin(request: Request, state: StateDep) -> None:

@@ -1,11 +1,13 @@
 """Per-key request and token budgets (rpm, tpm) as token buckets: refused with 429 and `retry-after`.
 
 Tokens are charged up front as the hosted API does (prompt estimate + max_tokens), so a burst of long
-requests is refused before it reaches a backend. Buckets live in this process: each replica counts alone.
+requests is refused before it reaches a backend. Buckets live in this process: each replica counts alone
+(gateway/policies/ratelimit_redis.py shares them across a fleet, and falls back to this one with `share`).
 """
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from gateway.auth import Principal
 from gateway.errors import RateLimitedError
@@ -35,17 +37,22 @@ class Bucket:
 
 
 class RateLimiter:
-    def __init__(self) -> None:
-        self._buckets: dict[tuple[str, str], Bucket] = {}
+    """`share()`: how many replicas split each limit (this one enforces limit / share); 1 when alone."""
+
+    def __init__(self, share: Callable[[], int] | None = None) -> None:
+        self._buckets: dict[tuple[str, str, int], Bucket] = {}
+        self._share = share
 
     def _bucket(self, principal: Principal, kind: str, per_minute: int) -> Bucket:
-        key = (principal.name, kind)
+        if self._share is not None:
+            per_minute = max(1, per_minute // max(1, self._share()))
+        key = (principal.name, kind, per_minute)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = Bucket(per_minute)
         return bucket
 
-    def admit(self, principal: Principal, body_bytes: int, max_tokens: int | None) -> None:
+    async def admit(self, principal: Principal, body_bytes: int, max_tokens: int | None) -> None:
         if principal.rpm is None and principal.tpm is None:
             return
         tokens = body_bytes // BYTES_PER_TOKEN + (max_tokens or DEFAULT_COMPLETION_CHARGE)

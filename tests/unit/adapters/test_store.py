@@ -1,4 +1,5 @@
-"""The SQLite adapter store: seeding, the atomic flip, what survives a reopen, the v1 migration."""
+"""The adapter stores (SQLite, PostgreSQL: the same tests for both): seeding, the atomic flip, what survives a
+reopen; SQLite's v1 migration; PostgreSQL's migrations under their lock and its change notifications."""
 import json
 import sqlite3
 import time
@@ -7,6 +8,8 @@ import pytest
 
 from adapters.models import AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
 from adapters.store import AdapterExistsError, AdapterNotFoundError, SqliteStore
+from adapters.store_postgres import PostgresStore
+from tests.services import fresh_database
 
 
 def spec(name: str = "legal", source: str = "/a/v1") -> AdapterSpec:
@@ -17,9 +20,19 @@ def version(digest: str, status=VersionStatus.CANDIDATE, source: str = "/a/v1") 
     return AdapterVersion("legal", digest * 64, source, None, "attention", 8, status, time.time())
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request, tmp_path):
+    """A factory for the store under test: each call opens another handle on the same storage."""
+    if request.param == "sqlite":
+        yield lambda: SqliteStore(tmp_path)
+        return
+    with fresh_database() as dsn:
+        yield lambda: PostgresStore(dsn)
+
+
 @pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path)
+async def store(make_store):
+    store = make_store()
     await store.open()
     yield store
     await store.close()
@@ -41,7 +54,7 @@ async def test_add_refuses_a_live_name(store):
         await store.add_adapter(spec(), "admin")
 
 
-async def test_activate_flips_in_one_write_and_survives_reopen(store, tmp_path):
+async def test_activate_flips_in_one_write_and_survives_reopen(store, make_store):
     await store.add_adapter(spec(), "admin")
     old, new = version("a"), version("b", source="/a/v2")
     await store.put_version(old)
@@ -51,7 +64,7 @@ async def test_activate_flips_in_one_write_and_survives_reopen(store, tmp_path):
     assert record.active == "b" * 64 and record.spec.source == "/a/v2"
     await store.put_state(ReplicaState("legal", new.version, "kt", "http://r0", ReplicaPhase.READY, None, 1.0))
     await store.close()
-    reopened = SqliteStore(tmp_path)
+    reopened = make_store()
     await reopened.open()
     try:
         [record] = await reopened.adapters()

@@ -11,32 +11,32 @@ from gateway.policies.content import ImagePolicy
 from gateway.policies.ratelimit import RateLimiter
 
 
-def test_rpm_refuses_then_refills(monkeypatch):
+async def test_rpm_refuses_then_refills(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
     limiter, key = RateLimiter(), Principal("k", ("*",), rpm=2)
-    limiter.admit(key, 100, 10)
-    limiter.admit(key, 100, 10)
+    await limiter.admit(key, 100, 10)
+    await limiter.admit(key, 100, 10)
     with pytest.raises(RateLimitedError) as refused:
-        limiter.admit(key, 100, 10)
+        await limiter.admit(key, 100, 10)
     assert refused.value.headers["retry-after"] == "30"
     now[0] += 30
-    limiter.admit(key, 100, 10)
+    await limiter.admit(key, 100, 10)
 
 
-def test_tpm_charges_prompt_estimate_plus_max_tokens(monkeypatch):
+async def test_tpm_charges_prompt_estimate_plus_max_tokens(monkeypatch):
     monkeypatch.setattr(ratelimit.time, "monotonic", lambda: 5.0)
     limiter, key = RateLimiter(), Principal("k", ("*",), tpm=1000)
-    limiter.admit(key, 400, 800)          # 100 + 800 = 900 tokens
+    await limiter.admit(key, 400, 800)          # 100 + 800 = 900 tokens
     with pytest.raises(RateLimitedError, match="tokens per minute"):
-        limiter.admit(key, 400, 200)      # 300 more would exceed 1000
-    limiter.admit(Principal("other", ("*",), tpm=1000), 400, 800)  # budgets are per key
+        await limiter.admit(key, 400, 200)      # 300 more would exceed 1000
+    await limiter.admit(Principal("other", ("*",), tpm=1000), 400, 800)  # budgets are per key
 
 
-def test_keys_without_limits_are_never_counted():
+async def test_keys_without_limits_are_never_counted():
     limiter = RateLimiter()
     for _ in range(1000):
-        limiter.admit(Principal("k", ("*",)), 10**6, 10**6)
+        await limiter.admit(Principal("k", ("*",)), 10**6, 10**6)
 
 
 def image_doc(url: str) -> dict:

@@ -1,0 +1,93 @@
+"""Two lifecycles (two gateway replicas) on one PostgreSQL store and one backend: what one registers, swaps
+or removes the other mirrors, forwarding to what the first verified without loading it again; a candidate a
+dead replica left is rolled back once its lease runs out."""
+import asyncio
+
+import pytest
+
+from adapters.lease import StoreLeases
+from adapters.lifecycle import AdapterLifecycle
+from adapters.models import AdapterSpec, VersionStatus
+from adapters.store_postgres import PostgresStore
+from tests.adapter_files import write_peft
+from tests.emulators.fake_driver import FakeDriver
+from tests.services import fresh_database
+
+
+class CountingDriver(FakeDriver):
+    def __init__(self, name: str, shared: dict) -> None:
+        super().__init__(name)
+        self.loaded = shared   # one backend behind both replicas
+        self.loads = 0
+
+    async def load_adapter(self, replica, name, files, pinned=False) -> None:
+        self.loads += 1
+        await super().load_adapter(replica, name, files, pinned)
+
+
+@pytest.fixture
+def dsn():
+    with fresh_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    root = tmp_path / "adapters"
+    return root, {v: write_peft(root / v, r=8 if v == "v1" else 4) for v in ("v1", "v2")}
+
+
+async def replica(dsn, root, backend: dict, ttl_s: float = 10.0) -> tuple[AdapterLifecycle, CountingDriver]:
+    store = PostgresStore(dsn)
+    driver = CountingDriver("kt", backend)
+    lifecycle = AdapterLifecycle(store, {"kt": driver}, roots=[str(root)], leases=StoreLeases(store, ttl_s=ttl_s))
+    await lifecycle.start([], lambda spec: True)
+    await lifecycle.reconcile_all()
+    return lifecycle, driver
+
+
+async def test_a_change_on_one_replica_is_mirrored_by_the_other(dsn, dirs):
+    root, paths = dirs
+    backend: dict = {}
+    (first, first_driver), (second, second_driver) = [await replica(dsn, root, backend) for _ in range(2)]
+    try:
+        await first.register(AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",)))
+        await second.refresh()
+        [label] = [a.label for a in second.active()]
+        assert list(second_driver.serving) == [label] and second_driver.loads == 0   # trusted, not reloaded
+        assert await first.swap("legal", str(paths["v2"]), None)
+        await second.refresh()
+        [new] = [a.label for a in second.active()]
+        assert new != label and list(second_driver.serving) == [new] and list(backend) == [new]
+        await second.remove("legal")
+        await first.refresh()
+        assert first.active() == [] and first_driver.serving == {} and backend == {}
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_a_candidate_left_by_a_dead_replica_is_rolled_back_after_its_lease(dsn, dirs):
+    root, paths = dirs
+    backend: dict = {}
+    (first, _), (second, _) = [await replica(dsn, root, backend, ttl_s=1.0) for _ in range(2)]
+    try:
+        await first.register(AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",)))
+        # The first replica "dies" holding the adapter, half way through a swap: a candidate is loaded.
+        assert await first.leases.acquire("adapter:legal", 0)
+        first.leases._renewals.pop("adapter:legal").cancel()
+        candidate = first._new_version(first.records["legal"].spec.model_copy(update={"source": str(paths["v2"])}),
+                                       await first._validate(str(paths["v2"]), None, ("kt",)))
+        await first._bring_in(candidate, ("kt",))
+        assert candidate.label in backend
+        await second.refresh()
+        await second.settle()   # the lease is still running: hands off
+        assert second.versions["legal"][candidate.version].status is VersionStatus.CANDIDATE
+        await asyncio.sleep(1.2)
+        await second.refresh()
+        await second.settle()
+        assert second.versions["legal"][candidate.version].status is VersionStatus.FAILED
+        assert candidate.label not in backend and len(second.active()) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
