@@ -460,19 +460,20 @@ class AdapterLifecycle:
         while True:
             writes = self.store.writes
             adapters, versions, states = await self.store.snapshot()
+            if await self._convert_mirrored(adapters):
+                continue   # that took a while: read again
             if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
                 break
         self._apply(adapters, versions, states)
-        if await self._convert_mirrored():
-            for name, placement in self.placements.items():
-                self._mirror_placement(name, placement)
 
-    async def _convert_mirrored(self) -> bool:
-        """Active versions another replica registered: converted here too (a shared conversion.cache_dir makes
-        that a cache hit). True when one of them changed."""
-        changed = False
-        for name, record in list(self.records.items()):
-            if record.active is None or (name, record.active) in self.made:
+    async def _convert_mirrored(self, adapters: Sequence[AdapterRecord]) -> bool:
+        """Active versions another replica registered: converted here too before they are mirrored (a shared
+        conversion.cache_dir makes that a cache hit), so they are never forwarded with unconverted files. True
+        when it converted something."""
+        worked = False
+        for record in adapters:
+            name = record.spec.name
+            if record.active is None or (name, record.active) in self.made or not self._usable(record.spec):
                 continue
             try:
                 facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
@@ -481,11 +482,8 @@ class AdapterLifecycle:
                 log.error("adapter %s: cannot make its artifacts on this replica: %s", name, exc)
                 continue
             self.made[(name, facts.content_hash)] = made
-            version = self.versions.get(name, {}).get(record.active)
-            if version is not None and made and facts.content_hash == record.active:
-                self.versions[name][record.active] = with_artifacts(version, made)
-                changed = True
-        return changed
+            worked = True
+        return worked
 
     def _apply(self, adapters: Sequence[AdapterRecord], versions: Sequence[AdapterVersion],
                states: Sequence[ReplicaState]) -> None:
