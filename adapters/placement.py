@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from functools import partial
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from adapters.models import AdapterVersion, ReplicaPhase
@@ -61,6 +62,9 @@ class BackendPlacement:
         self._max_pinned = max_pinned
         self._pinned: set[str] = set()
         self.fixed_name = getattr(driver, "expert_adapter", None)
+        for replica, launcher in enumerate(self.launchers or ()):
+            if hasattr(launcher, "on_state"):   # a Supervisor: its crashes and restarts reach the driver at once
+                launcher.on_state = partial(self._server_state, replica)
 
     @property
     def replicas(self) -> range:
@@ -179,6 +183,9 @@ class BackendPlacement:
 
     async def stop_servers(self) -> None:
         await asyncio.gather(*(launcher.stop() for launcher in self.launchers or ()))
+
+    def _server_state(self, replica: int, state: str) -> None:
+        self.driver.set_replica_up(replica, state == "ready")
 
     def publish(self, replica: int) -> None:
         """The versions the driver may forward to this replica: verified ones only."""

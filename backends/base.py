@@ -45,6 +45,7 @@ class BackendRequest:
     adjustments: list[str] = field(default_factory=list)  # what a driver changed, for x-kimi-adjusted
     hide_usage_chunk: bool = False  # the gateway asked for stream usage for its metrics, not the client
     observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
+    traceparent: str | None = None  # W3C trace context for the backend (gateway/tracing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ class BackendDriver(Protocol):
     async def send(self, request: BackendRequest) -> BackendReply: ...
     async def health(self) -> bool: ...                      # any replica up; per replica: replica_up()
     def replica_up(self) -> list[bool]: ...
+    def set_replica_up(self, replica: int, up: bool) -> None: ...   # a supervisor saw its process die or return
     async def list_adapters(self, replica: int) -> list[LoadedAdapter]: ...
     async def load_adapter(self, replica: int, name: str, files: AdapterFiles, pinned: bool = False) -> None: ...
     async def unload_adapter(self, replica: int, name: str) -> None: ...      # "already loaded"/"unknown" are fine

@@ -13,7 +13,9 @@ from backends.config import BackendConfigBase
 from backends.hosted import MoonshotConfig, MoonshotDriver
 from backends.httpx_transport import HttpxTransport
 from backends.launchers.llama_build import find_llama_server
-from backends.launchers.supervisor import LaunchError, LlamaServerSupervisor
+from backends.launchers.llama_plan import first_shard, make_supervisor
+from backends.launchers.llamacpp import LlamaServerSupervisor
+from backends.launchers.supervisor import LaunchError
 from backends.llamacpp import LlamaCppConfig, LlamaCppDriver
 from backends.sglang import SglangConfig, SglangDriver
 from backends.transport import LeanTransport
@@ -65,9 +67,7 @@ def llamacpp_launchers(backend: LlamaCppConfig, logs: Path) -> list[LlamaServerS
     if binary is None:
         raise LaunchError(f"backends.{backend.name}.launch: no llama-server binary: set `binary`, put "
                           "llama-server on PATH, or run `python -m backends.launchers.llama_build`")
-    return [LlamaServerSupervisor(binary=binary, model=Path(launch.model), url=url, ctx_size=launch.ctx_size,
-                                  threads=launch.threads, parallel=launch.parallel, args=launch.args,
-                                  ready_timeout_s=launch.ready_timeout_s, log_path=logs / f"{backend.name}-{i}.log")
+    return [make_supervisor(backend, str(binary), first_shard(launch.model), url, logs, i)
             for i, url in enumerate(backend.endpoints)]
 
 

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
 from backends.config import BackendConfigBase, Strict
+from backends.launch_config import LogConfig, RestartConfig
 from backends.errors import (
     AdapterNotReadyError,
     BackendAccountError,
@@ -48,6 +49,10 @@ class LlamaLaunchConfig(Strict):
     parallel: int | None = Field(None, ge=1)     # -np
     args: tuple[str, ...] = ()
     ready_timeout_s: float = Field(120.0, gt=0)
+    alias: str | None = None                     # --alias: the name /v1/models shows
+    router: bool = False                         # `launch llama-server` only: router mode (llamacpp.md §6)
+    restart: RestartConfig = RestartConfig()
+    log: LogConfig = LogConfig()
 
 
 class LlamaCppConfig(BackendConfigBase):

@@ -302,11 +302,17 @@ class OpenAICompatDriver:
         return self.stream_error
 
     def request_headers(self, request: BackendRequest) -> dict[str, str] | None:
-        """The backend sees the client's `x-request-id`, so that its logs join the gateway's."""
+        """The backend sees the client's `x-request-id`, so that its logs join the gateway's, and the trace
+        context (`traceparent`), so that its spans join the caller's trace."""
         headers = self.headers()
-        if not request.request_id:
+        if not request.request_id and not request.traceparent:
             return headers
-        return {**headers, REQUEST_ID: request.request_id} if headers else {REQUEST_ID: request.request_id}
+        headers = {**headers} if headers else {}
+        if request.request_id:
+            headers[REQUEST_ID] = request.request_id
+        if request.traceparent:
+            headers["traceparent"] = request.traceparent
+        return headers
 
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)
@@ -437,6 +443,11 @@ class OpenAICompatDriver:
 
     def replica_up(self) -> list[bool]:
         return list(self._up)
+
+    def set_replica_up(self, replica: int, up: bool) -> None:
+        """A supervisor saw the replica's process die or come back: route around it now, not at the next health
+        check (a down replica is tried only when every replica is down)."""
+        self._up[replica] = up
 
     def in_flight(self) -> list[int]:
         return list(self._busy)

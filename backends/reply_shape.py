@@ -122,7 +122,10 @@ class ReplyShape:
         block = CREATED_FIELD.sub(self._created_field, block)
         if b'"system_fingerprint"' in block:
             block = map_fingerprints(block)
-        if b'":null' in block or b'": null' in block:  # SGLang writes every unset field as null
+        # SGLang writes every unset field as null. The regex costs 10-20 µs a block, so it runs only where one of
+        # its three keys is there: llama.cpp's `"finish_reason":null` on every token no longer triggers it.
+        if (b'":null' in block or b'": null' in block) and (
+                b'"usage":' in block or b'"tool_calls":' in block or b'"role":' in block):
             block = NULL_ONLY_FIELD.sub(b"", block)
         return block
 

@@ -24,6 +24,7 @@ from backends.errors import (
 )
 from backends.field_support import asks_for_any, check_unserved, drop_best_of
 from backends.openai_compat import MAX_ERROR_BODY, OpenAICompatDriver, StreamErrorEvent, parse_json
+from backends.sglang_launch import SglangLaunchConfig
 
 ALREADY_LOADED = "already loaded"
 # "Got LoRA adapter that has never been loaded: <name>" and "...are not loaded: <name>" (sglang-kt.md §1.2).
@@ -40,7 +41,7 @@ class SglangConfig(BackendConfigBase):
     max_loaded_adapters: int | None = Field(None, ge=1)   # its --max-loaded-loras: pinned adapters stay within it
     max_lora_rank: int | None = Field(None, ge=1)          # its --max-lora-rank: larger adapters are refused (422)
     expert_adapter: Name | None = None           # KT expert LoRA: the one adapter fixed at launch (§0.1)
-    launch: dict | None = None                   # read by `kimi-gateway launch sglang-kt`
+    launch: SglangLaunchConfig | None = None     # read by `kimi-gateway launch sglang-kt`
 
 
 def to_sglang_body(request: BackendRequest, served_model: str) -> dict:

@@ -30,6 +30,7 @@ REPLY = orjson.dumps({"id": "x", "object": "chat.completion", "model": "up", "ch
 BODY = orjson.dumps({"model": "kimi", "messages": [{"role": "user", "content": "Hello, how are you today?"}],
                      "max_tokens": 16})
 STREAM_BODY = orjson.dumps({**orjson.loads(BODY), "stream": True})
+AB_BODY = orjson.dumps({**orjson.loads(BODY), "model": "ab", "user": "user-42"})
 
 
 def sglang_chunk(delta: dict, finish: str | None = None) -> bytes:
@@ -77,10 +78,16 @@ class CannedTransport:
         pass
 
 
-async def run(requests: int, cycles: bool = False, stream: bool = False) -> float:
+async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False) -> float:
+    routes = [{"name": "kimi", "targets": ["up"]}]
+    if experiment:  # the request names an A/B experiment over two base routes, sticky on `user`
+        routes += [{"name": "kimi-b", "targets": ["up"]},
+                   {"name": "ab", "experiment": {"variants": {"kimi": 90, "kimi-b": 10}}}]
     config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
                                            "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
-                                           "routes": [{"name": "kimi", "targets": ["up"]}]})
+                                           "routes": routes,
+                                           # the fact writer does not run here: room for every fact, none dropped
+                                           "experiments": {"queue_size": requests + 1000}})
     app = create_app(config, drivers={"up": LlamaCppDriver("up", [CannedTransport()])})
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
         (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
@@ -97,7 +104,8 @@ async def run(requests: int, cycles: bool = False, stream: bool = False) -> floa
                 await complete.wait()
                 return {"type": "http.disconnect"}
             delivered = True
-            return {"type": "http.request", "body": STREAM_BODY if stream else BODY, "more_body": False}
+            body = STREAM_BODY if stream else BODY
+            return {"type": "http.request", "body": AB_BODY if experiment else body, "more_body": False}
 
         async def send(message):
             sent.append(message)
@@ -110,9 +118,12 @@ async def run(requests: int, cycles: bool = False, stream: bool = False) -> floa
     sent.clear()
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL) if cycles else None
+    facts = app.state.experiments.facts
     start = time.process_time()
-    for _ in range(requests):
+    for index in range(requests):
         await app(scope, *exchange())
+        if index % 500 == 0:
+            facts._facts.clear()  # what the writer does every flush_interval_s (its own cost: experiments_micro.py)
     spent = time.process_time() - start
     assert sent[0]["status"] == 200, sent[:2]
     if cycles:
@@ -129,6 +140,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cycles", action="store_true", help="count objects only the cyclic GC frees")
     parser.add_argument("--stream", action="store_true", help="relay a 32-event SGLang stream per request")
+    parser.add_argument("--experiment", action="store_true", help="a JSON request to an A/B experiment route")
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
@@ -138,7 +150,7 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return
     import uvloop
-    cpu = uvloop.run(run(args.requests, args.cycles, args.stream))
+    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment))
     what = "a 32-event stream" if args.stream else "a JSON reply"
     print(f"gateway work per request relaying {what} (no transport, no HTTP server): {cpu:.1f} µs CPU")
 

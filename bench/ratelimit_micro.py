@@ -19,7 +19,7 @@ import uuid
 import redis
 
 from gateway.auth import Principal
-from gateway.metrics import Metrics
+from gateway.metrics import FleetRecorder, Metrics
 from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.ratelimit_redis import RedisRateLimiter
 from gateway.shared import RedisLink
@@ -63,7 +63,7 @@ async def main() -> None:
     except ImportError:
         pass
     prefix = f"kgw-bench-{uuid.uuid4().hex[:8]}"
-    link = RedisLink(args.redis, prefix=prefix, timeout_s=1.0, replicas=1, metrics=Metrics())
+    link = RedisLink(args.redis, prefix=prefix, timeout_s=1.0, replicas=1, events=FleetRecorder(Metrics()))
     rows = []
     try:
         for name, limiter in (("in process", RateLimiter()), ("redis", RedisRateLimiter(link))):
@@ -71,7 +71,7 @@ async def main() -> None:
             cpu, walls = await sequential(limiter, args.requests)
             busy = await concurrent(limiter, args.requests)
             rows.append(line(name, cpu, walls, busy))
-        assert link.metrics.shared_degraded.labels("ratelimit")._value.get() == 0, "Redis failed during the run"
+        assert link.events._metrics.shared_degraded.labels("ratelimit")._value.get() == 0, "Redis failed during the run"
     finally:
         await link.aclose()
         client = redis.Redis.from_url(args.redis)

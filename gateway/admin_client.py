@@ -98,6 +98,16 @@ class AdminClient:
     def list_backends(self) -> dict[str, Any]:
         return self._call("GET", "/admin/backends")
 
+    def get_experiment(self, name: str) -> dict[str, Any]:
+        return self._call("GET", "/admin/experiments/" + quote(name, safe=""))
+
+    def promote_experiment(self, name: str, variant: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/admin/experiments/" + quote(name, safe="") + "/promote",
+                          {"variant": variant} if variant else None)
+
+    def put_route(self, name: str, route: dict[str, Any]) -> dict[str, Any]:
+        return self._call("PUT", "/admin/routes/" + quote(name, safe=""), route)
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)

@@ -5,7 +5,6 @@ process, or Redis for a fleet) is gateway/shared.py's choice."""
 from __future__ import annotations
 
 from gateway.config import ReasoningMemoryConfig
-from gateway.metrics import Metrics
 from gateway.policies.reasoning_memory import ReasoningCapture, ReasoningMemory
 
 _BUILD = object()
@@ -21,9 +20,8 @@ def memory_scope(key_name: str, doc: dict) -> str | None:
 
 
 class AgentSupport:
-    def __init__(self, config: ReasoningMemoryConfig, metrics: Metrics,
-                 memory: ReasoningMemory | None = _BUILD) -> None:   # _BUILD: the in-process one, from config
-        self.metrics = metrics
+    def __init__(self, config: ReasoningMemoryConfig, memory: ReasoningMemory | None = _BUILD) -> None:
+        # _BUILD: the in-process memory, from config
         if memory is _BUILD:
             memory = ReasoningMemory(max_entries=config.max_entries, max_bytes=config.max_bytes,
                                      ttl_s=config.ttl_s) if config.enabled else None
@@ -36,14 +34,12 @@ class AgentSupport:
         if scope is not None and isinstance(doc.get("messages"), list):
             await self.memory.prefetch(scope, doc["messages"])
 
-    def prepare(self, doc: dict, key_name: str, route: str) -> ReasoningCapture | None:
-        """Restore reasoning in `doc["messages"]` (counted) and return the observer for the reply."""
+    def prepare(self, doc: dict, key_name: str, recorder) -> ReasoningCapture | None:
+        """Restore reasoning in `doc["messages"]` (counted through the request's recorder) and return the
+        observer for the reply."""
         scope = memory_scope(key_name, doc)
         if self.memory is None or scope is None:
             return None
         restored, missed = self.memory.restore(scope, doc.get("messages") or [])
-        if restored:
-            self.metrics.reasoning_memory.labels(route, "restored").inc(restored)
-        if missed:
-            self.metrics.reasoning_memory.labels(route, "missed").inc(missed)
+        recorder.reasoning_memory(restored, missed)
         return ReasoningCapture(self.memory, scope)

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
-from gateway.api import admin, health, models
+from gateway.api import admin, experiments, health, models
 from gateway.api.openapi import data_plane_paths
 from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
@@ -46,6 +46,8 @@ def control_plane(state: GatewayState) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(experiments.admin_router)
+    app.include_router(experiments.feedback_router)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -9,6 +9,8 @@ from gateway.adapters_cli import add_commands as add_admin_commands
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.conversion import add_commands as add_setup_commands
 from gateway.conversion import conversion_problems
+from gateway.experiments_cli import add_commands as add_experiment_commands
+from gateway.launch_cli import add_commands as add_launch_commands
 
 
 def route_table(config: GatewayConfig) -> str:
@@ -21,6 +23,8 @@ def route_table(config: GatewayConfig) -> str:
         if route.experiment is not None:
             variants = ", ".join(f"{name} {weight}" for name, weight in route.experiment.variants.items())
             where = f"experiment [{variants}] sticky by {route.experiment.sticky_by}"
+            if route.experiment.shadow:
+                where += ", shadow " + ", ".join(f"{n} {f:g}" for n, f in route.experiment.shadow.items())
         else:
             where = " -> ".join(f"{t.adapter}@{t.backend}" if t.adapter else t.backend for t in route.targets)
         profile = route.profile or config.sampling.default_profile
@@ -59,7 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
     config = load_checked(args.config)
-    serve(config, host=args.host or config.listen.host, port=args.port if args.port is not None else config.listen.port)
+    host, port = args.host or config.listen.host, args.port if args.port is not None else config.listen.port
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected 1 or more")
+    if args.workers > 1:
+        from gateway.workers import serve_workers
+
+        serve_workers(args.config, config, host=host, port=port, workers=args.workers)
+        return 0
+    serve(config, host=host, port=port)
     return 0
 
 
@@ -91,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", required=True)
     serve_cmd.add_argument("--host")
     serve_cmd.add_argument("--port", type=int)
+    serve_cmd.add_argument("--workers", type=int, default=1,
+                           help="gateway processes on the same port (metrics added up across them)")
     serve_cmd.set_defaults(run=cmd_serve)
     hash_key = commands.add_parser("hash-key", help="print a key-file entry for the client key read on stdin")
     hash_key.add_argument("--name", default="client")
@@ -101,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     add_admin_commands(commands)
     add_setup_commands(commands)
+    add_experiment_commands(commands)
+    add_launch_commands(commands)
     return root
 
 

@@ -11,6 +11,8 @@ from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator, mod
 from adapters.models import AdapterSpec
 from backends.config import EnvName, Name, Strict, env_name_not_secret
 from backends.factory import KINDS, BackendConfig
+from gateway.telemetry_config import LoggingConfig, TracingConfig
+from gateway.experiments.config import ExperimentConfig, ExperimentsConfig  # noqa: F401 (re-exported)
 
 ImageURLMode = Literal["fetch", "forward"]  # gateway/policies/content.py: who fetches a client's http(s) image
 
@@ -85,18 +87,6 @@ class ConversionConfig(Strict):
 
 
 AdapterConfig = AdapterSpec  # a config `adapters:` entry is exactly an adapter spec
-
-
-class ExperimentConfig(Strict):
-    sticky_by: Literal["user", "header", "key"] = "user"
-    variants: dict[Name, int] = Field(min_length=1)
-
-    @field_validator("variants")
-    @classmethod
-    def _positive_weights(cls, variants: dict[str, int]) -> dict[str, int]:
-        if any(weight < 0 for weight in variants.values()) or sum(variants.values()) <= 0:
-            raise ValueError("variant weights must be >= 0 and sum to more than 0")
-        return variants
 
 
 class AgentConfig(Strict):
@@ -203,9 +193,12 @@ class GatewayConfig(Strict):
     base_model: BaseModelConfig = BaseModelConfig()
     conversion: ConversionConfig = ConversionConfig()
     exposure: ExposureConfig = ExposureConfig()
+    logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig | None = None        # absent: no spans (docs/observability.md)
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    experiments: ExperimentsConfig = ExperimentsConfig()
 
     @model_validator(mode="after")
     def _cross_references(self) -> GatewayConfig:
@@ -233,9 +226,10 @@ def check_cross_references(config: GatewayConfig) -> None:
         for j, name in enumerate(route.targets or ()):
             if name not in backends:
                 raise ValueError(f"routes[{i}].targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
-        for name in (route.experiment.variants if route.experiment else {}):
-            if name not in adapter_names and name not in {r.name for r in config.routes if r.targets}:
-                raise ValueError(f"routes[{i}].experiment.variants: {name!r} is not an adapter or a base route")
+        for key in ("variants", "shadow"):
+            for name in getattr(route.experiment, key) if route.experiment else {}:
+                if name not in adapter_names and name not in {r.name for r in config.routes if r.targets}:
+                    raise ValueError(f"routes[{i}].experiment.{key}: {name!r} is not an adapter or a base route")
 
 
 def check_adapter_references(adapter: AdapterConfig, config: GatewayConfig, where: str) -> None:

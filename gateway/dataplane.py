@@ -14,9 +14,11 @@ import orjson
 from backends.base import BackendRequest
 from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
+from gateway.access_log import write_access_line
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
 from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
+from gateway.logs import REQUEST_ID
 from gateway.metrics import RequestRecorder
 from gateway.policies.content import ImagePolicy, check_limits
 from gateway.policies.retry import with_retries
@@ -27,12 +29,15 @@ from gateway.request_id import request_id_of
 from gateway.routing import Resolved, Target
 from gateway.state import GatewayState
 from gateway.streaming import DisconnectWatcher, relay_stream
+from gateway.tracing import TRACEPARENT, incoming_traceparent
 from gateway.validation import check_request
 
 log = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 STICKY_HEADER = b"x-kimi-sticky-key"
+VARIANT_HEADER = b"x-kimi-variant"
 CLOSE = (b"connection", b"close")
+SERVER_TIMING = b"server-timing"
 
 
 class ClientGone(Exception):
@@ -55,8 +60,11 @@ class DataPlane:
         self.max_body = limits.max_body_bytes
         self.rate_limiter = state.shared.limiter        # in process, or Redis for a fleet (gateway/shared.py)
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
-        self.agents = AgentSupport(state.config.reasoning_memory, state.metrics, state.shared.memory)
+        self.agents = AgentSupport(state.config.reasoning_memory, state.shared.memory)
+        self.tracer = state.tracer
+        self.include_prompts = state.config.logging.include_prompts
         self.images = ImagePolicy(limits)
+        self.facts = state.experiments.facts
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
@@ -64,12 +72,19 @@ class DataPlane:
     async def __call__(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])
         request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
-        recorder = RequestRecorder(self.state.metrics)
+        REQUEST_ID.set(request_id)  # on every log line written while serving it (gateway/logs.py)
+        recorder = RequestRecorder(self.state.metrics, self.facts, request_id)
+        recorder.traceparent = incoming_traceparent(headers.get(TRACEPARENT))
+        span = None
+        if self.tracer is not None:
+            span = self.tracer.start(scope["path"], recorder.traceparent)
+            recorder.traceparent = self.tracer.traceparent(span) or recorder.traceparent
         extra: list[tuple[bytes, bytes]] = [(REQUEST_ID_HEADER, request_id.encode())]
-        code, usage, watcher, body = 500, None, None, None
+        code, usage, watcher, body, doc, principal = 500, None, None, None, None, None
         try:
             # The key first, from the headers: an unauthenticated client gets nothing buffered for it.
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
+            recorder.key = principal.name
             body = await read_body(receive, self.max_body)
             doc = parse_body(body)
             watcher = DisconnectWatcher(receive)
@@ -80,6 +95,9 @@ class DataPlane:
         except GatewayError as exc:
             if body is None:  # refused before its body was read (401, 413): close rather than drain the rest
                 extra.append(CLOSE)
+            extra.append((SERVER_TIMING, recorder.server_timing()))
+            if recorder.variant is not None and not any(name == VARIANT_HEADER for name, _ in extra):
+                extra.append((VARIANT_HEADER, recorder.variant.encode()))  # an error answer says its variant too
             code = await send_error(send, exc, extra)
         except asyncio.CancelledError:
             code = 499  # nginx's "client closed request": nothing is left to answer
@@ -88,26 +106,41 @@ class DataPlane:
             asyncio.current_task().uncancel()
         except Exception:
             log.exception("request %s failed", request_id)
+            extra.append((SERVER_TIMING, recorder.server_timing()))
             code = await send_error(send, InternalError(request_id), extra)
         finally:
             if watcher is not None:
                 watcher.stop()
             recorder.finished(code, usage)
+            self.observed(recorder, span, scope["path"], principal, doc)
+
+    def observed(self, recorder: RequestRecorder, span, path: str, principal, doc) -> None:
+        """The request's span and access-log line, once its metrics are recorded."""
+        doc = doc if isinstance(doc, dict) else None
+        if span is not None:
+            driver = self.state.drivers.get(recorder.backend)
+            self.tracer.end(span, recorder, doc, driver.kind if driver is not None else None)
+        write_access_line(recorder, path, principal.name if principal is not None else None,
+                          doc is not None and doc.get("stream") is True, doc, self.include_prompts)
 
     async def serve(self, path, doc, size, principal, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
         request, resolved, decision = await self.admit(path, doc, size, principal, headers, request_id, recorder)
         forwarded = await self.forward(request, resolved, recorder)
-        extra += self.response_headers(forwarded.target, resolved, decision, request)
+        extra += self.response_headers(forwarded.target, resolved, decision, request, recorder)
         reply = forwarded.reply
         if request.stream:
+            extra.append((SERVER_TIMING, recorder.server_timing()))
             code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id)
             return code, reply.usage
+        recorder.upstream_started()
         try:
             body = await reply.read()
         except BackendError as exc:
             raise from_backend_error(exc) from exc
         finally:
+            recorder.upstream_done()
             await reply.aclose()
+        extra.append((SERVER_TIMING, recorder.server_timing()))
         length = [(b"content-length", str(len(body)).encode())]  # not chunked: one framing, no terminator
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra + length})
         await send({"type": "http.response.body", "body": body})
@@ -115,7 +148,7 @@ class DataPlane:
 
     async def admit(self, path, doc, size, principal, headers, request_id, recorder):
         """Every check and policy, in order; returns the BackendRequest to forward."""
-        state, metrics = self.state, self.state.metrics
+        state = self.state
         has_images = check_request(doc, path, self.allowed[path])
         check_limits(doc, self.limits)
         check_agent_fields(doc)
@@ -124,35 +157,38 @@ class DataPlane:
         if principal.rpm or principal.tpm:
             await self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
         resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
+        recorder.variant = resolved.variant
         route = resolved.route
         if has_images:
             await self.images.apply(doc, route.image_urls or self.limits.image_urls)
         decision = apply_sampling_policy(doc, state.config.sampling, route.profile)
         recorder.route = model
-        for param in decision.overrides:
-            metrics.sampling_overrides.labels(model, param).inc()
+        recorder.sampled(decision.overrides)
         if resolved.variant is not None:
-            metrics.experiment_assignments.labels(model, resolved.variant).inc()
+            recorder.assigned(resolved.variant)
         stream = doc.get("stream", False)
         if "tools" in doc and self.agents.shared:
             await self.agents.prefetch(doc, principal.name)
-        observer = self.agents.prepare(doc, principal.name, model) if "tools" in doc else None
-        return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
-                              thinking=decision.thinking, sampling=decision.values, stream=stream,
-                              has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                              hide_usage_chunk=stream and ask_for_usage(doc)), resolved, decision
+        observer = self.agents.prepare(doc, principal.name, recorder) if "tools" in doc else None
+        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
+                                 thinking=decision.thinking, sampling=decision.values, stream=stream,
+                                 has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
+                                 hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent)
+        if resolved.variant is not None:
+            recorder.after = state.shadows.pick(state.routes.get(model), request)
+        return request, resolved, decision
 
-    def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
+    def response_headers(self, target, resolved, decision, request, recorder) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),
                    (b"x-kimi-adapter", (target.adapter or "").encode()),
                    (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
         if resolved.variant is not None:
-            headers.append((b"x-kimi-variant", resolved.variant.encode()))
+            headers.append((VARIANT_HEADER, resolved.variant.encode()))
         if request.adjustments:
             adjustments = list(dict.fromkeys(request.adjustments))
             headers.append((b"x-kimi-adjusted", ",".join(adjustments).encode()))
             for adjustment in adjustments:
-                self.state.metrics.adjustments.labels(request.model, adjustment).inc()
+                recorder.adjusted(adjustment)
         return headers
 
     async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder) -> Forwarded:
@@ -172,10 +208,11 @@ class DataPlane:
                 unsupported = unsupported or exc
                 continue
             if failure is not None:
-                state.metrics.fallbacks.labels(route.name, target.backend).inc()
-            recorder.routed(request.model, target.name, target.backend)
+                recorder.fell_back(route.name, target.backend)
+            recorder.routed(request.model, target.name, target.backend, target.adapter)
+            recorder.upstream_started()
             try:
-                return await self.attempt(driver, request, route.name, target)
+                return await self.attempt(driver, request, route.name, target, recorder)
             except BackendRejectedError as exc:
                 if exc.status < 500:
                     raise from_backend_error(exc) from exc
@@ -183,15 +220,18 @@ class DataPlane:
             except BackendError as exc:
                 log.warning("backend %s failed for %s: %s", target.backend, request.request_id, exc.message)
                 failure = exc
+            finally:
+                recorder.upstream_done()
         if failure is not None:
             raise from_backend_error(failure)
         raise from_backend_error(unsupported or UnsupportedFeatureError(f"Route '{route.name}' has no target."))
 
-    async def attempt(self, driver, request: BackendRequest, route_name: str, target: Target) -> Forwarded:
+    async def attempt(self, driver, request: BackendRequest, route_name: str, target: Target,
+                      recorder: RequestRecorder) -> Forwarded:
         """One target with its retries. A version swapped out while the request waited for its backend (a
         drained restart) is answered by the route's active version, never by a 503."""
         policy = self.retry_policies[target.backend]
-        count = partial(count_retry, self.state.metrics, target.backend)
+        count = partial(count_retry, recorder, target.backend)
         try:
             return await with_retries(partial(open_reply, driver, request, target), policy, count)
         except AdapterNotReadyError:
@@ -213,8 +253,8 @@ class DataPlane:
         return None
 
 
-def count_retry(metrics, backend: str, exc: BaseException) -> None:
-    metrics.retries.labels(backend, type(exc).__name__).inc()
+def count_retry(recorder: RequestRecorder, backend: str, exc: BaseException) -> None:
+    recorder.retried(backend, type(exc).__name__)
 
 
 async def open_reply(driver, request: BackendRequest, target: Target) -> Forwarded:

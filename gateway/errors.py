@@ -214,7 +214,8 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], 
     # a proxy's HTML page, a 200 that is not JSON: the backend's fault, never the client's
     (BackendProtocolError, lambda e: BadGatewayError(
         f"The backend sent a response the gateway could not read{_where(e)}: {e.message}")),
-    (BackendError, lambda e: ServiceUnavailableError(f"No backend could serve the request{_where(e)}: {e.message}")),
+    (BackendError, lambda e: ServiceUnavailableError(   # down or restarting (a supervisor brings it back)
+        f"No backend could serve the request{_where(e)}: {e.message}", headers=_retry_after(e))),
 )
 
 

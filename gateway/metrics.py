@@ -1,21 +1,43 @@
-"""Every Prometheus collector of the gateway (DESIGN.md "Metrics"), and RequestRecorder, the one object
-handlers record a request through. Labels come only from config/registry names: bounded cardinality.
+"""Every Prometheus collector of the gateway (DESIGN.md "Metrics"), and the recorders that are the only
+writers: RequestRecorder (one per request), LifecycleRecorder (adapter lifecycle), FleetRecorder (backend
+health). Labels come only from config/registry names, so cardinality is bounded: an unknown model name is
+counted under route="" (docs/observability.md).
+
+Adding a metric is one declaration in `Metrics.__init__` (`self._counter/_gauge/_histogram`) plus the recorder
+method that writes it; `initialise()` puts the label combinations known from config at zero.
 """
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "kimi_gateway_"
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# LLM latencies: a first token in 10 ms (cached prefix, small model) to a minute (long prefill on a busy box).
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
+# A whole request: a short completion to a 30-minute reasoning run.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+# Per output token: 1 ms (small model on a GPU) to 5 s (a CPU-offloaded MoE under load).
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
+# The gateway's own time per request: tens of µs when lean, milliseconds when something is wrong.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
+disable_created_metrics()   # no `_created` series: half the exposition, and nothing the dashboard reads
+TOKEN_KINDS = ("prompt", "completion")
+ADAPTER_OPS = ("add", "swap", "remove", "load", "validate")
+ADAPTER_RESULTS = ("ok", "error", "invalid")
+MEMORY_RESULTS = ("restored", "missed")
+
+
+def multiprocess() -> bool:
+    """prometheus-client's multiprocess mode (`serve --workers N` sets the directory; gateway/workers.py)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class Labeled:
     """A collector whose labelled children are looked up once: prometheus_client's labels() costs a few
-    µs per call, and the hot path makes six of them per request. Labels are config names, so the cache
-    is as bounded as the metric's cardinality."""
+    µs per call. Labels are config names, so the cache is as bounded as the metric's cardinality."""
 
     __slots__ = ("collector", "_children")
 
@@ -34,43 +56,84 @@ class Metrics:
     """The collectors, on a registry of their own so that several apps (tests) never collide."""
 
     def __init__(self) -> None:
-        self.registry = registry = CollectorRegistry()
-        self.requests = Labeled(Counter(f"{PREFIX}requests", "Requests answered", ["route", "adapter", "backend", "code"],
-                                registry=registry))
-        self.duration = Labeled(Histogram(f"{PREFIX}request_duration_seconds", "Request duration, start to last byte",
-                                  ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry))
-        self.ttft = Labeled(Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to the first streamed event",
-                              ["route", "backend"], buckets=LATENCY_BUCKETS, registry=registry))
-        self.inter_token = Labeled(Histogram(f"{PREFIX}inter_token_latency_seconds", "Mean gap between streamed events",
-                                     ["backend"], buckets=TOKEN_GAP_BUCKETS, registry=registry))
-        self.tokens = Labeled(Counter(f"{PREFIX}tokens", "Tokens reported by backends", ["route", "adapter", "kind"],
-                              registry=registry))
-        self.in_flight = Labeled(Gauge(f"{PREFIX}in_flight_requests", "Requests being served", ["backend"], registry=registry))
-        self.backend_up = Labeled(Gauge(f"{PREFIX}backend_up", "1 when the backend's health check passes", ["backend"],
-                                registry=registry))
-        self.adapter_loaded = Labeled(Gauge(f"{PREFIX}adapter_loaded", "1 when the adapter is usable on the backend",
-                                    ["adapter", "backend"], registry=registry))
-        self.adapter_operations = Labeled(Counter(f"{PREFIX}adapter_operations", "Adapter lifecycle operations",
-                                          ["op", "result"], registry=registry))
-        self.sampling_overrides = Labeled(Counter(f"{PREFIX}sampling_overrides", "Client sampling values replaced",
-                                          ["route", "param"], registry=registry))
-        self.retries = Labeled(Counter(f"{PREFIX}retries", "Retries before the first byte", ["backend", "reason"],
-                               registry=registry))
-        self.fallbacks = Labeled(Counter(f"{PREFIX}fallbacks", "Requests moved to the route's next target",
-                                 ["route", "backend"], registry=registry))
-        self.adjustments = Labeled(Counter(f"{PREFIX}request_adjustments", "Requests the gateway changed to satisfy a "
-                                   "backend rule (x-kimi-adjusted)", ["route", "adjustment"], registry=registry))
-        self.reasoning_memory = Labeled(Counter(f"{PREFIX}reasoning_memory", "Reasoning put back into tool-call history "
-                                        "(restored) or not found (missed)", ["route", "result"], registry=registry))
-        self.experiment_assignments = Labeled(Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
-                                              ["experiment", "variant"], registry=registry))
-        self.shared_degraded = Labeled(Counter(f"{PREFIX}shared_degraded", "Requests served without the shared "
-                                       "Redis (ratelimit: this replica's share; memory: local only)", ["what"],
-                                       registry=registry))
+        self.registry = CollectorRegistry()
+        c, g, h = self._counter, self._gauge, self._histogram
+        # traffic
+        self.requests = c("requests", "Requests answered, by the adapter version (name@hash8) that served them",
+                          "route", "adapter", "version", "backend", "code")
+        self.duration = h("request_duration_seconds", "Request duration, start to last byte", DURATION_BUCKETS,
+                          "route", "backend")
+        self.ttft = h("time_to_first_token_seconds", "Request start to the first streamed event", TTFT_BUCKETS,
+                      "route", "backend")
+        self.inter_token = h("inter_token_latency_seconds", "Mean gap between output tokens of a stream",
+                             ITL_BUCKETS, "backend")
+        self.overhead = h("overhead_seconds", "The gateway's own time in a request (all but the upstream's)",
+                          OVERHEAD_BUCKETS, "route")
+        self.tokens = c("tokens", "Tokens reported by backends", "route", "adapter", "kind")
+        self.in_flight = g("in_flight_requests", "Requests being served", "livesum", "backend")
+        # policies and failures
+        self.sampling_overrides = c("sampling_overrides", "Client sampling values replaced", "route", "param")
+        self.retries = c("retries", "Retries before the first byte", "backend", "reason")
+        self.fallbacks = c("fallbacks", "Requests moved to the route's next target", "route", "backend")
+        self.adjustments = c("request_adjustments", "Requests the gateway changed to satisfy a backend rule "
+                             "(x-kimi-adjusted)", "route", "adjustment")
+        self.reasoning_memory = c("reasoning_memory", "Reasoning put back into tool-call history (restored) or "
+                                  "not found (missed)", "route", "result")
+        # backends and adapters
+        self.backend_up = g("backend_up", "1 when the backend's health check passes", "livemax", "backend")
+        self.adapter_loaded = g("adapter_loaded", "1 when the adapter is usable on the backend", "livemax",
+                                "adapter", "backend")
+        self.adapter_version = g("adapter_active_version", "1 for the adapter version that takes traffic",
+                                 "livemax", "adapter", "version")
+        self.adapter_operations = c("adapter_operations", "Adapter lifecycle operations", "op", "result")
+        # experiments
+        self.experiment_assignments = c("experiment_assignments", "Experiment variant picks", "experiment", "variant")
+        self.experiment_requests = c("experiment_requests", "Experiment requests answered, per variant",
+                                     "experiment", "variant", "code")
+        self.experiment_ttft = h("experiment_time_to_first_token_seconds", "Time to first token per variant",
+                                 TTFT_BUCKETS, "experiment", "variant")
+        self.experiment_weight = g("experiment_weight", "Variant weights in force", "livemax", "experiment", "variant")
+        # experiments (gateway/experiments/): shadow calls, feedback, the canary guard, request facts
+        self.shadow_calls = c("shadow_calls", "Shadow calls by result (ok, error, timeout, dropped: over its limits)",
+                              "experiment", "variant", "result")
+        self.feedback = c("feedback", "Feedback recorded (score or label)", "experiment", "variant", "kind")
+        self.guard_events = c("experiment_guard_events", "Candidates the canary guard rolled back",
+                              "experiment", "variant", "reason")
+        self.facts_dropped = Counter(PREFIX + "request_facts_dropped", "Request facts not stored: the write queue "
+                                     "was full", registry=self.registry)
+        # a fleet's shared state
+        self.shared_degraded = c("shared_degraded", "Requests served without the shared Redis (ratelimit: this "
+                                 "replica's share; memory: local only)", "what")
+
+    def _counter(self, name: str, doc: str, *labels: str) -> Labeled:
+        return Labeled(Counter(PREFIX + name, doc, labels, registry=self.registry))
+
+    def _gauge(self, name: str, doc: str, mode: str, *labels: str) -> Labeled:
+        """`mode`: how `--workers` processes combine (prometheus-client multiprocess_mode)."""
+        return Labeled(Gauge(PREFIX + name, doc, labels, registry=self.registry, multiprocess_mode=mode))
+
+    def _histogram(self, name: str, doc: str, buckets, *labels: str) -> Labeled:
+        return Labeled(Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry))
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this process's registry, or with `--workers` every worker's (their files)."""
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def initialise(self, config, adapters=()) -> None:
+        """Every label combination known from config and registry at zero, so that rate() and the dashboard
+        have a series from the first scrape. `adapters`: ActiveAdapter (spec, label) of the registry."""
+        from gateway.initial_series import initial_series   # the config walk lives beside, not here
+
+        for collector, values in initial_series(config, adapters):
+            getattr(self, collector).labels(*values)   # a labelled child is exposed, at zero, once it exists
 
 
 class LifecycleRecorder:
-    """The adapter lifecycle's events as metrics (adapters/lifecycle.py LifecycleEvents)."""
+    """The adapter lifecycle's events as metrics (adapters/lifecycle.py LifecycleEvents), and the admin API's."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -82,41 +145,173 @@ class LifecycleRecorder:
         self._metrics.adapter_loaded.labels(adapter, backend).set(1 if loaded else 0)
 
 
-class RequestRecorder:
-    """started -> routed -> first_event -> finished, the last one always (in a `finally`)."""
-
-    __slots__ = ("_metrics", "_start", "_first", "_events", "route", "adapter", "backend")
+class FleetRecorder:
+    """Backend health and the route table as metrics (gateway/state.py: the health loop, registry changes)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._start = time.perf_counter()
+        self._versions: dict[str, str] = {}
+
+    def routes_changed(self, config, active) -> None:
+        """New series at zero for what the registry added; the version that takes traffic per adapter at 1,
+        the one it replaced at 0. `active`: ActiveAdapter (spec, label) per adapter."""
+        self._metrics.initialise(config, active)
+        current = {item.spec.name: item.label for item in active}
+        for name, label in self._versions.items():
+            if current.get(name) != label:
+                self._metrics.adapter_version.labels(name, label).set(0)
+        for name, label in current.items():
+            self._metrics.adapter_version.labels(name, label).set(1)
+        self._versions = current
+
+    def backend_up(self, backend: str, up: bool) -> None:
+        self._metrics.backend_up.labels(backend).set(1 if up else 0)
+
+    def shared_degraded(self, what: str) -> None:
+        """A request served without the fleet's Redis (gateway/shared.py)."""
+        self._metrics.shared_degraded.labels(what).inc()
+
+
+class ExperimentRecorder:
+    """Experiments' events as metrics (gateway/experiments/service.py ExperimentEvents)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def facts_dropped(self, count: int) -> None:
+        self._metrics.facts_dropped.inc(count)
+
+    def guard_event(self, experiment: str, variant: str, reason: str) -> None:
+        self._metrics.guard_events.labels(experiment, variant, reason).inc()
+
+    def promoted(self, experiment: str, variant: str) -> None:
+        self._metrics.adapter_operations.labels("promote", "ok").inc()
+
+    def shadow_call(self, experiment: str, variant: str, result: str) -> None:
+        self._metrics.shadow_calls.labels(experiment, variant, result).inc()
+
+    def feedback(self, experiment: str, variant: str, kind: str) -> None:
+        self._metrics.feedback.labels(experiment, variant, kind).inc()
+
+    def weights(self, experiment: str, weights: dict[str, float]) -> None:
+        total = sum(weights.values()) or 1
+        for variant, weight in weights.items():
+            self._metrics.experiment_weight.labels(experiment, variant).set(weight / total)
+
+
+class RequestRecorder:
+    """started -> routed -> upstream_* -> first_event -> finished, the last one always (in a `finally`).
+    It also holds what the access log line and the Server-Timing header say (gateway/observe.py). With a fact
+    log (gateway/experiments/facts.py), `finished` also hands it the request's facts, and then starts `after`
+    (shadow calls that wait for the answer to be done)."""
+
+    __slots__ = ("_metrics", "start", "_first", "_events", "route", "adapter", "version", "backend", "variant",
+                 "upstream_s", "_upstream_start", "code", "usage", "ttft_s", "duration_s", "overhead_s",
+                 "traceparent", "key", "request_id", "facts", "after")
+
+    def __init__(self, metrics: Metrics, facts=None, request_id: str = "") -> None:
+        self._metrics = metrics
+        self.facts, self.request_id, self.key, self.after = facts, request_id, "", None
+        self.start = time.perf_counter()
         self._first = 0.0
         self._events = 0
-        self.route = self.adapter = self.backend = ""
+        self.route = self.adapter = self.version = self.backend = ""
+        self.variant: str | None = None
+        self.upstream_s = self._upstream_start = 0.0
+        self.code = 0
+        self.usage: dict | None = None
+        self.ttft_s = self.duration_s = self.overhead_s = None
+        self.traceparent: str | None = None   # what the backend gets (gateway/tracing.py)
 
-    def routed(self, route: str, adapter: str | None, backend: str) -> None:
+    # --- routing and policies (each a metric of its own) ---------------------------------------------
+
+    def routed(self, route: str, adapter: str | None, backend: str, version: str | None = None) -> None:
         if self.backend:
             self._metrics.in_flight.labels(self.backend).dec()
-        self.route, self.adapter, self.backend = route, adapter or "", backend
+        self.route, self.adapter, self.version, self.backend = route, adapter or "", version or "", backend
         self._metrics.in_flight.labels(backend).inc()
+
+    def sampled(self, overrides) -> None:
+        for param in overrides:
+            self._metrics.sampling_overrides.labels(self.route, param).inc()
+
+    def assigned(self, variant: str) -> None:
+        self.variant = variant
+        self._metrics.experiment_assignments.labels(self.route, variant).inc()
+
+    def adjusted(self, adjustment: str) -> None:
+        self._metrics.adjustments.labels(self.route, adjustment).inc()
+
+    def fell_back(self, route: str, backend: str) -> None:
+        self._metrics.fallbacks.labels(route, backend).inc()
+
+    def retried(self, backend: str, reason: str) -> None:
+        self._metrics.retries.labels(backend, reason).inc()
+
+    def reasoning_memory(self, restored: int, missed: int) -> None:
+        if restored:
+            self._metrics.reasoning_memory.labels(self.route, "restored").inc(restored)
+        if missed:
+            self._metrics.reasoning_memory.labels(self.route, "missed").inc(missed)
+
+    # --- time ------------------------------------------------------------------------------------------
+
+    def upstream_started(self) -> None:
+        self._upstream_start = time.perf_counter()
+
+    def upstream_done(self) -> None:
+        """Time spent waiting on backends (every attempt, retries included) counts as upstream time."""
+        if self._upstream_start:
+            self.upstream_s += time.perf_counter() - self._upstream_start
+            self._upstream_start = 0.0
+
+    def server_timing(self) -> bytes:
+        """`Server-Timing` for the response head: the gateway's own time so far and the upstream's, in ms."""
+        gateway = time.perf_counter() - self.start - self.upstream_s
+        if self.backend:
+            return b"gateway;dur=%.3f, upstream;dur=%.3f" % (gateway * 1e3, self.upstream_s * 1e3)
+        return b"gateway;dur=%.3f" % (gateway * 1e3)
 
     def first_event(self) -> None:
         self._first = time.perf_counter()
-        self._metrics.ttft.labels(self.route, self.backend).observe(self._first - self._start)
+        self.ttft_s = ttft = self._first - self.start
+        self._metrics.ttft.labels(self.route, self.backend).observe(ttft)
+        if self.variant is not None:
+            self._metrics.experiment_ttft.labels(self.route, self.variant).observe(ttft)
 
     def event(self) -> None:
         self._events += 1
 
     def finished(self, code: int, usage: dict | None = None) -> None:
         metrics, now = self._metrics, time.perf_counter()
-        metrics.requests.labels(self.route, self.adapter, self.backend, str(code)).inc()
-        if self.backend:
+        self.code, self.usage = code, usage
+        self.duration_s = now - self.start
+        metrics.requests.labels(self.route, self.adapter, self.version, self.backend, str(code)).inc()
+        if self.variant is not None:
+            metrics.experiment_requests.labels(self.route, self.variant, str(code)).inc()
+        completion = usage.get("completion_tokens") if usage else None
+        if not self.backend:
+            self.overhead_s = self.duration_s   # answered by the gateway alone (the log says so; no metric)
+        else:
             metrics.in_flight.labels(self.backend).dec()
-            metrics.duration.labels(self.route, self.backend).observe(now - self._start)
-            if self._first and self._events > 1:
-                metrics.inter_token.labels(self.backend).observe((now - self._first) / (self._events - 1))
+            metrics.duration.labels(self.route, self.backend).observe(self.duration_s)
+            self.overhead_s = self.duration_s - self.upstream_s - (now - self._first if self._first else 0.0)
+            metrics.overhead.labels(self.route).observe(max(self.overhead_s, 0.0))
+            # Per output token when the backend reported them (no chunk parsing: the usage chunk is read anyway);
+            # else per streamed event, which is one token per event on SGLang and llama.cpp.
+            gaps = completion - 1 if isinstance(completion, int) and completion > 1 else self._events
+            if self._first and gaps > 0 and self._events > 0:
+                metrics.inter_token.labels(self.backend).observe((now - self._first) / gaps)
         if usage:
-            for kind in ("prompt", "completion"):
-                count = usage.get(f"{kind}_tokens")
-                if isinstance(count, int) and count > 0:
-                    metrics.tokens.labels(self.route, self.adapter, kind).inc(count)
+            prompt = usage.get("prompt_tokens")
+            if isinstance(prompt, int) and prompt > 0:
+                metrics.tokens.labels(self.route, self.adapter, "prompt").inc(prompt)
+            if isinstance(completion, int) and completion > 0:
+                metrics.tokens.labels(self.route, self.adapter, "completion").inc(completion)
+        if self.facts is not None and self.route:
+            first = self._first - self.start if self._first else self.duration_s
+            self.facts.record(self.request_id, self.route, self.route if self.variant else None, self.variant,
+                              self.version or None, self.backend or None, self.key, code, self.duration_s, first,
+                              usage)
+        if self.after is not None:
+            self.after.start()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import random
 import re
+import time
+
+from gateway.logs import REQUEST_ID
 
 HEADER = b"x-request-id"
 WELL_FORMED = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -29,7 +32,8 @@ def incoming_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class RequestIdApp:
-    """Wraps an ASGI app (the control plane) so that each HTTP answer carries `x-request-id`."""
+    """Wraps an ASGI app (the control plane) so that each HTTP answer carries `x-request-id` and `Server-Timing`
+    (all of its time is the gateway's), and each log line written while serving it the id (gateway/logs.py)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -37,12 +41,16 @@ class RequestIdApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        value = request_id_of(incoming_id(scope["headers"])).encode()
+        start = time.perf_counter()
+        request_id = request_id_of(incoming_id(scope["headers"]))
+        REQUEST_ID.set(request_id)
+        value = request_id.encode()
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(name, raw) for name, raw in message.get("headers", ()) if name.lower() != HEADER]
-                message = {**message, "headers": [*headers, (HEADER, value)]}
+                timing = b"gateway;dur=%.3f" % ((time.perf_counter() - start) * 1e3)
+                message = {**message, "headers": [*headers, (HEADER, value), (b"server-timing", timing)]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -5,15 +5,14 @@ The table is immutable: a registry change builds a new one and swaps the referen
 """
 from __future__ import annotations
 
-import hashlib
-import random
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from adapters.lifecycle import ActiveAdapter
 from backends.base import DEFAULT_RULES, AgentRules
-from gateway.config import ExperimentConfig, GatewayConfig
+from gateway.config import ExperimentConfig, GatewayConfig, RouteConfig
 from gateway.errors import ModelNotFoundError
+from gateway.experiments.split import Split
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +31,7 @@ class Route:
     experiment: ExperimentConfig | None = None
     rules: AgentRules = DEFAULT_RULES
     image_urls: str | None = None   # None = limits.image_urls
+    split: Split | None = None      # an experiment's bucket ranges
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,38 +40,34 @@ class Resolved:
     variant: str | None       # the experiment's chosen variant, if the model named an experiment
 
 
-def sticky_fraction(experiment: str, key: str) -> float:
-    """A stable number in [0, 1) for (experiment, key): the same user always lands on the same variant."""
-    digest = hashlib.blake2b(f"{experiment}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def pick_variant(experiment: str, variants: dict[str, int], key: str | None) -> str:
-    point = (sticky_fraction(experiment, key) if key else random.random()) * sum(variants.values())
-    for name, weight in variants.items():
-        point -= weight
-        if point < 0:
-            return name
-    return next(name for name, weight in reversed(variants.items()) if weight > 0)
+def pick_variant(experiment: str, variants: Mapping[str, float], key: str | None) -> str:
+    """One pick without a prebuilt split (tests, tools); the route table keeps a Split per experiment."""
+    return Split(experiment, variants).pick(key)
 
 
 class RouteTable:
-    def __init__(self, config: GatewayConfig, adapters: Sequence[ActiveAdapter] | None = None) -> None:
+    def __init__(self, config: GatewayConfig, adapters: Sequence[ActiveAdapter] | None = None,
+                 routes: Sequence[RouteConfig] | None = None,
+                 weights: Mapping[str, Mapping[str, float]] | None = None) -> None:
         """`adapters`: each adapter with the label of its active version (None: the config's, unversioned,
-        for `kimi-gateway check`)."""
-        routes: dict[str, Route] = {}
+        for `kimi-gateway check`). `routes`: the routes in force (the config's with run-time changes applied;
+        None: the config's). `weights`: an experiment's weights where adaptive allocation replaced them."""
+        routes_by_name: dict[str, Route] = {}
         if adapters is None:
             adapters = [ActiveAdapter(spec, spec.name) for spec in config.adapters]
         for active in adapters:
             adapter = active.spec
             targets = tuple(Target(backend, active.label, adapter.name) for backend in adapter.backends)
-            routes[adapter.name] = Route(adapter.name, targets, adapter.profile, adapter=adapter.name)
-        for route in config.routes:
+            routes_by_name[adapter.name] = Route(adapter.name, targets, adapter.profile, adapter=adapter.name)
+        for route in config.routes if routes is None else routes:
             targets = tuple(Target(backend, None) for backend in route.targets or ())
             rules = AgentRules(**route.agent.model_dump())
-            routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment, rules=rules,
-                                       image_urls=route.image_urls)
-        self._routes = routes
+            split = None
+            if route.experiment is not None:
+                split = Split(route.name, (weights or {}).get(route.name) or route.experiment.variants)
+            routes_by_name[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment,
+                                               rules=rules, image_urls=route.image_urls, split=split)
+        self._routes = routes_by_name
 
     def names(self) -> list[str]:
         return list(self._routes)
@@ -91,7 +87,7 @@ class RouteTable:
         if route.experiment is None:
             return Resolved(route, None)
         key = sticky_key(route.experiment.sticky_by) if sticky_key is not None else None
-        variant = pick_variant(route.name, route.experiment.variants, key)
+        variant = route.split.pick(key)
         chosen = self._routes[variant]
         # An experiment's agent rules apply to its variants, and so do its profile and image mode where it sets them.
         return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules,

@@ -17,6 +17,7 @@ import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import GatewayConfig
+from gateway.logs import configure_logging
 
 
 class NoDelayHttpToolsProtocol(HttpToolsProtocol):
@@ -32,7 +33,8 @@ def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
     # and no `server: uvicorn` header (nothing to tell clients about what runs here).
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http=NoDelayHttpToolsProtocol,
                           lifespan=lifespan, access_log=False, log_level="warning", timeout_graceful_shutdown=10,
-                          proxy_headers=False, server_header=False)
+                          proxy_headers=False, server_header=False,
+                          log_config=None)  # uvicorn's own lines go through gateway/logs.py like every other
 
 
 class QuietServer(uvicorn.Server):
@@ -47,11 +49,23 @@ def serve(config: GatewayConfig, *, host: str, port: int) -> None:
     """One process, one app; a second listener when the admin API has its own. SIGINT/SIGTERM drain all."""
     from gateway.app import create_app
 
+    configure_logging(config.logging)
     app = create_app(config)
     configs = [server_config(app, host, port, "on")]
     if config.admin_listen is not None:
         configs.append(server_config(app, config.admin_listen.host, config.admin_listen.port, "off"))
     uvloop.run(serve_all([QuietServer(c) for c in configs]))
+
+
+def serve_sockets(config: GatewayConfig, sockets: list[socket.socket]) -> None:
+    """One worker of `serve --workers N` (gateway/workers.py), on sockets its parent bound: the main
+    listener, then the admin listener when there is one."""
+    from gateway.app import create_app
+
+    configure_logging(config.logging)
+    app = create_app(config)
+    servers = [QuietServer(server_config(app, "", 0, "on" if index == 0 else "off")) for index in range(len(sockets))]
+    uvloop.run(serve_all(servers, [[sock] for sock in sockets]))
 
 
 def dump_tasks() -> None:
@@ -66,7 +80,7 @@ def dump_tasks() -> None:
         logging.getLogger("gateway.tasks").warning("task %s:\n%s", task.get_name(), "\n".join(frames))
 
 
-async def serve_all(servers: list[uvicorn.Server]) -> None:
+async def serve_all(servers: list[uvicorn.Server], sockets: list[list[socket.socket]] | None = None) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -76,7 +90,8 @@ async def serve_all(servers: list[uvicorn.Server]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    tasks = [asyncio.create_task(server.serve(sockets[index] if sockets else None))
+             for index, server in enumerate(servers)]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     stop()  # when one listener stops (or fails to bind), the others follow
     await asyncio.gather(*tasks)

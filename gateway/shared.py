@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError, RedisError
 from redis.retry import Retry
 
 from gateway.config import ConfigError, GatewayConfig, resolve_secret
-from gateway.metrics import Metrics
+from gateway.metrics import FleetRecorder
 from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.ratelimit_redis import RedisRateLimiter
 from gateway.policies.reasoning_memory import ReasoningMemory
@@ -35,14 +35,14 @@ FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
 class RedisLink:
-    def __init__(self, url: str, *, prefix: str, timeout_s: float, replicas: int, metrics: Metrics) -> None:
+    def __init__(self, url: str, *, prefix: str, timeout_s: float, replicas: int, events: FleetRecorder) -> None:
         # One retry, on a fresh connection, for a pooled one that Redis closed (a restart); never for a timeout.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
                                            health_check_interval=0)
         self.prefix = prefix
         self.replicas = replicas                 # alive replicas, as the heartbeat last saw them
-        self.metrics = metrics
+        self.events = events
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._down_until = 0.0
         self._down_since: float | None = None
@@ -53,7 +53,7 @@ class RedisLink:
 
     def failed(self, what: str, exc: BaseException | None) -> None:
         """A request served without Redis: counted; the outage logged once, when it starts."""
-        self.metrics.shared_degraded.labels(what).inc()
+        self.events.shared_degraded(what)
         if exc is not None:
             self.down(exc)
 
@@ -113,7 +113,7 @@ class Shared:
             await self.link.aclose()
 
 
-def build_shared(config: GatewayConfig, metrics: Metrics) -> Shared:
+def build_shared(config: GatewayConfig, events: FleetRecorder) -> Shared:
     memory_config, shared = config.reasoning_memory, config.shared
     limits = dict(max_entries=memory_config.max_entries, max_bytes=memory_config.max_bytes, ttl_s=memory_config.ttl_s)
     if shared.kind == "local":
@@ -122,7 +122,7 @@ def build_shared(config: GatewayConfig, metrics: Metrics) -> Shared:
     if url is None:
         raise ConfigError(f"shared.url_env: the environment variable {shared.url_env} (the Redis URL) is not set")
     link = RedisLink(url, prefix=shared.key_prefix, timeout_s=shared.timeout_s, replicas=shared.replicas,
-                     metrics=metrics)
+                     events=events)
     memory = SharedReasoningMemory(link, tenant_max_bytes=memory_config.tenant_max_bytes, **limits) \
         if memory_config.enabled else None
     return Shared(RedisRateLimiter(link), memory, link)

@@ -18,9 +18,13 @@ from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
 from gateway.conversion import converter_of
-from gateway.metrics import LifecycleRecorder, Metrics
+from gateway.experiments.service import Experiments
+from gateway.experiments.shadow import ShadowMirror
+from gateway.experiments.sqlite_store import SqliteExperimentStore
+from gateway.metrics import ExperimentRecorder, FleetRecorder, LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 from gateway.shared import Shared, build_shared
+from gateway.tracing import build_tracer
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 5.0
@@ -35,15 +39,26 @@ class GatewayState:
     client_keys: tuple[ClientKey, ...] | None
     lifecycle: AdapterLifecycle
     shared: Shared
+    experiments: Experiments
+    shadows: ShadowMirror
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
     draining: bool = False
     _health_task: asyncio.Task | None = None
+    fleet: FleetRecorder | None = None
+    tracer: object | None = None     # gateway/tracing.py RequestTracer when `tracing:` is configured
+
+    def __post_init__(self) -> None:
+        if self.fleet is None:
+            self.fleet = FleetRecorder(self.metrics)
 
     async def start(self) -> None:
         self.lifecycle.on_routes_changed = self.rebuild_routes
         await self.shared.start()
+        self.experiments.on_routes_changed = self.rebuild_routes
+        await self.experiments.start()   # run-time routes first: the lifecycle's first rebuild uses them
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
+        self.fleet.routes_changed(self.config, self.lifecycle.active())
         for driver in self.drivers.values():
             await driver.start()
         await self.check_health()
@@ -53,16 +68,20 @@ class GatewayState:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.shadows.aclose()
         await self.lifecycle.aclose()
         await self.shared.aclose()
         for driver in self.drivers.values():
             await driver.aclose()
+        await self.experiments.aclose()   # after the drivers: the last requests' facts are written too
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flushes the last spans (blocking I/O)
 
     async def check_health(self) -> None:
         results = await asyncio.gather(*(d.health() for d in self.drivers.values()), return_exceptions=True)
         for name, up in zip(self.drivers, results):
             self.healthy[name] = up is True
-            self.metrics.backend_up.labels(name).set(1 if up is True else 0)
+            self.fleet.backend_up(name, up is True)
         self.lifecycle.mark_all_dirty()  # every health cycle: each replica compared with the registry
 
     async def _health_loop(self) -> None:
@@ -75,7 +94,13 @@ class GatewayState:
 
     def rebuild_routes(self) -> None:
         """A registry change: a new route table, swapped in whole (never mutated under a request)."""
-        self.routes = RouteTable(self.config, self.lifecycle.active())
+        active = self.lifecycle.active()
+        self.routes = RouteTable(self.config, active, self.experiments.routes(), self.experiments.weights)
+        self.fleet.routes_changed(self.config, active)
+        recorder = ExperimentRecorder(self.metrics)
+        for route in self.routes.routes():
+            if route.experiment is not None:
+                recorder.weights(route.name, self.experiments.weights_in_force(route))
 
     def ready(self) -> bool:
         """Every route has at least one healthy target."""
@@ -127,6 +152,7 @@ def store_of(config: GatewayConfig) -> AdapterStore:
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
     drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
     metrics = Metrics()
+    fleet = FleetRecorder(metrics)
     store = store_of(config)
     base = base_model_dims(config)
     lifecycle = AdapterLifecycle(
@@ -138,13 +164,22 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         drain_deadline_s=config.adapter_drain_deadline_s,
         leases=StoreLeases(store) if config.store.kind == "postgres" else None,
         converter=converter_of(config, base))
-    return GatewayState(
+    experiments = Experiments(config, SqliteExperimentStore(Path(config.state_dir).expanduser()),
+                              ExperimentRecorder(metrics))
+    state = GatewayState(
         config=config,
         routes=RouteTable(config, []),
         drivers=drivers,
         lifecycle=lifecycle,
-        shared=build_shared(config, metrics),
+        shared=build_shared(config, fleet),
         metrics=metrics,
+        fleet=fleet,
         client_keys=load_client_keys(config),
         admin_digests=load_admin_digests(config),
+        tracer=build_tracer(config),
+        experiments=experiments,
+        shadows=ShadowMirror(drivers, lambda: state.routes, experiments.facts,
+                             {b.name: b.max_connections for b in config.backends},
+                             ExperimentRecorder(metrics).shadow_call),
     )
+    return state

@@ -12,9 +12,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+from backends.launchers.supervisor import RestartPolicy, ServerSpec, ServerState, Supervisor
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,36 @@ class ServerProcess:
             self.process.wait()
         except ProcessLookupError:
             pass
+
+
+class LlamaServerSupervisor(Supervisor):
+    """One supervised llama-server for one replica URL (its port), started with the adapter list the lifecycle
+    asks for and restarted, drained by the caller, to change it (llama-server loads adapters only at start)."""
+
+    def __init__(self, *, binary: Path, model: Path, url: str, log_path: Path, ctx_size: int | None = None,
+                 threads: int | None = None, parallel: int | None = None, args: Sequence[str] = (),
+                 ready_timeout_s: float = 120.0, restart: RestartPolicy = RestartPolicy(),
+                 name: str | None = None, alias: str | None = None, echo: bool = False,
+                 log_max_bytes: int = 50 * 1024 * 1024, log_backups: int = 3,
+                 on_state: Callable[[ServerState], None] | None = None) -> None:
+        address = urlsplit(url)
+        extra = list(args)
+        if ctx_size:
+            extra += ["--ctx-size", str(ctx_size)]
+        if parallel:
+            extra += ["-np", str(parallel)]
+        self.launch = LlamaServerLaunch(binary, model, (), host=address.hostname or "127.0.0.1",
+                                        port=address.port or 80, threads=threads, alias=alias, extra=tuple(extra))
+        self.url = url
+        spec = ServerSpec(name=name or f"llama-server {address.netloc}", argv=self._argv,
+                          health_url=f"{self.launch.url}/health", log_path=log_path,
+                          ready_timeout_s=ready_timeout_s, restart=restart, echo=echo,
+                          log_max_bytes=log_max_bytes, log_backups=log_backups)
+        super().__init__(spec, on_state)
+
+    def _argv(self, loras: Sequence[str]) -> list[str]:
+        return replace(self.launch, loras=tuple(Path(p) for p in loras)).argv()
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        return self.files

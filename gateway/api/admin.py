@@ -57,7 +57,7 @@ async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
     try:
         check_adapter_references(spec, state.config, "adapter")
     except ValueError as exc:
-        state.metrics.adapter_operations.labels("add", "invalid").inc()
+        state.lifecycle.events.adapter_operation("add", "invalid")
         raise UnprocessableAdapterError(str(exc)) from exc
     if state.routes.get(spec.name) is not None and spec.name not in state.lifecycle.names():
         raise ConflictError(f"'{spec.name}' is already a route name.")
@@ -65,7 +65,7 @@ async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
         await asyncio.shield(state.lifecycle.register(spec))  # an admin who hangs up does not cut it in half
         return state.lifecycle.view(spec.name)
     except LIFECYCLE_ERRORS as exc:
-        state.metrics.adapter_operations.labels("add", "error").inc()
+        state.lifecycle.events.adapter_operation("add", "error")
         raise to_gateway_error(exc) from exc
 
 
@@ -77,13 +77,14 @@ async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
         changed = await asyncio.shield(state.lifecycle.swap(name, swap.source, swap.gguf))
         return {**state.lifecycle.view(name), "changed": changed}
     except LIFECYCLE_ERRORS as exc:
-        state.metrics.adapter_operations.labels("swap", "error").inc()
+        state.lifecycle.events.adapter_operation("swap", "error")
         raise to_gateway_error(exc) from exc
 
 
 @router.delete("/adapters/{name}", status_code=204)
 async def remove_adapter(name: str, state: StateDep) -> Response:
-    users = [route.name for route in state.routes.routes() if route.experiment and name in route.experiment.variants]
+    users = [route.name for route in state.routes.routes()
+             if route.experiment and (name in route.experiment.variants or name in route.experiment.shadow)]
     try:
         await asyncio.shield(state.lifecycle.remove(name, referenced_by=users))
     except LIFECYCLE_ERRORS as exc:

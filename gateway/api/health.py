@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.dependencies import StateDep
 from gateway.exposure import exposed, may_see
@@ -28,4 +28,4 @@ async def readyz(request: Request, state: StateDep) -> JSONResponse:
 
 @router.get("/metrics", dependencies=[Depends(exposed("metrics"))])
 async def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,7 @@
 """`kimi-gateway demo`: the embedded default. Finds or builds llama-server, writes a tiny model and two
-adapters, launches llama-server, and serves the gateway with a base route, both adapters and an A/B
-experiment. Ctrl-C stops everything it started."""
+adapters, and serves the gateway with a base route, both adapters and an A/B experiment. The backend has a
+`launch:` block, so the gateway itself starts llama-server under its supervisor (backends/launchers/
+supervisor.py: health-gated, restarted after a crash, stopped with the gateway). Ctrl-C stops everything."""
 from __future__ import annotations
 
 import logging
@@ -11,18 +12,22 @@ from pathlib import Path
 import yaml
 
 from backends.launchers.llama_build import BuildError, ensure_llama_server
-from backends.launchers.llamacpp import LlamaServerLaunch, ServerProcess, free_port
+from backends.launchers.llamacpp import free_port
 from gateway.config import GatewayConfig, load_config
 
 BASE_ROUTE = "kimi-k2.5"
 
 
-def demo_config(llama_url: str, models, state_dir: Path) -> dict:
+def demo_config(llama_url: str, models, state_dir: Path, binary: Path | None = None) -> dict:
+    backend = {"name": "llama", "kind": "llamacpp", "url": llama_url}
+    if binary is not None:   # the gateway runs llama-server itself, with both adapters in its --lora list
+        backend["launch"] = {"binary": str(binary), "model": str(models.model), "alias": "tiny"}
     return {
         "listen": {"host": "127.0.0.1", "port": 8080},
         "state_dir": str(state_dir),
+        "logging": {"format": "text"},   # a person reads this terminal, not a log shipper
         "adapter_roots": [str(models.model.parent)],
-        "backends": [{"name": "llama", "kind": "llamacpp", "url": llama_url}],
+        "backends": [backend],
         "adapters": [
             {"name": "demo-a", "gguf": str(models.lora_a), "profile": "thinking", "backends": ["llama"]},
             {"name": "demo-b", "gguf": str(models.lora_b), "profile": "instant", "backends": ["llama"]},
@@ -73,19 +78,17 @@ def run_demo(port: int = 8080, workdir: str | None = None) -> int:
         return 2
     say(f"[demo] llama-server: {binary}")
     models = write_demo_set(home / "models")
-    launch = LlamaServerLaunch(binary, models.model, (models.lora_a, models.lora_b), port=free_port(), alias="tiny")
-    llama = ServerProcess(launch.argv(), f"{launch.url}/health", log_path=home / "llama-server.log").start()
+    llama_url = f"http://127.0.0.1:{free_port()}"
+    config_path = home / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(demo_config(llama_url, models, home / "state", binary), sort_keys=False))
+    config: GatewayConfig = load_config(config_path)
+    say(f"[demo] the gateway starts and supervises llama-server on {llama_url} (log {home / 'state' / 'logs'}); "
+        f"config {config_path}")
+    print(usage_text(port), flush=True)
     try:
-        llama.wait_ready()
-        config_path = home / "demo.yaml"
-        config_path.write_text(yaml.safe_dump(demo_config(launch.url, models, home / "state"), sort_keys=False))
-        config: GatewayConfig = load_config(config_path)
-        say(f"[demo] llama-server pid {llama.process.pid} on {launch.url}; config {config_path}")
-        print(usage_text(port), flush=True)
         serve(config, host="127.0.0.1", port=port)
     except KeyboardInterrupt:
         pass
     finally:
-        llama.stop()
-        say("[demo] stopped llama-server and the gateway")
+        say("[demo] stopped the gateway and llama-server")
     return 0

@@ -70,6 +70,9 @@ class FakeDriver:
     def replica_up(self) -> list[bool]:
         return [True]
 
+    def set_replica_up(self, replica: int, up: bool) -> None:
+        pass
+
     async def list_adapters(self, replica: int) -> list:
         return [LoadedAdapter(name, "") for name in self.loaded]
 

@@ -1,6 +1,8 @@
 """The gateway in front of a real llama-server, driven by the real openai SDK."""
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -124,7 +126,8 @@ def test_health_ready_and_metrics(gateway):
     assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
     sdk(gateway).chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=2)
     metrics = httpx.get(f"{base}/metrics", timeout=10).text
-    assert 'kimi_gateway_requests_total{adapter="tiny-a",backend="llama",code="200",route="tiny-a"}' in metrics
+    assert re.search(r'kimi_gateway_requests_total\{adapter="tiny-a",backend="llama",code="200",route="tiny-a",'
+                     r'version="tiny-a@[0-9a-f]{8}"\} [1-9]', metrics)
     assert 'kimi_gateway_backend_up{backend="llama"} 1.0' in metrics
     assert 'kimi_gateway_adapter_loaded{adapter="tiny-a",backend="llama"} 1.0' in metrics
 

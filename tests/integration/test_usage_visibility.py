@@ -43,10 +43,10 @@ def body_for(endpoint: str, **extra) -> dict:
 
 
 def completion_tokens_counted(gateway: str) -> float:
-    for line in httpx.get(f"{gateway.removesuffix('/v1')}/metrics", timeout=10).text.splitlines():
-        if line.startswith("kimi_gateway_tokens_total{") and 'kind="completion"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    # summed over routes: series known from config exist at zero too
+    text = httpx.get(f"{gateway.removesuffix('/v1')}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kimi_gateway_tokens_total{") and 'kind="completion"' in line)
 
 
 def stream(gateway: str, endpoint: str, **extra) -> list[dict]:

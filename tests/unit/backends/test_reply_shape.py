@@ -129,3 +129,27 @@ def test_backend_requests_carry_the_request_id():
     assert driver.request_headers(request()) == {"x-request-id": "req-1"}
     driver.headers = lambda: {"authorization": "Bearer k"}
     assert driver.request_headers(request()) == {"authorization": "Bearer k", "x-request-id": "req-1"}
+
+
+def test_backend_requests_carry_the_trace_context():
+    driver = OpenAICompatDriver("b", [], vision=False)
+    traced = request()
+    traced.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert driver.request_headers(traced) == {"x-request-id": "req-1", "traceparent": traced.traceparent}
+    traced.request_id = ""
+    assert driver.request_headers(traced) == {"traceparent": traced.traceparent}
+
+
+@pytest.mark.parametrize("event, expected", [
+    # SGLang: unset fields as null, removed (OpenAI never sends usage/tool_calls/role as null in a chunk)
+    (b'data: {"choices":[{"delta":{"role":null,"content":"a","tool_calls":null},"finish_reason":null}],'
+     b'"usage":null}\n\n',
+     b'data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}]}\n\n'),
+    (b'data: {"choices":[{"delta":{"role": null, "content":"a"}}], "usage": null}\n\n',
+     b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'),
+    # llama.cpp: finish_reason null on every token is OpenAI's own shape and stays as it is
+    (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" w"}}],"object":"x"}\n\n',
+     b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" w"}}],"object":"x"}\n\n'),
+])
+def test_null_only_fields_go_and_finish_reason_null_stays(event, expected):
+    assert ReplyShape("/v1/chat/completions", 1).block(event) == expected

@@ -121,3 +121,30 @@ async def test_a_request_routed_to_a_version_swapped_out_meanwhile_is_answered_b
         assert response.status_code == 200, response.text
         assert response.headers["x-kimi-adapter"] == after.label
         assert [r.adapter for r in driver.requests] == [after.label]
+
+
+async def test_a_swap_moves_the_active_version_and_its_series_and_a_failed_one_is_counted(make_client, roots):
+    """The version that takes traffic is 1 and the one it replaced 0; the new version's request series exist
+    at zero at once; a swap that fails (a missing source) counts as op=swap result=error."""
+    v1, v2 = write_peft(roots / "v1", r=8), write_peft(roots / "v2", r=4)
+    async with make_client(adapters=[{"name": "legal", "source": str(v1), "backends": ["kt"]}]) as client:
+        before = (await client.get("/metrics")).text
+        swapped = await client.post("/admin/adapters/legal/swap", headers=ADMIN, json={"source": str(v2)})
+        assert swapped.status_code == 200, swapped.text
+        failed = await client.post("/admin/adapters/legal/swap", headers=ADMIN, json={"source": str(roots / "gone")})
+        assert failed.status_code >= 400
+        metrics = (await client.get("/metrics")).text
+    labels = sorted({line.split('version="', 1)[1].split('"', 1)[0] for line in metrics.splitlines()
+                     if line.startswith("kimi_gateway_adapter_active_version{")})
+    assert len(labels) == 2 and all(label.startswith("legal@") for label in labels)
+    active = [label for label in labels
+              if f'adapter_active_version{{adapter="legal",version="{label}"}} 1.0' in metrics]
+    assert len(active) == 1 and f'version="{active[0]}"}} 1.0' not in before
+    assert all(f'adapter_active_version{{adapter="legal",version="{label}"}} 1.0' in before
+               for label in labels if label != active[0])
+    assert (f'kimi_gateway_requests_total{{adapter="legal",backend="kt",code="200",route="legal",'
+            f'version="{active[0]}"}} 0.0') in metrics
+    assert 'kimi_gateway_adapter_operations_total{op="swap",result="ok"} 1.0' in metrics
+    errors = [line for line in metrics.splitlines() if line.startswith("kimi_gateway_adapter_operations_total{")
+              and 'op="swap"' in line and 'result="ok"' not in line and not line.endswith(" 0.0")]
+    assert errors, metrics

@@ -3,7 +3,7 @@ import pytest
 
 from gateway.agents import AgentSupport, memory_scope
 from gateway.config import ReasoningMemoryConfig
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, RequestRecorder
 
 CALLS = [{"id": "get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]
 REPLY = {"choices": [{"message": {"role": "assistant", "tool_calls": CALLS, "reasoning_content": "alice's plan"}}]}
@@ -17,7 +17,7 @@ def history() -> list[dict]:
 def turn(agents: AgentSupport, key_name: str, **fields) -> dict:
     """One tool-using request: what it sent on (its messages), its reply remembered as it would be."""
     doc = {"messages": history(), "tools": [], **fields}
-    observer = agents.prepare(doc, key_name, "kimi")
+    observer = agents.prepare(doc, key_name, RequestRecorder(Metrics()))
     if observer is not None:
         observer.on_document(REPLY)
     return doc["messages"][1]
@@ -32,7 +32,7 @@ def test_memory_scope(key_name, fields, scope):
 
 
 def test_open_gateway_memory_is_per_user_never_shared():
-    agents = AgentSupport(ReasoningMemoryConfig(), Metrics())
+    agents = AgentSupport(ReasoningMemoryConfig())
     turn(agents, "", user="alice")
     assert "reasoning_content" not in turn(agents, "", user="bob")
     assert "reasoning_content" not in turn(agents, "")
@@ -40,14 +40,14 @@ def test_open_gateway_memory_is_per_user_never_shared():
 
 
 def test_open_gateway_without_user_remembers_nothing():
-    agents = AgentSupport(ReasoningMemoryConfig(), Metrics())
-    assert agents.prepare({"messages": history()}, "", "kimi") is None
+    agents = AgentSupport(ReasoningMemoryConfig())
+    assert agents.prepare({"messages": history()}, "", RequestRecorder(Metrics())) is None
     turn(agents, "")
     assert len(agents.memory) == 0
 
 
 def test_keyed_gateway_memory_is_per_key():
-    agents = AgentSupport(ReasoningMemoryConfig(), Metrics())
+    agents = AgentSupport(ReasoningMemoryConfig())
     turn(agents, "team-a", user="alice")
     assert "reasoning_content" not in turn(agents, "team-b", user="alice")
     assert turn(agents, "team-a", user="someone-else")["reasoning_content"] == "alice's plan"

@@ -19,12 +19,13 @@ STREAM = {**CHAT, "stream": True}
 
 
 async def requests_counted(client) -> dict[str, float]:
-    """kimi_gateway_requests_total by code."""
+    """kimi_gateway_requests_total by code (the non-zero ones)."""
     counted: dict[str, float] = {}
     for line in (await client.get("/metrics")).text.splitlines():
         if line.startswith("kimi_gateway_requests_total{"):
-            code = line.split('code="', 1)[1].split('"', 1)[0]
-            counted[code] = counted.get(code, 0) + float(line.rsplit(" ", 1)[1])
+            code, value = line.split('code="', 1)[1].split('"', 1)[0], float(line.rsplit(" ", 1)[1])
+            if value:  # series known from config exist at zero from the start
+                counted[code] = counted.get(code, 0) + value
     return counted
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.auth import Principal
 from gateway.errors import RateLimitedError
-from gateway.metrics import Metrics
+from gateway.metrics import FleetRecorder, Metrics
 from gateway.policies.ratelimit_redis import RedisRateLimiter
 from gateway.policies.reasoning_memory_redis import SharedReasoningMemory
 from gateway.shared import RedisLink
@@ -19,7 +19,7 @@ CALLS = [{"id": "get_weather:0", "type": "function", "function": {"name": "get_w
 async def links():
     """Two replicas' links to one Redis under a fresh prefix."""
     prefix = fresh_prefix()
-    made = [RedisLink(REDIS_URL, prefix=prefix, timeout_s=2.0, replicas=2, metrics=Metrics()) for _ in range(2)]
+    made = [RedisLink(REDIS_URL, prefix=prefix, timeout_s=2.0, replicas=2, events=FleetRecorder(Metrics())) for _ in range(2)]
     yield made
     for link in made:
         await link.aclose()
@@ -27,7 +27,7 @@ async def links():
 
 
 def degraded(link: RedisLink, what: str) -> float:
-    return link.metrics.shared_degraded.labels(what)._value.get()
+    return link.events._metrics.shared_degraded.labels(what)._value.get()
 
 
 async def test_replicas_share_one_rpm_budget(links):
@@ -53,7 +53,7 @@ async def test_tokens_are_charged_once_across_replicas(links):
 
 
 async def test_redis_away_means_each_replica_enforces_its_share():
-    link = RedisLink("redis://127.0.0.1:1/0", prefix=fresh_prefix(), timeout_s=0.5, replicas=3, metrics=Metrics())
+    link = RedisLink("redis://127.0.0.1:1/0", prefix=fresh_prefix(), timeout_s=0.5, replicas=3, events=FleetRecorder(Metrics()))
     try:
         limiter = RedisRateLimiter(link)
         key = Principal("team", ("*",), rpm=6)
@@ -102,7 +102,7 @@ async def test_each_tenant_is_bounded_in_bytes_oldest_first(links):
 
 
 async def test_redis_away_keeps_memory_local_and_counts_it():
-    link = RedisLink("redis://127.0.0.1:1/0", prefix=fresh_prefix(), timeout_s=0.5, replicas=1, metrics=Metrics())
+    link = RedisLink("redis://127.0.0.1:1/0", prefix=fresh_prefix(), timeout_s=0.5, replicas=1, events=FleetRecorder(Metrics()))
     try:
         local = memory(link)
         local.remember("key:team", CALLS, "thinking")

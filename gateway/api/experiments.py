@@ -1,0 +1,169 @@
+"""Experiments over HTTP: routes changed at run time (`PUT/DELETE /admin/routes/{name}`), an experiment's report
+(`GET /admin/experiments/{name}`) and promotion (`POST /admin/experiments/{name}/promote`), all with an admin
+key; and `POST /v1/feedback`, with the client key that made the request or an admin key."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.api.admin import LIFECYCLE_ERRORS, require_admin
+from gateway.auth import authenticate, bearer, match_key
+from gateway.config import RouteConfig
+from gateway.dependencies import StateDep
+from gateway.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnprocessableAdapterError,
+    to_gateway_error,
+)
+from gateway.experiments.service import ExperimentError, UnknownExperimentError
+from gateway.experiments.store import Feedback
+from gateway.metrics import ExperimentRecorder
+from gateway.state import GatewayState
+
+MAX_METADATA_BYTES = 4096
+
+admin_router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+feedback_router = APIRouter()
+
+
+def check_route(route: RouteConfig, state: GatewayState) -> None:
+    """What the config checks across keys, against what is registered now; ValueError names the key."""
+    backends = {b.name for b in state.config.backends}
+    adapters = set(state.lifecycle.names())
+    if route.name in adapters:
+        raise ValueError(f"name: '{route.name}' is an adapter's own route; an adapter changes by swap")
+    if route.profile and route.profile not in state.config.sampling.profiles:
+        raise ValueError(f"profile: {route.profile!r} is not a sampling profile")
+    for j, name in enumerate(route.targets or ()):
+        if name not in backends:
+            raise ValueError(f"targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
+    base_routes = {r.name for r in state.experiments.routes() if r.targets and r.name != route.name}
+    for key in ("variants", "shadow"):
+        for name in getattr(route.experiment, key) if route.experiment else {}:
+            if name not in adapters and name not in base_routes:
+                raise ValueError(f"experiment.{key}: {name!r} is not an adapter or a base route")
+
+
+@admin_router.put("/routes/{name}")
+async def put_route(name: str, route: RouteConfig, state: StateDep) -> dict:
+    if route.name != name:
+        raise InvalidRequestError(f"The body's name '{route.name}' is not the path's '{name}'.", param="name")
+    try:
+        check_route(route, state)
+    except ValueError as exc:
+        raise UnprocessableAdapterError(f"Invalid route: {exc}") from exc
+    await asyncio.shield(state.experiments.put_route(route))
+    return route_view(state, name)
+
+
+@admin_router.delete("/routes/{name}", status_code=204)
+async def delete_route(name: str, state: StateDep) -> Response:
+    """Drop the run-time version of a route: the config file's (if any) is in force again."""
+    if not await asyncio.shield(state.experiments.delete_route(name)):
+        raise NotFoundError(f"Route '{name}' was not changed at run time.")
+    return Response(status_code=204)
+
+
+@admin_router.get("/routes/{name}")
+async def get_route(name: str, state: StateDep) -> dict:
+    if state.experiments.route(name) is None:
+        raise NotFoundError(f"No route named '{name}'.")
+    return route_view(state, name)
+
+
+def route_view(state: GatewayState, name: str) -> dict:
+    route = state.experiments.route(name)
+    override = state.experiments.overrides.get(name)
+    return {**route.model_dump(mode="json"), "changed_at": override.updated_at if override else None}
+
+
+@admin_router.get("/experiments/{name}")
+async def experiment_report(name: str, state: StateDep) -> dict:
+    try:
+        return await state.experiments.report(name)
+    except UnknownExperimentError as exc:
+        raise NotFoundError(str(exc)) from exc
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: str | None = None    # default: the report's winner (409 while there is none)
+
+
+@admin_router.post("/experiments/{name}/promote")
+async def promote(name: str, state: StateDep, body: PromoteBody | None = None) -> dict:
+    lifecycle = state.lifecycle
+
+    def files(variant: str) -> dict:
+        if variant not in lifecycle.names():
+            raise ExperimentError(f"'{variant}' is a base route, not an adapter: there are no files to promote.")
+        return lifecycle.view(variant)
+
+    async def swap(control: str, source: str | None, gguf: str | None) -> None:
+        if control not in lifecycle.names():
+            raise ExperimentError(f"The control '{control}' is a base route: promote needs an adapter control.")
+        await lifecycle.swap(control, source, gguf)
+
+    try:
+        return await asyncio.shield(state.experiments.promote(name, body.variant if body else None, swap, files))
+    except UnknownExperimentError as exc:
+        raise NotFoundError(str(exc)) from exc
+    except ExperimentError as exc:
+        raise ConflictError(str(exc)) from exc
+    except LIFECYCLE_ERRORS as exc:
+        raise to_gateway_error(exc) from exc
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128)
+    score: float | None = Field(None, ge=0, le=1)
+    label: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _score_or_label(self) -> FeedbackBody:
+        if (self.score is None) == (self.label is None):
+            raise ValueError("give exactly one of `score` (0 to 1) or `label` (true or false)")
+        if self.metadata is not None and len(orjson.dumps(self.metadata)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is over {MAX_METADATA_BYTES} bytes")
+        return self
+
+
+def is_admin(request: Request, state: GatewayState) -> bool:
+    header = request.headers.get("authorization")
+    presented = bearer(header.encode("latin-1") if header else None)
+    return presented is not None and bool(state.admin_digests) and match_key(presented, state.admin_digests) >= 0
+
+
+@feedback_router.post("/v1/feedback", status_code=201)
+async def feedback(body: FeedbackBody, request: Request, state: StateDep) -> dict:
+    admin = is_admin(request, state)
+    if not admin:
+        header = request.headers.get("authorization")
+        principal = authenticate(header.encode("latin-1") if header else None, state.client_keys)
+    store = state.experiments.store
+    fact = await store.fact(body.request_id)
+    if fact is None:
+        await state.experiments.facts.flush()   # an answer from a moment ago may still be in the write queue
+        fact = await store.fact(body.request_id)
+    if fact is None:
+        raise NotFoundError(f"No request with id '{body.request_id}' was served here (or it is past retention).",
+                            param="request_id")
+    if not admin and fact.key != principal.name:
+        raise PermissionDeniedError("That request was made with another API key.", param="request_id")
+    kind = "score" if body.score is not None else "label"
+    value = body.score if body.score is not None else float(body.label)
+    if not await store.add_feedback(Feedback(body.request_id, kind, value, time.time(), body.metadata)):
+        raise ConflictError(f"Request '{body.request_id}' has {kind} feedback already.", param=kind)
+    ExperimentRecorder(state.metrics).feedback(fact.experiment or "", fact.variant or "", kind)
+    return {"request_id": body.request_id, "kind": kind, "value": value, "experiment": fact.experiment,
+            "variant": fact.variant}

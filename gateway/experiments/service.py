@@ -1,0 +1,293 @@
+"""Experiments: the one object the gateway holds for experiments. It owns the experiment store, the FactLog,
+the shadow mirror, the routes changed at run time, the canary guard, adaptive allocation and promotion.
+
+Routes in force = the config's routes with the store's run-time changes applied (`PUT /admin/routes/{name}`,
+guard rollbacks, promotions); a change is written to the store first, then the route table is rebuilt
+(`on_routes_changed`). Other replicas pick changes up within `sync_interval_s`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Callable, Mapping, Sequence
+
+from pydantic import ValidationError
+
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.experiments import guard as guard_rule
+from gateway.experiments.allocation import thompson_weights
+from gateway.experiments.facts import FactLog
+from gateway.experiments.report import build_report
+from gateway.experiments.store import ExperimentEvent, ExperimentStore, FactRow, RequestFact, RouteOverride
+
+log = logging.getLogger(__name__)
+PURGE_INTERVAL_S = 3600.0
+GUARD_WINDOW = 20_000     # per variant: the guard judges the latest this many requests since the route changed
+
+
+class ExperimentError(Exception):
+    """An experiment operation that cannot be done as asked (the message says why)."""
+
+
+class UnknownExperimentError(ExperimentError):
+    pass
+
+
+class Experiments:
+    def __init__(self, config: GatewayConfig, store: ExperimentStore, events: ExperimentEvents) -> None:
+        self.config = config
+        self.settings = config.experiments
+        self.store = store
+        self.events = events
+        self.facts = FactLog(store, self.settings, on_dropped=events.facts_dropped, on_batch=self._guard_soon)
+        self.overrides: dict[str, RouteOverride] = {}
+        self.weights: dict[str, dict[str, float]] = {}      # adaptive allocation's weights, per experiment
+        self.on_routes_changed: Callable[[], None] = lambda: None
+        self._guard_due: set[str] = set()
+        self._windows: dict[str, dict[str, deque[FactRow]]] = {}   # the guard's view, per experiment and variant
+        self._guard_task: asyncio.Task | None = None
+        self._closing = False
+        self._tasks: list[asyncio.Task] = []
+        self._change = asyncio.Lock()       # one route change at a time (PUT, rollback, promotion)
+
+    # --- start and stop ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self._load_overrides()
+        self.facts.start()
+        self._tasks = [asyncio.create_task(self._sync_loop(), name="experiments-sync"),
+                       asyncio.create_task(self._allocation_loop(), name="experiments-allocation")]
+
+    async def aclose(self) -> None:
+        self._closing = True     # the last flush below must not start a guard pass on a closing store
+        tasks = [*self._tasks, *([self._guard_task] if self._guard_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.facts.aclose()
+        await self.store.close()
+
+    async def _load_overrides(self) -> bool:
+        """Read the run-time routes; True when they changed. One that this config cannot use is skipped, logged."""
+        overrides = {}
+        for override in await self.store.route_overrides():
+            try:
+                RouteConfig.model_validate(override.route)
+            except ValidationError as exc:
+                log.error("route %s set at run time is not valid any more and is not used: %s", override.name, exc)
+                continue
+            overrides[override.name] = override
+        changed = {n: o.updated_at for n, o in overrides.items()} != {n: o.updated_at for n, o in self.overrides.items()}
+        self.overrides = overrides
+        return changed
+
+    async def _sync_loop(self) -> None:
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(self.settings.sync_interval_s)
+            try:
+                if await self._load_overrides():
+                    self.on_routes_changed()
+                if time.time() - last_purge > PURGE_INTERVAL_S:
+                    last_purge = time.time()
+                    await self.store.purge(time.time() - self.settings.retention_days * 86400)
+            except Exception:
+                log.exception("experiments sync failed")
+
+    # --- routes in force ------------------------------------------------------------------------
+
+    def routes(self) -> list[RouteConfig]:
+        """The config's routes, each replaced by its run-time version; routes added at run time last."""
+        base = [RouteConfig.model_validate(self.overrides[r.name].route) if r.name in self.overrides else r
+                for r in self.config.routes]
+        names = {r.name for r in self.config.routes}
+        return base + [RouteConfig.model_validate(o.route) for n, o in self.overrides.items() if n not in names]
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((r for r in self.routes() if r.name == name), None)
+
+    def experiment(self, name: str) -> RouteConfig:
+        route = self.route(name)
+        if route is None or route.experiment is None:
+            raise UnknownExperimentError(f"No experiment named '{name}'.")
+        return route
+
+    def weights_in_force(self, route: RouteConfig) -> dict[str, float]:
+        return dict(self.weights.get(route.name) or route.experiment.variants)
+
+    async def put_route(self, route: RouteConfig, kind: str = "route", detail: str | None = None,
+                        variant: str | None = None) -> None:
+        async with self._change:
+            await self._put_route(route, kind, detail, variant)
+
+    async def _put_route(self, route: RouteConfig, kind: str, detail: str | None, variant: str | None) -> None:
+        override = RouteOverride(route.name, route.model_dump(mode="json"), time.time())
+        await self.store.put_route(override)
+        self.overrides[route.name] = override
+        self.weights.pop(route.name, None)
+        self._windows.pop(route.name, None)     # the guard counts afresh from this change
+        if route.experiment is not None:
+            await self.store.add_event(ExperimentEvent(route.name, override.updated_at, kind, variant,
+                                                       detail or f"weights {route.experiment.variants}"))
+        self.on_routes_changed()
+
+    async def delete_route(self, name: str) -> bool:
+        async with self._change:
+            deleted = await self.store.delete_route(name)
+            self.overrides.pop(name, None)
+            self.weights.pop(name, None)
+            self._windows.pop(name, None)
+            self.on_routes_changed()
+            return deleted
+
+    def since(self, name: str) -> float:
+        """Where the guard starts counting: the route's last run-time change (else everything retained)."""
+        override = self.overrides.get(name)
+        return override.updated_at if override else 0.0
+
+    # --- the canary guard -----------------------------------------------------------------------
+
+    def _guard_soon(self, facts: Sequence[RequestFact]) -> None:
+        """A batch of facts was written: add them to the guard's windows and look at their experiments soon (at
+        most every guard_interval_s). Windows that were never filled are read from the store first."""
+        for fact in facts:
+            window = self._windows.get(fact.experiment)
+            if window is not None and fact.at >= self.since(fact.experiment):
+                window.setdefault(fact.variant, deque(maxlen=GUARD_WINDOW)).append(FactRow(
+                    fact.at, fact.variant, fact.status, fact.latency_s, fact.ttft_s, None, None, None, None))
+            self._guard_due.add(fact.experiment)
+        if self._closing:
+            return
+        if self._guard_task is None or self._guard_task.done():
+            self._guard_task = asyncio.create_task(self._guard_pass(), name="experiments-guard")
+
+    async def _guard_pass(self) -> None:
+        while self._guard_due:
+            due, self._guard_due = self._guard_due, set()
+            for name in due:
+                try:
+                    await self.guard(name)
+                except Exception:
+                    log.exception("canary guard of %s failed", name)
+            await asyncio.sleep(self.settings.guard_interval_s)
+
+    async def _window(self, name: str) -> dict[str, deque[FactRow]]:
+        window = self._windows.get(name)
+        if window is None:      # once per process and route change: what the store has since the change
+            window = {}
+            for row in await self.store.experiment_facts(name, self.since(name)):
+                window.setdefault(row.variant, deque(maxlen=GUARD_WINDOW)).append(row)
+            self._windows[name] = window
+        return window
+
+    async def guard(self, name: str) -> list[str]:
+        """Roll back each candidate the guard's rule condemns; returns their names."""
+        route = self.route(name)
+        if route is None or route.experiment is None or not route.experiment.guard.enabled:
+            return []
+        experiment = route.experiment
+        window = await self._window(name)
+        control = guard_rule.Sample.of(window.get(experiment.control, ()))
+        condemned = []
+        for candidate, weight in experiment.variants.items():
+            if candidate == experiment.control or weight <= 0:
+                continue
+            verdict = guard_rule.judge(experiment.guard, control, guard_rule.Sample.of(window.get(candidate, ())))
+            if verdict is not None:
+                await self.rollback(name, candidate, verdict)
+                condemned.append(candidate)
+        return condemned
+
+    async def rollback(self, name: str, candidate: str, verdict: guard_rule.Verdict) -> None:
+        async with self._change:
+            route = self.experiment(name)
+            variants = dict(route.experiment.variants)
+            if not variants.get(candidate):
+                return      # another pass (or replica) got there first
+            control = route.experiment.control
+            variants[control] += variants[candidate]     # its users go back to the control
+            variants[candidate] = 0
+            changed = route.model_copy(update={"experiment": route.experiment.model_copy(update={"variants": variants})})
+            log.warning("canary guard: %s of experiment %s rolled back to weight 0: %s", candidate, name, verdict.detail)
+            self.events.guard_event(name, candidate, verdict.reason)
+            await self._put_route(changed, "rollback", verdict.detail, candidate)
+
+    # --- adaptive allocation --------------------------------------------------------------------
+
+    async def _allocation_loop(self) -> None:
+        while True:
+            adaptive = [r for r in self.routes() if r.experiment and r.experiment.allocation.mode == "thompson"]
+            interval = min((r.experiment.allocation.interval_s for r in adaptive), default=60.0)
+            await asyncio.sleep(interval)
+            try:
+                changed = False
+                for route in adaptive:
+                    changed |= await self.reallocate(route.name)
+                if changed:
+                    self.on_routes_changed()
+            except Exception:
+                log.exception("adaptive allocation failed")
+
+    async def reallocate(self, name: str) -> bool:
+        route = self.experiment(name)
+        live = [v for v, w in route.experiment.variants.items() if w > 0]   # a rolled-back variant stays out
+        if len(live) < 2:
+            return False
+        outcomes = {v: (0.0, 0) for v in live}
+        for row in await self.store.experiment_facts(name, self.since(name)):
+            value = row.label if row.label is not None else row.score
+            if value is not None and row.variant in outcomes:
+                successes, trials = outcomes[row.variant]
+                outcomes[row.variant] = (successes + value, trials + 1)
+        self.weights[name] = thompson_weights(outcomes, route.experiment.allocation.floor)
+        return True
+
+    # --- report and promotion -------------------------------------------------------------------
+
+    async def report(self, name: str) -> dict:
+        route = self.experiment(name)
+        rows = await self.store.experiment_facts(name)
+        shadows = await self.store.shadow_calls(name)
+        events = await self.store.events(name)
+        return build_report(name, route.experiment, self.weights_in_force(route), rows, shadows, events)
+
+    async def promote(self, name: str, variant: str | None, swap: Callable, files: Callable[[str], Mapping]) -> dict:
+        """The winner becomes what the route serves: the control adapter takes the winner's files through the
+        adapter lifecycle's swap (`swap(control, source, gguf)`), then the control gets all the weight."""
+        await self.facts.flush()
+        report = await self.report(name)
+        route = self.experiment(name)
+        control = route.experiment.control
+        winner = variant or report["winner"]
+        if winner is None:
+            raise ExperimentError(f"Experiment '{name}' has no decision yet ({report['decision']}); name the "
+                                  "variant to promote to promote one anyway.")
+        if winner not in route.experiment.variants:
+            raise ExperimentError(f"'{winner}' is not a variant of experiment '{name}' "
+                                  f"({list(route.experiment.variants)}).")
+        if winner != control:
+            source = files(winner)
+            await swap(control, source.get("source"), source.get("gguf"))
+        variants = {v: (100 if v == control else 0) for v in route.experiment.variants}
+        changed = route.model_copy(update={"experiment": route.experiment.model_copy(update={"variants": variants})})
+        detail = (f"{winner} promoted: {control} now serves its files" if winner != control
+                  else f"{control} kept: candidates set to weight 0")
+        self.events.promoted(name, winner)
+        await self.put_route(changed, "promote", detail, winner)
+        return {"experiment": name, "promoted": winner, "control": control, "detail": detail}
+
+
+class ExperimentEvents:
+    """Where experiments report for metrics (the gateway's recorder implements it)."""
+
+    def facts_dropped(self, count: int) -> None:
+        pass
+
+    def guard_event(self, experiment: str, variant: str, reason: str) -> None:
+        pass
+
+    def promoted(self, experiment: str, variant: str) -> None:
+        pass

@@ -1,0 +1,90 @@
+"""SqliteExperimentStore: what it keeps survives closing and opening again (a restart); feedback is one per
+request and kind; retention purges facts with their feedback."""
+from __future__ import annotations
+
+import time
+
+from gateway.experiments.sqlite_store import SqliteExperimentStore
+from gateway.experiments.store import ExperimentEvent, Feedback, RequestFact, RouteOverride, ShadowCall
+
+
+def fact(request_id: str, at: float, variant: str = "v1", status: int = 200, key: str = "team") -> RequestFact:
+    return RequestFact(request_id, at, "legal", "legal", variant, f"{variant}@12345678", "gguf", key, status,
+                       0.5, 0.1, 12, 7)
+
+
+async def test_everything_survives_a_restart(tmp_path):
+    store = SqliteExperimentStore(tmp_path)
+    await store.open()
+    now = time.time()
+    await store.put_route(RouteOverride("legal", {"name": "legal", "experiment": {"variants": {"v1": 80, "v2": 20}}}, now))
+    await store.add_facts([fact("r1", now), fact("r2", now + 1, "v2", 503)],
+                          [ShadowCall("r1", now, "legal", "v3", "v3@1", "gguf", 200, 1.5, 9, "ab" * 32, 40, None)])
+    assert await store.add_feedback(Feedback("r1", "score", 0.75, now, {"grader": "human"}))
+    await store.add_event(ExperimentEvent("legal", now, "rollback", "v2", "error rate"))
+    await store.close()
+
+    again = SqliteExperimentStore(tmp_path)
+    await again.open()
+    try:
+        assert [o.route["experiment"]["variants"] for o in await again.route_overrides()] == [{"v1": 80, "v2": 20}]
+        assert await again.fact("r2") == fact("r2", now + 1, "v2", 503)
+        rows = await again.experiment_facts("legal")
+        assert [(r.variant, r.status, r.score, r.label) for r in rows] == [("v1", 200, 0.75, None), ("v2", 503, None, None)]
+        assert [s.output_chars for s in await again.shadow_calls("legal")] == [40]
+        assert [e.kind for e in await again.events("legal")] == ["rollback"]
+    finally:
+        await again.close()
+
+
+async def test_feedback_is_one_per_request_and_kind(tmp_path):
+    store = SqliteExperimentStore(tmp_path)
+    await store.open()
+    try:
+        now = time.time()
+        await store.add_facts([fact("r1", now)], [])
+        assert await store.add_feedback(Feedback("r1", "score", 1.0, now))
+        assert await store.add_feedback(Feedback("r1", "label", 0.0, now))
+        assert not await store.add_feedback(Feedback("r1", "score", 0.0, now))
+        [row] = await store.experiment_facts("legal")
+        assert (row.score, row.label) == (1.0, 0.0)
+    finally:
+        await store.close()
+
+
+async def test_the_first_fact_of_a_request_id_wins_and_since_filters(tmp_path):
+    store = SqliteExperimentStore(tmp_path)
+    await store.open()
+    try:
+        await store.add_facts([fact("r1", 100.0, key="owner")], [])
+        await store.add_facts([fact("r1", 200.0, key="intruder"), fact("r2", 300.0)], [])
+        assert (await store.fact("r1")).key == "owner"
+        assert [r.at for r in await store.experiment_facts("legal", since=150.0)] == [300.0]
+        assert await store.fact("missing") is None
+    finally:
+        await store.close()
+
+
+async def test_purge_drops_old_facts_with_their_feedback_and_shadow_calls(tmp_path):
+    store = SqliteExperimentStore(tmp_path)
+    await store.open()
+    try:
+        await store.add_facts([fact("old", 100.0), fact("new", 1000.0)],
+                              [ShadowCall("old", 100.0, "legal", "v3", None, None, 0, 1.0, None, None, None, "x")])
+        await store.add_feedback(Feedback("old", "label", 1.0, 100.0))
+        assert await store.purge(500.0) == 3
+        assert await store.fact("old") is None and await store.fact("new") is not None
+        assert await store.shadow_calls("legal") == []
+    finally:
+        await store.close()
+
+
+async def test_delete_route(tmp_path):
+    store = SqliteExperimentStore(tmp_path)
+    await store.open()
+    try:
+        await store.put_route(RouteOverride("r", {"name": "r", "targets": ["b"]}, 1.0))
+        assert await store.delete_route("r") and not await store.delete_route("r")
+        assert await store.route_overrides() == []
+    finally:
+        await store.close()

@@ -1,0 +1,281 @@
+"""Metrics, Server-Timing, access log, request ids on log lines and traces, with the app in process and scripted
+fake drivers: /metrics after a known mix of requests matches it exactly; series known from config exist at zero
+before the first request; random model names never add a series."""
+import asyncio
+import io
+import logging
+import random
+import re
+import string
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends.errors import BackendAccountError, BackendUnavailableError
+from gateway.logs import BackgroundHandler, JsonFormatter, RequestIdFilter
+from tests.emulators.fake_driver import FakeDriver, Step
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from tests.app_client import running
+from tests.unit.gateway.test_dataplane import CHAT, CONFIG, make_client, post, state_dir  # noqa: F401 (fixture)
+
+STREAM = {**CHAT, "stream": True}
+TIMING = re.compile(r"gateway;dur=\d+\.\d{3}(, upstream;dur=\d+\.\d{3})?")
+
+
+async def samples(client, name: str) -> dict[tuple, float]:
+    """One metric's samples: (sample name, sorted labels) -> value."""
+    text = (await client.get("/metrics")).text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(name):
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def nonzero(found: dict) -> dict:
+    return {key: value for key, value in found.items() if value}
+
+
+def series(client_text: str) -> set[tuple]:
+    return {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(client_text)
+            for s in f.samples}
+
+
+def requests_key(route, adapter, version, backend, code):
+    labels = {"route": route, "adapter": adapter, "version": version, "backend": backend, "code": code}
+    return ("kimi_gateway_requests_total", tuple(sorted(labels.items())))
+
+
+async def test_metrics_match_a_known_mix_of_requests_exactly():
+    one = FakeDriver("one", [Step(), Step(), Step(),                                # kimi x3
+                             Step(), Step(),                                        # ada stream x2
+                             Step(fail_after=1, error_after=BackendUnavailableError("reset", backend="one")),
+                             Step(error=BackendAccountError("key refused", backend="one"))])  # -> falls back to two
+    two = FakeDriver("two")
+    async with make_client(one, two) as client:
+        for _ in range(3):
+            assert (await post(client, CHAT)).status_code == 200
+        for _ in range(2):
+            ada = await post(client, {**STREAM, "model": "ada"})
+            assert ada.status_code == 200
+        failed = await post(client, STREAM)                     # fails after its first event: counts as 502
+        assert failed.status_code == 200 and '"error"' in failed.text
+        moved = await post(client, CHAT)
+        assert moved.headers["x-kimi-backend"] == "two"
+        assert (await post(client, {**CHAT, "model": "nope"})).status_code == 404
+        assert (await post(client, b"{not json")).status_code == 400
+        version = ada.headers["x-kimi-adapter"]
+        requests = nonzero(await samples(client, "kimi_gateway_requests_total"))
+        tokens = nonzero(await samples(client, "kimi_gateway_tokens_total"))
+        ttft = await samples(client, "kimi_gateway_time_to_first_token_seconds_count")
+        duration = await samples(client, "kimi_gateway_request_duration_seconds_count")
+        fallbacks = nonzero(await samples(client, "kimi_gateway_fallbacks_total"))
+        in_flight = await samples(client, "kimi_gateway_in_flight_requests")
+        itl = nonzero(await samples(client, "kimi_gateway_inter_token_latency_seconds_count"))
+    assert requests == {requests_key("kimi", "", "", "one", "200"): 3,
+                        requests_key("ada", "ada", version, "one", "200"): 2,
+                        requests_key("kimi", "", "", "one", "502"): 1,
+                        requests_key("kimi", "", "", "two", "200"): 1,
+                        requests_key("", "", "", "", "404"): 1,
+                        requests_key("", "", "", "", "400"): 1}
+    # The fake's non-stream replies report 3 prompt + 2 completion tokens; its streams report none.
+    assert tokens == {("kimi_gateway_tokens_total", (("adapter", ""), ("kind", "prompt"), ("route", "kimi"))): 12,
+                      ("kimi_gateway_tokens_total", (("adapter", ""), ("kind", "completion"), ("route", "kimi"))): 8}
+    count = lambda found, **labels: found[next(k for k in found if dict(k[1]) == labels)]
+    assert count(ttft, route="ada", backend="one") == 2 and count(ttft, route="kimi", backend="one") == 1
+    assert count(ttft, route="kimi", backend="two") == 0
+    assert count(duration, route="kimi", backend="one") == 4 and count(duration, route="kimi", backend="two") == 1
+    assert count(duration, route="ada", backend="one") == 2
+    assert fallbacks == {("kimi_gateway_fallbacks_total", (("backend", "two"), ("route", "kimi"))): 1}
+    assert set(in_flight.values()) == {0}
+    assert set(dict(k[1])["backend"] for k in itl) == {"one"}   # the streams that went on past their first event
+
+
+async def test_series_known_from_config_exist_at_zero_before_any_request():
+    async with make_client(FakeDriver("one"), FakeDriver("two")) as client:
+        text = (await client.get("/metrics")).text
+        version = (await post(client, {**CHAT, "model": "ada"})).headers["x-kimi-adapter"]
+    present = series(text)
+    for route, adapter, ver, backend in [("kimi", "", "", "one"), ("kimi", "", "", "two"),
+                                         ("ada", "ada", version, "one"), ("ab", "ada", version, "one"),
+                                         ("ab", "", "", "two")]:
+        assert requests_key(route, adapter, ver, backend, "200") in present
+        labels = (("backend", backend), ("le", "0.01"), ("route", route))
+        assert ("kimi_gateway_time_to_first_token_seconds_bucket", labels) in present
+    for variant in ("ada", "kimi"):
+        assert ("kimi_gateway_experiment_assignments_total", (("experiment", "ab"), ("variant", variant))) in present
+    assert ("kimi_gateway_adapter_operations_total", (("op", "swap"), ("result", "error"))) in present
+    assert ("kimi_gateway_adapter_loaded", (("adapter", "ada"), ("backend", "one"))) in present
+    assert ("kimi_gateway_adapter_active_version", (("adapter", "ada"), ("version", version))) in present
+    assert ("kimi_gateway_reasoning_memory_total", (("result", "missed"), ("route", "kimi"))) in present
+    assert ("kimi_gateway_fallbacks_total", (("backend", "two"), ("route", "kimi"))) in present
+    assert ("kimi_gateway_backend_up", (("backend", "one"),)) in present
+    assert all(value == 0 for key, value in (await _values(text)).items() if key[0].endswith(("_total", "_count")))
+
+
+async def _values(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples}
+
+
+async def test_ten_thousand_random_model_names_add_no_series():
+    rng = random.Random(20)
+    app = create_app(GatewayConfig.model_validate(CONFIG), drivers={"one": FakeDriver("one"), "two": FakeDriver("two")})
+    async with running(app) as client:
+        before = series((await client.get("/metrics")).text)
+        for _ in range(10_000):   # straight into the ASGI app: httpx would triple the test's time
+            name = "".join(rng.choices(string.ascii_letters + string.digits + "-_.:/@", k=rng.randint(1, 40)))
+            assert await asgi_post(app, orjson.dumps({**CHAT, "model": name})) == 404
+        after_text = (await client.get("/metrics")).text
+    assert series(after_text) == before
+    assert (await _values(after_text))[requests_key("", "", "", "", "404")] == 10_000
+
+
+async def asgi_post(app, body: bytes) -> int:
+    """One chat request through the app as uvicorn would hand it over; returns the status."""
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
+        (b"content-type", b"application/json")], "query_string": b"", "server": ("127.0.0.1", 8080)}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    status, complete = [], asyncio.Event()
+
+    async def receive():   # the body, then `http.disconnect` once the response is complete
+        if messages:
+            return messages.pop()
+        await complete.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        elif not message.get("more_body"):
+            complete.set()
+    await app(scope, receive, send)
+    return status[0]
+
+
+async def test_server_timing_on_every_answer():
+    one = FakeDriver("one", [Step(), Step()])
+    async with make_client(one, FakeDriver("two")) as client:
+        answers = [await post(client, CHAT), await post(client, STREAM), await post(client, {**CHAT, "model": "nope"}),
+                   await post(client, b"{"), await client.get("/healthz"), await client.get("/metrics")]
+    for answer in answers:
+        assert TIMING.fullmatch(answer.headers["server-timing"]), answer.headers["server-timing"]
+    assert "upstream" in answers[0].headers["server-timing"] and "upstream" in answers[1].headers["server-timing"]
+    assert "upstream" not in answers[2].headers["server-timing"]
+
+
+@pytest.fixture
+def log_lines():
+    """Every log line the app writes, as the JSON handler of `serve` writes it."""
+    stream = io.StringIO()
+    handler = BackgroundHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    lines: list[dict] = []
+
+    def read() -> list[dict]:
+        handler.close()
+        lines.extend(orjson.loads(line) for line in stream.getvalue().splitlines())
+        return lines
+    yield read
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+async def test_one_access_line_per_request_without_prompt_and_request_id_on_every_line(log_lines):
+    one = FakeDriver("one", [Step(), Step(fail_after=1, error_after=BackendUnavailableError("reset", backend="one"))])
+    async with make_client(one, FakeDriver("two")) as client:
+        ok = await post(client, {**CHAT, "messages": [{"role": "user", "content": "secret plan"}]})
+        failed = await post(client, STREAM)
+        missing = await post(client, {**CHAT, "model": "nope"})
+    lines = log_lines()
+    access = [line for line in lines if line["logger"] == "kimi_gateway.access"]
+    assert [line["request_id"] for line in access] == [r.headers["x-request-id"] for r in (ok, failed, missing)]
+    first = access[0]
+    assert first["route"] == "kimi" and first["backend"] == "one" and first["status"] == 200
+    assert first["prompt_tokens"] == 3 and first["completion_tokens"] == 2 and first["duration_ms"] > 0
+    assert first["overhead_ms"] >= 0 and first["upstream_ms"] >= 0 and first["stream"] is False
+    assert access[1]["status"] == 502 and access[1]["stream"] is True and access[1]["ttft_ms"] > 0
+    assert access[2]["status"] == 404 and access[2]["route"] is None
+    assert "secret plan" not in str(lines)
+    stream_warning = next(line for line in lines if line["logger"] == "gateway.streaming")
+    assert stream_warning["request_id"] == failed.headers["x-request-id"]
+
+
+async def test_prompts_are_logged_only_when_the_config_opts_in(log_lines):
+    logging_config = {"logging": {"include_prompts": True}}
+    async with make_client(FakeDriver("one"), FakeDriver("two"), **logging_config) as client:
+        await post(client, {**CHAT, "messages": [{"role": "user", "content": "secret plan"}]})
+    access = [line for line in log_lines() if line["logger"] == "kimi_gateway.access"]
+    assert access[0]["prompt"] == [{"role": "user", "content": "secret plan"}]
+
+
+async def test_access_log_can_be_turned_off(log_lines):
+    async with make_client(FakeDriver("one"), FakeDriver("two")) as client:
+        logging.getLogger("kimi_gateway.access").disabled = True
+        try:
+            await post(client, CHAT)
+        finally:
+            logging.getLogger("kimi_gateway.access").disabled = False
+    assert not [line for line in log_lines() if line["logger"] == "kimi_gateway.access"]
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize("incoming, forwarded", [
+    (TRACEPARENT, TRACEPARENT),
+    ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nx: y", None),   # never a header injection
+    ("00-00000000000000000000000000000000-b7ad6b7169203331-01", None),          # an invalid all-zero trace id
+    ("garbage", None),
+])
+async def test_traceparent_is_forwarded_unchanged_when_tracing_is_off(incoming, forwarded):
+    one = FakeDriver("one")
+    async with make_client(one, FakeDriver("two")) as client:
+        await client.post("/v1/chat/completions", content=orjson.dumps(CHAT),
+                          headers={"traceparent": incoming.replace("\r\n", " ")})
+    assert one.requests[0].traceparent == forwarded
+
+
+def test_log_formats_carry_the_request_id_and_access_fields():
+    from gateway.logs import REQUEST_ID, TextFormatter
+
+    record = logging.LogRecord("kimi_gateway.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"route": "kimi", "status": 200, "variant": None}
+    other = logging.LogRecord("gateway.x", logging.WARNING, __file__, 1, "backend %s failed", ("kt",), None)
+    other.extra_field = 7
+    token = REQUEST_ID.set("req-9")
+    try:
+        for item in (record, other):
+            RequestIdFilter().filter(item)
+    finally:
+        REQUEST_ID.reset(token)
+    text = TextFormatter().format(record)
+    assert "[req-9]: request route=kimi status=200" in text and "variant" not in text
+    line = orjson.loads(JsonFormatter().format(other))
+    assert line["message"] == "backend kt failed" and line["request_id"] == "req-9" and line["extra_field"] == 7
+    assert line["level"] == "warning" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
+
+
+def test_configure_logging_replaces_handlers_and_switches_the_access_log():
+    from gateway.logs import configure_logging
+    from gateway.telemetry_config import LoggingConfig
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        handler = configure_logging(LoggingConfig(format="text", level="warning", access_log=False))
+        assert root.handlers == [handler] and root.level == logging.WARNING
+        assert logging.getLogger("kimi_gateway.access").disabled
+        handler.close()
+    finally:
+        logging.getLogger("kimi_gateway.access").disabled = False
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
