@@ -20,9 +20,10 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
+from adapters.conversion import ConversionError, Converter, Step, Unconverted, needs_step, plan, with_artifacts
 from adapters.errors import AdapterInUseError, AdapterPlacementError, RestartNeededError
 from adapters.lease import Leases, LocalLeases, holding
 from adapters.models import AdapterRecord, AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
@@ -81,12 +82,15 @@ class ActiveAdapter:
 
 
 def check_config_adapters(specs: Sequence[AdapterSpec], roots: Sequence[str], base: BaseModelDims | None,
-                          max_rank: Mapping[str, int | None]) -> None:
-    """Validate every config adapter now (before a server starts): the first bad one raises, named."""
+                          max_rank: Mapping[str, int | None], kinds: Mapping[str, str] | None = None) -> None:
+    """Validate every config adapter now (before a server starts): the first bad one raises, named. Given the
+    backends' kinds, an adapter that one of its backends cannot serve even converted is refused too."""
     for index, spec in enumerate(specs):
         ranks = [max_rank[b] for b in spec.backends if max_rank.get(b)]
         try:
-            validate_adapter(spec.source, spec.gguf, roots, base, min(ranks) if ranks else None)
+            facts = validate_adapter(spec.source, spec.gguf, roots, base, min(ranks) if ranks else None)
+            if kinds is not None:
+                plan(facts, {b: kinds[b] for b in spec.backends if b in kinds})
         except AdapterValidationError as exc:
             raise AdapterValidationError(f"adapters[{index}] ({spec.name}): {exc}") from exc
 
@@ -96,8 +100,11 @@ class AdapterLifecycle:
                  base: BaseModelDims | None = None, max_rank: Mapping[str, int | None] | None = None,
                  launchers: Mapping[str, Sequence[Launcher]] | None = None,
                  events: LifecycleEvents | None = None, drain_deadline_s: float = 600.0,
-                 max_pinned: Mapping[str, int] | None = None, leases: Leases | None = None) -> None:
+                 max_pinned: Mapping[str, int] | None = None, leases: Leases | None = None,
+                 converter: Converter | None = None) -> None:
         self.store = store
+        self.converter = converter or Unconverted()
+        self.made: dict[tuple[str, str], dict[str, str]] = {}   # (adapter, version) -> its converted artifacts
         self.leases = leases or LocalLeases()
         self.fleet = leases is not None and not isinstance(leases, LocalLeases)   # other replicas share the store
         self.drivers = drivers
@@ -204,13 +211,19 @@ class AdapterLifecycle:
         """Every adapter serves one version: the active one, validated again now (its files may have
         changed or gone); a registry entry with none gets its first version activated."""
         facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
+        made = await self.converter.convert(facts, self._plan(facts, record.spec.backends))  # cached: no rerun
+        self.made[(record.spec.name, facts.content_hash)] = made
         known = self.versions.get(record.spec.name, {})
         if record.active is not None and record.active == facts.content_hash:
+            version = known.get(record.active)
+            if version is not None:
+                known[version.version] = with_artifacts(version, made)
             return
         if record.active is not None:
             log.warning("adapter %s: its files changed on disk since version %s; serving them as a new version",
                         record.spec.name, record.active[:8])
         version = known.get(facts.content_hash) or self._new_version(record.spec, facts)
+        version = with_artifacts(version, made)
         await self.store.put_version(version)
         self.records[record.spec.name] = await self.store.activate(version)
         self.versions.setdefault(record.spec.name, {})[version.version] = version.with_status(VersionStatus.ACTIVE)
@@ -222,10 +235,12 @@ class AdapterLifecycle:
         nothing of it stays registered."""
         async with self._leased(spec.name), self._operation:
             facts = await self._validate(spec.source, spec.gguf, spec.backends)
+            steps = self._plan(facts, spec.backends)
             record = await self.store.add_adapter(spec, "admin")
             self.records[spec.name] = record
             version = self._new_version(spec, facts)
             try:
+                version = await self._convert(version, facts, steps, spec.backends)
                 await self._bring_in(version, spec.backends)
             except BaseException:
                 await self.store.remove_adapter(spec.name)
@@ -245,7 +260,9 @@ class AdapterLifecycle:
                 clock.lap("validate")
                 if facts.content_hash == record.active:
                     return False
-                version = self._new_version(spec, facts)
+                steps = self._plan(facts, spec.backends)
+                version = await self._convert(self._new_version(spec, facts), facts, steps, spec.backends)
+                clock.lap("convert")
                 old = self.versions[name].get(record.active) if record.active else None
                 await self._bring_in(version, spec.backends, keep=old)
                 clock.lap("load+verify")
@@ -443,15 +460,37 @@ class AdapterLifecycle:
         while True:
             writes = self.store.writes
             adapters, versions, states = await self.store.snapshot()
+            if await self._convert_mirrored(adapters):
+                continue   # that took a while: read again
             if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
                 break
         self._apply(adapters, versions, states)
 
+    async def _convert_mirrored(self, adapters: Sequence[AdapterRecord]) -> bool:
+        """Active versions another replica registered: converted here too before they are mirrored (a shared
+        conversion.cache_dir makes that a cache hit), so they are never forwarded with unconverted files. True
+        when it converted something."""
+        worked = False
+        for record in adapters:
+            name = record.spec.name
+            if record.active is None or (name, record.active) in self.made or not self._usable(record.spec):
+                continue
+            try:
+                facts = await self._validate(record.spec.source, record.spec.gguf, record.spec.backends)
+                made = await self.converter.convert(facts, self._plan(facts, record.spec.backends))
+            except AdapterValidationError as exc:
+                log.error("adapter %s: cannot make its artifacts on this replica: %s", name, exc)
+                continue
+            self.made[(name, facts.content_hash)] = made
+            worked = True
+        return worked
+
     def _apply(self, adapters: Sequence[AdapterRecord], versions: Sequence[AdapterVersion],
                states: Sequence[ReplicaState]) -> None:
         known: dict[str, dict[str, AdapterVersion]] = {}
-        for version in versions:
-            known.setdefault(version.adapter, {})[version.version] = version
+        for version in versions:   # the store keeps what was registered; what this replica converted stays
+            made = self.made.get((version.adapter, version.version), {})
+            known.setdefault(version.adapter, {})[version.version] = with_artifacts(version, made)
         records = {}
         for record in adapters:
             name = record.spec.name
@@ -537,7 +576,9 @@ class AdapterLifecycle:
             "profile": record.spec.profile, "backends": list(record.spec.backends), "origin": record.origin,
             "active": active, "source": record.spec.source, "gguf": record.spec.gguf,
             "versions": [{"version": v.version, "short": v.short, "status": v.status.value, "source": v.source,
-                          "gguf": v.gguf, "rank": v.rank, "created_at": v.created_at, "reason": v.reason}
+                          "gguf": v.gguf, "rank": v.rank, "created_at": v.created_at, "reason": v.reason,
+                          "converted": {k: p for k, p in (("source", v.converted_source), ("gguf", v.converted_gguf))
+                                        if p}}
                          for v in versions],
             "replicas": [{"backend": s.backend, "replica": s.replica, "version": s.version[:8], "state": s.state.value,
                           "reason": s.reason, "updated_at": s.updated_at}
@@ -574,6 +615,53 @@ class AdapterLifecycle:
         except AdapterValidationError:
             self.events.adapter_operation("validate", "invalid")
             raise
+
+    def _plan(self, facts: AdapterFacts, backends: Sequence[str]) -> list[Step]:
+        try:
+            return plan(facts, {b: self.drivers[b].kind for b in backends if b in self.drivers})
+        except ConversionError:
+            self.events.adapter_operation("validate", "invalid")
+            raise
+
+    async def _convert(self, version: AdapterVersion, facts: AdapterFacts, steps: list[Step],
+                       backends: Sequence[str]) -> AdapterVersion:
+        """Make the artifacts the backends need (`converting` on their replicas meanwhile); the version then
+        points at them. A failure leaves the version `failed` with the tool's last lines, and raises."""
+        if not steps:
+            return version
+        await self.store.put_version(version)
+        self.versions.setdefault(version.adapter, {})[version.version] = version
+        affected = [b for b in backends if needs_step(self.drivers[b].kind, steps)]
+        for backend in affected:
+            for replica in self.placements[backend].replicas:
+                await self._set_state(version, backend, replica, ReplicaPhase.CONVERTING, ", ".join(map(str, steps)))
+
+        shown = [0.0]
+
+        def progress(step: Step, line: str) -> None:
+            """Each tool line goes to the log; the latest, once a second, to the replicas' `converting` reason
+            (what `adapters show` displays while it runs; not stored: it changes too often)."""
+            log.info("%s %s: %s", version.label, step.tool, line)
+            if time.monotonic() - shown[0] >= 1.0 and line.strip():
+                shown[0] = time.monotonic()
+                for key, state in list(self.states.items()):
+                    if key[:2] == (version.adapter, version.version) and state.state is ReplicaPhase.CONVERTING:
+                        self.states[key] = replace(state, reason=f"{step.tool}: {line.strip()[:200]}")
+
+        try:
+            made = await self.converter.convert(facts, steps, progress)
+        except ConversionError as exc:
+            for backend in affected:
+                for replica in self.placements[backend].replicas:
+                    await self._set_state(version, backend, replica, ReplicaPhase.FAILED, "conversion failed")
+            failed = version.with_status(VersionStatus.FAILED, str(exc))
+            self.versions[version.adapter][version.version] = failed
+            await self.store.put_version(failed)
+            self.events.adapter_operation("convert", "error")
+            raise ConversionError(f"{version.label}: {exc}") from exc
+        self.events.adapter_operation("convert", "ok")
+        self.made[(version.adapter, version.version)] = made
+        return with_artifacts(version, made)
 
     @staticmethod
     def _new_version(spec: AdapterSpec, facts: AdapterFacts) -> AdapterVersion:

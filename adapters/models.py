@@ -62,6 +62,10 @@ class AdapterVersion:
     status: VersionStatus
     created_at: float
     reason: str | None = None
+    # What conversion made from source (adapters/conversion.py): the files backends are given instead. Not
+    # stored: re-derived from the conversion cache, so the stored spec and version keep the user's inputs.
+    converted_source: str | None = None
+    converted_gguf: str | None = None
 
     @property
     def short(self) -> str:
@@ -74,7 +78,8 @@ class AdapterVersion:
 
     @property
     def files(self) -> AdapterFiles:
-        return AdapterFiles(self.source, self.gguf)
+        """What the backends load: the converted artifacts where there are any, else the given files."""
+        return AdapterFiles(self.converted_source or self.source, self.converted_gguf or self.gguf)
 
     def with_status(self, status: VersionStatus, reason: str | None = None) -> AdapterVersion:
         return replace(self, status=status, reason=reason)

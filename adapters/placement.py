@@ -43,7 +43,7 @@ def is_present(version: AdapterVersion, loaded: Sequence[LoadedAdapter], fixed_n
         if entry.name is not None:
             if entry.name == version.label or (fixed_name is not None and entry.name == fixed_name == version.adapter):
                 return True
-        elif version.gguf and os.path.realpath(entry.path) == os.path.realpath(version.gguf):
+        elif version.files.gguf and os.path.realpath(entry.path) == os.path.realpath(version.files.gguf):
             return True
     return False
 
@@ -161,7 +161,7 @@ class BackendPlacement:
         """Hold new requests for the replica (they wait, or go to another replica), let the running ones
         finish, restart it with `loras`, read its new adapter ids, then let requests in again."""
         assert self.launchers is not None
-        files = list(dict.fromkeys(v.gguf for v in loras if v.gguf))
+        files = list(dict.fromkeys(v.files.gguf for v in loras if v.files.gguf))
         started = time.monotonic()
         self.driver.hold(replica)
         try:
@@ -178,7 +178,7 @@ class BackendPlacement:
 
     async def start_servers(self, wanted: Sequence[AdapterVersion]) -> None:
         """Managed servers start with every wanted version's file already in their list."""
-        files = list(dict.fromkeys(v.gguf for v in wanted if v.gguf))
+        files = list(dict.fromkeys(v.files.gguf for v in wanted if v.files.gguf))
         await asyncio.gather(*(launcher.start(files) for launcher in self.launchers or ()))
 
     async def stop_servers(self) -> None:
@@ -204,5 +204,5 @@ class BackendPlacement:
             await asyncio.sleep(DRAIN_POLL_S)
 
     def _restart_hint(self, version: AdapterVersion) -> str:
-        return (f"llama-server must be restarted with {os.path.basename(version.gguf or '')} in its --lora list "
+        return (f"llama-server must be restarted with {os.path.basename(version.files.gguf or '')} in its --lora list "
                 "(or give the backend a `launch` block so that the gateway restarts it, drained)")

@@ -32,6 +32,7 @@ from adapters.base_model import (
     gguf_base_ne,
     module_shape,
 )
+from adapters.kt_sft import FUSED_FILE, check_fused, is_kt_sft
 
 __all__ = [
     "AdapterFacts", "AdapterValidationError", "BaseModelDims", "BaseModelError", "content_hash",
@@ -65,6 +66,7 @@ class AdapterFacts:
     source_path: str | None           # real path of the PEFT dir
     gguf_path: str | None             # real path of the GGUF file
     gguf_architecture: str | None     # the GGUF's general.architecture
+    source_format: str | None = None  # "peft", or "kt-sft" (KT's fused expert LoRA, converted for SGLang)
 
     @property
     def touches_experts(self) -> bool:
@@ -242,7 +244,8 @@ def is_expert_key(key: str) -> bool:
 def validate_peft_dir(directory: Path, raw: str, roots: Sequence[str], base: BaseModelDims | None,
                       max_rank: int | None) -> tuple[PeftConfig, bool, list[tuple[str, Path]]]:
     """(config, touches experts, the files to hash in order). Each file must itself resolve inside the roots:
-    a dir inside them may hold a symlink to a file outside."""
+    a dir inside them may hold a symlink to a file outside. A KT-SFT checkpoint (adapters/kt_sft.py) needs
+    no adapter_model.safetensors: its fused expert file may be all of it."""
     if not directory.is_dir():
         raise AdapterValidationError(f"source: {raw} is not a directory")
     shown = raw.rstrip("/") + "/"
@@ -253,7 +256,8 @@ def validate_peft_dir(directory: Path, raw: str, roots: Sequence[str], base: Bas
     if max_rank is not None and config.rank > max_rank:
         raise AdapterValidationError(f"{shown}{PEFT_CONFIG}: r={config.rank} exceeds the backend's max LoRA "
                                      f"rank {max_rank}")
-    if not (directory / PEFT_WEIGHTS).is_file():
+    kt = is_kt_sft(directory)
+    if not kt and not (directory / PEFT_WEIGHTS).is_file():
         raise AdapterValidationError(f"source: {raw} has no {PEFT_WEIGHTS}")
     # SGLang loads every *.safetensors in the dir (reference/sglang-kt.md §1.6): check and hash them all.
     names = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
@@ -261,6 +265,11 @@ def validate_peft_dir(directory: Path, raw: str, roots: Sequence[str], base: Bas
     experts = False
     for name, path in files[1:]:
         shapes = read_safetensors_header(path, shown + name)
+        if name == FUSED_FILE and kt:
+            if problems := check_fused(shapes, config.rank, base, shown + name):
+                raise AdapterValidationError(problems[0])
+            experts = True
+            continue
         for key, shape in shapes.items():
             check_lora_tensor(key, shape, config.rank, base, shown + name)
             experts |= is_expert_key(key)
@@ -362,8 +371,10 @@ def validate_adapter(source: str | None, gguf: str | None, roots: Sequence[str],
     source_path = resolve_inside(source, roots, "source") if source is not None else None
     gguf_path = resolve_inside(gguf, roots, "gguf") if gguf is not None else None
     peft, experts, files = None, False, []
+    source_format = None
     if source is not None and source_path is not None:
         peft, experts, files = validate_peft_dir(source_path, source, roots, base, max_rank)
+        source_format = "kt-sft" if is_kt_sft(source_path) else "peft"
     lora = None
     if gguf is not None and gguf_path is not None:
         if not gguf_path.is_file():
@@ -382,4 +393,5 @@ def validate_adapter(source: str | None, gguf: str | None, roots: Sequence[str],
         source_path=str(source_path) if source_path else None,
         gguf_path=str(gguf_path) if gguf_path else None,
         gguf_architecture=lora.architecture if lora else None,
+        source_format=source_format,
     )

@@ -7,6 +7,8 @@ import sys
 
 from gateway.adapters_cli import add_commands as add_admin_commands
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.conversion import add_commands as add_setup_commands
+from gateway.conversion import conversion_problems
 from gateway.experiments_cli import add_commands as add_experiment_commands
 from gateway.launch_cli import add_commands as add_launch_commands
 
@@ -39,7 +41,8 @@ def load_checked(path: str) -> GatewayConfig:
     config = load_config(path)
     try:
         check_config_adapters(config.adapters, config.adapter_roots, base_model_dims(config),
-                              {b.name: getattr(b, "max_lora_rank", None) for b in config.backends})
+                              {b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
+                              {b.name: b.kind for b in config.backends})
     except AdapterValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return config
@@ -47,6 +50,9 @@ def load_checked(path: str) -> GatewayConfig:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_checked(args.file)
+    if problems := conversion_problems(config):
+        print(f"error: {args.file}: " + "\n  ".join(problems), file=sys.stderr)
+        return 1
     print(f"{args.file}: ok, {len(config.backends)} backends, {len(config.adapters)} adapters, "
           f"{len(config.routes)} routes, sampling mode {config.sampling.mode}")
     print(route_table(config))
@@ -111,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where the demo's model, adapters and config go (default: user cache)")
     demo.set_defaults(run=cmd_demo)
     add_admin_commands(commands)
+    add_setup_commands(commands)
     add_experiment_commands(commands)
     add_launch_commands(commands)
     return root

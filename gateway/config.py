@@ -76,6 +76,16 @@ class BaseModelConfig(Strict):
     gguf: str | None = None          # a base GGUF: its metadata and tensor shapes
 
 
+class ConversionConfig(Strict):
+    """The Pythons that run the real converters, each with its own deps (`kimi-gateway setup converters`
+    makes both venvs and prints these lines); adapters/conversion.py runs them as subprocesses."""
+    llama_cpp_python: str | None = None   # convert_lora_to_gguf.py: torch, transformers, gguf
+    llama_cpp_dir: str | None = None      # holds convert_lora_to_gguf.py; default: the copy setup cached
+    kt_python: str | None = None          # convert_kt_to_sglang_adapter.py (kt-kernel): torch, safetensors
+    timeout_s: float = Field(1800.0, gt=0)
+    cache_dir: str | None = None          # converted artifacts by content hash; default <state_dir>/converted
+
+
 AdapterConfig = AdapterSpec  # a config `adapters:` entry is exactly an adapter spec
 
 
@@ -182,6 +192,7 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     reasoning_memory: ReasoningMemoryConfig = ReasoningMemoryConfig()
     base_model: BaseModelConfig = BaseModelConfig()
+    conversion: ConversionConfig = ConversionConfig()
     exposure: ExposureConfig = ExposureConfig()
     logging: LoggingConfig = LoggingConfig()
     tracing: TracingConfig | None = None        # absent: no spans (docs/observability.md)
@@ -236,7 +247,10 @@ def check_adapter_references(adapter: AdapterConfig, config: GatewayConfig, wher
         if artifact is None:
             raise ValueError(f"{where}.backends[{j}]: {name!r} is a {backend.kind} backend, which serves no LoRA")
         if getattr(adapter, artifact) is None:
-            what = {"gguf": "a GGUF LoRA file", "source": "a PEFT dir"}[artifact]
+            if artifact == "gguf" and adapter.source is not None and config.conversion.llama_cpp_python:
+                continue  # made from `source` by convert_lora_to_gguf.py (adapters/conversion.py)
+            what = {"gguf": "a GGUF LoRA file, or `source` with conversion.llama_cpp_python set to convert it",
+                    "source": "a PEFT dir"}[artifact]
             raise ValueError(f"{where}: backend {name!r} is {backend.kind}, so the adapter needs `{artifact}` ({what})")
 
 

@@ -17,6 +17,7 @@ from backends.factory import build_drivers, build_launchers
 from backends.launchers.supervisor import LaunchError
 from gateway.auth import ClientKey, load_admin_digests, load_client_keys
 from gateway.config import ConfigError, GatewayConfig, check_adapter_references, resolve_secret
+from gateway.conversion import converter_of
 from gateway.experiments.service import Experiments
 from gateway.experiments.shadow import ShadowMirror
 from gateway.experiments.sqlite_store import SqliteExperimentStore
@@ -155,14 +156,16 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
     metrics = Metrics()
     fleet = FleetRecorder(metrics)
     store = store_of(config)
+    base = base_model_dims(config)
     lifecycle = AdapterLifecycle(
-        store, drivers, roots=config.adapter_roots, base=base_model_dims(config),
+        store, drivers, roots=config.adapter_roots, base=base,
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s,
-        leases=StoreLeases(store) if config.store.kind == "postgres" else None)
+        leases=StoreLeases(store) if config.store.kind == "postgres" else None,
+        converter=converter_of(config, base))
     experiments = Experiments(config, SqliteExperimentStore(Path(config.state_dir).expanduser()),
                               ExperimentRecorder(metrics))
     state = GatewayState(

@@ -9,6 +9,8 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
+
 from gateway.demo import tiny_gguf
 
 PEFT_PREFIX = "base_model.model.model."
@@ -76,3 +78,49 @@ KIMI_MINI_EXPERTS = {
     "layers.1.mlp.experts.3.gate_proj": (24, 32), "layers.1.mlp.experts.3.up_proj": (24, 32),
     "layers.1.mlp.experts.3.down_proj": (32, 24), "layers.1.mlp.shared_experts.down_proj": (32, 24),
 }
+
+
+KT_PROJS = ("gate", "up", "down")
+
+
+def kt_sft_matrices(*, rank: int = 4, seed: int = 0, layers: tuple[int, ...] = (1,)) -> dict[str, np.ndarray]:
+    """KT fused expert LoRA for KIMI_MINI's MoE layers, known values: `layers.L.experts.{proj}_lora_a`
+    [E, r, in] and `_lora_b` [E, out, r] (reference/sglang-kt.md §3.4)."""
+    text = KIMI_MINI["text_config"]
+    experts, hidden, inter = text["n_routed_experts"], text["hidden_size"], text["moe_intermediate_size"]
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in layers:
+        for proj in KT_PROJS:
+            n_in, n_out = (inter, hidden) if proj == "down" else (hidden, inter)
+            tensors[f"layers.{layer}.experts.{proj}_lora_a"] = rng.normal(0, 0.5, (experts, rank, n_in)).astype("f4")
+            tensors[f"layers.{layer}.experts.{proj}_lora_b"] = rng.normal(0, 0.5, (experts, n_out, rank)).astype("f4")
+    return tensors
+
+
+def kimi_attention_matrices(*, rank: int = 4, seed: int = 1) -> dict[str, np.ndarray]:
+    """The non-expert PEFT half, as LLaMA-Factory writes it for KIMI_MINI's MLA projections."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, (n_out, n_in) in KIMI_MINI_ATTENTION.items():
+        tensors[f"base_model.model.model.{module}.lora_A.weight"] = rng.normal(0, 0.5, (rank, n_in)).astype("f4")
+        tensors[f"base_model.model.model.{module}.lora_B.weight"] = rng.normal(0, 0.5, (n_out, rank)).astype("f4")
+    return tensors
+
+
+def write_kt_sft(directory: Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, attention: bool = True,
+                 fused: dict | None = None) -> Path:
+    """A KT-SFT checkpoint: fused_expert_lora.safetensors (+ the non-expert adapter_model.safetensors) and
+    adapter_config.json, with the matrices of kt_sft_matrices / kimi_attention_matrices."""
+    from gateway.demo.tiny_hf import write_safetensors as write_values
+
+    directory.mkdir(parents=True)
+    write_values(directory / "fused_expert_lora.safetensors", fused or kt_sft_matrices(rank=rank, seed=seed))
+    if attention:
+        write_values(directory / "adapter_model.safetensors", kimi_attention_matrices(rank=rank, seed=seed + 1))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none", "task_type": "CAUSAL_LM",
+        "target_modules": (["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] if attention
+                           else ["gate_proj", "up_proj", "down_proj"]),
+        "base_model_name_or_path": "moonshotai/Kimi-K2.5"}))
+    return directory

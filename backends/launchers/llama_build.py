@@ -64,7 +64,8 @@ def _require_tools() -> None:
                          f"${ENV_VAR} to an existing llama-server binary")
 
 
-def _fetch_source(work: Path, log) -> Path:
+def fetch_source(work: Path, log) -> Path:
+    """Download the sdist into `work`, unpack it, and return its vendor/llama.cpp (also used for the converter)."""
     log(f"[llama-server] fetching the llama-cpp-python {SDIST_VERSION} sdist from PyPI")
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
                              "llama-cpp-python", f"llama-cpp-python=={SDIST_VERSION}", "-d", str(work)],
@@ -109,7 +110,7 @@ def build(log=print) -> Path:
     target = cached_binary()
     with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
         work = Path(tmp)
-        built = _compile(_fetch_source(work, log), work / "build", log)
+        built = _compile(fetch_source(work, log), work / "build", log)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         shutil.copy2(built, partial)

@@ -16,10 +16,12 @@ offline Hugging Face Hub lookup does (`HF_HUB_OFFLINE=1`).
 from __future__ import annotations
 
 import getpass
+import glob
 import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -68,6 +70,10 @@ HUB_OFFLINE = (
     "outgoing traffic has been disabled. To enable repo look-ups and downloads online, pass "
     "'local_files_only=False' as input."
 )
+NO_WEIGHTS = "Cannot find any model weights with `{path}`"
+RAW_KT = ("--lora-paths received raw KT training adapter {path} (fused_expert_lora.safetensors). Convert it with "
+          "convert_kt_to_sglang_adapter.py first.")
+BAD_HEADER = "Error while deserializing header: {reason}"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -112,6 +118,61 @@ def adapter_dir_error(name: str, path: str, max_rank: int | None) -> str | None:
         return ADDS_TOKENS
     if max_rank is not None and int(config["r"]) > max_rank:
         return RANK_TOO_LARGE.format(name=name, rank=config["r"])
+    return weights_error(path)
+
+
+def weights_error(path: str) -> str | None:
+    """The weight files SGLang's loader takes (§1.6: *.safetensors, else *.bin, else *.pt), each safetensors
+    header read the way the safetensors library reads it; a raw KT training dir is refused (§1.7)."""
+    if os.path.isfile(os.path.join(path, "fused_expert_lora.safetensors")):
+        return RAW_KT.format(path=path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        if glob.glob(os.path.join(path, "*.bin")) or glob.glob(os.path.join(path, "*.pt")):
+            return None
+        return NO_WEIGHTS.format(path=path)
+    for file in files:
+        if (reason := safetensors_header_error(file)) is not None:
+            return BAD_HEADER.format(reason=reason)
+    return None
+
+
+def safetensors_header_error(file: str) -> str | None:
+    """The safetensors format's own checks: header length, JSON, and every tensor's byte range inside the data
+    and matching its dtype and shape (the reason names are the library's error variants)."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return "HeaderTooSmall"
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            return "InvalidHeaderLength"
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "InvalidHeaderDeserialization"
+    if not isinstance(header, dict):
+        return "InvalidHeaderDeserialization"
+    item_size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = entry["data_offsets"]
+            count = 1
+            for n in entry["shape"]:
+                count *= n
+            width = item_size[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return "InvalidHeaderDeserialization"
+        if stop < start or stop - start != count * width:
+            return "TensorInvalidInfo"
+        end = max(end, stop)
+    if end != size - 8 - length:
+        return "MetadataIncompleteBuffer"
     return None
 
 

@@ -29,6 +29,24 @@ def llama_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
+def converters():
+    """The converter venvs and llama.cpp's converter scripts (`kimi-gateway setup converters`), made once into
+    the user cache and reused by every later session."""
+    from adapters import converter_env
+
+    try:
+        where = converter_env.setup_converters(log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (converter_env.ConverterSetupError, BuildError, OSError) as exc:
+        pytest.fail(f"the converter venvs are needed and could not be made: {exc}. "
+                    "Run `kimi-gateway setup converters` (it installs from PyPI) and try again.")
+    problems = (converter_env.check_llama_cpp(where.llama_cpp_python, where.llama_cpp_dir)
+                + converter_env.check_kt(where.kt_python))
+    if problems:
+        pytest.fail("the converter venvs are incomplete: " + "; ".join(problems))
+    return where
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> DemoModels:
     return write_demo_set(tmp_path_factory.mktemp("models"))
 

@@ -84,3 +84,126 @@ async def test_a_replica_that_lost_its_adapters_gets_them_back(tmp_path, dirs):
         assert states == [ReplicaPhase.READY]
     finally:
         await lifecycle.aclose()
+
+
+# --- the conversion step (a stand-in tool; the real converters run in test_conversion_live.py) --------------
+
+class SglangLikeDriver(FakeDriver):
+    kind = "sglang"
+
+
+def kt_converter(tmp_path, body: str):
+    from adapters.conversion import ConversionSettings, ToolConverter
+    from tests.unit.adapters.test_conversion import stand_in
+
+    return ToolConverter(ConversionSettings(cache_dir=tmp_path / "cache", kt_python=stand_in(tmp_path, body),
+                                            kt_script="convert_kt_to_sglang_adapter.py"))
+
+
+COPY_PEFT = """
+import shutil, sys
+print('Converted KT fused expert LoRA adapter')
+shutil.copytree(sys.argv[1].replace('kt-sft', 'v2'), sys.argv[2])
+"""
+
+
+async def test_a_kt_sft_swap_is_converted_then_served_from_the_conversion(tmp_path, dirs):
+    from tests.adapter_files import write_kt_sft
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    driver = SglangLikeDriver("kt")
+    lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
+                                 converter=kt_converter(tmp_path, COPY_PEFT))
+    await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
+    try:
+        assert await lifecycle.swap("legal", str(checkpoint), None) is True
+        view = lifecycle.view("legal")
+        active = next(v for v in view["versions"] if v["status"] == "active")
+        assert active["source"] == str(checkpoint)   # what was registered stays what is shown and stored
+        assert active["converted"] == {"source": str(tmp_path / "cache" / active["version"] / "sglang")}
+        assert view["class"] == "experts" and view["source"] == str(checkpoint)
+        assert [files.source for files in driver.serving.values()] == [active["converted"]["source"]]
+        phases = [s.state for k, s in lifecycle.states.items() if k[1] == active["version"]]
+        assert phases == [ReplicaPhase.READY]
+    finally:
+        await lifecycle.aclose()
+
+
+async def test_a_failed_conversion_leaves_the_version_failed_with_the_tools_last_lines(tmp_path, dirs):
+    from adapters.conversion import ConversionError
+    from tests.adapter_files import write_kt_sft
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    driver = SglangLikeDriver("kt")
+    crash = ("import sys\nprint('Traceback (most recent call last):')\n"
+             "print('ValueError: Inconsistent LoRA ranks')\nsys.exit(1)")
+    lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
+                                 converter=kt_converter(tmp_path, crash))
+    await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
+    try:
+        [before] = lifecycle.active()
+        with pytest.raises(ConversionError, match="failed \\(exit 1\\)(.|\n)*ValueError: Inconsistent LoRA ranks"):
+            await lifecycle.swap("legal", str(checkpoint), None)
+        assert lifecycle.active() == [before] and list(driver.loaded) == [before.label]
+        failed = [v for v in lifecycle.view("legal")["versions"] if v["status"] == "failed"]
+        assert len(failed) == 1 and failed[0]["reason"].endswith("ValueError: Inconsistent LoRA ranks")
+        assert {s.state for k, s in lifecycle.states.items() if k[1] == failed[0]["version"]} == {ReplicaPhase.FAILED}
+        with pytest.raises(ConversionError):   # a registration: nothing of it stays registered
+            await lifecycle.register(AdapterSpec(name="neko", source=str(checkpoint), backends=("kt",)))
+        assert lifecycle.names() == ["legal"]
+        assert [p.name for p in (tmp_path / "cache").iterdir() if p.name != "logs"] == [failed[0]["version"]]
+        assert list((tmp_path / "cache" / failed[0]["version"]).iterdir()) == []
+    finally:
+        await lifecycle.aclose()
+
+
+async def test_a_config_adapter_converts_at_start_once_and_again_if_the_cache_is_cleared(tmp_path, dirs):
+    import shutil
+
+    from tests.adapter_files import write_kt_sft
+
+    root, _ = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    counting = COPY_PEFT + f"\nopen({str(tmp_path / 'runs')!r}, 'a').write('x')\n"
+    spec = AdapterSpec(name="neko", source=str(checkpoint), backends=("kt",))
+    for attempt in range(3):
+        if attempt == 2:
+            shutil.rmtree(tmp_path / "cache")
+        driver = SglangLikeDriver("kt")
+        lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": driver}, roots=[str(root)],
+                                     converter=kt_converter(tmp_path, counting))
+        await lifecycle.start([spec], lambda s: True)
+        try:
+            await lifecycle.reconcile_all()
+            [active] = lifecycle.active()
+            assert [files.source for files in driver.serving.values()] == \
+                [str(tmp_path / "cache" / lifecycle.records["neko"].active / "sglang")]
+        finally:
+            await lifecycle.aclose()
+    assert (tmp_path / "runs").read_text() == "xx"   # the first start and the one after the cache was cleared
+
+
+async def test_a_running_conversion_shows_its_latest_line(tmp_path, dirs):
+    import asyncio
+
+    from tests.adapter_files import write_kt_sft
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    slow = "import time\nprint('Loading fused expert LoRA', flush=True)\ntime.sleep(2)\n" + COPY_PEFT
+    lifecycle = AdapterLifecycle(SqliteStore(tmp_path / "state"), {"kt": SglangLikeDriver("kt")}, roots=[str(root)],
+                                 converter=kt_converter(tmp_path, slow))
+    await lifecycle.start([AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",))], lambda s: True)
+    try:
+        swap = asyncio.create_task(lifecycle.swap("legal", str(checkpoint), None))
+        seen = set()
+        while not swap.done():
+            seen |= {(r["state"], r["reason"]) for r in lifecycle.view("legal")["replicas"]
+                     if r["state"] == "converting"}
+            await asyncio.sleep(0.05)
+        assert await swap is True
+        assert ("converting", "convert_kt_to_sglang_adapter.py: Loading fused expert LoRA") in seen
+    finally:
+        await lifecycle.aclose()

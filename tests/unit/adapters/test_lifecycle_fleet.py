@@ -91,3 +91,37 @@ async def test_a_candidate_left_by_a_dead_replica_is_rolled_back_after_its_lease
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_converted_version_is_served_from_its_conversion_on_the_other_replica_too(dsn, dirs, tmp_path):
+    """The store keeps what was registered; each replica serves what conversion made of it (here one shared
+    conversion cache, so the second replica's conversion is a cache hit)."""
+    from tests.adapter_files import write_kt_sft
+    from tests.unit.adapters.test_lifecycle import COPY_PEFT, SglangLikeDriver, kt_converter
+
+    root, paths = dirs
+    checkpoint = write_kt_sft(root / "kt-sft")
+    converter = kt_converter(tmp_path, COPY_PEFT + f"\nopen({str(tmp_path / 'runs')!r}, 'a').write('x')\n")
+    backend: dict = {}
+    replicas = []
+    for _ in range(2):
+        store = PostgresStore(dsn)
+        driver = SglangLikeDriver("kt")
+        driver.loaded = backend
+        lifecycle = AdapterLifecycle(store, {"kt": driver}, roots=[str(root)], leases=StoreLeases(store),
+                                     converter=converter)
+        await lifecycle.start([], lambda spec: True)
+        replicas.append((lifecycle, driver))
+    (first, first_driver), (second, second_driver) = replicas
+    try:
+        await first.register(AdapterSpec(name="neko", source=str(checkpoint), backends=("kt",)))
+        await first.refresh()    # a refresh of its own must not lose what it converted
+        await second.refresh()
+        converted = str(tmp_path / "cache" / first.records["neko"].active / "sglang")
+        for driver in (first_driver, second_driver):
+            assert [files.source for files in driver.serving.values()] == [converted]
+        assert second.view("neko")["source"] == str(checkpoint)
+        assert (tmp_path / "runs").read_text() == "x"
+    finally:
+        await first.aclose()
+        await second.aclose()

@@ -9,6 +9,8 @@ from typing import Any, AsyncIterator
 
 import httpx
 
+from tests.adapter_files import write_safetensors
+
 
 @asynccontextmanager
 async def client_for(app: Any, headers: dict[str, str] | None = None) -> AsyncIterator[httpx.AsyncClient]:
@@ -37,6 +39,9 @@ def write_adapter(directory: Path, **overrides: Any) -> str:
     config.update(overrides)
     config = {k: v for k, v in config.items() if v is not None}
     (directory / "adapter_config.json").write_text(json.dumps(config))
+    write_safetensors(directory / "adapter_model.safetensors",  # SGLang needs weights (sglang-kt.md §1.6)
+                      {"base_model.model.model.layers.0.self_attn.q_a_proj.lora_A.weight": [8, 32],
+                       "base_model.model.model.layers.0.self_attn.q_a_proj.lora_B.weight": [16, 8]})
     return str(directory)
 
 

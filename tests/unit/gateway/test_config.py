@@ -66,7 +66,8 @@ def test_wrong_config_names_file_path_and_expectation(tmp_path, change, expected
 
 
 def test_adapter_on_llamacpp_needs_gguf(tmp_path):
-    with pytest.raises(ConfigError, match=r"adapters\[0\]: backend 'gguf' is llamacpp, so the adapter needs `gguf` \(a GGUF LoRA file\)"):
+    with pytest.raises(ConfigError, match=r"adapters\[0\]: backend 'gguf' is llamacpp, so the adapter needs `gguf` "
+                                          r"\(a GGUF LoRA file, or `source` with conversion.llama_cpp_python set"):
         load_config(write(tmp_path, MINIMAL.replace("gguf: /adapters/a.gguf, ", "")))
 
 
