@@ -145,3 +145,32 @@ async def test_postgres_route_changes_are_announced_to_other_replicas(dsn):
     finally:
         await writer.close()
         await listener.close()
+
+
+async def test_postgres_a_route_change_through_one_replica_is_in_force_on_another_at_once(config, dsn):
+    from gateway.config import GatewayConfig
+    from gateway.experiments.service import ExperimentEvents, Experiments
+
+    settings = GatewayConfig.model_validate({**config, "experiments": {"sync_interval_s": 60}})  # poll: no help
+    one, two = (Experiments(settings, PostgresExperimentStore(dsn), ExperimentEvents()) for _ in range(2))
+    await one.start()
+    await two.start()
+    rebuilt = asyncio.Event()
+    two.on_routes_changed = rebuilt.set
+    two.weights["legal"] = {"v1": 0.5, "v2": 0.5}       # adaptive weights of the old route
+    try:
+        await asyncio.sleep(0.3)     # the LISTEN connections are up
+        route = two.route("legal")
+        changed = route.model_copy(update={"experiment": route.experiment.model_copy(
+            update={"variants": {"v1": 0, "v2": 100}})})
+        await one.put_route(changed)
+        await asyncio.wait_for(rebuilt.wait(), 1.0)
+        assert two.route("legal").experiment.variants == {"v1": 0, "v2": 100}
+        assert "legal" not in two.weights     # as after a local change: allocation starts afresh
+        rebuilt.clear()
+        assert await one.delete_route("legal")
+        await asyncio.wait_for(rebuilt.wait(), 1.0)
+        assert two.route("legal").experiment.variants == {"v1": 90, "v2": 10}   # the config's again
+    finally:
+        await one.aclose()
+        await two.aclose()
