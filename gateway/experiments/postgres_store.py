@@ -91,7 +91,8 @@ INSERT_FACT = ("INSERT INTO request_fact (request_id, at, route, experiment, var
                "latency_s, ttft_s, prompt_tokens, completion_tokens) "
                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) ON CONFLICT (request_id) DO NOTHING")
 INSERT_SHADOW = ("INSERT INTO shadow_call (request_id, at, experiment, variant, adapter, backend, status, latency_s, "
-                 "completion_tokens, output_sha256, output_chars, error) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)")
+                 "completion_tokens, output_sha256, output_chars, error) "
+                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)")
 SELECT_FACT = ("SELECT request_id, at, route, experiment, variant, adapter, backend, key, status, latency_s, ttft_s, "
                "prompt_tokens, completion_tokens FROM request_fact WHERE request_id = $1")
 SELECT_EXPERIMENT = """
