@@ -79,20 +79,22 @@ UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, a
                asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply every migration newer than the database's, under the advisory lock; returns those applied."""
+async def migrate(conn: asyncpg.Connection, migrations: tuple[tuple[int, str], ...] = MIGRATIONS,
+                  table: str = "schema_migration") -> list[int]:
+    """Apply every migration newer than the database's, under the advisory lock; returns those applied.
+    Another module's schema (experiments) keeps its own numbering in its own `table`, under the same lock."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
-        await conn.execute("CREATE TABLE IF NOT EXISTS schema_migration "
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} "
                            "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migration")
+        current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
         applied = []
-        for version, statements in MIGRATIONS:
+        for version, statements in migrations:
             if version <= current:
                 continue
             async with conn.transaction():
                 await conn.execute(statements)
-                await conn.execute("INSERT INTO schema_migration (version) VALUES ($1)", version)
+                await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", version)
             applied.append(version)
         return applied
     finally:

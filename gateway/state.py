@@ -20,7 +20,9 @@ from gateway.config import ConfigError, GatewayConfig, check_adapter_references,
 from gateway.conversion import converter_of
 from gateway.experiments.service import Experiments
 from gateway.experiments.shadow import ShadowMirror
+from gateway.experiments.postgres_store import PostgresExperimentStore
 from gateway.experiments.sqlite_store import SqliteExperimentStore
+from gateway.experiments.store import ExperimentStore
 from gateway.metrics import ExperimentRecorder, FleetRecorder, LifecycleRecorder, Metrics
 from gateway.routing import RouteTable
 from gateway.shared import Shared, build_shared
@@ -140,15 +142,26 @@ def launchers_of(config: GatewayConfig) -> dict:
         raise ConfigError(str(exc)) from exc
 
 
-def store_of(config: GatewayConfig) -> AdapterStore:
-    """config `store`: SQLite in state_dir, or the PostgreSQL whose DSN the named env var holds."""
-    if config.store.kind == "sqlite":
-        return open_store(config.state_dir)
+def store_dsn(config: GatewayConfig) -> str:
     dsn = resolve_secret(config.store.dsn_env)
     if dsn is None:
         raise ConfigError(f"store.dsn_env: the environment variable {config.store.dsn_env} (the PostgreSQL DSN) "
                           "is not set")
-    return open_store(config.state_dir, dsn, config.store.pool_size)
+    return dsn
+
+
+def store_of(config: GatewayConfig) -> AdapterStore:
+    """config `store`: SQLite in state_dir, or the PostgreSQL whose DSN the named env var holds."""
+    if config.store.kind == "sqlite":
+        return open_store(config.state_dir)
+    return open_store(config.state_dir, store_dsn(config), config.store.pool_size)
+
+
+def experiment_store_of(config: GatewayConfig) -> ExperimentStore:
+    """Experiments live beside the adapter registry: the same PostgreSQL, or their own SQLite file."""
+    if config.store.kind == "postgres":
+        return PostgresExperimentStore(store_dsn(config), pool_size=config.store.pool_size)
+    return SqliteExperimentStore(Path(config.state_dir).expanduser())
 
 
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
@@ -166,8 +179,7 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         drain_deadline_s=config.adapter_drain_deadline_s,
         leases=StoreLeases(store) if config.store.kind == "postgres" else None,
         converter=converter_of(config, base))
-    experiments = Experiments(config, SqliteExperimentStore(Path(config.state_dir).expanduser()),
-                              ExperimentRecorder(metrics))
+    experiments = Experiments(config, experiment_store_of(config), ExperimentRecorder(metrics))
     state = GatewayState(
         config=config,
         routes=RouteTable(config, []),

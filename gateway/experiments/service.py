@@ -3,7 +3,8 @@ the shadow mirror, the routes changed at run time, the canary guard, adaptive al
 
 Routes in force = the config's routes with the store's run-time changes applied (`PUT /admin/routes/{name}`,
 guard rollbacks, promotions); a change is written to the store first, then the route table is rebuilt
-(`on_routes_changed`). Other replicas pick changes up within `sync_interval_s`.
+(`on_routes_changed`). Other replicas pick changes up when a shared store announces them (`watch`), and
+at the latest within `sync_interval_s`.
 """
 from __future__ import annotations
 
@@ -50,13 +51,15 @@ class Experiments:
         self._guard_task: asyncio.Task | None = None
         self._closing = False
         self._tasks: list[asyncio.Task] = []
-        self._change = asyncio.Lock()       # one route change at a time (PUT, rollback, promotion)
+        self._change = asyncio.Lock()       # one route change at a time (PUT, rollback, promotion, reload)
+        self._wake = asyncio.Event()        # the store announced a route change: reload now
 
     # --- start and stop ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.open()
         await self._load_overrides()
+        await self.store.watch(self._wake.set)
         self.facts.start()
         self._tasks = [asyncio.create_task(self._sync_loop(), name="experiments-sync"),
                        asyncio.create_task(self._allocation_loop(), name="experiments-allocation")]
@@ -80,16 +83,26 @@ class Experiments:
                 log.error("route %s set at run time is not valid any more and is not used: %s", override.name, exc)
                 continue
             overrides[override.name] = override
-        changed = {n: o.updated_at for n, o in overrides.items()} != {n: o.updated_at for n, o in self.overrides.items()}
+        before = {(n, o.updated_at) for n, o in self.overrides.items()}
+        changed = {name for name, _ in before ^ {(n, o.updated_at) for n, o in overrides.items()}}
         self.overrides = overrides
-        return changed
+        for name in changed:    # changed elsewhere: as after a change here, weights and the guard start afresh
+            self.weights.pop(name, None)
+            self._windows.pop(name, None)
+        return bool(changed)
 
     async def _sync_loop(self) -> None:
         last_purge = 0.0
         while True:
-            await asyncio.sleep(self.settings.sync_interval_s)
             try:
-                if await self._load_overrides():
+                await asyncio.wait_for(self._wake.wait(), self.settings.sync_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()     # before reading: an announcement during the read wakes us once more
+            try:
+                async with self._change:     # not between a change's write and its own bookkeeping
+                    changed = await self._load_overrides()
+                if changed:
                     self.on_routes_changed()
                 if time.time() - last_purge > PURGE_INTERVAL_S:
                     last_purge = time.time()

@@ -130,6 +130,9 @@ class SqliteExperimentStore:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    async def watch(self, on_change: Callable[[], None]) -> None:
+        """One replica's own file: nobody else changes it."""
+
     async def route_overrides(self) -> list[RouteOverride]:
         rows = await self._run(lambda db: db.execute(
             "SELECT name, route, updated_at FROM route_override ORDER BY name").fetchall())

@@ -10,12 +10,13 @@ Four kinds of data, all keyed by names from the config or by request id:
 Every method may do I/O and is async; none may block the event loop. `add_facts` takes whole batches and
 must be one transaction. An implementation is free to answer `experiment_facts` from any index it likes; it
 must return rows in time order. Timestamps are Unix seconds (float). The SQLite implementation is
-`sqlite_store.SqliteExperimentStore`; a PostgreSQL one implements the same methods.
+`sqlite_store.SqliteExperimentStore`; the PostgreSQL one (`postgres_store.PostgresExperimentStore`) is
+shared by replicas and announces route changes to `watch()`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ class FactRow:
 class ExperimentStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    # call `on_change()` when another replica may have changed run-time routes (a shared store); may do nothing
+    async def watch(self, on_change: Callable[[], None]) -> None: ...
 
     # run-time routes
     async def route_overrides(self) -> list[RouteOverride]: ...
