@@ -45,6 +45,8 @@ class BackendRequest:
     adjustments: list[str] = field(default_factory=list)  # what a driver changed, for x-kimi-adjusted
     hide_usage_chunk: bool = False  # the gateway asked for stream usage for its metrics, not the client
     observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
+    lease: object | None = None     # a slot the admission queue reserved (backends/balancer.py Lease); send() takes it
+    avoid: list[int] = field(default_factory=list)  # replicas of the current target that failed this request
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,4 +99,7 @@ class BackendDriver(Protocol):
     def release(self, replica: int) -> None: ...
     def disconnect(self, replica: int) -> None: ...          # drop idle connections before a restart
     def in_flight(self) -> list[int]: ...                    # requests in flight per replica
+    def reserve(self, adapter: str | None) -> object | None: ...  # a slot's Lease, or None: full, queue the request
+    on_capacity: Callable[[], None] | None             # set by the gateway: a slot or a replica came free
+    retry_budget: object | None                        # backends/retry_budget.py RetryBudget, or None
     def adapter_in_flight(self, adapter: str) -> int: ...

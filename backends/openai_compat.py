@@ -4,27 +4,36 @@ the send path. Dialects (body translation, error bodies) are the subclasses' pur
 from __future__ import annotations
 
 import asyncio
-import itertools
+import logging
 import re
 import time
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import orjson
 
+from backends.balancer import ANY_REPLICA, NO_LIMIT, Balancer, Lease
 from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
+from backends.config import OutlierConfig, RetryBudgetConfig
 from backends.errors import (
     AdapterNotReadyError,
+    BackendAccountError,
+    BackendRateLimitedError,
     BackendError,
     BackendProtocolError,
     BackendRejectedError,
+    BackendTimeoutError,
     BackendUnavailableError,
     ServerChangedError,
     UnsupportedFeatureError,
 )
 from backends.field_support import asks_for_any, check_best_of
+from backends.outliers import OutlierDetector
 from backends.protocol import COMPLETIONS_PATH
 from backends.reply_shape import ReplyShape
+from backends.retry_budget import RetryBudget
 from backends.transport import UpstreamResponse
+
+log = logging.getLogger(__name__)
 
 # The verification probe: greedy and short, so that it repeats exactly and costs little (issue 13).
 PROBE_PROMPT = "The quick brown fox"
@@ -115,9 +124,11 @@ class RelayReply:
                  stream_error: Callable[[bytes], StreamErrorEvent] | None = None,
                  fix_document: Callable[[dict, BackendRequest], None] | None = None,
                  fix_block: Callable[[bytes, BackendRequest], bytes] | None = None,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None,
+                 failed_early: Callable[[], None] | None = None) -> None:
         self.status = upstream.status
         self._release = release  # the driver's in-flight count for this reply's replica and adapter
+        self._failed_early = failed_early  # a stream that broke before its first event: the replica's fault
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
@@ -154,7 +165,16 @@ class RelayReply:
     async def events(self) -> AsyncIterator[bytes]:
         buffer = b""
         upstream, waiting_first = self._upstream, True
-        async for piece in upstream.iter_bytes():
+        pieces = upstream.iter_bytes()
+        while True:
+            try:
+                piece = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
+                if waiting_first and self._failed_early is not None:
+                    self._failed_early()
+                raise
             buffer += piece
             cut = buffer.rfind(EVENT_END)
             if cut < 0:
@@ -243,8 +263,12 @@ class RelayReply:
 class OpenAICompatDriver:
     """Send path shared by every backend kind; subclasses supply to_body() and error_from().
 
-    Replicas: a request goes round-robin to a replica that is up and serves its adapter version (the
-    lifecycle says which, through serve()); none serving it is AdapterNotReadyError, never a guess.
+    Replicas: a request goes to a replica that is up, not ejected, and serves its adapter version (the
+    lifecycle says which, through serve()), the least loaded of two (backends/balancer.py); none serving it
+    is AdapterNotReadyError, never a guess. A connect failure or a 5xx before the response head is retried
+    at once on another replica, within the retry budget; failures feed outlier detection (backends/outliers.py),
+    whose half-open probes readmit an ejected replica. With `max_concurrency` (or slots read from the
+    servers), reserve() leases a free slot or answers None, and the gateway queues the request.
     """
 
     kind = ""
@@ -258,7 +282,6 @@ class OpenAICompatDriver:
         self._transports = list(transports)
         self.replicas = tuple(getattr(t, "base_url", str(i)) for i, t in enumerate(self._transports))
         self._up = [True] * len(self._transports)
-        self._turn = itertools.cycle(range(len(self._transports)))
         self._serving: list[dict[str, AdapterFiles]] = [{} for _ in self._transports]
         self._busy = [0] * len(self._transports)
         self._adapter_busy: dict[str, int] = {}
@@ -269,11 +292,30 @@ class OpenAICompatDriver:
         self.expert_adapter: str | None = None          # a server fixed to one adapter at launch (SGLang + KT)
         self.on_replica_change: Callable[[int], None] | None = None
         self.vision = vision
+        self.configure_traffic(None, OutlierConfig(), RetryBudgetConfig())
+
+    def configure_traffic(self, max_concurrency: int | None, outliers: OutlierConfig,
+                          budget: RetryBudgetConfig) -> None:
+        """Slots per replica (None: read from the servers at start, else unbounded), ejection, retry budget."""
+        count = len(self._transports)
+        self.outliers = OutlierDetector(self.replicas, outliers, backend=self.name)
+        self.outliers.on_change = self._ejection_changed
+        self.retry_budget = RetryBudget(budget.ratio, budget.min_per_s, budget.window_s)
+        self._limits = [max_concurrency or NO_LIMIT] * count
+        self._discover_limits = max_concurrency is None
+        self._bounded = max_concurrency is not None     # some replica's slots are known: reserve() counts them
+        self.balancer = Balancer(self._busy, self._up, self._held, self.outliers.ejected, self._serving, self._limits)
+        self.on_capacity: Callable[[], None] | None = None     # a slot or a replica came free: the queue dispatches
+        self.on_ejection: Callable[[int, bool], None] | None = None   # metrics and logs
+        self._readmit_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Discovery hook; the base has nothing to discover."""
 
     async def aclose(self) -> None:
+        if self._readmit_task is not None:
+            self._readmit_task.cancel()
+            await asyncio.gather(self._readmit_task, return_exceptions=True)
         for transport in self._transports:
             await transport.aclose()
 
@@ -310,28 +352,97 @@ class OpenAICompatDriver:
 
     async def send(self, request: BackendRequest) -> RelayReply:
         self.check(request)
+        lease, request.lease = request.lease, None
+        if not request.avoid:
+            self.retry_budget.request()
+        while True:
+            if lease is None or lease.replica < 0:
+                lease = await self._lease_any(request)   # counted from here: a drain waits for it
+            replica = lease.replica
+            try:
+                upstream = await self._open(replica, request)
+            except BaseException as exc:
+                lease.release()
+                if not (self._replica_failed(replica, request, exc) and getattr(exc, "retryable", False)
+                        and self._may_retry_elsewhere(request)):
+                    raise
+                log.warning("%s replica %s failed before the response (%s); retrying on another replica",
+                            self.name, self.replicas[replica], exc)
+                lease = None
+                continue
+            self.outliers.success(replica)
+            return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
+                              fix_document=self.fix_document, fix_block=self.fix_block, release=lease.release,
+                              failed_early=lambda: self._replica_failed(replica, request, None))
+
+    async def _open(self, replica: int, request: BackendRequest) -> UpstreamResponse:
+        upstream = await self._post(replica, request)
+        if upstream.status >= 400:
+            try:
+                raw = await upstream.read()
+            finally:
+                await upstream.aclose()
+            raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        if request.stream and not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            await upstream.aclose()  # a proxy's page, or a JSON body, where an SSE stream belongs
+            raise BackendProtocolError("the backend answered a stream request without an event stream",
+                                       backend=self.name)
+        return upstream
+
+    async def _lease_any(self, request: BackendRequest) -> Lease:
         try:
-            replica = self._pick(request.adapter)
+            replica = self._pick(request.adapter, request.avoid)
         except AdapterNotReadyError:
+            if request.avoid:
+                raise
             replica = await self._wait_for_replica(request.adapter)
-        release = self._lease(replica, request.adapter)  # counted from here: a drain waits for it
+        return self._lease(replica, request.adapter)
+
+    def _replica_failed(self, replica: int, request: BackendRequest, exc: BaseException | None) -> bool:
+        """A failure that is the replica's (connect, reset, 5xx, timeout): counted for ejection, and the
+        request avoids that replica from now on. False for anything else (a 4xx, a cancelled request)."""
+        if exc is not None and not is_replica_fault(exc):
+            return False
+        request.avoid.append(replica)
+        if self.outliers.failure(replica) and self._readmit_task is None:
+            self._readmit_task = asyncio.get_running_loop().create_task(self._readmit_loop(),
+                                                                       name=f"{self.name}-readmit")
+        return True
+
+    def _may_retry_elsewhere(self, request: BackendRequest) -> bool:
+        return self.balancer.pick(self._serving_key(request.adapter), request.avoid) is not None \
+            and self.retry_budget.try_retry()
+
+    def reserve(self, adapter: str | None) -> Lease | None:
+        """A free slot, leased; None when every replica that could take it is full (queue it); ANY_REPLICA
+        when slots are not counted here, or no replica can take it now (send() picks, or waits, as ever)."""
+        if not self._bounded:
+            return ANY_REPLICA
+        key = self._serving_key(adapter)
+        replica = self.balancer.pick(key, free_only=True)
+        if replica is not None:
+            return self._lease(replica, adapter)
+        return None if self.balancer.pick(key) is not None else ANY_REPLICA
+
+    def _ejection_changed(self, replica: int, ejected: bool) -> None:
+        if self.on_ejection is not None:
+            self.on_ejection(replica, ejected)
+        if not ejected:
+            self._capacity()
+
+    async def _readmit_loop(self) -> None:
+        """Half-open probes of ejected replicas, until none is ejected (backends/outliers.py)."""
         try:
-            upstream = await self._post(replica, request)
-            if upstream.status >= 400:
-                try:
-                    raw = await upstream.read()
-                finally:
-                    await upstream.aclose()
-                raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
-            if request.stream and not upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                await upstream.aclose()  # a proxy's page, or a JSON body, where an SSE stream belongs
-                raise BackendProtocolError("the backend answered a stream request without an event stream",
-                                           backend=self.name)
-        except BaseException:
-            release()
-            raise
-        return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
-                          fix_document=self.fix_document, fix_block=self.fix_block, release=release)
+            while (wait := self.outliers.next_probe_in()) is not None:
+                await asyncio.sleep(wait)
+                for replica in self.outliers.due():
+                    self.outliers.probed(replica, await self._probe(self._transports[replica]))
+        finally:
+            self._readmit_task = None
+
+    def _capacity(self) -> None:
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     async def _post(self, replica: int, request: BackendRequest) -> UpstreamResponse:
         payload = orjson.dumps(self.to_body(request, replica))
@@ -341,31 +452,37 @@ class OpenAICompatDriver:
         """A dialect may recognise a replica that lost its adapters here (SGLang after a restart)."""
         return self.error_from(status, headers, raw)
 
-    def _lease(self, replica: int, adapter: str | None) -> Callable[[], None]:
-        """Count a reply in flight until it is closed: drains and /admin/backends read these counts."""
+    def _lease(self, replica: int, adapter: str | None) -> Lease:
+        """Count a reply in flight until it is closed: drains, the queue and /admin/backends read these counts."""
         self._busy[replica] += 1
         if adapter is not None:
             self._adapter_busy[adapter] = self._adapter_busy.get(adapter, 0) + 1
+        return Lease(replica, adapter, self._free)
 
-        def release() -> None:
-            self._busy[replica] -= 1
-            if adapter is not None:
-                self._adapter_busy[adapter] -= 1
-        return release
+    def _free(self, replica: int, adapter: str | None) -> None:
+        self._busy[replica] -= 1
+        if adapter is not None:
+            self._adapter_busy[adapter] -= 1
+        if self.on_capacity is not None:
+            self.on_capacity()
 
-    def _pick(self, adapter: str | None) -> int:
-        """Round-robin over replicas that are up, not held, and serve `adapter` (all down: one that serves it)."""
-        count = len(self._transports)
-        fallback = None
-        for _ in range(count):
-            index = next(self._turn)
-            if self._held[index] or (adapter is not None and adapter not in self._serving[index]):
-                continue
-            if self._up[index]:
-                return index
-            fallback = index if fallback is None else fallback
-        if fallback is not None:
-            return fallback
+    def _serving_key(self, adapter: str | None) -> str | None:
+        """The name serve() lists for `adapter` (a server fixed to one adapter lists none)."""
+        return adapter
+
+    def _pick(self, adapter: str | None, avoid: Sequence[int] = ()) -> int:
+        """The balancer's choice among replicas that serve `adapter`; with none up, one that serves it and is
+        not held or ejected (the health check may lag), then one that is ejected, before giving up."""
+        key = self._serving_key(adapter)
+        replica = self.balancer.pick(key, avoid)
+        if replica is not None:
+            return replica
+        ejected = self.outliers.ejected
+        fallbacks = [r for r in range(len(self._transports)) if not self._held[r] and r not in avoid
+                     and (key is None or key in self._serving[r])]
+        fallbacks.sort(key=lambda r: (ejected[r], not self._up[r]))
+        if fallbacks:
+            return fallbacks[0]
         raise AdapterNotReadyError(f"Adapter version '{adapter}' is not ready on backend '{self.name}' yet.",
                                    backend=self.name)
 
@@ -472,9 +589,37 @@ class OpenAICompatDriver:
             raise BackendProtocolError("the probe's reply is not a completion", backend=self.name) from exc
 
     async def health(self) -> bool:
+        came_up = False
         for index, transport in enumerate(self._transports):
-            self._up[index] = await self._probe(transport)
+            up = await self._probe(transport)
+            came_up |= up and not self._up[index]
+            self._up[index] = up
+            if up and self._discover_limits and self._limits[index] == NO_LIMIT:
+                await self._discover_limit(index)
+        if came_up:
+            self._capacity()
         return any(self._up)
+
+    async def discover_limits(self) -> None:
+        """Each replica's slots from the server itself (max_concurrency unset): see read_concurrency()."""
+        if self._discover_limits:
+            for replica in range(len(self._transports)):
+                await self._discover_limit(replica)
+
+    async def _discover_limit(self, replica: int) -> None:
+        try:
+            slots = await self.read_concurrency(replica)
+        except (BackendError, ValueError, KeyError, TypeError, AttributeError):
+            return  # down or unreadable now: asked again when its health check passes
+        if slots:
+            self._limits[replica] = slots
+            self._bounded = True
+            log.info("%s replica %s: %d slots (max_concurrency)", self.name, self.replicas[replica], slots)
+            self._capacity()
+
+    async def read_concurrency(self, replica: int) -> int | None:
+        """How many requests the server runs at once, where it says so (llama.cpp /props, SGLang /server_info)."""
+        return None
 
     async def _probe(self, transport) -> bool:
         """Its own connection and timeout (`transport.probe`): never queued behind data-plane streams."""
@@ -494,6 +639,17 @@ class OpenAICompatDriver:
         if response.status >= 300:
             raise BackendUnavailableError(f"GET {path} answered {response.status}", backend=self.name)
         return parse_json(raw, self.name)
+
+
+def is_replica_fault(exc: BaseException) -> bool:
+    """What says a replica is unwell (outlier detection counts it): it could not be reached, it broke the
+    connection, it timed out, or it answered 5xx. Not: a 4xx, a rate limit, a refused account, an adapter it
+    does not have yet, a request cancelled by its client."""
+    if isinstance(exc, (AdapterNotReadyError, BackendAccountError, BackendRateLimitedError)):
+        return False
+    if isinstance(exc, BackendRejectedError):
+        return exc.status >= 500
+    return isinstance(exc, (BackendUnavailableError, BackendProtocolError, BackendTimeoutError))
 
 
 def parse_json(raw: bytes, backend: str) -> object:

@@ -114,6 +114,7 @@ class SglangDriver(OpenAICompatDriver):
             await self.refresh_models()
         except (BackendError, ValueError, KeyError):
             pass  # down now; the health loop retries
+        await self.discover_limits()
 
     async def refresh_models(self) -> None:
         for transport in self._transports:
@@ -180,10 +181,16 @@ class SglangDriver(OpenAICompatDriver):
                 f"SGLang backend '{self.name}' is dedicated to expert adapter '{self._expert_adapter}'.",
                 backend=self.name)
 
-    def _pick(self, adapter: str | None) -> int:
-        if self._expert_adapter is not None:  # fixed at launch: every replica has it
-            return super()._pick(None)
-        return super()._pick(adapter)
+    def _serving_key(self, adapter: str | None) -> str | None:
+        return None if self._expert_adapter is not None else adapter  # fixed at launch: every replica has it
+
+    async def read_concurrency(self, replica: int) -> int | None:
+        """`/server_info`: the scheduler's running-request cap per DP rank (internal_states), else the
+        `--max-running-requests` it was started with."""
+        info = await self.get_json(self._transports[replica], "/server_info")
+        states = info.get("internal_states") or [{}]
+        slots = states[0].get("effective_max_running_requests_per_dp") or info.get("max_running_requests")
+        return slots if isinstance(slots, int) and slots > 0 else None
 
     def to_body(self, request: BackendRequest, replica: int) -> dict:
         if self._served_model is None:

@@ -78,7 +78,7 @@ async def test_every_call_carries_the_key(kind):
         expected = {"/lora-adapters", "/props", "/health", "/v1/chat/completions"}
     else:
         driver, files = SglangDriver("b", [transport], served_model=None, api_key=KEY), AdapterFiles("/x/ada", None)
-        expected = {"/v1/models", "/health", "/load_lora_adapter", "/v1/chat/completions"}
+        expected = {"/v1/models", "/server_info", "/health", "/load_lora_adapter", "/v1/chat/completions"}
     assert await exercise(driver, transport, "ada", files) == expected
     assert all(headers == {"authorization": f"Bearer {KEY}"} for _, _, headers in transport.calls)
 
