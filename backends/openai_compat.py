@@ -424,6 +424,9 @@ class OpenAICompatDriver:
             return self._lease(replica, adapter)
         return None if self.balancer.pick(key) is not None else ANY_REPLICA
 
+    def has_room(self) -> bool:
+        return self.balancer.has_room()
+
     def _ejection_changed(self, replica: int, ejected: bool) -> None:
         if self.on_ejection is not None:
             self.on_ejection(replica, ejected)

@@ -16,8 +16,18 @@ from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedE
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
-from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
-from gateway.metrics import RequestRecorder
+from gateway.errors import (
+    DrainingError,
+    GatewayError,
+    GatewayTimeoutError,
+    InternalError,
+    InvalidRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    from_backend_error,
+)
+from gateway.metrics import QueueRecorder, RequestRecorder
+from gateway.policies.admission import AdmissionQueue, priority_of
 from gateway.policies.content import ImagePolicy, check_limits
 from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import with_retries
@@ -27,12 +37,14 @@ from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import request_id_of
 from gateway.routing import Resolved, Target
 from gateway.state import GatewayState
-from gateway.streaming import DisconnectWatcher, relay_stream
+from gateway.streaming import DisconnectWatcher, StreamHead, relay_stream
 from gateway.validation import check_request
 
 log = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 STICKY_HEADER = b"x-kimi-sticky-key"
+DEADLINE_HEADER = b"x-kimi-deadline-ms"
+PRIORITY_HEADER = b"x-kimi-priority"
 CLOSE = (b"connection", b"close")
 
 
@@ -61,6 +73,22 @@ class DataPlane:
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
+        self.admission = admission = state.config.admission
+        self.queues = {name: self._queue(name, driver, admission) for name, driver in state.drivers.items()}
+        self.active = 0  # data-plane requests in flight: the SIGTERM drain waits for them (gateway/shutdown.py)
+
+    def _queue(self, name: str, driver, admission) -> AdmissionQueue:
+        queue = AdmissionQueue(name, driver.reserve, driver.has_room, max_length=admission.max_queue,
+                               retry_after_s=admission.retry_after_s, events=QueueRecorder(self.state.metrics, name))
+        driver.on_capacity = queue.dispatch
+        driver.on_ejection = partial(self._ejection_changed, name, driver)
+        return queue
+
+    def _ejection_changed(self, name: str, driver, replica: int, ejected: bool) -> None:
+        metrics = self.state.metrics
+        if ejected:
+            metrics.replica_ejections.labels(name).inc()
+        metrics.replicas_ejected.labels(name).set(sum(driver.outliers.ejected))
 
     async def __call__(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])
@@ -68,7 +96,10 @@ class DataPlane:
         recorder = RequestRecorder(self.state.metrics)
         extra: list[tuple[bytes, bytes]] = [(REQUEST_ID_HEADER, request_id.encode())]
         code, usage, watcher, body = 500, None, None, None
+        self.active += 1
         try:
+            if self.state.refusing:
+                raise DrainingError()
             # The key first, from the headers: an unauthenticated client gets nothing buffered for it.
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
             body = await read_body(receive, self.max_body)
@@ -91,17 +122,36 @@ class DataPlane:
             log.exception("request %s failed", request_id)
             code = await send_error(send, InternalError(request_id), extra)
         finally:
+            self.active -= 1
             if watcher is not None:
                 watcher.stop()
             recorder.finished(code, usage)
 
     async def serve(self, path, doc, size, principal, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
         request, resolved, decision = await self.admit(path, doc, size, principal, headers, request_id, recorder)
-        forwarded = await self.forward(request, resolved, recorder)
+        head = StreamHead(send, extra) if request.stream else None
+        try:
+            forwarded = await self.forward(request, resolved, recorder, head)
+        except GatewayError as exc:
+            if head is None or not head.started:
+                raise
+            return await head.fail(exc), None  # queued long enough to have sent its head: an SSE error event
         extra += self.response_headers(forwarded.target, resolved, decision, request)
+        if request.deadline is None:
+            return await self.respond(request, forwarded, recorder, extra, request_id, send, head)
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                return await self.respond(request, forwarded, recorder, extra, request_id, send, head)
+        except TimeoutError:
+            error = GatewayTimeoutError("The request's deadline (x-kimi-deadline-ms or the route's timeout) passed.")
+            if head is None or not head.started:
+                raise error from None
+            return await head.fail(error), forwarded.reply.usage
+
+    async def respond(self, request, forwarded, recorder, extra, request_id, send, head) -> tuple[int, dict | None]:
         reply = forwarded.reply
         if request.stream:
-            code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id)
+            code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id, head)
             return code, reply.usage
         try:
             body = await reply.read()
@@ -138,7 +188,9 @@ class DataPlane:
         return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
                               thinking=decision.thinking, sampling=decision.values, stream=stream,
                               has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                              hide_usage_chunk=stream and ask_for_usage(doc)), resolved, decision
+                              hide_usage_chunk=stream and ask_for_usage(doc), tenant=principal.name,
+                              priority=priority_of(principal.priority, headers.get(PRIORITY_HEADER)),
+                              deadline=deadline_of(headers.get(DEADLINE_HEADER), route)), resolved, decision
 
     def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),
@@ -153,7 +205,8 @@ class DataPlane:
                 self.state.metrics.adjustments.labels(request.model, adjustment).inc()
         return headers
 
-    async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder) -> Forwarded:
+    async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder,
+                      head: StreamHead | None = None) -> Forwarded:
         """Try the route's targets in order (healthy ones first), retrying each before its first byte."""
         state, route, thinking = self.state, resolved.route, request.thinking
         unsupported: UnsupportedFeatureError | None = None
@@ -164,6 +217,7 @@ class DataPlane:
             driver = state.drivers[target.backend]
             # A driver may adapt these to its backend's rules; each target starts from the client's request.
             request.adapter, request.thinking, request.adjustments = target.adapter, thinking, []
+            request.avoid = []
             try:
                 driver.check(request)
             except UnsupportedFeatureError as exc:
@@ -173,7 +227,11 @@ class DataPlane:
                 state.metrics.fallbacks.labels(route.name, target.backend).inc()
             recorder.routed(request.model, target.name, target.backend)
             try:
-                return await self.attempt(driver, request, route.name, target)
+                return await self.attempt(driver, request, route.name, target, head)
+            except OverloadedError:
+                if index == len(targets) - 1 or past(request.deadline):
+                    raise
+                failure = failure or BackendError(f"backend '{target.backend}' is at capacity", backend=target.backend)
             except BackendRejectedError as exc:
                 if exc.status < 500:
                     raise from_backend_error(exc) from exc
@@ -185,19 +243,45 @@ class DataPlane:
             raise from_backend_error(failure)
         raise from_backend_error(unsupported or UnsupportedFeatureError(f"Route '{route.name}' has no target."))
 
-    async def attempt(self, driver, request: BackendRequest, route_name: str, target: Target) -> Forwarded:
-        """One target with its retries. A version swapped out while the request waited for its backend (a
-        drained restart) is answered by the route's active version, never by a 503."""
+    async def attempt(self, driver, request: BackendRequest, route_name: str, target: Target,
+                      head: StreamHead | None = None) -> Forwarded:
+        """One target: a slot first (the admission queue, when its replicas are full), then the request with
+        its retries, all within the request's deadline."""
+        queue = self.queues[target.backend]
+        lease = queue.try_now(request.adapter)
+        if lease is None:
+            lease = await queue.wait(request.adapter, request.tenant, request.priority, request.deadline,
+                                     head.keepalive if head is not None else None, self.admission.keepalive_s)
+        request.lease = lease
+        try:
+            if request.deadline is None:
+                return await self.send_with_retries(driver, request, route_name, target)
+            try:
+                async with asyncio.timeout_at(request.deadline):
+                    return await self.send_with_retries(driver, request, route_name, target)
+            except TimeoutError:
+                raise GatewayTimeoutError("The request's deadline (x-kimi-deadline-ms or the route's timeout) passed "
+                                          "before the backend answered.") from None
+        finally:
+            if request.lease is not None:  # send() takes it; left here only when nothing was sent
+                request.lease.release()
+                request.lease = None
+
+    async def send_with_retries(self, driver, request: BackendRequest, route_name: str, target: Target) -> Forwarded:
+        """Retries before the first byte, within the backend's retry budget. A version swapped out while the
+        request waited for its backend (a drained restart) is answered by the route's active version, never a 503."""
         policy = self.retry_policies[target.backend]
         count = partial(count_retry, self.state.metrics, target.backend)
+        budget = driver.retry_budget
+        allow = budget.try_retry if budget is not None else None
         try:
-            return await with_retries(partial(open_reply, driver, request, target), policy, count)
+            return await with_retries(partial(open_reply, driver, request, target), policy, count, allow)
         except AdapterNotReadyError:
             current = self.swapped(route_name, target)
             if current is None:
                 raise
             request.adapter = current.adapter
-            return await with_retries(partial(open_reply, driver, request, current), policy, count)
+            return await with_retries(partial(open_reply, driver, request, current), policy, count, allow)
 
     def swapped(self, route_name: str, target: Target) -> Target | None:
         """The same target in the current route table, when its adapter version changed since the request
@@ -230,6 +314,30 @@ async def open_reply(driver, request: BackendRequest, target: Target) -> Forward
         await reply.aclose()
         raise
     return Forwarded(reply, target, first, events)
+
+
+def past(deadline: float | None) -> bool:
+    return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
+
+def deadline_of(header: bytes | None, route) -> float | None:
+    """Event-loop time by which the request must be done: the earlier of `x-kimi-deadline-ms` (else the
+    route's `deadline_ms`) and the route's `timeout_s`; None when neither bounds it."""
+    if header is None and route.deadline_ms is None and route.timeout_s is None:
+        return None
+    budget_s = route.timeout_s
+    if header is not None:
+        try:
+            milliseconds = int(header)
+        except ValueError:
+            raise InvalidRequestError("x-kimi-deadline-ms must be a whole number of milliseconds.") from None
+        if milliseconds <= 0:
+            raise InvalidRequestError("x-kimi-deadline-ms must be positive.")
+    else:
+        milliseconds = route.deadline_ms
+    if milliseconds is not None:
+        budget_s = milliseconds / 1000 if budget_s is None else min(budget_s, milliseconds / 1000)
+    return asyncio.get_running_loop().time() + budget_s
 
 
 def ask_for_usage(doc: dict) -> bool:

@@ -64,6 +64,34 @@ class Metrics:
                                         "(restored) or not found (missed)", ["route", "result"], registry=registry))
         self.experiment_assignments = Labeled(Counter(f"{PREFIX}experiment_assignments", "Experiment variant picks",
                                               ["experiment", "variant"], registry=registry))
+        # Traffic management (issue 17): the admission queue, outlier ejection, the SIGTERM drain.
+        self.queue_time = Labeled(Histogram(f"{PREFIX}queue_time_seconds", "Time a request waited in the gateway's "
+                                  "queue for a backend slot", ["backend", "outcome"], buckets=LATENCY_BUCKETS,
+                                  registry=registry))
+        self.queue_length = Labeled(Gauge(f"{PREFIX}queue_length", "Requests waiting for a backend slot", ["backend"],
+                                    registry=registry))
+        self.replica_ejections = Labeled(Counter(f"{PREFIX}replica_ejections", "Replicas ejected by outlier "
+                                         "detection", ["backend"], registry=registry))
+        self.replicas_ejected = Labeled(Gauge(f"{PREFIX}replicas_ejected", "Replicas ejected now", ["backend"],
+                                        registry=registry))
+        self.draining = Gauge(f"{PREFIX}draining", "SIGTERM drain: 0 serving, 1 draining (/readyz 503), "
+                              "2 refusing new requests", registry=registry)
+
+
+class QueueRecorder:
+    """One backend's admission queue as metrics (gateway/policies/admission.py QueueEvents)."""
+
+    __slots__ = ("_length", "_waited", "_metrics", "_backend")
+
+    def __init__(self, metrics: Metrics, backend: str) -> None:
+        self._metrics, self._backend = metrics, backend
+        self._length = metrics.queue_length.labels(backend)
+
+    def length(self, length: int) -> None:
+        self._length.set(length)
+
+    def waited(self, seconds: float, outcome: str) -> None:
+        self._metrics.queue_time.labels(self._backend, outcome).observe(seconds)
 
 
 class LifecycleRecorder:

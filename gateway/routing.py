@@ -32,6 +32,8 @@ class Route:
     experiment: ExperimentConfig | None = None
     rules: AgentRules = DEFAULT_RULES
     image_urls: str | None = None   # None = limits.image_urls
+    timeout_s: float | None = None  # the whole request, queue included
+    deadline_ms: int | None = None  # the default for x-kimi-deadline-ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,8 @@ class RouteTable:
             targets = tuple(Target(backend, None) for backend in route.targets or ())
             rules = AgentRules(**route.agent.model_dump())
             routes[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment, rules=rules,
-                                       image_urls=route.image_urls)
+                                       image_urls=route.image_urls, timeout_s=route.timeout_s,
+                                       deadline_ms=route.deadline_ms)
         self._routes = routes
 
     def names(self) -> list[str]:
@@ -95,4 +98,6 @@ class RouteTable:
         chosen = self._routes[variant]
         # An experiment's agent rules apply to its variants, and so do its profile and image mode where it sets them.
         return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules,
-                                image_urls=route.image_urls or chosen.image_urls), variant)
+                                image_urls=route.image_urls or chosen.image_urls,
+                                timeout_s=route.timeout_s or chosen.timeout_s,
+                                deadline_ms=route.deadline_ms or chosen.deadline_ms), variant)

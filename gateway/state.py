@@ -33,7 +33,8 @@ class GatewayState:
     lifecycle: AdapterLifecycle
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
-    draining: bool = False
+    draining: bool = False          # SIGTERM: /readyz answers 503 (gateway/shutdown.py)
+    refusing: bool = False          # ... and, after shutdown.grace_s, new data-plane requests get 503
     _health_task: asyncio.Task | None = None
 
     async def start(self) -> None:

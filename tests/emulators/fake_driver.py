@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from backends.balancer import ANY_REPLICA
 from backends.base import BackendRequest, LoadedAdapter
 from backends.errors import AdapterNotReadyError, BackendError, UnsupportedFeatureError
 
@@ -94,6 +95,15 @@ class FakeDriver:
 
     def in_flight(self) -> list[int]:
         return [0]
+
+    on_capacity = None
+    retry_budget = None
+
+    def reserve(self, adapter: str | None):
+        return ANY_REPLICA  # unbounded: no slots counted
+
+    def has_room(self) -> bool:
+        return True
 
     def adapter_in_flight(self, adapter: str) -> int:
         return 0
