@@ -107,3 +107,4 @@ class BackendDriver(Protocol):
     on_capacity: Callable[[], None] | None             # set by the gateway: a slot or a replica came free
     retry_budget: object | None                        # backends/retry_budget.py RetryBudget, or None
     def adapter_in_flight(self, adapter: str) -> int: ...
+    def adapter_requests(self, adapter: str) -> int: ...     # requests so far: demand for adapter placement

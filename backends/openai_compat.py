@@ -285,6 +285,7 @@ class OpenAICompatDriver:
         self._serving: list[dict[str, AdapterFiles]] = [{} for _ in self._transports]
         self._busy = [0] * len(self._transports)
         self._adapter_busy: dict[str, int] = {}
+        self._adapter_requests: dict[str, int] = {}    # requests per adapter version so far: its demand
         self._held = [False] * len(self._transports)   # a drained restart is under way there
         self._recovering: set[str] = set()             # adapter versions a replica lost; being reloaded
         self._changed: asyncio.Future | None = None     # wakes requests waiting for a held or lost adapter
@@ -460,6 +461,7 @@ class OpenAICompatDriver:
         self._busy[replica] += 1
         if adapter is not None:
             self._adapter_busy[adapter] = self._adapter_busy.get(adapter, 0) + 1
+            self._adapter_requests[adapter] = self._adapter_requests.get(adapter, 0) + 1
         return Lease(replica, adapter, self._free)
 
     def _free(self, replica: int, adapter: str | None) -> None:
@@ -563,6 +565,9 @@ class OpenAICompatDriver:
 
     def adapter_in_flight(self, adapter: str) -> int:
         return self._adapter_busy.get(adapter, 0)
+
+    def adapter_requests(self, adapter: str) -> int:
+        return self._adapter_requests.get(adapter, 0)
 
     async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
         return []

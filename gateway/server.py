@@ -44,14 +44,16 @@ class QuietServer(uvicorn.Server):
 
 
 def serve(config: GatewayConfig, *, host: str, port: int) -> None:
-    """One process, one app; a second listener when the admin API has its own. SIGINT/SIGTERM drain all."""
+    """One process, one app; a second listener when the admin API has its own. SIGTERM drains (gateway/shutdown.py),
+    SIGINT stops at once."""
     from gateway.app import create_app
+    from gateway.shutdown import Drain
 
     app = create_app(config)
     configs = [server_config(app, host, port, "on")]
     if config.admin_listen is not None:
         configs.append(server_config(app, config.admin_listen.host, config.admin_listen.port, "off"))
-    uvloop.run(serve_all([QuietServer(c) for c in configs]))
+    uvloop.run(serve_all([QuietServer(c) for c in configs], Drain(app.state, app.data_plane, config.shutdown)))
 
 
 def dump_tasks() -> None:
@@ -66,15 +68,15 @@ def dump_tasks() -> None:
         logging.getLogger("gateway.tasks").warning("task %s:\n%s", task.get_name(), "\n".join(frames))
 
 
-async def serve_all(servers: list[uvicorn.Server]) -> None:
+async def serve_all(servers: list[uvicorn.Server], drain=None) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
         for server in servers:
             server.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGTERM, stop if drain is None else lambda: drain.begin(stop))
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -115,6 +115,7 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         open_store(config.state_dir), drivers, roots=config.adapter_roots, base=base_model_dims(config),
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
+        capacity={b.name: getattr(b, "max_loaded_adapters", None) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s)

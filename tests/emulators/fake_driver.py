@@ -108,6 +108,9 @@ class FakeDriver:
     def adapter_in_flight(self, adapter: str) -> int:
         return 0
 
+    def adapter_requests(self, adapter: str) -> int:
+        return 0
+
     def check(self, request: BackendRequest) -> None:
         if request.has_images and not self.vision:
             raise UnsupportedFeatureError(f"backend '{self.name}' has no vision", backend=self.name, param="messages")
