@@ -102,7 +102,24 @@ class AffinityPlan:
         if choice is not None and choice not in free:
             victim = self._surplus(self.holds(choice), want, up)
             self.homes[victim].discard(choice)
+        if choice is None:
+            choice = self._shift_for(label, up)
         return choice
+
+    def _shift_for(self, label: str, up: Sequence[bool]) -> int | None:
+        """Free a slot on a full replica by moving one of its versions to a replica with a free slot (the
+        spare slots are elsewhere, on replicas that already hold `label`)."""
+        for replica in sorted(range(self.count), key=lambda r: -rendezvous(label, r)):
+            if not up[replica] or replica in self.homes.get(label, ()):
+                continue
+            for version in sorted(self.holds(replica), key=lambda v: self.demand.get(v, 0.0)):
+                spare = [r for r in range(self.count) if up[r] and r not in self.homes[version]
+                         and len(self.holds(r)) < self.capacity]
+                if spare:
+                    self.homes[version].discard(replica)
+                    self.homes[version].add(max(spare, key=lambda r: rendezvous(version, r)))
+                    return replica
+        return None
 
     def _surplus(self, held: set[str], want: Mapping[str, int], up: Sequence[bool]) -> str | None:
         """The version on this replica with the most copies beyond what it needs (least demand first)."""
