@@ -325,6 +325,7 @@ class AdapterLifecycle:
     async def reconcile_all(self) -> None:
         """Every replica, now (tests, and `serve` before it reports ready)."""
         self._dirty.clear()
+        self._update_plans()
         for name, placement in self.placements.items():
             for replica in placement.replicas:
                 await self.reconcile(name, replica)
