@@ -352,13 +352,19 @@ class OpenAICompatDriver:
         return {**headers, REQUEST_ID: request.request_id} if headers else {REQUEST_ID: request.request_id}
 
     async def send(self, request: BackendRequest) -> RelayReply:
-        self.check(request)
-        lease, request.lease = request.lease, None
+        lease, request.lease = request.lease, None   # the queue's slot is ours now, whatever happens
+        try:
+            self.check(request)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         if not request.avoid:
             self.retry_budget.request()
         while True:
-            if lease is None or lease.replica < 0:
-                lease = await self._lease_any(request)   # counted from here: a drain waits for it
+            if lease is None or lease.replica < 0:   # counted from here: a drain waits for it
+                replica = self.balancer.pick(self._serving_key(request.adapter), request.avoid)
+                lease = self._lease(replica, request.adapter) if replica is not None else await self._lease_any(request)
             replica = lease.replica
             try:
                 upstream = await self._open(replica, request)

@@ -29,18 +29,19 @@ class OutlierDetector:
         self.on_change: Callable[[int, bool], None] | None = None   # (replica, ejected): metrics, the queue
         self._clock = clock
         self._in_a_row = [0] * count
-        self._window = [[0.0, 0, 0] for _ in range(count)]   # [start, requests, failures]
+        self._ok = [0] * count                  # successes so far: a success costs one list store
+        self._window = [[0.0, 0, 0] for _ in range(count)]   # [start, successes before it, failures since]
         self._times = [0] * count               # ejections of each replica so far: the backoff
         self._probe_at = [0.0] * count
 
     def success(self, replica: int) -> None:
         self._in_a_row[replica] = 0
-        self._count(replica, False)
+        self._ok[replica] += 1
 
     def failure(self, replica: int) -> bool:
         """Count a failure; True when it ejected the replica."""
         self._in_a_row[replica] += 1
-        requests, failures = self._count(replica, True)
+        requests, failures = self._count_failure(replica)
         config = self.config
         if self.ejected[replica]:
             return False
@@ -49,13 +50,14 @@ class OutlierDetector:
             return self.eject(replica)
         return False
 
-    def _count(self, replica: int, failed: bool) -> tuple[int, int]:
+    def _count_failure(self, replica: int) -> tuple[int, int]:
+        """(requests, failures) in the current window, this failure included; a window starts at a failure
+        that comes after the last one ended, so successes cost no clock reading."""
         window, now = self._window[replica], self._clock()
         if now - window[0] > self.config.ratio_window_s:
-            window[0], window[1], window[2] = now, 0, 0
-        window[1] += 1
-        window[2] += failed
-        return window[1], window[2]
+            window[0], window[1], window[2] = now, self._ok[replica], 0
+        window[2] += 1
+        return self._ok[replica] - window[1] + window[2], window[2]
 
     def may_eject(self) -> bool:
         count = len(self.ejected)
@@ -97,7 +99,7 @@ class OutlierDetector:
             return
         self.ejected[replica] = False
         self._in_a_row[replica] = 0
-        self._window[replica] = [self._clock(), 0, 0]
+        self._window[replica] = [self._clock(), self._ok[replica], 0]
         log.warning("%s replica %s readmitted: its health probe passed", self.backend, self.replicas[replica])
         if self.on_change is not None:
             self.on_change(replica, False)

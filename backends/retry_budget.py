@@ -13,7 +13,7 @@ from typing import Callable
 
 
 class RetryBudget:
-    __slots__ = ("ratio", "floor", "_buckets", "_second", "_clock")
+    __slots__ = ("ratio", "floor", "_buckets", "_second", "_clock", "_current", "_next_at")
 
     def __init__(self, ratio: float = 0.2, min_per_s: float = 5.0, window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -23,6 +23,8 @@ class RetryBudget:
         self._buckets = [[0, 0] for _ in range(size)]   # per second of the window: [requests, retries]
         self._second = -1
         self._clock = clock
+        self._current = self._buckets[0]
+        self._next_at = -1.0    # when the current second ends: request() reads the clock and compares, no more
 
     def _bucket(self) -> list[int]:
         second = int(self._clock())
@@ -33,10 +35,14 @@ class RetryBudget:
                 bucket = buckets[(self._second + step) % len(buckets)]
                 bucket[0] = bucket[1] = 0
             self._second = second
-        return buckets[second % len(buckets)]
+            self._current = buckets[second % len(buckets)]
+            self._next_at = second + 1
+        return self._current
 
     def request(self) -> None:
-        self._bucket()[0] += 1
+        if self._clock() >= self._next_at:
+            self._bucket()
+        self._current[0] += 1
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False when the window has none left."""

@@ -252,20 +252,15 @@ class DataPlane:
         if lease is None:
             lease = await queue.wait(request.adapter, request.tenant, request.priority, request.deadline,
                                      head.keepalive if head is not None else None, self.admission.keepalive_s)
-        request.lease = lease
+        request.lease = lease  # driver.send() takes it before anything else (no await in between)
+        if request.deadline is None:
+            return await self.send_with_retries(driver, request, route_name, target)
         try:
-            if request.deadline is None:
+            async with asyncio.timeout_at(request.deadline):
                 return await self.send_with_retries(driver, request, route_name, target)
-            try:
-                async with asyncio.timeout_at(request.deadline):
-                    return await self.send_with_retries(driver, request, route_name, target)
-            except TimeoutError:
-                raise GatewayTimeoutError("The request's deadline (x-kimi-deadline-ms or the route's timeout) passed "
-                                          "before the backend answered.") from None
-        finally:
-            if request.lease is not None:  # send() takes it; left here only when nothing was sent
-                request.lease.release()
-                request.lease = None
+        except TimeoutError:
+            raise GatewayTimeoutError("The request's deadline (x-kimi-deadline-ms or the route's timeout) passed "
+                                      "before the backend answered.") from None
 
     async def send_with_retries(self, driver, request: BackendRequest, route_name: str, target: Target) -> Forwarded:
         """Retries before the first byte, within the backend's retry budget. A version swapped out while the
