@@ -397,12 +397,17 @@ class OpenAICompatDriver:
         return upstream
 
     async def _lease_any(self, request: BackendRequest) -> Lease:
+        """Any replica that may take the request; one that failed it only when no other can (a retry on the
+        same server, as with one replica)."""
         try:
             replica = self._pick(request.adapter, request.avoid)
         except AdapterNotReadyError:
-            if request.avoid:
-                raise
-            replica = await self._wait_for_replica(request.adapter)
+            try:
+                replica = self._pick(request.adapter) if request.avoid else None
+            except AdapterNotReadyError:
+                replica = None
+            if replica is None:
+                replica = await self._wait_for_replica(request.adapter)
         return self._lease(replica, request.adapter)
 
     def _replica_failed(self, replica: int, request: BackendRequest, exc: BaseException | None) -> bool:
