@@ -142,7 +142,12 @@ class RelayReply:
         self.shape = ReplyShape(request.path, int(time.time()), request.stream)
 
     async def read(self) -> bytes:
-        raw = await self._upstream.read()
+        try:
+            raw = await self._upstream.read()
+        except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
+            if self._failed_early is not None:
+                self._failed_early()  # the body broke off: the replica's fault, and the request may go elsewhere
+            raise
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -451,7 +456,10 @@ class OpenAICompatDriver:
             while (wait := self.outliers.next_probe_in()) is not None:
                 await asyncio.sleep(wait)
                 for replica in self.outliers.due():
-                    self.outliers.probed(replica, await self._probe(self._transports[replica]))
+                    healthy = await self._probe(self._transports[replica])
+                    if healthy:
+                        self._up[replica] = True  # the same check the health loop makes: up from now on
+                    self.outliers.probed(replica, healthy)
         finally:
             self._readmit_task = None
 

@@ -153,12 +153,7 @@ class DataPlane:
         if request.stream:
             code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id, head)
             return code, reply.usage
-        try:
-            body = await reply.read()
-        except BackendError as exc:
-            raise from_backend_error(exc) from exc
-        finally:
-            await reply.aclose()
+        body = forwarded.first  # read in open_reply, where a failure could still be retried
         length = [(b"content-length", str(len(body)).encode())]  # not chunked: one framing, no terminator
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra + length})
         await send({"type": "http.response.body", "body": body})
@@ -295,10 +290,14 @@ def count_retry(metrics, backend: str, exc: BaseException) -> None:
 
 
 async def open_reply(driver, request: BackendRequest, target: Target) -> Forwarded:
-    """Send, and for a stream pull its first event too: a failure up to there can still be retried."""
+    """Send, and pull a stream's first event or a whole non-stream body: until the client got a byte, a
+    failure can still be retried (on another replica)."""
     reply = await driver.send(request)
     if not request.stream:
-        return Forwarded(reply, target, None)
+        try:
+            return Forwarded(reply, target, await reply.read())
+        finally:
+            await reply.aclose()  # the slot is free as soon as the body is in hand
     events = reply.events()
     try:
         first = await anext(events)
