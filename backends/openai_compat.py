@@ -170,39 +170,35 @@ class RelayReply:
     async def events(self) -> AsyncIterator[bytes]:
         buffer = b""
         upstream, waiting_first = self._upstream, True
-        pieces = upstream.iter_bytes()
-        while True:
-            try:
-                piece = await anext(pieces)
-            except StopAsyncIteration:
-                break
-            except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
-                if waiting_first and self._failed_early is not None:
-                    self._failed_early()
-                raise
-            buffer += piece
-            cut = buffer.rfind(EVENT_END)
-            if cut < 0:
-                continue
-            block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-            if waiting_first and b"data:" in block:  # SSE comments before it are not the first event
-                waiting_first = False
-                upstream.first_event_received()
-            error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
-            if error_at >= 0:
-                if error_at:
-                    yield self._rewrite(block[:error_at])
-                raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
-            done = DONE in block
-            block = self._rewrite(block)
-            if done and self._owes_usage_chunk():
-                block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
-            if block:
-                yield block
-            if done:
-                if self._request.observer is not None:
-                    self._request.observer.finish()
-                return
+        try:
+            async for piece in upstream.iter_bytes():
+                buffer += piece
+                cut = buffer.rfind(EVENT_END)
+                if cut < 0:
+                    continue
+                block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                if waiting_first and b"data:" in block:  # SSE comments before it are not the first event
+                    waiting_first = False
+                    upstream.first_event_received()
+                error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
+                if error_at >= 0:
+                    if error_at:
+                        yield self._rewrite(block[:error_at])
+                    raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
+                done = DONE in block
+                block = self._rewrite(block)
+                if done and self._owes_usage_chunk():
+                    block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
+                if block:
+                    yield block
+                if done:
+                    if self._request.observer is not None:
+                        self._request.observer.finish()
+                    return
+        except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
+            if waiting_first and self._failed_early is not None:
+                self._failed_early()  # broke before its first event: the replica's fault, retried elsewhere
+            raise
         raise BackendProtocolError("the backend ended the stream before data: [DONE]", backend=self._backend)
 
     def _rewrite(self, block: bytes) -> bytes:
@@ -298,6 +294,7 @@ class OpenAICompatDriver:
         self.expert_adapter: str | None = None          # a server fixed to one adapter at launch (SGLang + KT)
         self.on_replica_change: Callable[[int], None] | None = None
         self.vision = vision
+        self._any_adapter = False    # every replica serves every request's adapter (fixed at launch): not checked
         self.configure_traffic(None, OutlierConfig(), RetryBudgetConfig())
 
     def configure_traffic(self, max_concurrency: int | None, outliers: OutlierConfig,
@@ -365,10 +362,11 @@ class OpenAICompatDriver:
                 lease.release()
             raise
         if not request.avoid:
-            self.retry_budget.request()
+            self.retry_budget.requests += 1
+        outliers = self.outliers
         while True:
             if lease is None or lease.replica < 0:   # counted from here: a drain waits for it
-                replica = self.balancer.pick(self._serving_key(request.adapter), request.avoid)
+                replica = self.balancer.pick(None if self._any_adapter else request.adapter, request.avoid)
                 lease = self._lease(replica, request.adapter) if replica is not None else await self._lease_any(request)
             replica = lease.replica
             try:
@@ -382,7 +380,8 @@ class OpenAICompatDriver:
                             self.name, self.replicas[replica], exc)
                 lease = None
                 continue
-            self.outliers.success(replica)
+            outliers.in_a_row[replica] = 0  # outliers.success(replica), without the call
+            outliers.ok[replica] += 1
             return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
                               fix_document=self.fix_document, fix_block=self.fix_block, release=lease.release,
                               failed_early=lambda: self._replica_failed(replica, request, None))
@@ -487,12 +486,12 @@ class OpenAICompatDriver:
         self._busy[replica] -= 1
         if adapter is not None:
             self._adapter_busy[adapter] -= 1
-        if self.on_capacity is not None:
+        if self._bounded and self.on_capacity is not None:  # unbounded: nobody ever waits for a slot
             self.on_capacity()
 
     def _serving_key(self, adapter: str | None) -> str | None:
         """The name serve() lists for `adapter` (a server fixed to one adapter lists none)."""
-        return adapter
+        return None if self._any_adapter else adapter
 
     def _pick(self, adapter: str | None, avoid: Sequence[int] = ()) -> int:
         """The balancer's choice among replicas that serve `adapter`; with none up, one that serves it and is

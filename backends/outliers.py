@@ -28,24 +28,26 @@ class OutlierDetector:
         self.ejections = 0                      # total, for metrics
         self.on_change: Callable[[int, bool], None] | None = None   # (replica, ejected): metrics, the queue
         self._clock = clock
-        self._in_a_row = [0] * count
-        self._ok = [0] * count                  # successes so far: a success costs one list store
+        # Per replica: failures in a row, and successes so far. The driver records a success inline on the
+        # hot path (`in_a_row[r] = 0; ok[r] += 1`, what success() does) rather than through a call.
+        self.in_a_row = [0] * count
+        self.ok = [0] * count
         self._window = [[0.0, 0, 0] for _ in range(count)]   # [start, successes before it, failures since]
         self._times = [0] * count               # ejections of each replica so far: the backoff
         self._probe_at = [0.0] * count
 
     def success(self, replica: int) -> None:
-        self._in_a_row[replica] = 0
-        self._ok[replica] += 1
+        self.in_a_row[replica] = 0
+        self.ok[replica] += 1
 
     def failure(self, replica: int) -> bool:
         """Count a failure; True when it ejected the replica."""
-        self._in_a_row[replica] += 1
+        self.in_a_row[replica] += 1
         requests, failures = self._count_failure(replica)
         config = self.config
         if self.ejected[replica]:
             return False
-        if self._in_a_row[replica] >= config.consecutive_failures or (
+        if self.in_a_row[replica] >= config.consecutive_failures or (
                 requests >= config.min_requests and failures >= config.failure_ratio * requests):
             return self.eject(replica)
         return False
@@ -55,9 +57,9 @@ class OutlierDetector:
         that comes after the last one ended, so successes cost no clock reading."""
         window, now = self._window[replica], self._clock()
         if now - window[0] > self.config.ratio_window_s:
-            window[0], window[1], window[2] = now, self._ok[replica], 0
+            window[0], window[1], window[2] = now, self.ok[replica], 0
         window[2] += 1
-        return self._ok[replica] - window[1] + window[2], window[2]
+        return self.ok[replica] - window[1] + window[2], window[2]
 
     def may_eject(self) -> bool:
         count = len(self.ejected)
@@ -74,7 +76,7 @@ class OutlierDetector:
         self._times[replica] += 1
         self._probe_at[replica] = self._clock() + delay
         log.warning("%s replica %s ejected after %d failure(s) in a row; first probe in %.1f s", self.backend,
-                    self.replicas[replica], self._in_a_row[replica], delay)
+                    self.replicas[replica], self.in_a_row[replica], delay)
         if self.on_change is not None:
             self.on_change(replica, True)
         return True
@@ -98,8 +100,8 @@ class OutlierDetector:
                                                           self.config.ejection_s * 2 ** step)
             return
         self.ejected[replica] = False
-        self._in_a_row[replica] = 0
-        self._window[replica] = [self._clock(), self._ok[replica], 0]
+        self.in_a_row[replica] = 0
+        self._window[replica] = [self._clock(), self.ok[replica], 0]
         log.warning("%s replica %s readmitted: its health probe passed", self.backend, self.replicas[replica])
         if self.on_change is not None:
             self.on_change(replica, False)

@@ -107,6 +107,7 @@ class SglangDriver(OpenAICompatDriver):
         super().__init__(name, transports, vision=vision, api_key=api_key)
         self._served_model = served_model
         self._expert_adapter = self.expert_adapter = expert_adapter  # KT expert LoRA: only this one, fixed
+        self._any_adapter = expert_adapter is not None   # fixed at launch: every replica has it
         self.dynamic_adapters = expert_adapter is None
 
     async def start(self) -> None:
@@ -180,9 +181,6 @@ class SglangDriver(OpenAICompatDriver):
             raise UnsupportedFeatureError(
                 f"SGLang backend '{self.name}' is dedicated to expert adapter '{self._expert_adapter}'.",
                 backend=self.name)
-
-    def _serving_key(self, adapter: str | None) -> str | None:
-        return None if self._expert_adapter is not None else adapter  # fixed at launch: every replica has it
 
     async def read_concurrency(self, replica: int) -> int | None:
         """`/server_info`: the scheduler's running-request cap per DP rank (internal_states), else the

@@ -27,7 +27,7 @@ from gateway.errors import (
     from_backend_error,
 )
 from gateway.metrics import QueueRecorder, RequestRecorder
-from gateway.policies.admission import AdmissionQueue, priority_of
+from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
 from gateway.policies.content import ImagePolicy, check_limits
 from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import with_retries
@@ -180,12 +180,16 @@ class DataPlane:
             metrics.experiment_assignments.labels(model, resolved.variant).inc()
         stream = doc.get("stream", False)
         observer = self.agents.prepare(doc, principal.name, model) if "tools" in doc else None
+        priority_header, deadline_header = headers.get(PRIORITY_HEADER), headers.get(DEADLINE_HEADER)
+        priority = PRIORITIES[principal.priority] if priority_header is None else \
+            priority_of(principal.priority, priority_header)
+        deadline = None if deadline_header is None and route.timeout_s is None and route.deadline_ms is None else \
+            deadline_of(deadline_header, route)
         return BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
                               thinking=decision.thinking, sampling=decision.values, stream=stream,
                               has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
                               hide_usage_chunk=stream and ask_for_usage(doc), tenant=principal.name,
-                              priority=priority_of(principal.priority, headers.get(PRIORITY_HEADER)),
-                              deadline=deadline_of(headers.get(DEADLINE_HEADER), route)), resolved, decision
+                              priority=priority, deadline=deadline), resolved, decision
 
     def response_headers(self, target, resolved, decision, request) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-kimi-backend", target.backend.encode()),
@@ -317,8 +321,6 @@ def past(deadline: float | None) -> bool:
 def deadline_of(header: bytes | None, route) -> float | None:
     """Event-loop time by which the request must be done: the earlier of `x-kimi-deadline-ms` (else the
     route's `deadline_ms`) and the route's `timeout_s`; None when neither bounds it."""
-    if header is None and route.deadline_ms is None and route.timeout_s is None:
-        return None
     budget_s = route.timeout_s
     if header is not None:
         try:

@@ -114,3 +114,14 @@ def test_retry_budget_is_a_share_of_requests_plus_a_floor(requests):
     assert allowed == 5 + requests // 5   # floor 0.5/s x 10 s, plus 20% of the requests
     now[0] += 11  # the window moved on: retries are allowed again
     assert budget.try_retry()
+
+
+def test_quiet_hours_do_not_fund_a_burst_of_retries():
+    now = [0.0]
+    budget = RetryBudget(ratio=0.2, min_per_s=0.5, window_s=10, clock=lambda: now[0])
+    budget.try_retry()   # a first look
+    for _ in range(10000):
+        budget.request()
+    now[0] = 3600.0      # an hour of quiet traffic, then an outage
+    allowed = sum(budget.try_retry() for _ in range(100))
+    assert allowed <= 5 + 0.2 * 10000 * 10 / 3600 + 1   # about 11; counting every request would allow 100
