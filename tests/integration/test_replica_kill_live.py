@@ -7,12 +7,11 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import httpx
-import orjson
 
 from backends.launchers.llamacpp import LlamaServerLaunch, free_port
 from tests.integration.conftest import ROOT
