@@ -102,6 +102,7 @@ class BackendDriver(Protocol):
     def release(self, replica: int) -> None: ...
     def disconnect(self, replica: int) -> None: ...          # drop idle connections before a restart
     def in_flight(self) -> list[int]: ...                    # requests in flight per replica
+    def replica_traffic(self) -> list[dict]: ...             # per replica: {"slots", "ejected"}
     def reserve(self, adapter: str | None) -> object | None: ...  # a slot's Lease, or None: full, queue the request
     def has_room(self) -> bool: ...                          # some replica that is up has a free slot
     on_capacity: Callable[[], None] | None             # set by the gateway: a slot or a replica came free

@@ -581,6 +581,11 @@ class OpenAICompatDriver:
     def in_flight(self) -> list[int]:
         return list(self._busy)
 
+    def replica_traffic(self) -> list[dict]:
+        """Per replica, for /admin/backends: its slots (None: unbounded) and whether it is ejected."""
+        return [{"slots": None if limit == NO_LIMIT else limit, "ejected": ejected}
+                for limit, ejected in zip(self._limits, self.outliers.ejected)]
+
     def adapter_in_flight(self, adapter: str) -> int:
         return self._adapter_busy.get(adapter, 0)
 

@@ -96,6 +96,9 @@ class FakeDriver:
     def in_flight(self) -> list[int]:
         return [0]
 
+    def replica_traffic(self) -> list[dict]:
+        return [{"slots": None, "ejected": False}]
+
     on_capacity = None
     retry_budget = None
 
