@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
+from adapters.affinity import AffinityPlan
 from adapters.conversion import ConversionError, Converter, Step, Unconverted, needs_step, plan, with_artifacts
 from adapters.errors import AdapterInUseError, AdapterPlacementError, RestartNeededError
 from adapters.lease import Leases, LocalLeases, holding
@@ -101,7 +102,7 @@ class AdapterLifecycle:
                  launchers: Mapping[str, Sequence[Launcher]] | None = None,
                  events: LifecycleEvents | None = None, drain_deadline_s: float = 600.0,
                  max_pinned: Mapping[str, int] | None = None, leases: Leases | None = None,
-                 converter: Converter | None = None) -> None:
+                 converter: Converter | None = None, capacity: Mapping[str, int | None] | None = None) -> None:
         self.store = store
         self.converter = converter or Unconverted()
         self.made: dict[tuple[str, str], dict[str, str]] = {}   # (adapter, version) -> its converted artifacts
@@ -129,6 +130,9 @@ class AdapterLifecycle:
         self._usable: Callable[[AdapterSpec], bool] = lambda spec: True
         for name, driver in drivers.items():
             driver.on_replica_change = lambda replica, backend=name: self.mark_dirty(backend, replica)
+        # Backends whose replicas hold only so many versions: where each version lives (adapters/affinity.py).
+        self.plans = {name: AffinityPlan(len(driver.replicas), (capacity or {})[name])
+                      for name, driver in drivers.items() if driver.dynamic_adapters and (capacity or {}).get(name)}
 
     # --- start and stop ---------------------------------------------------------------------------------
 
@@ -307,7 +311,10 @@ class AdapterLifecycle:
             async with self._backend(placement, BACKEND_WAIT_S):
                 keep_here = self._wanted(backend, exclude=version.adapter) + ([keep] if keep else [])
                 up = placement.driver.replica_up()
+                homes = self._homes_for(backend, version, keep, up)
                 for replica in placement.replicas:
+                    if homes is not None and replica not in homes:
+                        continue
                     if not up[replica] and any(up):
                         await self._set_state(version, backend, replica, ReplicaPhase.PENDING, "replica down")
                         continue
@@ -371,6 +378,7 @@ class AdapterLifecycle:
             except TimeoutError:
                 self.mark_all_dirty()
             self._wakeup.clear()
+            self._update_plans()
             dirty, self._dirty = self._dirty, set()
             for backend, replica in sorted(dirty):
                 try:
@@ -383,6 +391,7 @@ class AdapterLifecycle:
     async def reconcile_all(self) -> None:
         """Every replica, now (tests, and `serve` before it reports ready)."""
         self._dirty.clear()
+        self._update_plans()
         for name, placement in self.placements.items():
             for replica in placement.replicas:
                 await self.reconcile(name, replica)
@@ -402,7 +411,8 @@ class AdapterLifecycle:
 
     async def _reconcile_locked(self, placement: BackendPlacement, backend: str, replica: int) -> None:
         """Reload what it lost, verify what it has (`reconcile`, holding the backend)."""
-        wanted = self._wanted(backend)
+        every = self._wanted(backend)
+        wanted = self._wanted_on(backend, replica, every)
         try:
             loaded = await placement.driver.list_adapters(replica)
         except Exception:
@@ -412,10 +422,12 @@ class AdapterLifecycle:
                 log.warning("%s replica %s lost %s (restarted?): reloading", backend,
                             placement.driver.replicas[replica], version.label)
                 placement.lose(replica, version)
+        for version in [v for v in every if v not in wanted and v.label in placement.ready[replica]]:
+            await placement.evict(replica, version)  # its slot here goes to a busier version
         todo = [v for v in wanted if v.label not in placement.ready[replica]]
         if todo:
             await placement.place(replica, todo, [v for v in wanted if v not in todo], pin=True)
-        for version in wanted:
+        for version in every:
             self._report_loaded(version.adapter, backend)
 
     # --- a fleet: the store as every replica's truth --------------------------------------------------------
@@ -603,6 +615,36 @@ class AdapterLifecycle:
         """The active version of every adapter planned on `backend`."""
         return [self.versions[name][record.active] for name, record in self.records.items()
                 if record.active is not None and backend in record.spec.backends and name != exclude]
+
+    def _wanted_on(self, backend: str, replica: int, wanted: list[AdapterVersion]) -> list[AdapterVersion]:
+        """What one replica should hold: everything, unless the backend's replicas cannot hold it all."""
+        plan = self.plans.get(backend)
+        if plan is None or len(wanted) <= plan.capacity:
+            return wanted
+        here = plan.holds(replica)
+        return [v for v in wanted if v.label in here]
+
+    def _homes_for(self, backend: str, version: AdapterVersion, keep: AdapterVersion | None,
+                   up: list[bool]) -> set[int] | None:
+        """Where a version being brought in goes: everywhere (None), or where the plan makes room for it."""
+        homes = self.plans.get(backend)
+        if homes is None or len(self._wanted(backend, exclude=version.adapter)) + 1 <= homes.capacity:
+            return None
+        return homes.place_new(version.label, up, inherit=keep.label if keep is not None else None)
+
+    def _update_plans(self) -> None:
+        """Demand since the last update moves versions' homes; the replicas whose homes changed are reconciled."""
+        for backend, homes in self.plans.items():
+            driver = self.drivers[backend]
+            labels = [v.label for v in self._wanted(backend)]
+            if len(labels) <= homes.capacity:
+                continue
+            before = {label: set(where) for label, where in homes.homes.items()}
+            homes.update(labels, {label: driver.adapter_requests(label) for label in labels}, driver.replica_up(),
+                         time.monotonic())
+            for label in labels:
+                for replica in before.get(label, set()) ^ homes.homes.get(label, set()):
+                    self._dirty.add((backend, replica))
 
     def _active_labels(self) -> list[str]:
         return [adapter.label for adapter in self.active()]

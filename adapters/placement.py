@@ -157,6 +157,19 @@ class BackendPlacement:
             reason = "not served; dropped from --lora at the next restart"
         await self._set_state(version, self.name, replica, ReplicaPhase.UNLOADED, reason)
 
+    async def evict(self, replica: int, version: AdapterVersion) -> None:
+        """Another version needs this replica's slot (adapters/affinity.py): stop forwarding it here, then
+        unload it (SGLang unregisters it at once and lets the requests it runs finish first)."""
+        if self.ready[replica].pop(version.label, None) is None:
+            return
+        self.publish(replica)
+        reason = "moved: this replica's slots went to busier adapters"
+        try:
+            await self.driver.unload_adapter(replica, version.label)
+        except BackendError as exc:
+            reason += f" (unload failed: {exc}; SGLang evicts it as least recently used)"
+        await self._set_state(version, self.name, replica, ReplicaPhase.UNLOADED, reason)
+
     async def restart_drained(self, replica: int, loras: Sequence[AdapterVersion]) -> None:
         """Hold new requests for the replica (they wait, or go to another replica), let the running ones
         finish, restart it with `loras`, read its new adapter ids, then let requests in again."""

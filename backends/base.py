@@ -48,6 +48,11 @@ class BackendRequest:
     observer: object | None = None  # sees replies of tool-using requests (gateway/agents.py)
     effort: str | None = None       # the client's reasoning effort (K3 targets take it; backends/generations.py)
     traceparent: str | None = None  # W3C trace context for the backend (gateway/tracing.py)
+    lease: object | None = None     # a slot the admission queue reserved (backends/balancer.py Lease); send() takes it
+    avoid: list[int] = field(default_factory=list)  # replicas of the current target that failed this request
+    tenant: str = ""                # the client key's name: fair share in the admission queue
+    priority: int = 1               # admission class: 0 high, 1 normal, 2 low
+    deadline: float | None = None   # event-loop time by which the whole request must be done
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,5 +106,11 @@ class BackendDriver(Protocol):
     def release(self, replica: int) -> None: ...
     def disconnect(self, replica: int) -> None: ...          # drop idle connections before a restart
     def in_flight(self) -> list[int]: ...                    # requests in flight per replica
+    def replica_traffic(self) -> list[dict]: ...             # per replica: {"slots", "ejected"}
+    def reserve(self, adapter: str | None) -> object | None: ...  # a slot's Lease, or None: full, queue the request
+    def has_room(self) -> bool: ...                          # some replica that is up has a free slot
+    on_capacity: Callable[[], None] | None             # set by the gateway: a slot or a replica came free
+    retry_budget: object | None                        # backends/retry_budget.py RetryBudget, or None
     def adapter_in_flight(self, adapter: str) -> int: ...
     def retirements(self) -> list[tuple[str, int]]: ...     # (served model id, days to its retirement) if known
+    def adapter_requests(self, adapter: str) -> int: ...     # requests so far: demand for adapter placement

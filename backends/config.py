@@ -33,9 +33,28 @@ class TimeoutsConfig(Strict):
     health_s: float = Field(25.0, gt=0)         # a health probe, on its own connection; > SGLang's own 20 s
 
 
+class RetryBudgetConfig(Strict):
+    """Retries as a share of traffic, so that retries cannot amplify an outage (backends/retry_budget.py)."""
+    ratio: float = Field(0.2, ge=0, le=10)        # retries allowed per request over the window
+    min_per_s: float = Field(5.0, ge=0)           # a floor, so that a quiet backend can still retry
+    window_s: float = Field(10.0, gt=0, le=600)
+
+
 class RetryConfig(Strict):
     attempts: int = Field(2, ge=1, le=10)       # per target, before falling back to the next one
     max_retry_after_s: float = Field(5.0, ge=0)  # a longer retry-after goes straight to fallback
+    budget: RetryBudgetConfig = RetryBudgetConfig()
+
+
+class OutlierConfig(Strict):
+    """Passive outlier detection (backends/outliers.py): a replica that fails is ejected, probed, readmitted."""
+    consecutive_failures: int = Field(3, ge=1)     # connect errors, 5xx or resets before the first byte, in a row
+    failure_ratio: float = Field(0.5, gt=0, le=1)  # ... or this share of requests over ratio_window_s
+    min_requests: int = Field(10, ge=1)            # the ratio counts only with at least this many requests
+    ratio_window_s: float = Field(10.0, gt=0)
+    ejection_s: float = Field(1.0, gt=0)           # first probe after this; doubles per ejection, up to max
+    max_ejection_s: float = Field(10.0, gt=0)
+    max_ejected_percent: int = Field(50, ge=0, le=100)   # never more replicas than this share (and never all)
 
 
 class BackendConfigBase(Strict):
@@ -52,6 +71,8 @@ class BackendConfigBase(Strict):
     max_connections: int = Field(100, ge=1)
     timeouts: TimeoutsConfig = TimeoutsConfig()
     retry: RetryConfig = RetryConfig()
+    max_concurrency: int | None = Field(None, ge=1)   # per replica; None: the server's own (slots), else unbounded
+    outliers: OutlierConfig = OutlierConfig()
 
     @field_validator("api_key_env", mode="before")
     @classmethod

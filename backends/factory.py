@@ -105,4 +105,8 @@ def build_launchers(config, logs: Path) -> dict[str, list]:
 
 def build_drivers(config, secrets: Secrets) -> dict[str, BackendDriver]:
     """One driver per configured backend; `secrets(env_name)` resolves keys."""
-    return {backend.name: KINDS[backend.kind].build(backend, secrets) for backend in config.backends}
+    drivers = {}
+    for backend in config.backends:
+        driver = drivers[backend.name] = KINDS[backend.kind].build(backend, secrets)
+        driver.configure_traffic(backend.max_concurrency, backend.outliers, backend.retry.budget)
+    return drivers

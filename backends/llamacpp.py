@@ -184,6 +184,7 @@ class LlamaCppDriver(OpenAICompatDriver):
             await self.refresh_template()
         except (BackendError, ValueError):
             pass
+        await self.discover_limits()
 
     async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
         listing = await self.get_json(self._transports[replica], "/lora-adapters")
@@ -278,6 +279,12 @@ class LlamaCppDriver(OpenAICompatDriver):
 
     fix_document = staticmethod(fix_reasoning)
     fix_block = staticmethod(fix_reasoning_stream)
+
+    async def read_concurrency(self, replica: int) -> int | None:
+        """`/props` `total_slots`: its parallel slots (-np)."""
+        props = await self.get_json(self._transports[replica], "/props")
+        slots = props.get("total_slots") if isinstance(props, dict) else None
+        return slots if isinstance(slots, int) and slots > 0 else None
 
     async def refresh_template(self) -> None:
         """Which chat handler the server runs decides what `response_format` means there."""

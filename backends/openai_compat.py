@@ -4,29 +4,35 @@ the send path. Dialects (body translation, error bodies) are the subclasses' pur
 from __future__ import annotations
 
 import asyncio
-import itertools
+import logging
 import re
 import time
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import orjson
 
+from backends.balancer import NO_LIMIT
 from backends.base import AdapterFiles, BackendRequest, LoadedAdapter
 from backends.cut_tool_calls import CutCallGuard, fix_cut_document
 from backends.generations import REASONING_ALIAS_KEY, reasoning_alias_block, reasoning_alias_document
+from backends.config import OutlierConfig, RetryBudgetConfig
 from backends.errors import (
     AdapterNotReadyError,
     BackendError,
     BackendProtocolError,
     BackendRejectedError,
+    BackendTimeoutError,
     BackendUnavailableError,
     ServerChangedError,
     UnsupportedFeatureError,
 )
 from backends.field_support import asks_for_any, check_best_of
 from backends.protocol import COMPLETIONS_PATH
+from backends.replica_traffic import ReplicaTraffic
 from backends.reply_shape import ReplyShape
 from backends.transport import UpstreamResponse
+
+log = logging.getLogger(__name__)
 
 # The verification probe: greedy and short, so that it repeats exactly and costs little (issue 13).
 PROBE_PROMPT = "The quick brown fox"
@@ -117,9 +123,11 @@ class RelayReply:
                  stream_error: Callable[[bytes], StreamErrorEvent] | None = None,
                  fix_document: Callable[[dict, BackendRequest], None] | None = None,
                  fix_block: Callable[[bytes, BackendRequest], bytes] | None = None,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None,
+                 failed_early: Callable[[], None] | None = None) -> None:
         self.status = upstream.status
         self._release = release  # the driver's in-flight count for this reply's replica and adapter
+        self._failed_early = failed_early  # a stream that broke before its first event: the replica's fault
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
@@ -135,7 +143,12 @@ class RelayReply:
         self._cut_guard = CutCallGuard() if request.stream and "tools" in request.body else None
 
     async def read(self) -> bytes:
-        raw = await self._upstream.read()
+        try:
+            raw = await self._upstream.read()
+        except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
+            if self._failed_early is not None:
+                self._failed_early()  # the body broke off: the replica's fault, and the request may go elsewhere
+            raise
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -161,30 +174,35 @@ class RelayReply:
     async def events(self) -> AsyncIterator[bytes]:
         buffer = b""
         upstream, waiting_first = self._upstream, True
-        async for piece in upstream.iter_bytes():
-            buffer += piece
-            cut = buffer.rfind(EVENT_END)
-            if cut < 0:
-                continue
-            block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-            if waiting_first and b"data:" in block:  # SSE comments before it are not the first event
-                waiting_first = False
-                upstream.first_event_received()
-            error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
-            if error_at >= 0:
-                if error_at:
-                    yield self._rewrite(block[:error_at])
-                raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
-            done = DONE in block
-            block = self._rewrite(block)
-            if done and self._owes_usage_chunk():
-                block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
-            if block:
-                yield block
-            if done:
-                if self._request.observer is not None:
-                    self._request.observer.finish()
-                return
+        try:
+            async for piece in upstream.iter_bytes():
+                buffer += piece
+                cut = buffer.rfind(EVENT_END)
+                if cut < 0:
+                    continue
+                block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                if waiting_first and b"data:" in block:  # SSE comments before it are not the first event
+                    waiting_first = False
+                    upstream.first_event_received()
+                error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
+                if error_at >= 0:
+                    if error_at:
+                        yield self._rewrite(block[:error_at])
+                    raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
+                done = DONE in block
+                block = self._rewrite(block)
+                if done and self._owes_usage_chunk():
+                    block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
+                if block:
+                    yield block
+                if done:
+                    if self._request.observer is not None:
+                        self._request.observer.finish()
+                    return
+        except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
+            if waiting_first and self._failed_early is not None:
+                self._failed_early()  # broke before its first event: the replica's fault, retried elsewhere
+            raise
         raise BackendProtocolError("the backend ended the stream before data: [DONE]", backend=self._backend)
 
     def _rewrite(self, block: bytes) -> bytes:
@@ -251,11 +269,15 @@ class RelayReply:
         await self._upstream.aclose()
 
 
-class OpenAICompatDriver:
+class OpenAICompatDriver(ReplicaTraffic):
     """Send path shared by every backend kind; subclasses supply to_body() and error_from().
 
-    Replicas: a request goes round-robin to a replica that is up and serves its adapter version (the
-    lifecycle says which, through serve()); none serving it is AdapterNotReadyError, never a guess.
+    Replicas: a request goes to a replica that is up, not ejected, and serves its adapter version (the
+    lifecycle says which, through serve()), the least loaded of two (backends/balancer.py); none serving it
+    is AdapterNotReadyError, never a guess. A connect failure or a 5xx before the response head is retried
+    at once on another replica, within the retry budget; failures feed outlier detection (backends/outliers.py),
+    whose half-open probes readmit an ejected replica. With `max_concurrency` (or slots read from the
+    servers), reserve() leases a free slot or answers None, and the gateway queues the request.
     """
 
     kind = ""
@@ -269,10 +291,10 @@ class OpenAICompatDriver:
         self._transports = list(transports)
         self.replicas = tuple(getattr(t, "base_url", str(i)) for i, t in enumerate(self._transports))
         self._up = [True] * len(self._transports)
-        self._turn = itertools.cycle(range(len(self._transports)))
         self._serving: list[dict[str, AdapterFiles]] = [{} for _ in self._transports]
         self._busy = [0] * len(self._transports)
         self._adapter_busy: dict[str, int] = {}
+        self._adapter_requests: dict[str, int] = {}    # requests per adapter version so far: its demand
         self._held = [False] * len(self._transports)   # a drained restart is under way there
         self._recovering: set[str] = set()             # adapter versions a replica lost; being reloaded
         self._changed: asyncio.Future | None = None     # wakes requests waiting for a held or lost adapter
@@ -280,11 +302,16 @@ class OpenAICompatDriver:
         self.expert_adapter: str | None = None          # a server fixed to one adapter at launch (SGLang + KT)
         self.on_replica_change: Callable[[int], None] | None = None
         self.vision = vision
+        self._any_adapter = False    # every replica serves every request's adapter (fixed at launch): not checked
+        self.configure_traffic(None, OutlierConfig(), RetryBudgetConfig())
 
     async def start(self) -> None:
         """Discovery hook; the base has nothing to discover."""
 
     async def aclose(self) -> None:
+        if self._readmit_task is not None:
+            self._readmit_task.cancel()
+            await asyncio.gather(self._readmit_task, return_exceptions=True)
         for transport in self._transports:
             await transport.aclose()
 
@@ -326,29 +353,51 @@ class OpenAICompatDriver:
         return headers
 
     async def send(self, request: BackendRequest) -> RelayReply:
-        self.check(request)
+        lease, request.lease = request.lease, None   # the queue's slot is ours now, whatever happens
         try:
-            replica = self._pick(request.adapter)
-        except AdapterNotReadyError:
-            replica = await self._wait_for_replica(request.adapter)
-        release = self._lease(replica, request.adapter)  # counted from here: a drain waits for it
-        try:
-            upstream = await self._post(replica, request)
-            if upstream.status >= 400:
-                try:
-                    raw = await upstream.read()
-                finally:
-                    await upstream.aclose()
-                raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
-            if request.stream and not upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                await upstream.aclose()  # a proxy's page, or a JSON body, where an SSE stream belongs
-                raise BackendProtocolError("the backend answered a stream request without an event stream",
-                                           backend=self.name)
+            self.check(request)
         except BaseException:
-            release()
+            if lease is not None:
+                lease.release()
             raise
-        return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
-                          fix_document=self.fix_document, fix_block=self.fix_block, release=release)
+        if not request.avoid:
+            self.retry_budget.requests += 1
+        outliers = self.outliers
+        while True:
+            if lease is None or lease.replica < 0:   # counted from here: a drain waits for it
+                replica = self.balancer.pick(None if self._any_adapter else request.adapter, request.avoid)
+                lease = self._lease(replica, request.adapter) if replica is not None else await self._lease_any(request)
+            replica = lease.replica
+            try:
+                upstream = await self._open(replica, request)
+            except BaseException as exc:
+                lease.release()
+                if not (self._replica_failed(replica, request, exc) and getattr(exc, "retryable", False)
+                        and self._may_retry_elsewhere(request)):
+                    raise
+                log.warning("%s replica %s failed before the response (%s); retrying on another replica",
+                            self.name, self.replicas[replica], exc)
+                lease = None
+                continue
+            outliers.in_a_row[replica] = 0  # outliers.success(replica), without the call
+            outliers.ok[replica] += 1
+            return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
+                              fix_document=self.fix_document, fix_block=self.fix_block, release=lease.release,
+                              failed_early=lambda: self._replica_failed(replica, request, None))
+
+    async def _open(self, replica: int, request: BackendRequest) -> UpstreamResponse:
+        upstream = await self._post(replica, request)
+        if upstream.status >= 400:
+            try:
+                raw = await upstream.read()
+            finally:
+                await upstream.aclose()
+            raise self.replica_error(replica, upstream.status, upstream.headers, raw[:MAX_ERROR_BODY])
+        if request.stream and not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            await upstream.aclose()  # a proxy's page, or a JSON body, where an SSE stream belongs
+            raise BackendProtocolError("the backend answered a stream request without an event stream",
+                                       backend=self.name)
+        return upstream
 
     async def _post(self, replica: int, request: BackendRequest) -> UpstreamResponse:
         payload = orjson.dumps(self.to_body(request, replica))
@@ -357,34 +406,6 @@ class OpenAICompatDriver:
     def replica_error(self, replica: int, status: int, headers: dict[str, str], raw: bytes) -> BackendError:
         """A dialect may recognise a replica that lost its adapters here (SGLang after a restart)."""
         return self.error_from(status, headers, raw)
-
-    def _lease(self, replica: int, adapter: str | None) -> Callable[[], None]:
-        """Count a reply in flight until it is closed: drains and /admin/backends read these counts."""
-        self._busy[replica] += 1
-        if adapter is not None:
-            self._adapter_busy[adapter] = self._adapter_busy.get(adapter, 0) + 1
-
-        def release() -> None:
-            self._busy[replica] -= 1
-            if adapter is not None:
-                self._adapter_busy[adapter] -= 1
-        return release
-
-    def _pick(self, adapter: str | None) -> int:
-        """Round-robin over replicas that are up, not held, and serve `adapter` (all down: one that serves it)."""
-        count = len(self._transports)
-        fallback = None
-        for _ in range(count):
-            index = next(self._turn)
-            if self._held[index] or (adapter is not None and adapter not in self._serving[index]):
-                continue
-            if self._up[index]:
-                return index
-            fallback = index if fallback is None else fallback
-        if fallback is not None:
-            return fallback
-        raise AdapterNotReadyError(f"Adapter version '{adapter}' is not ready on backend '{self.name}' yet.",
-                                   backend=self.name)
 
     async def _wait_for_replica(self, adapter: str | None) -> int:
         """Wait, bounded, while a replica restarts (held) or reloads an adapter it lost; else not ready now."""
@@ -469,6 +490,8 @@ class OpenAICompatDriver:
     def retirements(self) -> list[tuple[str, int]]:
         """Self-hosted models do not retire; the hosted driver knows its sunset dates."""
         return []
+    def adapter_requests(self, adapter: str) -> int:
+        return self._adapter_requests.get(adapter, 0)
 
     async def list_adapters(self, replica: int) -> list[LoadedAdapter]:
         return []
@@ -498,8 +521,15 @@ class OpenAICompatDriver:
             raise BackendProtocolError("the probe's reply is not a completion", backend=self.name) from exc
 
     async def health(self) -> bool:
+        came_up = False
         for index, transport in enumerate(self._transports):
-            self._up[index] = await self._probe(transport)
+            up = await self._probe(transport)
+            came_up |= up and not self._up[index]
+            self._up[index] = up
+            if up and self._discover_limits and self._limits[index] == NO_LIMIT:
+                await self._discover_limit(index)
+        if came_up:
+            self._capacity()
         return any(self._up)
 
     async def _probe(self, transport) -> bool:

@@ -128,6 +128,7 @@ class SglangDriver(OpenAICompatDriver):
         self._parsers = dict(parsers or {})   # what /server_info should say (reasoning_parser, tool_call_parser)
         self._served_model = served_model
         self._expert_adapter = self.expert_adapter = expert_adapter  # KT expert LoRA: only this one, fixed
+        self._any_adapter = expert_adapter is not None   # fixed at launch: every replica has it
         self.dynamic_adapters = expert_adapter is None
 
     async def start(self) -> None:
@@ -136,6 +137,7 @@ class SglangDriver(OpenAICompatDriver):
             await self.check_parsers()
         except (BackendError, ValueError, KeyError, AttributeError):
             pass  # down now; the health loop retries
+        await self.discover_limits()
 
     async def check_parsers(self) -> None:
         """A server launched without the generation's parsers puts reasoning and tool calls in `content`
@@ -212,10 +214,13 @@ class SglangDriver(OpenAICompatDriver):
                 f"SGLang backend '{self.name}' is dedicated to expert adapter '{self._expert_adapter}'.",
                 backend=self.name)
 
-    def _pick(self, adapter: str | None) -> int:
-        if self._expert_adapter is not None:  # fixed at launch: every replica has it
-            return super()._pick(None)
-        return super()._pick(adapter)
+    async def read_concurrency(self, replica: int) -> int | None:
+        """`/server_info`: the scheduler's running-request cap per DP rank (internal_states), else the
+        `--max-running-requests` it was started with."""
+        info = await self.get_json(self._transports[replica], "/server_info")
+        states = info.get("internal_states") or [{}]
+        slots = states[0].get("effective_max_running_requests_per_dp") or info.get("max_running_requests")
+        return slots if isinstance(slots, int) and slots > 0 else None
 
     def to_body(self, request: BackendRequest, replica: int) -> dict:
         if self._served_model is None:

@@ -20,6 +20,7 @@ import time
 
 import orjson
 
+from backends.config import OutlierConfig, RetryBudgetConfig
 from backends.llamacpp import LlamaCppDriver
 from gateway.app import create_app
 from gateway.config import GatewayConfig
@@ -78,7 +79,8 @@ class CannedTransport:
         pass
 
 
-async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False) -> float:
+async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False,
+              slots: int | None = None) -> float:
     routes = [{"name": "kimi", "targets": ["up"]}]
     if experiment:  # the request names an A/B experiment over two base routes, sticky on `user`
         routes += [{"name": "kimi-b", "targets": ["up"]},
@@ -88,7 +90,10 @@ async def run(requests: int, cycles: bool = False, stream: bool = False, experim
                                            "routes": routes,
                                            # the fact writer does not run here: room for every fact, none dropped
                                            "experiments": {"queue_size": requests + 1000}})
-    app = create_app(config, drivers={"up": LlamaCppDriver("up", [CannedTransport()])})
+    driver = LlamaCppDriver("up", [CannedTransport()])
+    if slots is not None:  # the admission queue's uncontended path: a slot leased and released per request
+        driver.configure_traffic(slots, OutlierConfig(), RetryBudgetConfig())
+    app = create_app(config, drivers={"up": driver})
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
         (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
     sent = []
@@ -141,6 +146,7 @@ def main() -> None:
     parser.add_argument("--cycles", action="store_true", help="count objects only the cyclic GC frees")
     parser.add_argument("--stream", action="store_true", help="relay a 32-event SGLang stream per request")
     parser.add_argument("--experiment", action="store_true", help="a JSON request to an A/B experiment route")
+    parser.add_argument("--max-concurrency", type=int, help="give the backend slots (the admission queue's path)")
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
@@ -150,7 +156,7 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return
     import uvloop
-    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment))
+    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment, args.max_concurrency))
     what = "a 32-event stream" if args.stream else "a JSON reply"
     print(f"gateway work per request relaying {what} (no transport, no HTTP server): {cpu:.1f} µs CPU")
 

@@ -23,6 +23,7 @@ class Principal:
     models: tuple[str, ...]     # glob patterns
     rpm: int | None = None
     tpm: int | None = None
+    priority: str = "normal"    # admission class (gateway/policies/admission.py)
 
     def may_use(self, model: str) -> bool:
         if self.models == ("*",):  # the common case, without fnmatch's per-call cost
@@ -85,7 +86,7 @@ def load_client_keys(config: GatewayConfig) -> tuple[ClientKey, ...] | None:
         secret = resolve_secret(key.key_env)
         if secret is None:
             raise ConfigError(f"auth.client_keys[{key.name}]: the env var {key.key_env} is not set")
-        keys.append(ClientKey(digest(secret.encode()), Principal(key.name, key.models, key.rpm, key.tpm)))
+        keys.append(ClientKey(digest(secret.encode()), Principal(key.name, key.models, key.rpm, key.tpm, key.priority)))
     if auth.key_file is not None:
         keys.extend(read_key_file(Path(auth.key_file)))
     return tuple(keys)
@@ -110,7 +111,10 @@ def read_key_file(path: Path) -> list[ClientKey]:
             raise ConfigError(f"{path}: [{index}].sha256: not hexadecimal") from exc
         name = str(entry.get("name") or f"key-{index}")
         models = tuple(entry.get("models") or ("*",))
-        keys.append(ClientKey(raw, Principal(name, models, entry.get("rpm"), entry.get("tpm"))))
+        priority = entry.get("priority", "normal")
+        if priority not in ("high", "normal", "low"):
+            raise ConfigError(f"{path}: [{index}].priority: expected high, normal or low")
+        keys.append(ClientKey(raw, Principal(name, models, entry.get("rpm"), entry.get("tpm"), priority)))
     return keys
 
 

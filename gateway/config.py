@@ -15,6 +15,7 @@ from gateway.telemetry_config import LoggingConfig, TracingConfig
 from gateway.experiments.config import ExperimentConfig, ExperimentsConfig  # noqa: F401 (re-exported)
 
 ImageURLMode = Literal["fetch", "forward"]  # gateway/policies/content.py: who fetches a client's http(s) image
+Priority = Literal["high", "normal", "low"]  # admission classes (gateway/policies/admission.py), served in this order
 
 
 class ConfigError(Exception):
@@ -32,6 +33,7 @@ class ClientKeyConfig(Strict):
     models: tuple[str, ...] = ("*",)
     rpm: int | None = Field(None, ge=1)       # requests per minute
     tpm: int | None = Field(None, ge=1)       # tokens per minute, charged as prompt estimate + max_tokens
+    priority: Priority = "normal"             # its admission class; `x-kimi-priority` may lower it, never raise it
 
     @field_validator("key_env", mode="before")
     @classmethod
@@ -142,6 +144,8 @@ class RouteConfig(Strict):
     profile: str | None = None
     agent: AgentConfig = AgentConfig()
     image_urls: ImageURLMode | None = None        # None = limits.image_urls
+    timeout_s: float | None = Field(None, gt=0)   # the whole request, queue included; the backend is cancelled then
+    deadline_ms: int | None = Field(None, ge=1)   # the default for `x-kimi-deadline-ms`
 
     @model_validator(mode="after")
     def _targets_or_experiment(self) -> RouteConfig:
@@ -179,6 +183,20 @@ class ExposureConfig(Strict):
     readyz_details: Exposure = "admin"    # /readyz per-backend states; its status code stays public
 
 
+class ShutdownConfig(Strict):
+    """SIGTERM (gateway/shutdown.py): /readyz 503 at once, new requests refused after grace_s, the process
+    ends when the last request finished or at drain_deadline_s."""
+    grace_s: float = Field(5.0, ge=0)
+    drain_deadline_s: float = Field(600.0, gt=0)
+
+
+class AdmissionConfig(Strict):
+    """The queue in front of backends that declare `max_concurrency` (gateway/policies/admission.py)."""
+    max_queue: int = Field(1000, ge=0)         # per backend; past it a request gets 429 (or the route's next target)
+    keepalive_s: float = Field(10.0, gt=0)     # a queued stream gets its head and an SSE comment this often
+    retry_after_s: int = Field(1, ge=1)        # the retry-after of a 429 from the queue
+
+
 class GatewayConfig(Strict):
     listen: ListenConfig = ListenConfig()
     admin_listen: ListenConfig | None = None   # the admin API on its own listener (then not on `listen`)
@@ -196,6 +214,8 @@ class GatewayConfig(Strict):
     exposure: ExposureConfig = ExposureConfig()
     logging: LoggingConfig = LoggingConfig()
     tracing: TracingConfig | None = None        # absent: no spans (docs/observability.md)
+    shutdown: ShutdownConfig = ShutdownConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     adapters: tuple[AdapterConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()

@@ -18,9 +18,19 @@ from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.access_log import write_access_line
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
-from gateway.errors import GatewayError, InternalError, InvalidRequestError, PayloadTooLargeError, from_backend_error
+from gateway.errors import (
+    DrainingError,
+    GatewayError,
+    GatewayTimeoutError,
+    InternalError,
+    InvalidRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    from_backend_error,
+)
 from gateway.logs import REQUEST_ID
-from gateway.metrics import RequestRecorder
+from gateway.metrics import QueueRecorder, RequestRecorder
+from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
 from gateway.policies.content import ImagePolicy, check_limits
 from gateway.policies.retry import with_retries
 from gateway.policies.sampling import apply_sampling_policy
@@ -29,7 +39,7 @@ from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import request_id_of
 from gateway.routing import Resolved, Target
 from gateway.state import GatewayState
-from gateway.streaming import DisconnectWatcher, relay_stream
+from gateway.streaming import DisconnectWatcher, StreamHead, relay_stream
 from gateway.tracing import TRACEPARENT, incoming_traceparent
 from gateway.validation import check_request
 
@@ -37,6 +47,8 @@ log = logging.getLogger(__name__)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 STICKY_HEADER = b"x-kimi-sticky-key"
 VARIANT_HEADER = b"x-kimi-variant"
+DEADLINE_HEADER = b"x-kimi-deadline-ms"
+PRIORITY_HEADER = b"x-kimi-priority"
 CLOSE = (b"connection", b"close")
 SERVER_TIMING = b"server-timing"
 
@@ -69,6 +81,19 @@ class DataPlane:
         forwarded = frozenset(limits.forward_fields)
         self.allowed = {path: None if limits.unknown_fields == "forward" else known_fields(path) | forwarded
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
+        self.admission = admission = state.config.admission
+        self.queues = {name: self._queue(name, driver, admission) for name, driver in state.drivers.items()}
+        self.active = 0  # data-plane requests in flight: the SIGTERM drain waits for them (gateway/shutdown.py)
+
+    def _queue(self, name: str, driver, admission) -> AdmissionQueue:
+        queue = AdmissionQueue(name, driver.reserve, driver.has_room, max_length=admission.max_queue,
+                               retry_after_s=admission.retry_after_s, events=QueueRecorder(self.state.metrics, name))
+        driver.on_capacity = queue.dispatch
+        driver.on_ejection = partial(self._ejection_changed, name, driver)
+        return queue
+
+    def _ejection_changed(self, name: str, driver, replica: int, ejected: bool) -> None:
+        self.state.fleet.ejection(name, ejected, sum(driver.outliers.ejected))
 
     async def __call__(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])
@@ -82,7 +107,10 @@ class DataPlane:
             recorder.traceparent = self.tracer.traceparent(span) or recorder.traceparent
         extra: list[tuple[bytes, bytes]] = [(REQUEST_ID_HEADER, request_id.encode())]
         code, usage, watcher, body, doc, principal = 500, None, None, None, None, None
+        self.active += 1
         try:
+            if self.state.refusing:
+                raise DrainingError()
             # The key first, from the headers: an unauthenticated client gets nothing buffered for it.
             principal = authenticate(headers.get(b"authorization"), self.state.client_keys)
             recorder.key = principal.name
@@ -110,6 +138,7 @@ class DataPlane:
             extra.append((SERVER_TIMING, recorder.server_timing()))
             code = await send_error(send, InternalError(request_id), extra)
         finally:
+            self.active -= 1
             if watcher is not None:
                 watcher.stop()
             recorder.finished(code, usage)
@@ -126,21 +155,32 @@ class DataPlane:
 
     async def serve(self, path, doc, size, principal, headers, request_id, recorder, extra, send) -> tuple[int, dict | None]:
         request, resolved, decision = await self.admit(path, doc, size, principal, headers, request_id, recorder)
-        forwarded = await self.forward(request, resolved, recorder)
+        head = StreamHead(send, extra) if request.stream else None
+        try:
+            forwarded = await self.forward(request, resolved, recorder, head)
+        except GatewayError as exc:
+            if head is None or not head.started:
+                raise
+            return await head.fail(exc), None  # queued long enough to have sent its head: an SSE error event
         extra += self.response_headers(forwarded.target, resolved, decision, request, recorder)
+        if request.deadline is None:
+            return await self.respond(request, forwarded, recorder, extra, request_id, send, head)
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                return await self.respond(request, forwarded, recorder, extra, request_id, send, head)
+        except TimeoutError:
+            error = GatewayTimeoutError("The request's deadline (x-kimi-deadline-ms or the route's timeout) passed.")
+            if head is None or not head.started:
+                raise error from None
+            return await head.fail(error), forwarded.reply.usage
+
+    async def respond(self, request, forwarded, recorder, extra, request_id, send, head) -> tuple[int, dict | None]:
         reply = forwarded.reply
         if request.stream:
             extra.append((SERVER_TIMING, recorder.server_timing()))
-            code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id)
+            code = await relay_stream(send, forwarded.first, forwarded.events, reply, recorder, extra, request_id, head)
             return code, reply.usage
-        recorder.upstream_started()
-        try:
-            body = await reply.read()
-        except BackendError as exc:
-            raise from_backend_error(exc) from exc
-        finally:
-            recorder.upstream_done()
-            await reply.aclose()
+        body = forwarded.first  # read in open_reply, where a failure could still be retried
         extra.append((SERVER_TIMING, recorder.server_timing()))
         length = [(b"content-length", str(len(body)).encode())]  # not chunked: one framing, no terminator
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra + length})
@@ -172,11 +212,16 @@ class DataPlane:
         if "tools" in doc and self.agents.shared:
             await self.agents.prefetch(doc, principal.name)
         observer = self.agents.prepare(doc, principal.name, recorder) if "tools" in doc else None
+        priority_header, deadline_header = headers.get(PRIORITY_HEADER), headers.get(DEADLINE_HEADER)
+        priority = PRIORITIES[principal.priority] if priority_header is None else \
+            priority_of(principal.priority, priority_header)
+        deadline = None if deadline_header is None and route.timeout_s is None and route.deadline_ms is None else \
+            deadline_of(deadline_header, route)
         request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
                                  thinking=decision.thinking, sampling=decision.values, stream=stream,
                                  has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
                                  hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent,
-                                 effort=decision.effort)
+                                 effort=decision.effort, tenant=principal.name, priority=priority, deadline=deadline)
         if resolved.variant is not None:
             recorder.after = state.shadows.pick(state.routes.get(model), request)
         return request, resolved, decision
@@ -194,7 +239,8 @@ class DataPlane:
                 recorder.adjusted(adjustment)
         return headers
 
-    async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder) -> Forwarded:
+    async def forward(self, request: BackendRequest, resolved: Resolved, recorder: RequestRecorder,
+                      head: StreamHead | None = None) -> Forwarded:
         """Try the route's targets in order (healthy ones first), retrying each before its first byte."""
         state, route, thinking = self.state, resolved.route, request.thinking
         unsupported: UnsupportedFeatureError | None = None
@@ -205,6 +251,7 @@ class DataPlane:
             driver = state.drivers[target.backend]
             # A driver may adapt these to its backend's rules; each target starts from the client's request.
             request.adapter, request.thinking, request.adjustments = target.adapter, thinking, []
+            request.avoid = []
             try:
                 driver.check(request)
             except UnsupportedFeatureError as exc:
@@ -215,7 +262,11 @@ class DataPlane:
             recorder.routed(request.model, target.name, target.backend, target.adapter)
             recorder.upstream_started()
             try:
-                return await self.attempt(driver, request, route.name, target, recorder)
+                return await self.attempt(driver, request, route.name, target, recorder, head)
+            except OverloadedError:
+                if index == len(targets) - 1 or past(request.deadline):
+                    raise
+                failure = failure or BackendError(f"backend '{target.backend}' is at capacity", backend=target.backend)
             except BackendRejectedError as exc:
                 if exc.status < 500:
                     raise from_backend_error(exc) from exc
@@ -230,19 +281,40 @@ class DataPlane:
         raise from_backend_error(unsupported or UnsupportedFeatureError(f"Route '{route.name}' has no target."))
 
     async def attempt(self, driver, request: BackendRequest, route_name: str, target: Target,
-                      recorder: RequestRecorder) -> Forwarded:
-        """One target with its retries. A version swapped out while the request waited for its backend (a
-        drained restart) is answered by the route's active version, never by a 503."""
+                      recorder: RequestRecorder, head: StreamHead | None = None) -> Forwarded:
+        """One target: a slot first (the admission queue, when its replicas are full), then the request with
+        its retries, all within the request's deadline."""
+        queue = self.queues[target.backend]
+        lease = queue.try_now(request.adapter)
+        if lease is None:
+            lease = await queue.wait(request.adapter, request.tenant, request.priority, request.deadline,
+                                     head.keepalive if head is not None else None, self.admission.keepalive_s)
+        request.lease = lease  # driver.send() takes it before anything else (no await in between)
+        if request.deadline is None:
+            return await self.send_with_retries(driver, request, route_name, target, recorder)
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                return await self.send_with_retries(driver, request, route_name, target, recorder)
+        except TimeoutError:
+            raise GatewayTimeoutError("The request's deadline (x-kimi-deadline-ms or the route's timeout) passed "
+                                      "before the backend answered.") from None
+
+    async def send_with_retries(self, driver, request: BackendRequest, route_name: str, target: Target,
+                                recorder: RequestRecorder) -> Forwarded:
+        """Retries before the first byte, within the backend's retry budget. A version swapped out while the
+        request waited for its backend (a drained restart) is answered by the route's active version, never a 503."""
         policy = self.retry_policies[target.backend]
         count = partial(count_retry, recorder, target.backend)
+        budget = driver.retry_budget
+        allow = budget.try_retry if budget is not None else None
         try:
-            return await with_retries(partial(open_reply, driver, request, target), policy, count)
+            return await with_retries(partial(open_reply, driver, request, target), policy, count, allow)
         except AdapterNotReadyError:
             current = self.swapped(route_name, target)
             if current is None:
                 raise
             request.adapter = current.adapter
-            return await with_retries(partial(open_reply, driver, request, current), policy, count)
+            return await with_retries(partial(open_reply, driver, request, current), policy, count, allow)
 
     def swapped(self, route_name: str, target: Target) -> Target | None:
         """The same target in the current route table, when its adapter version changed since the request
@@ -261,10 +333,14 @@ def count_retry(recorder: RequestRecorder, backend: str, exc: BaseException) -> 
 
 
 async def open_reply(driver, request: BackendRequest, target: Target) -> Forwarded:
-    """Send, and for a stream pull its first event too: a failure up to there can still be retried."""
+    """Send, and pull a stream's first event or a whole non-stream body: until the client got a byte, a
+    failure can still be retried (on another replica)."""
     reply = await driver.send(request)
     if not request.stream:
-        return Forwarded(reply, target, None)
+        try:
+            return Forwarded(reply, target, await reply.read())
+        finally:
+            await reply.aclose()  # the slot is free as soon as the body is in hand
     events = reply.events()
     try:
         first = await anext(events)
@@ -275,6 +351,28 @@ async def open_reply(driver, request: BackendRequest, target: Target) -> Forward
         await reply.aclose()
         raise
     return Forwarded(reply, target, first, events)
+
+
+def past(deadline: float | None) -> bool:
+    return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
+
+def deadline_of(header: bytes | None, route) -> float | None:
+    """Event-loop time by which the request must be done: the earlier of `x-kimi-deadline-ms` (else the
+    route's `deadline_ms`) and the route's `timeout_s`; None when neither bounds it."""
+    budget_s = route.timeout_s
+    if header is not None:
+        try:
+            milliseconds = int(header)
+        except ValueError:
+            raise InvalidRequestError("x-kimi-deadline-ms must be a whole number of milliseconds.") from None
+        if milliseconds <= 0:
+            raise InvalidRequestError("x-kimi-deadline-ms must be positive.")
+    else:
+        milliseconds = route.deadline_ms
+    if milliseconds is not None:
+        budget_s = milliseconds / 1000 if budget_s is None else min(budget_s, milliseconds / 1000)
+    return asyncio.get_running_loop().time() + budget_s
 
 
 def ask_for_usage(doc: dict) -> bool:

@@ -117,6 +117,25 @@ class RateLimitedError(GatewayError):
                          code="rate_limit_exceeded", headers={"retry-after": str(seconds)})
 
 
+class OverloadedError(GatewayError):
+    """The gateway's own queue for a backend is full, or the request's deadline passed while it waited."""
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, code="queue_exceeded", headers={"retry-after": str(max(1, retry_after_s))})
+
+
+class DrainingError(GatewayError):
+    """The gateway is shutting down (SIGTERM) and its load balancer has had time to notice."""
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, retry_after_s: int = 1) -> None:
+        super().__init__("This gateway is shutting down; retry on another one.", code="shutting_down",
+                         headers={"retry-after": str(max(1, retry_after_s))})
+
+
 class UpstreamRateLimitedError(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"

@@ -103,6 +103,14 @@ class Metrics:
                               "experiment", "variant", "reason")
         self.facts_dropped = Counter(PREFIX + "request_facts_dropped", "Request facts not stored: the write queue "
                                      "was full", registry=self.registry)
+        # traffic management: the admission queue, outlier ejection, the SIGTERM drain
+        self.queue_time = h("queue_time_seconds", "Time a request waited in the gateway's queue for a backend slot",
+                            TTFT_BUCKETS, "backend", "outcome")
+        self.queue_length = g("queue_length", "Requests waiting for a backend slot", "livesum", "backend")
+        self.replica_ejections = c("replica_ejections", "Replicas ejected by outlier detection", "backend")
+        self.replicas_ejected = g("replicas_ejected", "Replicas ejected now", "livemax", "backend")
+        self.draining = Gauge(PREFIX + "draining", "SIGTERM drain: 0 serving, 1 draining (/readyz 503), "
+                              "2 refusing new requests", registry=self.registry, multiprocess_mode="livemax")
         # a fleet's shared state
         self.shared_degraded = c("shared_degraded", "Requests served without the shared Redis (ratelimit: this "
                                  "replica's share; memory: local only)", "what")
@@ -132,6 +140,22 @@ class Metrics:
 
         for collector, values in initial_series(config, adapters):
             getattr(self, collector).labels(*values)   # a labelled child is exposed, at zero, once it exists
+
+
+class QueueRecorder:
+    """One backend's admission queue as metrics (gateway/policies/admission.py QueueEvents)."""
+
+    __slots__ = ("_length", "_waited", "_metrics", "_backend")
+
+    def __init__(self, metrics: Metrics, backend: str) -> None:
+        self._metrics, self._backend = metrics, backend
+        self._length = metrics.queue_length.labels(backend)
+
+    def length(self, length: int) -> None:
+        self._length.set(length)
+
+    def waited(self, seconds: float, outcome: str) -> None:
+        self._metrics.queue_time.labels(self._backend, outcome).observe(seconds)
 
 
 class LifecycleRecorder:
@@ -168,6 +192,16 @@ class FleetRecorder:
 
     def backend_up(self, backend: str, up: bool) -> None:
         self._metrics.backend_up.labels(backend).set(1 if up else 0)
+
+    def ejection(self, backend: str, ejected: bool, now_ejected: int) -> None:
+        """Outlier detection ejected (or readmitted) one of the backend's replicas."""
+        if ejected:
+            self._metrics.replica_ejections.labels(backend).inc()
+        self._metrics.replicas_ejected.labels(backend).set(now_ejected)
+
+    def draining(self, phase: int) -> None:
+        """The SIGTERM drain (gateway/shutdown.py): 0 serving, 1 draining, 2 refusing."""
+        self._metrics.draining.set(phase)
 
     def shared_degraded(self, what: str) -> None:
         """A request served without the fleet's Redis (gateway/shared.py)."""

@@ -32,6 +32,8 @@ class Route:
     rules: AgentRules = DEFAULT_RULES
     image_urls: str | None = None   # None = limits.image_urls
     split: Split | None = None      # an experiment's bucket ranges
+    timeout_s: float | None = None  # the whole request, queue included
+    deadline_ms: int | None = None  # the default for x-kimi-deadline-ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,8 @@ class RouteTable:
             if route.experiment is not None:
                 split = Split(route.name, (weights or {}).get(route.name) or route.experiment.variants)
             routes_by_name[route.name] = Route(route.name, targets, route.profile, experiment=route.experiment,
-                                               rules=rules, image_urls=route.image_urls, split=split)
+                                               rules=rules, image_urls=route.image_urls, split=split,
+                                               timeout_s=route.timeout_s, deadline_ms=route.deadline_ms)
         self._routes = routes_by_name
 
     def names(self) -> list[str]:
@@ -91,4 +94,6 @@ class RouteTable:
         chosen = self._routes[variant]
         # An experiment's agent rules apply to its variants, and so do its profile and image mode where it sets them.
         return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules,
-                                image_urls=route.image_urls or chosen.image_urls), variant)
+                                image_urls=route.image_urls or chosen.image_urls,
+                                timeout_s=route.timeout_s or chosen.timeout_s,
+                                deadline_ms=route.deadline_ms or chosen.deadline_ms), variant)

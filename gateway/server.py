@@ -46,26 +46,29 @@ class QuietServer(uvicorn.Server):
 
 
 def serve(config: GatewayConfig, *, host: str, port: int) -> None:
-    """One process, one app; a second listener when the admin API has its own. SIGINT/SIGTERM drain all."""
+    """One process, one app; a second listener when the admin API has its own. SIGTERM drains (gateway/shutdown.py),
+    SIGINT stops at once."""
     from gateway.app import create_app
+    from gateway.shutdown import Drain
 
     configure_logging(config.logging)
     app = create_app(config)
     configs = [server_config(app, host, port, "on")]
     if config.admin_listen is not None:
         configs.append(server_config(app, config.admin_listen.host, config.admin_listen.port, "off"))
-    uvloop.run(serve_all([QuietServer(c) for c in configs]))
+    uvloop.run(serve_all([QuietServer(c) for c in configs], drain=Drain(app.state, app.data_plane, config.shutdown)))
 
 
 def serve_sockets(config: GatewayConfig, sockets: list[socket.socket]) -> None:
     """One worker of `serve --workers N` (gateway/workers.py), on sockets its parent bound: the main
     listener, then the admin listener when there is one."""
     from gateway.app import create_app
+    from gateway.shutdown import Drain
 
     configure_logging(config.logging)
     app = create_app(config)
     servers = [QuietServer(server_config(app, "", 0, "on" if index == 0 else "off")) for index in range(len(sockets))]
-    uvloop.run(serve_all(servers, [[sock] for sock in sockets]))
+    uvloop.run(serve_all(servers, [[sock] for sock in sockets], Drain(app.state, app.data_plane, config.shutdown)))
 
 
 def dump_tasks() -> None:
@@ -80,15 +83,16 @@ def dump_tasks() -> None:
         logging.getLogger("gateway.tasks").warning("task %s:\n%s", task.get_name(), "\n".join(frames))
 
 
-async def serve_all(servers: list[uvicorn.Server], sockets: list[list[socket.socket]] | None = None) -> None:
+async def serve_all(servers: list[uvicorn.Server], sockets: list[list[socket.socket]] | None = None,
+                    drain=None) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
         for server in servers:
             server.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGTERM, stop if drain is None else lambda: drain.begin(stop))
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     tasks = [asyncio.create_task(server.serve(sockets[index] if sockets else None))
              for index, server in enumerate(servers)]

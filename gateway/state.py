@@ -45,7 +45,8 @@ class GatewayState:
     shadows: ShadowMirror
     admin_digests: list[bytes] = field(default_factory=list)
     healthy: dict[str, bool] = field(default_factory=dict)
-    draining: bool = False
+    draining: bool = False          # SIGTERM: /readyz answers 503 (gateway/shutdown.py)
+    refusing: bool = False          # ... and, after shutdown.grace_s, new data-plane requests get 503
     _health_task: asyncio.Task | None = None
     fleet: FleetRecorder | None = None
     tracer: object | None = None     # gateway/tracing.py RequestTracer when `tracing:` is configured
@@ -174,6 +175,7 @@ def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None 
         store, drivers, roots=config.adapter_roots, base=base,
         max_rank={b.name: getattr(b, "max_lora_rank", None) for b in config.backends},
         max_pinned={b.name: max(0, (getattr(b, "max_loaded_adapters", None) or 8) - 1) for b in config.backends},
+        capacity={b.name: getattr(b, "max_loaded_adapters", None) for b in config.backends},
         launchers=launchers_of(config),
         events=LifecycleRecorder(metrics),
         drain_deadline_s=config.adapter_drain_deadline_s,

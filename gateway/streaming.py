@@ -36,11 +36,43 @@ def error_event(exc: Exception, request_id: str) -> tuple[bytes, int]:
     return b"data: " + body + b"\n\n" + DONE_EVENT, code
 
 
+class StreamHead:
+    """A stream's response head, which a request that waits in the admission queue sends early, with SSE
+    comments as keep-alives (so that clients and proxies do not time out an idle connection). After it, a
+    failure can only be an SSE error event; and the x-kimi-* headers decided later are not sent."""
+
+    __slots__ = ("send", "extra", "started")
+
+    def __init__(self, send, extra: list[tuple[bytes, bytes]]) -> None:
+        self.send, self.extra, self.started = send, extra, False
+
+    async def start(self) -> None:
+        if not self.started:
+            self.started = True
+            await self.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.extra})
+
+    async def keepalive(self) -> None:
+        await self.start()
+        await self.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+
+    async def fail(self, error) -> int:
+        """End a started stream with the GatewayError as its error event; the status it counts as."""
+        await self.send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n" + DONE_EVENT,
+                         "more_body": False})
+        return error.status_code
+
+
+KEEPALIVE = b": waiting for a backend slot\n\n"
+
+
 async def relay_stream(send, first: bytes, events, reply, recorder, extra: list[tuple[bytes, bytes]],
-                       request_id: str) -> int:
+                       request_id: str, head: StreamHead | None = None) -> int:
     """Head and first event go out back to back, before any further upstream read (no Nagle stall).
     Returns 200, or the code of the error event the stream ended with."""
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + extra})
+    if head is None or not head.started:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + extra})
+        if head is not None:
+            head.started = True
     recorder.first_event()
     code, tail = 200, b""
     try:

@@ -94,8 +94,8 @@ async def remove_adapter(name: str, state: StateDep) -> Response:
 
 def backend_view(state: GatewayState, name: str) -> dict:
     driver, placement = state.drivers[name], state.lifecycle.placements[name]
-    up, busy = driver.replica_up(), driver.in_flight()
-    replicas = [{"url": url, "up": up[i], "in_flight": busy[i], "adapters": sorted(placement.ready[i])}
+    up, busy, traffic = driver.replica_up(), driver.in_flight(), driver.replica_traffic()
+    replicas = [{"url": url, "up": up[i], "in_flight": busy[i], "adapters": sorted(placement.ready[i]), **traffic[i]}
                 for i, url in enumerate(driver.replicas)]
     return {"name": name, "kind": driver.kind, "up": state.healthy.get(name, False), "in_flight": sum(busy),
             "replicas": replicas}

@@ -37,18 +37,19 @@ def _wait(policy: RetryConfig):
 
 
 async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryConfig,
-                       on_retry: Callable[[BaseException], None]) -> T:
+                       on_retry: Callable[[BaseException], None], allow: Callable[[], bool] | None = None) -> T:
+    """`allow()` is asked before each retry: the backend's retry budget (backends/retry_budget.py)."""
     try:
         return await attempt()
     except BaseException as exc:
-        if policy.attempts <= 1 or not is_retryable(exc, policy):
+        if policy.attempts <= 1 or not is_retryable(exc, policy) or (allow is not None and not allow()):
             raise
         on_retry(exc)
         delay = exc.retry_after_s if isinstance(exc, BackendRateLimitedError) else FIRST_BACKOFF_S
     await asyncio.sleep(delay or FIRST_BACKOFF_S)
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts - 1),
-        retry=retry_if_exception(lambda exc: is_retryable(exc, policy)),
+        retry=retry_if_exception(lambda exc: is_retryable(exc, policy) and (allow is None or allow())),
         wait=_wait(policy),
         before_sleep=lambda state: on_retry(state.outcome.exception()),
         reraise=True,

@@ -211,7 +211,8 @@ def raw_response(fault: Fault) -> Response:
 
 
 async def faulty_events(events: Iterable[bytes], fault: Fault | None, error_event: bytes,
-                        before_first: Callable[[], Awaitable[Any]] | None = None) -> AsyncIterator[bytes]:
+                        before_first: Callable[[], Awaitable[Any]] | None = None,
+                        interval_s: float = 0.0) -> AsyncIterator[bytes]:
     """Yield SSE events, applying a drop or an in-stream error after N events.
 
     `before_first` runs inside the body, after the response head went out: the prefill.
@@ -228,7 +229,7 @@ async def faulty_events(events: Iterable[bytes], fault: Fault | None, error_even
             yield SSE_DONE
             return
         yield event
-        await asyncio.sleep(0)
+        await asyncio.sleep(interval_s)  # 0: just let others run
 
 
 class QuietDisconnects:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from backends.balancer import ANY_REPLICA
 from backends.base import BackendRequest, LoadedAdapter
 from backends.errors import AdapterNotReadyError, BackendError, UnsupportedFeatureError
 
@@ -101,7 +102,22 @@ class FakeDriver:
     def retirements(self) -> list[tuple[str, int]]:
         return []
 
+    def replica_traffic(self) -> list[dict]:
+        return [{"slots": None, "ejected": False}]
+
+    on_capacity = None
+    retry_budget = None
+
+    def reserve(self, adapter: str | None):
+        return ANY_REPLICA  # unbounded: no slots counted
+
+    def has_room(self) -> bool:
+        return True
+
     def adapter_in_flight(self, adapter: str) -> int:
+        return 0
+
+    def adapter_requests(self, adapter: str) -> int:
         return 0
 
     def check(self, request: BackendRequest) -> None:

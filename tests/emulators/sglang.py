@@ -14,7 +14,11 @@ Owns the app factory `create_sglang_app(SglangOptions)`, the routes and the runn
   (§2.4);
 - timing (§2.6): a stream's response head (200, text/event-stream) goes out before prefill, and its
   first event comes after `--prefill-delay-s` plus any `delay_prefill_s` fault; a non-stream answer
-  comes after the same delay; an unknown adapter is refused in-band without a prefill;
+  comes after the same delay; an unknown adapter is refused in-band without a prefill; a stream's events
+  come `--decode-interval-s` apart (decode speed, emulator only);
+- `--max-running-requests`: reported in `/server_info`, and as `internal_states[0].
+  effective_max_running_requests_per_dp` (128 when unset: SGLang computes it from memory), which gateways
+  read as the server's slots; `GET /_emulator/stats` (test-only): peak generations, loads, implicit reloads;
 - SIGTERM as in §2.4 (runner only): `/health` answers 503 at once, requests in flight finish, new ones
   are still served, then the process exits; a second SIGTERM or SIGINT exits at once. Adapters live
   in memory only: a restarted emulator knows its `--lora-paths` and nothing loaded since;
@@ -273,6 +277,13 @@ def server_router(state: SglangState) -> APIRouter:
         state.healthy = bool((body or {}).get("healthy", True))
         return json_response({"healthy": state.healthy})
 
+    @router.get("/_emulator/stats")
+    async def stats() -> Response:
+        """Test-only: most generations at once, adapter loads, and requests that met an unloaded adapter."""
+        return json_response({"in_flight": state.in_flight, "peak_in_flight": state.peak_in_flight,
+                              "loads": state.lora.loads, "implicit_reloads": state.lora.implicit_reloads,
+                              "loaded": list(state.lora.loaded)})
+
     @router.post("/_emulator/stall")
     async def stall(request: Request) -> Response:
         body, _, _ = await read_json(request)
@@ -326,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-delay-s", type=float, default=0.0)
     parser.add_argument("--prefill-delay-s", type=float, default=0.0,
                         help="time to each generation's first token; streams send their head before it")
+    parser.add_argument("--decode-interval-s", type=float, default=0.0,
+                        help="emulator only: time between a stream's events (decode speed)")
+    parser.add_argument("--max-running-requests", type=int)
     parser.add_argument("--health-timeout-s", type=float, default=DEFAULT_HEALTH_TIMEOUT_S,
                         help="SGLANG_HEALTH_CHECK_TIMEOUT: how long /health waits for its one-token generation")
     parser.add_argument("--enable-metrics", action="store_true")
@@ -350,6 +364,8 @@ def options_from_args(args: argparse.Namespace) -> SglangOptions:
         context_length=args.context_length,
         startup_delay_s=args.startup_delay_s,
         prefill_delay_s=args.prefill_delay_s,
+        decode_interval_s=args.decode_interval_s,
+        max_running_requests=args.max_running_requests,
         health_timeout_s=args.health_timeout_s,
         enable_metrics=args.enable_metrics,
         enable_cache_report=args.enable_cache_report,

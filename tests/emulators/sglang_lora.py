@@ -229,6 +229,8 @@ class LoraRegistry:
         self.loaded: OrderedDict[str, str] = OrderedDict(self.settings.initial)
         self.pinned: set[str] = set()
         self.ever_loaded: dict[str, str] = dict(self.settings.initial)
+        self.loads = 0              # test-only counts (/_emulator/stats)
+        self.implicit_reloads = 0
 
     # --- admin endpoints -------------------------------------------------------------------------
 
@@ -256,6 +258,7 @@ class LoraRegistry:
         if pinned and len(self.pinned) >= settings.max_loras_per_batch - 1:
             return 400, self.output(False, PIN_LIMIT.format(name=name), True)
         self.register(name, path, pinned)
+        self.loads += 1
         if not self.evict_past_limit():
             return 400, self.output(False, EVICTION_FAILED, False)
         return 200, self.output(True, "", True)
@@ -310,6 +313,7 @@ class LoraRegistry:
             return
         if adapter not in self.ever_loaded:
             raise ValueError(NEVER_LOADED.format(name=adapter, names=dict_keys_repr(self.ever_loaded)))
+        self.implicit_reloads += 1  # test-only count (/_emulator/stats): a request met an adapter not loaded
         self.register(adapter, self.ever_loaded[adapter], pinned=False)  # "Reloading evicted adapter"
         self.evict_past_limit()
 

@@ -50,6 +50,8 @@ class SglangOptions:
     context_length: int = 262144
     startup_delay_s: float = 0.0
     prefill_delay_s: float = 0.0  # every generation's time to its first token (after the head on streams)
+    decode_interval_s: float = 0.0  # between a stream's events (decode speed); 0: back to back
+    max_running_requests: int | None = None  # --max-running-requests; /server_info reports the effective cap
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
     enable_metrics: bool = False
     enable_cache_report: bool = False
@@ -97,6 +99,7 @@ class SglangState:
         self.counters: Counter[str] = Counter()
         self.engine = Engine(options.clock, options.sleep)
         self.in_flight = 0
+        self.peak_in_flight = 0   # test-only (/_emulator/stats): the most generations at once
         self.idle = asyncio.Event()
         self.idle.set()
         self.healthy = True  # False: `POST /_emulator/health {"healthy": false}`, an unhealthy server
@@ -132,6 +135,7 @@ class SglangState:
     def generating(self) -> Iterator[None]:
         """One request in `rid_to_state`: what `/flush_cache` and a graceful exit wait for."""
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self.idle.clear()
         try:
             yield
@@ -153,7 +157,8 @@ class SglangState:
 
         async def before_first() -> None:
             await self.engine.first_token(prefill_s)
-        return StreamingResponse(self.tracked(faulty_events(events, fault, error, before_first)),
+        return StreamingResponse(self.tracked(faulty_events(events, fault, error, before_first,
+                                                            self.options.decode_interval_s)),
                                  media_type="text/event-stream")
 
     async def health_check(self) -> bool:
@@ -200,7 +205,10 @@ def server_info_body(state: SglangState) -> dict[str, Any]:
         "enable_metrics": options.enable_metrics,
         "enable_cache_report": options.enable_cache_report,
         "kt_expert_lora_path": options.static_expert_adapter and options.lora_paths.get(options.static_expert_adapter),
-        "internal_states": [{"last_gen_throughput": 0.0, "weight_version": options.weight_version}],
+        "max_running_requests": options.max_running_requests,
+        # The scheduler's cap (ServerArgs' value, else what it computed from memory; 128 is a typical figure).
+        "internal_states": [{"last_gen_throughput": 0.0, "weight_version": options.weight_version,
+                             "effective_max_running_requests_per_dp": options.max_running_requests or 128}],
         "version": "0.7.2",
     }
 
