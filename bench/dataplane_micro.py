@@ -77,13 +77,15 @@ class CannedTransport:
         pass
 
 
-async def run(requests: int, cycles: bool = False, stream: bool = False) -> float:
-    config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
-                                           "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
-                                           "routes": [{"name": "kimi", "targets": ["up"]}]})
+def build(stream: bool = False, config: dict | None = None, key: str = "x"):
+    """The app on canned upstream bytes, its scope, and a factory of one request's ASGI receive/send;
+    `sent` collects what the app sent (bench/instr_guard.py drives the same requests under callgrind)."""
+    config = GatewayConfig.model_validate(config or {
+        "state_dir": tempfile.mkdtemp(), "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+        "routes": [{"name": "kimi", "targets": ["up"]}]})
     app = create_app(config, drivers={"up": LlamaCppDriver("up", [CannedTransport()])})
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
-        (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
+        (b"content-type", b"application/json"), (b"authorization", b"Bearer " + key.encode())]}
     sent = []
 
     def exchange():
@@ -104,6 +106,11 @@ async def run(requests: int, cycles: bool = False, stream: bool = False) -> floa
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 complete.set()
         return receive, send
+    return app, scope, exchange, sent
+
+
+async def run(requests: int, cycles: bool = False, stream: bool = False) -> float:
+    app, scope, exchange, sent = build(stream)
 
     for _ in range(500):  # warm up
         await app(scope, *exchange())

@@ -6,7 +6,8 @@
   chat.completion.chunk events (one HTTP chunk each), a usage event and `data: [DONE]`, with `delay-ms` between
   events; otherwise a canned chat.completion. The request's `model` picks a profile (`--profile NAME=CHUNKS:DELAY_MS`),
   else the defaults apply. Events echo the request's model, so a relay that rewrites `model` has real work to do.
-- GET /health -> 200 {"status":"ok"}; GET /lora-adapters -> [] (what the gateway's llama.cpp driver asks for).
+- GET /health -> 200 {"status":"ok"}; GET /lora-adapters -> [] (what the gateway's llama.cpp driver asks for);
+  GET /v1/models lists the profiles' names (a Rust router such as smg discovers its workers' models there).
 
 Keep-alive, chunked transfer encoding, TCP_NODELAY; head and first event go out in one write. A stream whose
 client hangs up is cancelled. Not a general HTTP server: one request at a time per connection, no pipelining.
@@ -88,6 +89,8 @@ class Server:
         self._completions: dict[str, bytes] = {}
         self.open_streams = 0
         self.streams_started = 0
+        self.models = fixed(200, json.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 1700000000, "owned_by": "bench"} for name in profiles]}).encode())
 
     def events(self, model: str, chunks: int) -> list[bytes]:
         key = (model, chunks)
@@ -181,6 +184,8 @@ class Connection(asyncio.Protocol):
             self.transport.write(HEALTH)
         elif path == b"/lora-adapters":
             self.transport.write(LORA)
+        elif path == b"/v1/models":
+            self.transport.write(self.server.models)
         elif method == b"POST" and path in (b"/v1/chat/completions", b"/v1/completions"):
             try:
                 doc = loads(body)
