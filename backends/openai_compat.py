@@ -23,7 +23,7 @@ from backends.errors import (
 )
 from backends.field_support import asks_for_any, check_best_of
 from backends.protocol import COMPLETIONS_PATH
-from backends.reply_shape import ReplyShape
+from backends.reply_shape import ReplyShape, SameField
 from backends.transport import UpstreamResponse
 
 # The verification probe: greedy and short, so that it repeats exactly and costs little (issue 13).
@@ -121,7 +121,7 @@ class RelayReply:
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
-        self._model_field = b'"model":' + orjson.dumps(request.model)
+        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model))
         self._backend = backend
         self._stream_error = stream_error
         self._fix_document = fix_document
@@ -182,7 +182,7 @@ class RelayReply:
 
     def _rewrite(self, block: bytes) -> bytes:
         request = self._request
-        block = self.shape.block(MODEL_FIELD.sub(self._replace_model, block))
+        block = self.shape.block(self._models.sub(block))
         if self._fix_block is not None:
             block = self._fix_block(block, request)
         if b'"usage"' in block:
@@ -194,9 +194,6 @@ class RelayReply:
         if request.rules.strip_reasoning and b'"reasoning_content"' in block:
             block = REASONING_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         return block
-
-    def _replace_model(self, _match: re.Match) -> bytes:
-        return self._model_field
 
     def _route_usage(self, block: bytes) -> bytes:
         events = [event for event in block.split(EVENT_END) if event]
