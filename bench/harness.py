@@ -232,7 +232,8 @@ class Bench:
         self.python = sys.executable
         self.procs: list[Proc] = []
         self.ports = {name: free_port() for name in ("nginx", "sse", "gateway", "litellm", "envoy", "envoy_sse",
-                                                      "envoy_admin", "smg", "smg_metrics")}
+                                                      "envoy_admin", "smg", "smg_metrics", "sse_ttft", "sse_slow",
+                                                      "sse_paced")}
         self.litellm_reason: str | None = None
         self.litellm_python = args.litellm_python
         if args.skip_litellm:
@@ -347,7 +348,10 @@ http {{
             "taskset", "-c", UPSTREAM_CPU, self.python, str(HERE / "sse_upstream.py"), "--port", str(self.ports["sse"]),
             "--chunks", str(plan["stream_chunks"]), "--delay-ms", "0",
             "--profile", f"bench-stream={plan['stream_chunks']}:0", "--profile", "bench-ttft=8:0",
-            "--profile", "bench-slow=600:1000", "--profile", f"bench-paced={PACED_EVENTS}:{PACED_DELAY_MS}"])
+            "--profile", "bench-slow=600:1000", "--profile", f"bench-paced={PACED_EVENTS}:{PACED_DELAY_MS}",
+            # one port per other streaming profile, for smg (one model per worker; see sse_upstream.py)
+            *(arg for name in ("ttft", "slow", "paced")
+              for arg in ("--model-port", f"{self.ports['sse_' + name]}=bench-{name}"))])
         wait_http(self.ports["sse"], "/health", self.sse, 15)
 
     def gateway_config(self, name: str, port: int) -> Path:
@@ -448,18 +452,16 @@ routes:
 
     def start_smg(self) -> None:
         """smg (sgl-model-gateway, Rust; PyPI `smg`): `smg launch` in front of both upstreams, routed by model
-        (it discovers each worker's model from /v1/models), round robin, the client key as `--api-key`, its
+        (it takes each worker's first model from its /v1/models: the SSE server gives it one port per streaming
+        profile), round robin, the client key as `--api-key`, its
         retries off (the gateway retries only connection failures, which never happen here)."""
         self.peers[SMG] = self.spawn("smg", [
             "taskset", "-c", GATEWAY_CPU, self.args.smg_bin, "launch", "--host", "127.0.0.1",
-            "--port", str(self.ports["smg"]), "--worker-urls", f"http://127.0.0.1:{self.ports['nginx']}",
-            f"http://127.0.0.1:{self.ports['sse']}", "--policy", "round_robin", "--disable-retries",
+            "--port", str(self.ports["smg"]), "--worker-urls",
+            *(f"http://127.0.0.1:{self.ports[name]}" for name in ("nginx", "sse", "sse_ttft", "sse_slow", "sse_paced")),
+            "--policy", "round_robin", "--disable-retries",
             "--api-key", BENCH_KEY, "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.ports["smg_metrics"]),
-            "--log-level", "warn", "--request-timeout-secs", "600",
-            # smg takes a worker's first /v1/models entry as its model; the other streaming profiles are aliases
-            # (it forwards the name the client sent, so the SSE server still picks the profile by it)
-            *(arg for name in ("bench-ttft", "bench-slow", "bench-paced")
-              for arg in ("--model-alias", f"{name}=bench-stream"))])
+            "--log-level", "warn", "--request-timeout-secs", "600"])
         deadline = time.monotonic() + 90
         while True:  # ready when both workers' models answer (discovery runs after the listener is up)
             if not self.peers[SMG].alive():

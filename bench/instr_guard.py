@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 BUDGET = HERE / "instr_budget.json"
 KINDS = {"json": dict(stream=False, requests=200), "stream": dict(stream=True, requests=60)}
 WARMUP = 300
-TOLERANCE = 0.02   # over budget by more than this: fail (noise between runs is well under 0.5%)
+TOLERANCE = 0.02   # over budget by more than this: fail (see README: the spread between runs measured here)
 
 
 # ---------------------------------------------------------------- inside valgrind
@@ -56,6 +56,23 @@ def inner_config() -> dict:
                                       "rpm": 10_000_000, "tpm": 1_000_000_000}]},
             "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
             "routes": [{"name": "kimi", "targets": ["up"]}]}
+
+
+def fixed_clocks() -> None:
+    """Clocks that advance 50 µs per reading: code paths that depend on elapsed time (histogram buckets, token
+    bucket refills, `created`) then take the same branches on every run however slow valgrind or the machine is.
+    Set before the gateway is imported, so that `from time import ...` binds these too."""
+    def clock(start: float):
+        state = [start]
+
+        def now() -> float:
+            state[0] += 5e-5
+            return state[0]
+        return now
+    time.monotonic, time.perf_counter, time.time = clock(1000.0), clock(1000.0), clock(1_700_000_000.0)
+    time.monotonic_ns = lambda: int(time.monotonic() * 1e9)
+    time.perf_counter_ns = lambda: int(time.perf_counter() * 1e9)
+    time.time_ns = lambda: int(time.time() * 1e9)
 
 
 async def inner(kind: str, requests: int) -> None:
@@ -111,6 +128,9 @@ def main() -> int:
     parser.add_argument("--keep", help="keep the callgrind dumps in this folder (callgrind_annotate reads them)")
     args = parser.parse_args()
     if args.inner:
+        import random
+        random.seed(0)
+        fixed_clocks()
         asyncio.run(inner(args.inner, args.requests))
         return 0
     for tool in ("valgrind", "callgrind_control"):
