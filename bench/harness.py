@@ -1189,8 +1189,8 @@ def per_round_table(bench: Bench) -> str:
 
 def render_profile(bench: Bench) -> str:
     profile = bench.results.get("profile") or {}
-    if "error" in profile:
-        return f"No profile: {profile['error']}"
+    if "error" in profile or "samples" not in profile:
+        return f"No profile: {profile.get('error', 'not measured in this run')}"
     lines = [f"py-spy {bench.args.pyspy_version or ''} `record --native` sampled the gateway's main thread at 250 Hz for "
              f"{profile['seconds']} s under wrk (closed loop, 32 connections; {profile['load_rps']:,.0f} req/s while "
              f"sampled: py-spy stops the process to unwind its native stack at each sample, so the rate is far below "
