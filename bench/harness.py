@@ -930,6 +930,8 @@ def git_commit() -> str:
     """The checked-out commit, read from .git's files (the harness runs no git command)."""
     gitdir = REPO / ".git"
     try:
+        if gitdir.is_file():  # a git worktree: `.git` names the real one
+            gitdir = Path(gitdir.read_text().split("gitdir:", 1)[1].strip())
         head = (gitdir / "HEAD").read_text().strip()
         if head.startswith("ref: "):
             ref = head[5:]
