@@ -58,23 +58,6 @@ def inner_config() -> dict:
             "routes": [{"name": "kimi", "targets": ["up"]}]}
 
 
-def fixed_clocks() -> None:
-    """Clocks that advance 50 µs per reading: code paths that depend on elapsed time (histogram buckets, token
-    bucket refills, `created`) then take the same branches on every run however slow valgrind or the machine is.
-    Set before the gateway is imported, so that `from time import ...` binds these too."""
-    def clock(start: float):
-        state = [start]
-
-        def now() -> float:
-            state[0] += 5e-5
-            return state[0]
-        return now
-    time.monotonic, time.perf_counter, time.time = clock(1000.0), clock(1000.0), clock(1_700_000_000.0)
-    time.monotonic_ns = lambda: int(time.monotonic() * 1e9)
-    time.perf_counter_ns = lambda: int(time.perf_counter() * 1e9)
-    time.time_ns = lambda: int(time.time() * 1e9)
-
-
 async def inner(kind: str, requests: int) -> None:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -130,7 +113,6 @@ def main() -> int:
     if args.inner:
         import random
         random.seed(0)
-        # fixed_clocks() changes the stream path (see the README); left off
         asyncio.run(inner(args.inner, args.requests))
         return 0
     for tool in ("valgrind", "callgrind_control"):
