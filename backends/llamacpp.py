@@ -83,7 +83,7 @@ def fix_reasoning(doc: dict, request: BackendRequest) -> None:
 
 def fix_reasoning_stream(block: bytes, request: BackendRequest) -> bytes:
     """With thinking off, reasoning deltas are the answer (the same gap, streamed)."""
-    if not request.thinking and b'"reasoning_content"' in block:
+    if not request.thinking and block.find(b'"reasoning_content"') >= 0:
         return block.replace(b'"reasoning_content":', b'"content":')
     return block
 

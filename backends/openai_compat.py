@@ -29,7 +29,7 @@ from backends.errors import (
 from backends.field_support import asks_for_any, check_best_of
 from backends.protocol import COMPLETIONS_PATH
 from backends.replica_traffic import ReplicaTraffic
-from backends.reply_shape import ReplyShape
+from backends.reply_shape import ReplyShape, SameField
 from backends.transport import UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ USAGE_KEY = b'"usage"'
 
 def has_usage_object(data: bytes) -> bool:
     """A usage object, not SGLang's `"usage":null` on every chunk: three substring scans, no parsing."""
-    return USAGE_KEY in data and (b'"usage":{' in data or b'"usage": {' in data)
+    return data.find(USAGE_KEY) >= 0 and (data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0)
 
 
 def strip_choice_usage(choices: object) -> bool:
@@ -131,7 +131,7 @@ class RelayReply:
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
-        self._model_field = b'"model":' + orjson.dumps(request.model)
+        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model))
         self._backend = backend
         self._stream_error = stream_error
         self._fix_document = fix_document
@@ -181,7 +181,7 @@ class RelayReply:
                 if cut < 0:
                     continue
                 block, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-                if waiting_first and b"data:" in block:  # SSE comments before it are not the first event
+                if waiting_first and block.find(b"data:") >= 0:  # SSE comments before it are not the first event
                     waiting_first = False
                     upstream.first_event_received()
                 error_at = block.find(b'data: {"error"') if self._stream_error is not None else -1
@@ -189,7 +189,7 @@ class RelayReply:
                     if error_at:
                         yield self._rewrite(block[:error_at])
                     raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
-                done = DONE in block
+                done = block.find(DONE) >= 0  # bytes.find, not `in`: see backends/reply_shape.py
                 block = self._rewrite(block)
                 if done and self._owes_usage_chunk():
                     block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
@@ -207,25 +207,22 @@ class RelayReply:
 
     def _rewrite(self, block: bytes) -> bytes:
         request = self._request
-        block = self.shape.block(MODEL_FIELD.sub(self._replace_model, block))
-        if REASONING_ALIAS_KEY in block:
+        block = self.shape.block(self._models.sub(block))
+        if block.find(REASONING_ALIAS_KEY) >= 0:
             block = reasoning_alias_block(block)
         if self._fix_block is not None:
             block = self._fix_block(block, request)
         if self._cut_guard is not None:
             block = self._cut_guard.block(block)
-        if b'"usage"' in block:
+        if block.find(b'"usage"') >= 0:
             block = self.shape.usage_block(block)
         if has_usage_object(block):
             block = self._route_usage(block)
         if request.observer is not None:
             request.observer.on_block(block)
-        if request.rules.strip_reasoning and b'"reasoning_content"' in block:
+        if request.rules.strip_reasoning and block.find(b'"reasoning_content"') >= 0:
             block = REASONING_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         return block
-
-    def _replace_model(self, _match: re.Match) -> bytes:
-        return self._model_field
 
     def _route_usage(self, block: bytes) -> bytes:
         events = [event for event in block.split(EVENT_END) if event]

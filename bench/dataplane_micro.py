@@ -79,23 +79,19 @@ class CannedTransport:
         pass
 
 
-async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False,
-              slots: int | None = None) -> float:
-    routes = [{"name": "kimi", "targets": ["up"]}]
-    if experiment:  # the request names an A/B experiment over two base routes, sticky on `user`
-        routes += [{"name": "kimi-b", "targets": ["up"]},
-                   {"name": "ab", "experiment": {"variants": {"kimi": 90, "kimi-b": 10}}}]
-    config = GatewayConfig.model_validate({"state_dir": tempfile.mkdtemp(),
-                                           "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
-                                           "routes": routes,
-                                           # the fact writer does not run here: room for every fact, none dropped
-                                           "experiments": {"queue_size": requests + 1000}})
+def build(stream: bool = False, config: dict | None = None, key: str = "x", slots: int | None = None,
+          body: bytes | None = None):
+    """The app on canned upstream bytes, its scope, and a factory of one request's ASGI receive/send;
+    `sent` collects what the app sent (bench/instr_guard.py drives the same requests under callgrind)."""
+    config = GatewayConfig.model_validate(config or {
+        "state_dir": tempfile.mkdtemp(), "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+        "routes": [{"name": "kimi", "targets": ["up"]}]})
     driver = LlamaCppDriver("up", [CannedTransport()])
     if slots is not None:  # the admission queue's uncontended path: a slot leased and released per request
         driver.configure_traffic(slots, OutlierConfig(), RetryBudgetConfig())
     app = create_app(config, drivers={"up": driver})
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
-        (b"content-type", b"application/json"), (b"authorization", b"Bearer x")]}
+        (b"content-type", b"application/json"), (b"authorization", b"Bearer " + key.encode())]}
     sent = []
 
     def exchange():
@@ -109,26 +105,38 @@ async def run(requests: int, cycles: bool = False, stream: bool = False, experim
                 await complete.wait()
                 return {"type": "http.disconnect"}
             delivered = True
-            body = STREAM_BODY if stream else BODY
-            return {"type": "http.request", "body": AB_BODY if experiment else body, "more_body": False}
+            return {"type": "http.request", "body": body or (STREAM_BODY if stream else BODY), "more_body": False}
 
         async def send(message):
             sent.append(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 complete.set()
         return receive, send
+    return app, scope, exchange, sent
+
+
+def experiment_config(requests: int) -> dict:
+    """An A/B experiment over two base routes, sticky on `user`; room for every fact (no writer runs here)."""
+    return {"state_dir": tempfile.mkdtemp(),
+            "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+            "routes": [{"name": "kimi", "targets": ["up"]}, {"name": "kimi-b", "targets": ["up"]},
+                       {"name": "ab", "experiment": {"variants": {"kimi": 90, "kimi-b": 10}}}],
+            "experiments": {"queue_size": requests + 1000}}
+
+
+async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False,
+              slots: int | None = None) -> float:
+    app, scope, exchange, sent = build(stream, experiment_config(requests) if experiment else None, slots=slots,
+                                       body=AB_BODY if experiment else None)
 
     for _ in range(500):  # warm up
         await app(scope, *exchange())
     sent.clear()
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL) if cycles else None
-    facts = app.state.experiments.facts
     start = time.process_time()
-    for index in range(requests):
+    for _ in range(requests):
         await app(scope, *exchange())
-        if index % 500 == 0:
-            facts._facts.clear()  # what the writer does every flush_interval_s (its own cost: experiments_micro.py)
     spent = time.process_time() - start
     assert sent[0]["status"] == 200, sent[:2]
     if cycles:

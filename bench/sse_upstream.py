@@ -6,7 +6,11 @@
   chat.completion.chunk events (one HTTP chunk each), a usage event and `data: [DONE]`, with `delay-ms` between
   events; otherwise a canned chat.completion. The request's `model` picks a profile (`--profile NAME=CHUNKS:DELAY_MS`),
   else the defaults apply. Events echo the request's model, so a relay that rewrites `model` has real work to do.
-- GET /health -> 200 {"status":"ok"}; GET /lora-adapters -> [] (what the gateway's llama.cpp driver asks for).
+- GET /health -> 200 {"status":"ok"}; GET /lora-adapters -> [] (what the gateway's llama.cpp driver asks for);
+  GET /v1/models lists the profiles' names (a Rust router such as smg discovers its workers' models there).
+- `--model-port PORT=MODEL` also listens on PORT, where every request gets MODEL's profile and /v1/models lists
+  MODEL alone: smg takes one model per worker and rewrites an alias to its canonical name, so it gets one
+  worker URL per streaming profile (all served by this one process).
 
 Keep-alive, chunked transfer encoding, TCP_NODELAY; head and first event go out in one write. A stream whose
 client hangs up is cancelled. Not a general HTTP server: one request at a time per connection, no pipelining.
@@ -74,6 +78,11 @@ def stream_events(model: str, chunks: int) -> list[bytes]:
     return [as_chunk(e) for e in events] + [b"0\r\n\r\n"]
 
 
+def models_body(names: list[str]) -> bytes:
+    return fixed(200, json.dumps({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 1700000000, "owned_by": "bench"} for name in names]}).encode())
+
+
 HEALTH = fixed(200, b'{"status":"ok"}')
 LORA = fixed(200, b"[]")
 NOT_FOUND = fixed(404, b'{"error":{"message":"not found","type":"not_found_error","code":404}}')
@@ -88,6 +97,7 @@ class Server:
         self._completions: dict[str, bytes] = {}
         self.open_streams = 0
         self.streams_started = 0
+        self.models = models_body(list(profiles))
 
     def events(self, model: str, chunks: int) -> list[bytes]:
         key = (model, chunks)
@@ -106,8 +116,9 @@ class Server:
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, model: str | None = None) -> None:
         self.server = server
+        self.model = model  # this port's fixed profile (--model-port), else the request's model picks it
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -181,10 +192,12 @@ class Connection(asyncio.Protocol):
             self.transport.write(HEALTH)
         elif path == b"/lora-adapters":
             self.transport.write(LORA)
+        elif path == b"/v1/models":
+            self.transport.write(models_body([self.model]) if self.model else self.server.models)
         elif method == b"POST" and path in (b"/v1/chat/completions", b"/v1/completions"):
             try:
                 doc = loads(body)
-                model = str(doc.get("model") or "bench")
+                model = self.model or str(doc.get("model") or "bench")
             except Exception:
                 self.transport.write(BAD_REQUEST)
                 return
@@ -230,6 +243,9 @@ async def main_async(args) -> None:
     server = Server(args.chunks, args.delay_ms / 1000, profiles)
     loop = asyncio.get_running_loop()
     srv = await loop.create_server(lambda: Connection(server), args.host, args.port, backlog=4096)
+    for spec in args.model_port:
+        port, _, model = spec.partition("=")
+        await loop.create_server(lambda model=model: Connection(server, model), args.host, int(port), backlog=4096)
     print(f"sse_upstream listening on {args.host}:{args.port}", flush=True)
     async with srv:
         if args.seconds:
@@ -246,6 +262,8 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="delay between events (0: back to back)")
     parser.add_argument("--profile", action="append", default=[], metavar="MODEL=CHUNKS:DELAY_MS",
                         help="per-model override, e.g. bench-slow=60:1000")
+    parser.add_argument("--model-port", action="append", default=[], metavar="PORT=MODEL",
+                        help="also listen on PORT, answering every request with MODEL's profile")
     parser.add_argument("--seconds", type=float, default=0, help="exit after this long (0: run until killed)")
     args = parser.parse_args()
     try:

@@ -153,3 +153,39 @@ def test_backend_requests_carry_the_trace_context():
 ])
 def test_null_only_fields_go_and_finish_reason_null_stays(event, expected):
     assert ReplyShape("/v1/chat/completions", 1).block(event) == expected
+
+
+# SameField: the bytes.replace fast path must give exactly what the regex gives, block after block.
+SAME_FIELD_BLOCKS = [
+    b'data: {"id":"chatcmpl-A","created":17,"model":"up","x":1}\n\n',
+    b'data: {"id":"chatcmpl-A","created":17,"model":"up"}\n\ndata: {"id":"chatcmpl-A","created":17,"model":"up"}\n\n',
+    b'data: {"id":"chatcmpl-B","created":170,"model":"up2"}\n\n',          # another value: the regex, then cached
+    b'data: {"id":"chatcmpl-B","created":1700,"model":"up2"}\n\n',         # a longer number with the same prefix
+    b'data: {"id":"chatcmpl-B","created":170,"model":"up2","choices":[{"delta":{"content":"cmpl- \\"model\\": x"}}]}\n\n',
+    b'data: {"id": "cmpl-C","created": 5,"model": "up\\"q","tool_calls":[{"id":"call_1"}]}\n\n',
+    b'data: {"id":"chatcmpl-A","created":17,"model":"up"}\n\ndata: {"id":"chatcmpl-Z","created":18,"model":"up9"}\n\n',
+    b": keep-alive\n\n",
+    b'data: {"id":"chatcmpl-A","created":17}\n\n',
+]
+
+
+def test_same_field_rewrites_exactly_as_the_regex_does():
+    from backends.openai_compat import MODEL_FIELD
+    from backends.reply_shape import CREATED_FIELD, ID_FIELD, SameField
+    cases = [(ID_FIELD, b"cmpl-", b'"id":"chatcmpl-OURS"', False), (CREATED_FIELD, b'"created":', b'"created":99', True),
+             (MODEL_FIELD, b'"model":', b'"model":"as\\\\ked"', False)]
+    for pattern, key, new, tail in cases:
+        field = SameField(pattern, key, new, tail)
+        for block in SAME_FIELD_BLOCKS + SAME_FIELD_BLOCKS[::-1]:
+            assert field.sub(block) == pattern.sub(lambda _m: new, block), (pattern.pattern, block)
+
+
+async def test_a_stream_keeps_one_id_created_and_model_through_the_fast_path():
+    chunks = [event(llama_chunk(1700000000 + i // 3, {"content": f"t{i}"})) for i in range(10)]
+    chunks += [event(llama_chunk(1700000009, {}, "stop")), b"data: [DONE]\n\n"]
+    reply = RelayReply(Upstream(chunks), request(), backend="b")
+    out = b"".join([block async for block in reply.events()])
+    docs = [orjson.loads(line[6:]) for line in out.split(b"\n\n") if line.startswith(b"data: {")]
+    assert len(docs) == 11
+    assert {(d["id"], d["created"], d["model"]) for d in docs} == {(reply.shape.id, reply.shape.created, "asked")}
+
