@@ -2,8 +2,10 @@
 Moonshot emulators, and the gateway itself started as `kimi-gateway serve --config`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -66,6 +68,12 @@ def processes(secrets):
     search: no key any test process was given may appear in any log those processes wrote."""
     started: list[ServerProcess] = []
     yield started
+    # A gateway drains on SIGTERM for `shutdown.grace_s` and stops at once on a second one: signal every process
+    # first, so that stop()'s own SIGTERM is the second and the session does not wait out each grace in turn.
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.process.pid, signal.SIGTERM)
     for process in reversed(started):
         process.stop()
     logs = {p.log_path: Path(p.log_path).read_text(errors="replace") for p in started if p.log_path}

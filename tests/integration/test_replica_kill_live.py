@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import httpx
+import orjson
 
 from backends.launchers.llamacpp import LlamaServerLaunch, free_port
 from tests.integration.conftest import ROOT
@@ -47,8 +48,8 @@ def ejected_at(processes, name: str) -> float | None:
     /metrics from a loaded test process would measure the poll."""
     log = next(p.log_path for p in processes if p.log_path and p.log_path.name == f"{name}.log")
     for line in log.read_text().splitlines():
-        if "ejected after" in line:
-            return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if "ejected after" in line:  # one JSON object per line (gateway/logs.py), `ts` in UTC to the millisecond
+            return datetime.fromisoformat(orjson.loads(line)["ts"].replace("Z", "+00:00")).timestamp()
     return None
 
 
