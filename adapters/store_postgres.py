@@ -162,37 +162,8 @@ class PostgresStore:
     async def watch(self, on_change: Callable[[], None]) -> None:
         """Call `on_change()` for every committed change (this replica's too), and once more every time
         the LISTEN connection comes back after a loss: then notifications may have been missed."""
-        self._watch_task = asyncio.create_task(self._listen(on_change), name="adapter-store-listen")
-
-    async def _listen(self, on_change: Callable[[], None]) -> None:
-        lost_before = False
-        while True:
-            closed = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-            except (*UNREACHABLE, asyncpg.PostgresError) as exc:
-                if not lost_before:
-                    log.warning("adapter store: no LISTEN connection (%s); retrying", describe(exc))
-                lost_before = True
-                await asyncio.sleep(RECONNECT_S)
-                continue
-            try:
-                conn.add_termination_listener(lambda _conn: closed.set())
-                await conn.add_listener(CHANNEL, lambda *_args: on_change())
-                if lost_before:
-                    log.warning("adapter store: LISTEN connection back; re-reading the registry")
-                    on_change()
-                lost_before = True   # from here on, any loss may have dropped notifications
-                while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), RECONNECT_S * 4)
-                    except TimeoutError:
-                        await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_S)   # a silent loss shows here
-            except (*UNREACHABLE, asyncpg.PostgresError) as exc:
-                log.warning("adapter store: LISTEN connection lost (%s)", describe(exc))
-            finally:
-                conn.terminate()
-            await asyncio.sleep(RECONNECT_S)
+        self._watch_task = asyncio.create_task(listen(self.dsn, CHANNEL, on_change, "adapter store"),
+                                               name="adapter-store-listen")
 
     # --- the AdapterStore interface ---------------------------------------------------------------------
 
@@ -337,3 +308,36 @@ class PostgresStore:
 
 def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+async def listen(dsn: str, channel: str, on_change: Callable[[], None], what: str) -> None:
+    """LISTEN on `channel` for ever: `on_change()` for each notification, and once more each time the
+    connection comes back after a loss (notifications may have been missed). Shared by every PostgreSQL store."""
+    lost_before = False
+    while True:
+        closed = asyncio.Event()
+        try:
+            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+        except (*UNREACHABLE, asyncpg.PostgresError) as exc:
+            if not lost_before:
+                log.warning("%s: no LISTEN connection (%s); retrying", what, describe(exc))
+            lost_before = True
+            await asyncio.sleep(RECONNECT_S)
+            continue
+        try:
+            conn.add_termination_listener(lambda _conn: closed.set())
+            await conn.add_listener(channel, lambda *_args: on_change())
+            if lost_before:
+                log.warning("%s: LISTEN connection back; re-reading", what)
+                on_change()
+            lost_before = True   # from here on, any loss may have dropped notifications
+            while not closed.is_set():
+                try:
+                    await asyncio.wait_for(closed.wait(), RECONNECT_S * 4)
+                except TimeoutError:
+                    await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_S)   # a silent loss shows here
+        except (*UNREACHABLE, asyncpg.PostgresError) as exc:
+            log.warning("%s: LISTEN connection lost (%s)", what, describe(exc))
+        finally:
+            conn.terminate()
+        await asyncio.sleep(RECONNECT_S)

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import asyncpg
 
 from adapters.store import StoreUnavailableError
-from adapters.store_postgres import CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S, OPEN_WAIT_S, RECONNECT_S, UNREACHABLE
-from adapters.store_postgres import describe, migrate
+from adapters.store_postgres import CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S, OPEN_WAIT_S, UNREACHABLE
+from adapters.store_postgres import describe, listen, migrate
 from gateway.experiments.store import ExperimentEvent, FactRow, Feedback, RequestFact, RouteOverride, ShadowCall
 
 log = logging.getLogger(__name__)
@@ -168,36 +168,8 @@ class PostgresExperimentStore:
     async def watch(self, on_change: Callable[[], None]) -> None:
         """Call `on_change()` for every committed route change (this replica's too), and once more every time
         the LISTEN connection comes back after a loss."""
-        self._watch_task = asyncio.create_task(self._listen(on_change), name="experiment-store-listen")
-
-    async def _listen(self, on_change: Callable[[], None]) -> None:
-        lost_before = False
-        while True:
-            closed = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-            except (*UNREACHABLE, asyncpg.PostgresError) as exc:
-                if not lost_before:
-                    log.warning("experiment store: no LISTEN connection (%s); retrying", describe(exc))
-                lost_before = True
-                await asyncio.sleep(RECONNECT_S)
-                continue
-            try:
-                conn.add_termination_listener(lambda _conn: closed.set())
-                await conn.add_listener(CHANNEL, lambda *_args: on_change())
-                if lost_before:
-                    on_change()
-                lost_before = True
-                while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), RECONNECT_S * 4)
-                    except TimeoutError:
-                        await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT_S)   # a silent loss shows here
-            except (*UNREACHABLE, asyncpg.PostgresError) as exc:
-                log.warning("experiment store: LISTEN connection lost (%s)", describe(exc))
-            finally:
-                conn.terminate()
-            await asyncio.sleep(RECONNECT_S)
+        self._watch_task = asyncio.create_task(listen(self.dsn, CHANNEL, on_change, "experiment store"),
+                                               name="experiment-store-listen")
 
     # --- run-time routes --------------------------------------------------------------------------------
 
