@@ -72,9 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from gateway.workers import serve_workers
 
-        serve_workers(args.config, config, host=host, port=port, workers=args.workers)
+        serve_workers(args.config, config, host=host, port=port, workers=args.workers, http=args.http)
         return 0
-    serve(config, host=host, port=port)
+    serve(config, host=host, port=port, http=args.http)
     return 0
 
 
@@ -108,6 +108,9 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int)
     serve_cmd.add_argument("--workers", type=int, default=1,
                            help="gateway processes on the same port (metrics added up across them)")
+    serve_cmd.add_argument("--http", choices=("lean", "uvicorn"), default="lean",
+                           help="the HTTP server under the app: the gateway's own (lean, the default: less CPU per "
+                                "request, bench/README.md) or uvicorn with httptools")
     serve_cmd.set_defaults(run=cmd_serve)
     hash_key = commands.add_parser("hash-key", help="print a key-file entry for the client key read on stdin")
     hash_key.add_argument("--name", default="client")

@@ -1,4 +1,5 @@
-"""serve(config): uvicorn with uvloop and httptools, TCP_NODELAY stated on every client socket.
+"""serve(config): the gateway's own HTTP/1.1 server (gateway/http_server.py, `--http lean`, the default) or
+uvicorn with httptools (`--http uvicorn`), on uvloop, TCP_NODELAY stated on every client socket.
 
 uvloop and asyncio already set TCP_NODELAY on accepted sockets (measured here); the protocol below
 makes that a property of the gateway rather than of a library default, because a response head and
@@ -37,6 +38,18 @@ def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
                           log_config=None)  # uvicorn's own lines go through gateway/logs.py like every other
 
 
+HTTP_SERVERS = ("lean", "uvicorn")
+DEFAULT_HTTP = "lean"
+
+
+def make_server(app, host: str, port: int, lifespan: bool, http: str):
+    if http == "lean":
+        from gateway.http_server import Server
+
+        return Server(app, host, port, lifespan=lifespan)
+    return QuietServer(server_config(app, host, port, "on" if lifespan else "off"))
+
+
 class QuietServer(uvicorn.Server):
     """Signals are handled once for all listeners (below), not re-raised after a clean shutdown."""
 
@@ -45,7 +58,7 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def serve(config: GatewayConfig, *, host: str, port: int) -> None:
+def serve(config: GatewayConfig, *, host: str, port: int, http: str = DEFAULT_HTTP) -> None:
     """One process, one app; a second listener when the admin API has its own. SIGTERM drains (gateway/shutdown.py),
     SIGINT stops at once."""
     from gateway.app import create_app
@@ -53,13 +66,13 @@ def serve(config: GatewayConfig, *, host: str, port: int) -> None:
 
     configure_logging(config.logging)
     app = create_app(config)
-    configs = [server_config(app, host, port, "on")]
+    servers = [make_server(app, host, port, True, http)]
     if config.admin_listen is not None:
-        configs.append(server_config(app, config.admin_listen.host, config.admin_listen.port, "off"))
-    uvloop.run(serve_all([QuietServer(c) for c in configs], drain=Drain(app.state, app.data_plane, config.shutdown)))
+        servers.append(make_server(app, config.admin_listen.host, config.admin_listen.port, False, http))
+    uvloop.run(serve_all(servers, drain=Drain(app.state, app.data_plane, config.shutdown)))
 
 
-def serve_sockets(config: GatewayConfig, sockets: list[socket.socket]) -> None:
+def serve_sockets(config: GatewayConfig, sockets: list[socket.socket], http: str = DEFAULT_HTTP) -> None:
     """One worker of `serve --workers N` (gateway/workers.py), on sockets its parent bound: the main
     listener, then the admin listener when there is one."""
     from gateway.app import create_app
@@ -67,7 +80,7 @@ def serve_sockets(config: GatewayConfig, sockets: list[socket.socket]) -> None:
 
     configure_logging(config.logging)
     app = create_app(config)
-    servers = [QuietServer(server_config(app, "", 0, "on" if index == 0 else "off")) for index in range(len(sockets))]
+    servers = [make_server(app, "", 0, index == 0, http) for index in range(len(sockets))]
     uvloop.run(serve_all(servers, [[sock] for sock in sockets], Drain(app.state, app.data_plane, config.shutdown)))
 
 
@@ -83,7 +96,7 @@ def dump_tasks() -> None:
         logging.getLogger("gateway.tasks").warning("task %s:\n%s", task.get_name(), "\n".join(frames))
 
 
-async def serve_all(servers: list[uvicorn.Server], sockets: list[list[socket.socket]] | None = None,
+async def serve_all(servers: list, sockets: list[list[socket.socket]] | None = None,
                     drain=None) -> None:
     loop = asyncio.get_running_loop()
 

@@ -43,13 +43,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker_main(config_path: str, sockets: list[socket.socket]) -> None:
+def worker_main(config_path: str, sockets: list[socket.socket], http: str) -> None:
     """One worker: the config read again (a spawned process starts clean), then the same server as one worker."""
     from gateway.config import load_config
     from gateway.server import serve_sockets
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent turns Ctrl-C into one SIGTERM per worker
-    serve_sockets(load_config(config_path), sockets)
+    serve_sockets(load_config(config_path), sockets, http)
 
 
 def wait_serving(host: str, port: int, process, timeout_s: float = 120.0) -> None:
@@ -65,7 +65,8 @@ def wait_serving(host: str, port: int, process, timeout_s: float = 120.0) -> Non
     raise ConfigError(f"worker 0 did not start serving on {host}:{port} within {timeout_s:.0f} s (see its log)")
 
 
-def serve_workers(config_path: str, config: GatewayConfig, *, host: str, port: int, workers: int) -> None:
+def serve_workers(config_path: str, config: GatewayConfig, *, host: str, port: int, workers: int,
+                  http: str = "lean") -> None:
     from gateway.logs import configure_logging
 
     check_workers(config, workers)
@@ -83,7 +84,7 @@ def serve_workers(config_path: str, config: GatewayConfig, *, host: str, port: i
     stopping = False
 
     def start() -> multiprocessing.Process:
-        process = context.Process(target=worker_main, args=(config_path, sockets), name="kimi-gateway-worker")
+        process = context.Process(target=worker_main, args=(config_path, sockets, http), name="kimi-gateway-worker")
         process.start()
         return process
 

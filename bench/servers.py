@@ -1,0 +1,342 @@
+"""The HTTP server under the app (issue 22): what uvicorn, granian and the gateway's own server (gateway/http_server.py)
+cost per request, on a trivial ASGI app and on the gateway itself; and how the gateway scales (issue 22 item 4).
+
+    bench/servers-run cost      [--rounds 3] [--duration 8] [--servers lean,uvicorn,granian] [--no-callgrind]
+    bench/servers-run scaling   [--rounds 3] [--duration 8]
+    python bench/servers.py serve --server lean --app trivial --port 8000     # one server (what the runs start)
+
+`cost`: for each app (trivial: reads the body, answers a fixed 333-byte JSON; gateway: `kimi-gateway serve` on
+bench/harness.py's config, nginx upstream), each server option runs pinned to cpu1 under `wrk -t1 -c32` on cpu0,
+interleaved with Envoy (same nginx upstream) round by round: req/s, and CPU µs per request from /proc (utime +
+stime of the server's process tree). Then each runs once under callgrind: instructions per request, counted over
+exactly N requests on one keep-alive connection (valgrind's gdbserver takes callgrind_control's commands while the
+server idles, so the counted window holds only those requests).
+
+`scaling`: `--workers 2` against 1 (nothing pinned: both cores for everything, as a user runs it), with Envoy at
+`--concurrency` 1 and 2 beside it; CPU per request pinned as above at 8, 100 and 1,000 connections, against Envoy's;
+latency added over direct for a 1 MB request body and for a request with 100 tools (open loop, 20 req/s), against
+Envoy's for the same bodies. Results as ratios to Envoy measured in the same run; bench/README.md quotes them.
+Needs what bench/run installs (nginx, wrk, Envoy's venv); granian goes into ~/.cache/kimi-gateway/bench-granian.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+REPLY = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
+                    "model": "bench-model", "system_fingerprint": "b1-bench",
+                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": "Hello! How can I help you today?"},
+                                 "logprobs": None, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}},
+                   separators=(",", ":")).encode()
+REPLY_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(REPLY)).encode())]
+
+
+async def trivial_app(scope, receive, send) -> None:
+    """The least an ASGI app can do for a POST: read the body, answer a fixed JSON reply."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": REPLY_HEADERS})
+    await send({"type": "http.response.body", "body": REPLY})
+
+
+def gateway_factory():
+    """granian's factory target: the gateway's app on the config in $KIMI_BENCH_GATEWAY_CONFIG."""
+    from gateway.app import create_app
+    from gateway.config import load_config
+    from gateway.logs import configure_logging
+
+    config = load_config(os.environ["KIMI_BENCH_GATEWAY_CONFIG"])
+    configure_logging(config.logging)
+    return create_app(config)
+
+
+def serve(args) -> None:
+    if args.server == "granian":
+        from granian import Granian
+
+        target, factory = ("servers:trivial_app", False) if args.app == "trivial" else ("servers:gateway_factory", True)
+        Granian(target, address="127.0.0.1", port=args.port, interface="asgi", workers=1, runtime_threads=1,
+                loop="uvloop", http="1", factory=factory, log_access=False, websockets=False).serve()
+        return
+    import uvloop
+
+    from gateway.server import make_server, serve_all
+    uvloop.run(serve_all([make_server(trivial_app, "127.0.0.1", args.port, True, args.server)]))
+
+
+# ---------------------------------------------------------------- outside: the runs
+
+def granian_path() -> str:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kimi-gateway" / "bench-granian"
+    if not (cache / "granian").exists():
+        print(f"[servers] installing granian into {cache}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(cache), "granian"],
+                       check=True)
+    return str(cache)
+
+
+class Runs:
+    def __init__(self, args) -> None:
+        import harness
+
+        self.h = harness
+        self.args = args
+        ns = argparse.Namespace(quick=True, litellm_python=None, skip_litellm=True, litellm_unavailable=None,
+                                litellm_bin=None, envoy_bin=args.envoy_bin, envoy_unavailable=None, smg_bin=None,
+                                smg_unavailable=None, skip_peers=False)
+        self.bench = harness.Bench(ns)
+        self.bench.reasons[harness.SMG] = "not in this run"
+        self.work = self.bench.work
+        self.procs: list = []
+        self.config = None
+
+    def start_upstreams(self) -> None:
+        self.bench.start_nginx()
+        self.config = self.bench.gateway_config("gateway.yaml", 0)
+
+    def start_envoy(self, concurrency: int = 1) -> int:
+        bench = self.bench
+        bench.start_envoy()
+        proc = bench.peers[self.h.ENVOY]
+        if concurrency != 1:   # the same config, more worker threads, unpinned
+            proc.stop()
+            bench.procs.remove(proc)
+            root = self.work / "envoy"
+            bench.peers[self.h.ENVOY] = proc = bench.spawn("envoy2", [
+                self.args.envoy_bin, "-c", str(root / "envoy.yaml"), "--concurrency", str(concurrency),
+                "--base-id", "7", "-l", "error"])
+            self.h.wait_http(bench.ports["envoy_admin"], "/ready", proc, 60)
+        return proc.pid
+
+    def stop_envoy(self) -> None:
+        proc = self.bench.peers[self.h.ENVOY]
+        if proc is not None:
+            proc.stop()
+            self.bench.procs.remove(proc)
+            self.bench.peers[self.h.ENVOY] = None
+            shutil.rmtree(self.work / "envoy", ignore_errors=True)
+
+    def start_server(self, server: str, app: str, port: int, *, pin: bool = True, workers: int = 1,
+                     valgrind: list[str] | None = None):
+        h = self.h
+        env = h.gateway_env()
+        env["KIMI_BENCH_GATEWAY_CONFIG"] = str(self.config)
+        if server == "granian":
+            env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + granian_path() + os.pathsep + str(HERE)
+        if app == "gateway" and server != "granian":
+            config = self.bench.gateway_config(f"gateway-{port}.yaml", port)
+            argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--http", server,
+                    "--workers", str(workers)]
+        else:
+            argv = [sys.executable, str(HERE / "servers.py"), "serve", "--server", server, "--app", app,
+                    "--port", str(port)]
+        argv = (valgrind or []) + argv
+        if pin:
+            argv = ["taskset", "-c", h.GATEWAY_CPU] + argv
+        env["PYTHONHASHSEED"] = "0"
+        proc = self.bench.spawn(f"{server}-{app}-{port}", argv, env)
+        ready = "/v1/models" if app == "gateway" else "/"
+        deadline = time.monotonic() + (600 if valgrind else 90)
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{server}/{app} exited:\n{proc.tail()}")
+            try:
+                if post(port, b"x") or h.http_get(port, ready)[0] in (200, 401, 405):
+                    return proc
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"{server}/{app} did not answer:\n{proc.tail()}")
+
+    def stop(self, proc) -> None:
+        proc.stop()
+        if proc in self.bench.procs:
+            self.bench.procs.remove(proc)
+
+    def wrk(self, port: int, connections: int, pids: list[int], duration: float) -> dict:
+        h = self.h
+        h.wait_quiet(pids)
+        before = h.cpu_seconds(pids)
+        result = self.bench.wrk(f"http://127.0.0.1:{port}/v1/chat/completions", connections, duration)
+        used = h.cpu_seconds(pids) - before
+        result["cpu_us_per_request"] = used * 1e6 / result["ok"] if result["ok"] else None
+        return result
+
+
+def post(port: int, body: bytes) -> bool:
+    """True when a POST to the chat path gets any HTTP answer (the trivial app answers everything)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request_bytes(body, close=True))
+        return sock.recv(16).startswith(b"HTTP/1.1 ")
+
+
+def request_bytes(body: bytes, close: bool = False) -> bytes:
+    import harness
+
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{harness.AUTH_HEADER}\r\nContent-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+def exchange(sock: socket.socket, request: bytes) -> int:
+    """One request on a keep-alive connection; the status. Responses here carry content-length."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def callgrind_control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, stdout=subprocess.DEVNULL, timeout=120)
+
+
+def server_pid(proc) -> int:
+    """The process that serves: the deepest valgrind'd one (granian serves from a child process)."""
+    import harness
+
+    tree = harness.process_tree(proc.pid)
+    mine = [pid for pid in tree if "valgrind" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            or "memcheck" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            or Path(f"/proc/{pid}/exe").resolve().name.startswith("callgrind")]
+    return (mine or tree)[-1]
+
+
+def count_instructions(runs: Runs, server: str, app: str, requests: int) -> dict:
+    port = runs.h.free_port()
+    out = runs.work / f"callgrind.{server}.{app}.out"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
+                "--trace-children=yes", "--vgdb=yes"]
+    started = time.monotonic()
+    proc = runs.start_server(server, app, port, valgrind=valgrind)
+    try:
+        time.sleep(1)
+        pid = server_pid(proc)
+        request = request_bytes(runs.h.CHAT_BODY.encode())
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            for _ in range(200):   # warm-up: caches, lazy imports, the upstream pool
+                exchange(sock, request)
+            time.sleep(0.5)
+            callgrind_control("--instr=on", str(pid))
+            callgrind_control("--zero", str(pid))
+            statuses = [exchange(sock, request) for _ in range(requests)]
+            time.sleep(0.5)
+            callgrind_control("--dump=measured", str(pid))
+        dumps = sorted(runs.work.glob(f"callgrind.{server}.{app}.out.{pid}*"))
+        totals = [int(m.group(1)) for d in dumps
+                  if "measured" in d.read_text(errors="replace")[:4000]
+                  for m in [re.search(r"^(?:summary|totals):\s+(\d+)", d.read_text(errors="replace"), re.M)] if m]
+        if not totals:
+            raise RuntimeError(f"no callgrind dump for {server}/{app}: {[str(d) for d in dumps]}")
+        bad = [s for s in statuses if s != 200]
+        return {"requests": requests, "instructions": sum(totals), "per_request": round(sum(totals) / requests),
+                "non200": len(bad), "seconds": round(time.monotonic() - started, 1)}
+    finally:
+        runs.stop(proc)
+
+
+def run_cost(args) -> dict:
+    import harness
+    runs = Runs(args)
+    results: dict = {"wrk": {}, "callgrind": {}, "rounds": args.rounds, "duration_s": args.duration}
+    servers = args.servers.split(",")
+    try:
+        runs.start_upstreams()
+        envoy_pid = runs.start_envoy()
+        envoy_port = runs.bench.ports["envoy"]
+        for app in args.apps.split(","):
+            procs = {}
+            for server in servers:
+                port = harness.free_port()
+                procs[server] = (runs.start_server(server, app, port), port)
+            table = results["wrk"][app] = {name: [] for name in [*servers, "Envoy"]}
+            for number in range(args.rounds):
+                for name in [*servers, "Envoy"]:
+                    if name == "Envoy":
+                        pids, port = [envoy_pid], envoy_port
+                    else:
+                        proc, port = procs[name]
+                        pids = harness.process_tree(proc.pid)
+                    result = runs.wrk(port, 32, pids, args.duration)
+                    table[name].append(result)
+                    print(f"[servers] {app} round {number + 1} {name}: {result['rps']:.0f} req/s, "
+                          f"{result['cpu_us_per_request'] or 0:.0f} µs/request, non-2xx {result['non2xx']}",
+                          flush=True)
+            for proc, _ in procs.values():
+                runs.stop(proc)
+        runs.stop_envoy()
+        if not args.no_callgrind:
+            for app in args.apps.split(","):
+                for server in servers:
+                    result = count_instructions(runs, server, app, args.callgrind_requests)
+                    results["callgrind"].setdefault(app, {})[server] = result
+                    print(f"[servers] callgrind {app} {server}: {result['per_request']:,} instructions/request "
+                          f"({result['non200']} non-200, {result['seconds']} s)", flush=True)
+    finally:
+        runs.bench.stop()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("serve")
+    one.add_argument("--server", choices=("lean", "uvicorn", "granian"), required=True)
+    one.add_argument("--app", choices=("trivial", "gateway"), required=True)
+    one.add_argument("--port", type=int, required=True)
+    cost = sub.add_parser("cost")
+    scaling = sub.add_parser("scaling")
+    for each in (cost, scaling):
+        each.add_argument("--rounds", type=int, default=3)
+        each.add_argument("--duration", type=float, default=8)
+        each.add_argument("--envoy-bin", required=True)
+        each.add_argument("--out", help="write the results as JSON here")
+    cost.add_argument("--servers", default="lean,uvicorn,granian")
+    cost.add_argument("--apps", default="trivial,gateway")
+    cost.add_argument("--no-callgrind", action="store_true")
+    cost.add_argument("--callgrind-requests", type=int, default=300)
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args)
+        return 0
+    results = run_cost(args) if args.command == "cost" else run_scaling(args)
+    text = json.dumps(results, indent=1, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
