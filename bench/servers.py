@@ -308,6 +308,34 @@ def run_cost(args) -> dict:
     return results
 
 
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summary(results: dict) -> str:
+    """Markdown tables: medians of the rounds, ratios to Envoy of the same run."""
+    lines = []
+    for app, table in results.get("wrk", {}).items():
+        envoy_rps = med([r["rps"] for r in table["Envoy"]])
+        envoy_cpu = med([r["cpu_us_per_request"] for r in table["Envoy"]])
+        counts = results.get("callgrind", {}).get(app, {})
+        lines += [f"\n{app} app: wrk -t1 -c32, {results['duration_s']:g} s, {results['rounds']} rounds, medians\n",
+                  "| server | req/s | × Envoy | CPU µs/request | × Envoy | instructions/request (callgrind) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, rounds in table.items():
+            rps, cpu = med([r["rps"] for r in rounds]), med([r["cpu_us_per_request"] for r in rounds])
+            count = counts.get(name, {}).get("per_request")
+            lines.append(f"| {name} | {rps:,.0f} | {rps / envoy_rps:.2f} | {cpu:.0f} | {cpu / envoy_cpu:.2f} | "
+                         f"{f'{count:,}' if count else '—'} |")
+        lines.append("\nrounds (req/s, µs/request): " + "; ".join(
+            f"{name} " + ", ".join(f"{r['rps']:.0f}/{r['cpu_us_per_request']:.0f}" for r in rounds)
+            for name, rounds in table.items()))
+    for key, value in results.get("scaling", {}).items():
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

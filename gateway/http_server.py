@@ -370,9 +370,9 @@ class Exchange:
         if not self.started:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"expected 'http.response.start', got {message['type']!r}")
+            self.head = self.response_head(message["status"], message.get("headers", ()))
             self.started = True
             self.expect = False
-            self.head = self.response_head(message["status"], message.get("headers", ()))
             return
         if self.complete:
             raise RuntimeError(f"{message['type']!r} sent after the response was complete")

@@ -1,0 +1,399 @@
+"""gateway/http_server.py over raw sockets: framing, keep-alive, pipelining, limits, timeouts, disconnects, lifespan.
+
+The server runs on its own uvloop in a thread, with a small ASGI app whose paths exercise one behaviour each.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvloop
+
+from gateway.http_server import Server, ServerLimits
+
+BODY_LIMIT = 1000
+
+
+class App:
+    def __init__(self) -> None:
+        self.events: list[str] = []          # lifespan messages and what /hold saw after its first chunk
+        self.bodies: list[int] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                self.events.append(message["type"])
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        path = scope["path"]
+        if path == "/boom":
+            raise ValueError("boom")
+        if path == "/limit":   # the gateway's read_body: refuse past the limit, and close
+            size = 0
+            while True:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if size > BODY_LIMIT:
+                    return await reply(send, 413, b"too large", [(b"connection", b"close")])
+                if not message.get("more_body"):
+                    return await reply(send, 200, b"ok")
+        if path == "/refuse":   # answers before reading the body (the gateway's 401)
+            return await reply(send, 401, b"no")
+        body, chunks = b"", 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.events.append("disconnect-early")
+                return
+            body += message.get("body", b"")
+            chunks += 1
+            if not message.get("more_body"):
+                break
+        self.bodies.append(len(body))
+        if path == "/slow":
+            await asyncio.sleep(float(scope["query_string"] or 0.2))
+        if path == "/stream":   # no content-length: chunked
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            for part in (b"one,", b"two,", b"three"):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if path == "/hold":   # a stream the client abandons: the app must see http.disconnect
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            message = await receive()
+            self.events.append(message["type"])
+            return
+        if path == "/inject":
+            return await reply(send, 200, b"x", [(b"x-evil", b"a\r\nset-cookie: b")])
+        answer = json.dumps({"method": scope["method"], "path": path, "query": scope["query_string"].decode(),
+                             "length": len(body), "chunks": chunks, "client": scope["client"] is not None,
+                             "server_port": scope["server"][1]}).encode()
+        await reply(send, 200, answer)
+
+
+async def reply(send, status: int, body: bytes, headers=()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Running:
+    def __init__(self, limits: ServerLimits) -> None:
+        self.app = App()
+        self.server = Server(self.app, "127.0.0.1", 0, limits=limits)
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while self.server.sockname is None:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        self.port = self.server.sockname[1]
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        return sock
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def running():
+    server = Running(ServerLimits(keepalive_s=1.0, head_timeout_s=1.0, body_timeout_s=1.0, max_head_bytes=4096,
+                                  grace_s=2.0))
+    yield server
+    server.stop()
+
+
+def request(path: str, body: bytes = b"", method: str = "POST", extra: str = "") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+class Reader:
+    """Reads responses off one socket, by content-length or chunked framing."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def response(self, head_only: bool = False) -> tuple[int, dict, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            assert self.fill(), f"closed before a response head: {self.buf!r}"
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if head_only or status == 100:
+            return status, headers, b""
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in self.buf:
+                    assert self.fill()
+                size_line, _, self.buf = self.buf.partition(b"\r\n")
+                size = int(size_line, 16)
+                while len(self.buf) < size + 2:
+                    assert self.fill()
+                body, self.buf = body + self.buf[:size], self.buf[size + 2:]
+                if size == 0:
+                    return status, headers, body
+        length = int(headers.get("content-length", 0))
+        while len(self.buf) < length:
+            assert self.fill()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+    def closed(self, within: float = 5.0) -> bool:
+        self.sock.settimeout(within)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buf += chunk
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(running):
+    with running.connect() as sock:
+        reader = Reader(sock)
+        for index in range(3):
+            sock.sendall(request(f"/echo?i={index}", b"x" * index))
+            status, headers, body = reader.response()
+            doc = json.loads(body)
+            assert status == 200 and doc["length"] == index and doc["query"] == f"i={index}"
+            assert "connection" not in headers and headers["date"].endswith("GMT")
+            assert doc["client"] and doc["server_port"] == running.port
+
+
+def test_pipelined_requests_are_answered_in_order(running):
+    with running.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request("/slow", b"a" * 10) + request("/echo", b"b" * 20) + request("/echo", b"c" * 30))
+        lengths = [json.loads(reader.response()[2])["length"] for _ in range(3)]
+    assert lengths == [10, 20, 30]
+
+
+def test_chunked_request_body_is_reassembled(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"hello", b" ", b"world" * 100):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+            time.sleep(0.02)
+        sock.sendall(b"0\r\n\r\n")
+        status, _, body = Reader(sock).response()
+    assert status == 200 and json.loads(body)["length"] == 506
+
+
+def test_large_body_arrives_whole_through_flow_control(running):
+    payload = b"z" * (3 * 1024 * 1024)
+    with running.connect() as sock:
+        sock.sendall(request("/echo", payload))
+        status, _, body = Reader(sock).response()
+    assert status == 200 and json.loads(body)["length"] == len(payload)
+
+
+def test_chunked_response_without_content_length(running):
+    with running.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request("/stream"))
+        status, headers, body = reader.response()
+        assert status == 200 and headers["transfer-encoding"] == "chunked" and body == b"one,two,three"
+        sock.sendall(request("/echo", b"again"))   # the connection is still usable after the terminator
+        assert json.loads(reader.response()[2])["length"] == 5
+
+
+def test_malformed_request_gets_400_and_close(running):
+    with running.connect() as sock:
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        reader = Reader(sock)
+        status, headers, _ = reader.response()
+        assert status == 400 and headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_bad_content_length_gets_400(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n")
+        assert Reader(sock).response()[0] == 400
+
+
+def test_oversized_head_gets_431_and_close(running):
+    with running.connect() as sock:
+        sock.sendall(request("/echo", extra="x-big: " + "a" * 5000 + "\r\n"))
+        reader = Reader(sock)
+        assert reader.response()[0] == 431
+        assert reader.closed()
+
+
+def test_oversized_body_gets_the_apps_413_and_close(running):
+    with running.connect() as sock:
+        sock.sendall(request("/limit", b"y" * 50_000))
+        reader = Reader(sock)
+        status, headers, body = reader.response()
+        assert status == 413 and body == b"too large" and headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_answer_before_the_body_keeps_the_connection_usable(running):
+    """An app that answers without reading the body (the gateway's 401 sets `connection: close` itself): the
+    rest of the body is read and dropped, and the next request on the connection is parsed correctly."""
+    with running.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request("/refuse", b"q" * 200_000) + request("/echo", b"next"))
+        assert reader.response()[0] == 401
+        assert json.loads(reader.response()[2])["length"] == 4
+
+
+def test_expect_100_continue_is_answered_when_the_app_reads(running):
+    with running.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert reader.response(head_only=True)[0] == 100
+        sock.sendall(b"12345")
+        status, _, body = reader.response()
+    assert status == 200 and json.loads(body)["length"] == 5
+
+
+def test_expect_100_continue_is_not_sent_when_the_app_refuses_first(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /refuse HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert Reader(sock).response()[0] == 401
+
+
+def test_head_has_no_body(running):
+    with running.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request("/echo", method="HEAD"))
+        status, headers, _ = reader.response(head_only=True)
+        assert status == 200 and int(headers["content-length"]) > 0
+        sock.sendall(request("/echo", b"abc"))   # nothing of a body was written: the next response parses
+        assert json.loads(reader.response()[2])["length"] == 3
+
+
+def test_options_reaches_the_app(running):
+    with running.connect() as sock:
+        sock.sendall(request("/echo", method="OPTIONS"))
+        status, _, body = Reader(sock).response()
+    assert status == 200 and json.loads(body)["method"] == "OPTIONS"
+
+
+def test_http_1_0_closes_after_the_response(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+        reader = Reader(sock)
+        status, headers, _ = reader.response()
+        assert status == 200 and headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_connection_close_from_the_client(running):
+    with running.connect() as sock:
+        sock.sendall(request("/echo", extra="Connection: close\r\n"))
+        reader = Reader(sock)
+        assert reader.response()[0] == 200
+        assert reader.closed()
+
+
+def test_idle_keep_alive_connection_is_closed(running):
+    with running.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request("/echo"))
+        assert reader.response()[0] == 200
+        started = time.monotonic()
+        assert reader.closed(within=5)
+        assert time.monotonic() - started >= 0.5
+
+
+def test_slow_head_gets_408(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\n")   # and nothing more
+        reader = Reader(sock)
+        sock.settimeout(5)
+        assert reader.response()[0] == 408
+        assert reader.closed()
+
+
+def test_stalled_body_is_cut_and_the_app_sees_the_disconnect(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        reader = Reader(sock)
+        assert reader.closed(within=5)
+    deadline = time.monotonic() + 5
+    while "disconnect-early" not in running.app.events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "disconnect-early" in running.app.events
+
+
+def test_client_gone_mid_stream_reaches_the_app_as_disconnect(running):
+    sock = running.connect()
+    sock.sendall(request("/hold"))
+    reader = Reader(sock)
+    reader.response(head_only=True)
+    while b"first" not in reader.buf:
+        assert reader.fill()
+    sock.close()
+    deadline = time.monotonic() + 5
+    while "http.disconnect" not in running.app.events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "http.disconnect" in running.app.events
+
+
+def test_app_exception_gives_500(running):
+    with running.connect() as sock:
+        sock.sendall(request("/boom"))
+        reader = Reader(sock)
+        assert reader.response()[0] == 500
+        assert reader.closed()
+
+
+def test_header_injection_from_the_app_is_refused(running):
+    with running.connect() as sock:
+        sock.sendall(request("/inject"))
+        reader = Reader(sock)
+        status, headers, _ = reader.response()
+        assert status == 500 and "set-cookie" not in headers
+
+
+def test_lifespan_runs_startup_then_shutdown():
+    server = Running(ServerLimits())
+    assert server.app.events == ["lifespan.startup"]
+    with server.connect() as sock:
+        sock.sendall(request("/echo"))
+        assert Reader(sock).response()[0] == 200
+    server.stop()
+    assert server.app.events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+def test_stop_lets_a_running_response_finish():
+    server = Running(ServerLimits(grace_s=5))
+    with server.connect() as sock:
+        sock.sendall(request("/slow?1.5", b"s"))   # longer than the server's 0.5 s look at `should_exit`
+        time.sleep(0.05)
+        server.server.should_exit = True
+        reader = Reader(sock)
+        status, headers, _ = reader.response()
+        assert status == 200 and headers["connection"] == "close"
+    server.thread.join(10)
+    assert not server.thread.is_alive()
