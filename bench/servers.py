@@ -117,6 +117,7 @@ class Runs:
 
     def start_upstreams(self) -> None:
         self.bench.start_nginx()
+        self.bench.start_sse()   # Envoy's start-up check streams through it too
         self.config = self.bench.gateway_config("gateway.yaml", 0)
 
     def start_envoy(self, concurrency: int = 1) -> int:
@@ -129,7 +130,7 @@ class Runs:
             root = self.work / "envoy"
             bench.peers[self.h.ENVOY] = proc = bench.spawn("envoy2", [
                 self.args.envoy_bin, "-c", str(root / "envoy.yaml"), "--concurrency", str(concurrency),
-                "--base-id", "7", "-l", "error"])
+                "--log-level", "warn", "--base-id", str(os.getpid() % 60000 + 1), "--disable-hot-restart"])
             self.h.wait_http(bench.ports["envoy_admin"], "/ready", proc, 60)
         return proc.pid
 
@@ -347,7 +348,7 @@ def main() -> int:
     scaling = sub.add_parser("scaling")
     for each in (cost, scaling):
         each.add_argument("--rounds", type=int, default=3)
-        each.add_argument("--duration", type=float, default=8)
+        each.add_argument("--duration", type=int, default=8)
         each.add_argument("--envoy-bin", required=True)
         each.add_argument("--out", help="write the results as JSON here")
     cost.add_argument("--servers", default="lean,uvicorn,granian")
