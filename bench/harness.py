@@ -327,6 +327,7 @@ http {{
   keepalive_requests 10000000;
   keepalive_timeout 300s;
   client_body_buffer_size 64k;
+  client_max_body_size 64m;
   server {{
     listen 127.0.0.1:{self.ports['nginx']} backlog=4096;
     default_type application/json;

@@ -365,7 +365,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=sorted(MODES))
     parser.add_argument("--url", required=True)
-    parser.add_argument("--body", required=True, help="the JSON request body")
+    parser.add_argument("--body", required=True, help="the JSON request body, or @FILE to read it from FILE")
     parser.add_argument("--header", action="append", default=[], help="an extra 'Name: value' header")
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--duration", type=float, default=10)
@@ -382,7 +382,8 @@ def main() -> None:
     parser.add_argument("--open-seconds", type=float, default=60)
     parser.add_argument("--hold-seconds", type=float, default=60)
     args = parser.parse_args()
-    host, port, data = build_request(args.url, args.body.encode(), args.header)
+    body = open(args.body[1:], "rb").read() if args.body.startswith("@") else args.body.encode()
+    host, port, data = build_request(args.url, body, args.header)
     try:
         import uvloop
         factory = uvloop.new_event_loop

@@ -25,12 +25,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,11 +118,11 @@ class Runs:
         self.bench.start_sse()   # Envoy's start-up check streams through it too
         self.config = self.bench.gateway_config("gateway.yaml", 0)
 
-    def start_envoy(self, concurrency: int = 1) -> int:
+    def start_envoy(self, concurrency: int = 1, pin: bool = True) -> int:
         bench = self.bench
         bench.start_envoy()
         proc = bench.peers[self.h.ENVOY]
-        if concurrency != 1:   # the same config, more worker threads, unpinned
+        if concurrency != 1 or not pin:   # the same config, unpinned, `concurrency` worker threads
             proc.stop()
             bench.procs.remove(proc)
             root = self.work / "envoy"
@@ -178,11 +176,25 @@ class Runs:
         if proc in self.bench.procs:
             self.bench.procs.remove(proc)
 
-    def wrk(self, port: int, connections: int, pids: list[int], duration: float) -> dict:
+    def wrk(self, port: int, connections: int, pids: list[int], duration: int, threads: int = 1,
+            pin: bool = True) -> dict:
         h = self.h
         h.wait_quiet(pids)
-        before = h.cpu_seconds(pids)
-        result = self.bench.wrk(f"http://127.0.0.1:{port}/v1/chat/completions", connections, duration)
+        if threads == 1 and pin:
+            before = h.cpu_seconds(pids)
+            result = self.bench.wrk(f"http://127.0.0.1:{port}/v1/chat/completions", connections, duration)
+        else:   # harness's wrk is one thread on cpu0; here: unpinned, more threads
+            self.bench.wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 1, 1)   # writes its post.lua
+            argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
+                    "-s", str(self.work / "post.lua"), f"http://127.0.0.1:{port}/v1/chat/completions"]
+            before = h.cpu_seconds(pids)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, preexec_fn=h.boost)
+            total = re.search(r"(\d+) requests in ([\d.]+)s", done.stdout)
+            bad = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+            requests, non2xx = int(total.group(1)), int(bad.group(1)) if bad else 0
+            result = {"requests": requests, "ok": requests - non2xx, "non2xx": non2xx,
+                      "seconds": float(total.group(2)), "rps": (requests - non2xx) / float(total.group(2)),
+                      "socket_errors": None}
         used = h.cpu_seconds(pids) - before
         result["cpu_us_per_request"] = used * 1e6 / result["ok"] if result["ok"] else None
         return result
@@ -309,6 +321,83 @@ def run_cost(args) -> dict:
     return results
 
 
+def big_bodies(work: Path) -> dict[str, Path]:
+    """The two request bodies of the size figures: a 1 MB user message, and a request with 100 tools."""
+    content = ("lorem ipsum dolor sit amet " * 40000)[:1_000_000]
+    one_mb = {"model": "bench-model", "messages": [{"role": "user", "content": content}], "max_tokens": 16}
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{index}", "description": f"Tool number {index}: looks something up and returns it as JSON.",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string", "description": "what to look up"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+            "mode": {"type": "string", "enum": ["fast", "exact", "fuzzy"]}}, "required": ["query"]}}}
+        for index in range(100)]
+    hundred = {"model": "bench-model", "messages": [{"role": "user", "content": "Which tool?"}], "tools": tools,
+               "max_tokens": 16}
+    paths = {}
+    for name, doc in (("1 MB body", one_mb), ("100 tools", hundred)):
+        path = paths[name] = work / (name.replace(" ", "-") + ".json")
+        path.write_text(json.dumps(doc, separators=(",", ":")))
+    return paths
+
+
+def run_scaling(args) -> dict:
+    import harness
+    runs = Runs(args)
+    bench = runs.bench
+    results: dict = {"rounds": args.rounds, "duration_s": args.duration, "workers": {}, "connections": {},
+                     "bodies": {}}
+    try:
+        runs.start_upstreams()
+        # 1. --workers 2 against 1, nothing pinned; Envoy --concurrency 2 against 1 beside it (wrk -t2 -c64).
+        for number in range(args.rounds):
+            for name, workers in (("gateway, 1 worker", 1), ("gateway, 2 workers", 2), ("Envoy, concurrency 1", 1),
+                                  ("Envoy, concurrency 2", 2)):
+                if name.startswith("Envoy"):
+                    pid, port = runs.start_envoy(workers, pin=False), bench.ports["envoy"]
+                    proc = None
+                else:
+                    port = harness.free_port()
+                    proc = runs.start_server("lean", "gateway", port, pin=False, workers=workers)
+                    pid = proc.pid
+                time.sleep(8 if proc is not None and workers > 1 else 1)   # worker 1 starts after worker 0 serves
+                result = runs.wrk(port, 64, harness.process_tree(pid), args.duration, threads=2, pin=False)
+                results["workers"].setdefault(name, []).append(result)
+                print(f"[servers] workers round {number + 1} {name}: {result['rps']:.0f} req/s, "
+                      f"{result['cpu_us_per_request'] or 0:.0f} µs/request", flush=True)
+                runs.stop_envoy() if proc is None else runs.stop(proc)
+        # 2. CPU per request at 8, 100, 1,000 connections; the gateway and Envoy pinned to cpu1, wrk on cpu0.
+        port = harness.free_port()
+        gateway = runs.start_server("lean", "gateway", port)
+        envoy_pid = runs.start_envoy(1)
+        targets = {"kimi-gateway": (port, gateway.pid), "Envoy": (bench.ports["envoy"], envoy_pid)}
+        for number in range(args.rounds):
+            for connections in (8, 100, 1000):
+                for name, (target_port, pid) in targets.items():
+                    result = runs.wrk(target_port, connections, harness.process_tree(pid), args.duration)
+                    results["connections"].setdefault(f"{name} @{connections}", []).append(result)
+                    print(f"[servers] connections round {number + 1} {name} @{connections}: {result['rps']:.0f} "
+                          f"req/s, {result['cpu_us_per_request'] or 0:.0f} µs/request, non-2xx {result['non2xx']}, "
+                          f"socket errors {result['socket_errors']}", flush=True)
+        # 3. Latency added by a 1 MB body and by 100 tools: open loop at 20 req/s, against direct (nginx).
+        bodies = big_bodies(runs.work)
+        urls = {"direct": bench.ports["nginx"], "kimi-gateway": port, "Envoy": bench.ports["envoy"]}
+        for number in range(args.rounds):
+            for body_name, path in bodies.items():
+                for name, target_port in urls.items():
+                    harness.wait_quiet(harness.process_tree(targets[name][1]) if name in targets else [])
+                    result = bench.loadgen("rate", f"http://127.0.0.1:{target_port}/v1/chat/completions",
+                                           f"@{path}", "--rate", "20", "--duration", str(args.duration),
+                                           "--warmup", "1", "--max-connections", "16", "--drain-seconds", "5",
+                                           timeout=args.duration + 60)
+                    results["bodies"].setdefault(f"{body_name}|{name}", []).append(result)
+                    print(f"[servers] bodies round {number + 1} {body_name} {name}: p50 {result['p50_ms']} ms, "
+                          f"p99 {result['p99_ms']} ms, ok {result['ok']}/{result['sent']}", flush=True)
+    finally:
+        bench.stop()
+    return results
+
+
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -332,9 +421,40 @@ def summary(results: dict) -> str:
         lines.append("\nrounds (req/s, µs/request): " + "; ".join(
             f"{name} " + ", ".join(f"{r['rps']:.0f}/{r['cpu_us_per_request']:.0f}" for r in rounds)
             for name, rounds in table.items()))
-    for key, value in results.get("scaling", {}).items():
-        lines.append(f"{key}: {value}")
+    if results.get("workers"):
+        lines += scaling_summary(results)
     return "\n".join(lines)
+
+
+def scaling_summary(results: dict) -> list[str]:
+    def rps(name):
+        return med([r["rps"] for r in results["workers"][name]])
+
+    g1, g2 = rps("gateway, 1 worker"), rps("gateway, 2 workers")
+    e1, e2 = rps("Envoy, concurrency 1"), rps("Envoy, concurrency 2")
+    lines = [f"\nScaling, {results['rounds']} rounds, medians ({results['duration_s']} s per run)\n",
+             "| figure | kimi-gateway (lean) | Envoy | gateway ÷ Envoy |", "|---|---:|---:|---:|",
+             f"| req/s, 1 worker / thread (wrk -t2 -c64, nothing pinned) | {g1:,.0f} | {e1:,.0f} | {g1 / e1:.2f} |",
+             f"| req/s, 2 workers / threads | {g2:,.0f} | {e2:,.0f} | {g2 / e2:.2f} |",
+             f"| 2 ÷ 1 | {g2 / g1:.2f}× | {e2 / e1:.2f}× | |"]
+    conn = results["connections"]
+    for count in (8, 100, 1000):
+        g = med([r["cpu_us_per_request"] for r in conn[f"kimi-gateway @{count}"]])
+        e = med([r["cpu_us_per_request"] for r in conn[f"Envoy @{count}"]])
+        grps = med([r["rps"] for r in conn[f"kimi-gateway @{count}"]])
+        erps = med([r["rps"] for r in conn[f"Envoy @{count}"]])
+        lines.append(f"| CPU µs/request at {count:,} connections (req/s) | {g:.0f} ({grps:,.0f}) | {e:.0f} "
+                     f"({erps:,.0f}) | {g / e:.2f} |")
+    bodies = results["bodies"]
+    for body in ("1 MB body", "100 tools"):
+        direct = bodies[f"{body}|direct"]
+        for pct in ("p50", "p99"):
+            base = med([r[f"{pct}_ms"] for r in direct])
+            g = med([r[f"{pct}_ms"] for r in bodies[f"{body}|kimi-gateway"]]) - base
+            e = med([r[f"{pct}_ms"] for r in bodies[f"{body}|Envoy"]]) - base
+            lines.append(f"| {body}: latency {pct} added over direct ({base:.3f} ms), 20 req/s (ms) | {g:+.3f} | "
+                         f"{e:+.3f} | {g / e:.2f} |" if e else f"| {body} {pct} | {g:+.3f} | {e:+.3f} | — |")
+    return lines
 
 
 def main() -> int:
