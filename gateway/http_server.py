@@ -152,6 +152,9 @@ class Connection(asyncio.Protocol):
         if self.transport.is_closing():
             return
         exchange = self.exchange
+        if exchange is not None and not exchange.complete and exchange.more_body and not self.pipeline:
+            self.transport.close()   # its own body is broken: the app, waiting for the rest, sees a disconnect
+            return
         if exchange is not None and not exchange.complete:
             exchange.keep_alive = False
             if self.pipeline:

@@ -397,3 +397,24 @@ def test_stop_lets_a_running_response_finish():
         assert status == 200 and headers["connection"] == "close"
     server.thread.join(10)
     assert not server.thread.is_alive()
+
+
+def test_upgrade_request_is_answered_as_plain_http_then_closed(running):
+    """No websockets here: the request is served, and the connection (whose bytes after the head would belong
+    to another protocol) closes after the answer."""
+    with running.connect() as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        reader = Reader(sock)
+        status, headers, _ = reader.response()
+        assert status == 200 and headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_broken_chunked_body_cuts_the_connection_and_the_app_sees_the_disconnect(running):
+    with running.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
+        assert Reader(sock).closed()
+    deadline = time.monotonic() + 5
+    while "disconnect-early" not in running.app.events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "disconnect-early" in running.app.events
