@@ -418,3 +418,37 @@ def test_broken_chunked_body_cuts_the_connection_and_the_app_sees_the_disconnect
     while "disconnect-early" not in running.app.events and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "disconnect-early" in running.app.events
+
+
+@pytest.mark.parametrize("http", ["lean", "uvicorn"])
+def test_serve_http_option_picks_the_server(http):
+    """`serve --http`: both servers run the same app, on a socket bound as `--workers` binds it."""
+    from gateway.server import make_server
+
+    app = App()
+    server = make_server(app, "127.0.0.1", 0, True, http)
+    assert isinstance(server, Server) == (http == "lean")
+    import gateway.workers
+
+    sock = gateway.workers.bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve([sock]),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with conn:
+        reader = Reader(conn)
+        for size in (3, 70_000):
+            conn.sendall(request("/echo", b"e" * size))
+            status, _, body = reader.response()
+            assert status == 200 and json.loads(body)["length"] == size
+    server.should_exit = True
+    thread.join(15)
+    assert not thread.is_alive() and app.events == ["lifespan.startup", "lifespan.shutdown"]
