@@ -175,6 +175,16 @@ class Reader:
             return False
 
 
+def answered_then_closed(running, data: bytes) -> tuple[int, dict, bytes]:
+    """Send `data` on a new connection: the one response, after which the server closes the connection."""
+    with running.connect() as sock:
+        sock.sendall(data)
+        reader = Reader(sock)
+        answer = reader.response()
+        assert reader.closed()
+    return answer
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(running):
     with running.connect() as sock:
         reader = Reader(sock)
@@ -225,12 +235,8 @@ def test_chunked_response_without_content_length(running):
 
 
 def test_malformed_request_gets_400_and_close(running):
-    with running.connect() as sock:
-        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-        reader = Reader(sock)
-        status, headers, _ = reader.response()
-        assert status == 400 and headers["connection"] == "close"
-        assert reader.closed()
+    status, headers, _ = answered_then_closed(running, b"THIS IS NOT HTTP\r\n\r\n")
+    assert status == 400 and headers["connection"] == "close"
 
 
 def test_bad_content_length_gets_400(running):
@@ -240,20 +246,12 @@ def test_bad_content_length_gets_400(running):
 
 
 def test_oversized_head_gets_431_and_close(running):
-    with running.connect() as sock:
-        sock.sendall(request("/echo", extra="x-big: " + "a" * 5000 + "\r\n"))
-        reader = Reader(sock)
-        assert reader.response()[0] == 431
-        assert reader.closed()
+    assert answered_then_closed(running, request("/echo", extra="x-big: " + "a" * 5000 + "\r\n"))[0] == 431
 
 
 def test_oversized_body_gets_the_apps_413_and_close(running):
-    with running.connect() as sock:
-        sock.sendall(request("/limit", b"y" * 50_000))
-        reader = Reader(sock)
-        status, headers, body = reader.response()
-        assert status == 413 and body == b"too large" and headers["connection"] == "close"
-        assert reader.closed()
+    status, headers, body = answered_then_closed(running, request("/limit", b"y" * 50_000))
+    assert status == 413 and body == b"too large" and headers["connection"] == "close"
 
 
 def test_answer_before_the_body_keeps_the_connection_usable(running):
@@ -300,20 +298,12 @@ def test_options_reaches_the_app(running):
 
 
 def test_http_1_0_closes_after_the_response(running):
-    with running.connect() as sock:
-        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
-        reader = Reader(sock)
-        status, headers, _ = reader.response()
-        assert status == 200 and headers["connection"] == "close"
-        assert reader.closed()
+    status, headers, _ = answered_then_closed(running, b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+    assert status == 200 and headers["connection"] == "close"
 
 
 def test_connection_close_from_the_client(running):
-    with running.connect() as sock:
-        sock.sendall(request("/echo", extra="Connection: close\r\n"))
-        reader = Reader(sock)
-        assert reader.response()[0] == 200
-        assert reader.closed()
+    assert answered_then_closed(running, request("/echo", extra="Connection: close\r\n"))[0] == 200
 
 
 def test_idle_keep_alive_connection_is_closed(running):
@@ -361,11 +351,7 @@ def test_client_gone_mid_stream_reaches_the_app_as_disconnect(running):
 
 
 def test_app_exception_gives_500(running):
-    with running.connect() as sock:
-        sock.sendall(request("/boom"))
-        reader = Reader(sock)
-        assert reader.response()[0] == 500
-        assert reader.closed()
+    assert answered_then_closed(running, request("/boom"))[0] == 500
 
 
 def test_header_injection_from_the_app_is_refused(running):
@@ -402,12 +388,9 @@ def test_stop_lets_a_running_response_finish():
 def test_upgrade_request_is_answered_as_plain_http_then_closed(running):
     """No websockets here: the request is served, and the connection (whose bytes after the head would belong
     to another protocol) closes after the answer."""
-    with running.connect() as sock:
-        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        reader = Reader(sock)
-        status, headers, _ = reader.response()
-        assert status == 200 and headers["connection"] == "close"
-        assert reader.closed()
+    status, headers, _ = answered_then_closed(
+        running, b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert status == 200 and headers["connection"] == "close"
 
 
 def test_broken_chunked_body_cuts_the_connection_and_the_app_sees_the_disconnect(running):
