@@ -21,6 +21,7 @@ Needs what bench/run installs (nginx, wrk, Envoy's venv); granian goes into ~/.c
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -62,6 +63,20 @@ async def trivial_app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": REPLY})
 
 
+async def watched_app(scope, receive, send) -> None:
+    """trivial_app plus what the gateway's data plane does to notice a hang-up: a second task waiting on
+    receive() for `http.disconnect`, which the server answers once the response is complete."""
+    if scope["type"] != "http":
+        return await trivial_app(scope, receive, send)
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    asyncio.get_running_loop().create_task(receive())
+    await send({"type": "http.response.start", "status": 200, "headers": REPLY_HEADERS})
+    await send({"type": "http.response.body", "body": REPLY})
+
+
 def gateway_factory():
     """granian's factory target: the gateway's app on the config in $KIMI_BENCH_GATEWAY_CONFIG."""
     from gateway.app import create_app
@@ -77,14 +92,15 @@ def serve(args) -> None:
     if args.server == "granian":
         from granian import Granian
 
-        target, factory = ("servers:trivial_app", False) if args.app == "trivial" else ("servers:gateway_factory", True)
+        target, factory = ("servers:gateway_factory", True) if args.app == "gateway" else (f"servers:{args.app}_app", False)
         Granian(target, address="127.0.0.1", port=args.port, interface="asgi", workers=1, runtime_threads=1,
                 loop="uvloop", http="1", factory=factory, log_access=False, websockets=False).serve()
         return
     import uvloop
 
     from gateway.server import make_server, serve_all
-    uvloop.run(serve_all([make_server(trivial_app, "127.0.0.1", args.port, True, args.server)]))
+    app = watched_app if args.app == "watched" else trivial_app
+    uvloop.run(serve_all([make_server(app, "127.0.0.1", args.port, True, args.server)]))
 
 
 # ---------------------------------------------------------------- outside: the runs
@@ -489,7 +505,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("serve")
     one.add_argument("--server", choices=("lean", "uvicorn", "granian"), required=True)
-    one.add_argument("--app", choices=("trivial", "gateway"), required=True)
+    one.add_argument("--app", choices=("trivial", "watched", "gateway"), required=True)
     one.add_argument("--port", type=int, required=True)
     cost = sub.add_parser("cost")
     scaling = sub.add_parser("scaling")
