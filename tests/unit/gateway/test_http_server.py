@@ -435,3 +435,14 @@ def test_serve_http_option_picks_the_server(http):
     server.should_exit = True
     thread.join(15)
     assert not thread.is_alive() and app.events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+def test_non_ascii_request_target_gets_400(running):
+    assert answered_then_closed(running, b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 400
+
+
+def test_percent_encoded_path_is_decoded_and_the_query_left_alone(running):
+    with running.connect() as sock:
+        sock.sendall(request("/a%20b?x=%20"))
+        doc = json.loads(Reader(sock).response()[2])
+    assert doc["path"] == "/a b" and doc["query"] == "x=%20"
