@@ -802,7 +802,7 @@ SYSCALLS = frozenset({"write", "read", "writev", "readv", "send", "recv", "sendm
                       "__send", "__recv", "__libc_write", "__libc_read", "epoll_wait", "epoll_ctl", "accept4",
                       "close", "getpid", "getrandom", "clock_gettime", "__GI___clock_gettime"})
 GROUPS = ("cyclic GC (gc_collect_main and below)", "kernel: socket and other system calls",
-          "uvloop / libuv (C)", "CPython interpreter, asyncio C module", "Python code of the gateway and uvicorn",
+          "uvloop / libuv (C)", "CPython interpreter, asyncio C module", "Python code of the gateway and its HTTP server",
           "other native code (httptools, orjson, OpenSSL, libc)")
 
 
