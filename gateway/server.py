@@ -38,8 +38,7 @@ def server_config(app, host: str, port: int, lifespan: str) -> uvicorn.Config:
                           log_config=None)  # uvicorn's own lines go through gateway/logs.py like every other
 
 
-HTTP_SERVERS = ("lean", "uvicorn")
-DEFAULT_HTTP = "lean"
+DEFAULT_HTTP = "lean"   # `serve --http` (gateway/cli.py) says the same
 
 
 def make_server(app, host: str, port: int, lifespan: bool, http: str):

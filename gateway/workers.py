@@ -66,7 +66,7 @@ def wait_serving(host: str, port: int, process, timeout_s: float = 120.0) -> Non
 
 
 def serve_workers(config_path: str, config: GatewayConfig, *, host: str, port: int, workers: int,
-                  http: str = "lean") -> None:
+                  http: str) -> None:
     from gateway.logs import configure_logging
 
     check_workers(config, workers)
