@@ -20,7 +20,6 @@ from gateway.config import GatewayConfig, RouteConfig
 from gateway.experiments import guard as guard_rule
 from gateway.experiments.allocation import thompson_weights
 from gateway.experiments.facts import FactLog
-from gateway.experiments.report import build_report
 from gateway.experiments.store import ExperimentEvent, ExperimentStore, FactRow, RequestFact, RouteOverride
 
 log = logging.getLogger(__name__)
@@ -265,6 +264,9 @@ class Experiments:
         rows = await self.store.experiment_facts(name)
         shadows = await self.store.shadow_calls(name)
         events = await self.store.events(name)
+        # Imported here: the report needs scipy, which costs every gateway ~1.5 s of start and ~25 MB if imported
+        # at start; only a report asks for it.
+        from gateway.experiments.report import build_report
         return build_report(name, route.experiment, self.weights_in_force(route), rows, shadows, events)
 
     async def promote(self, name: str, variant: str | None, swap: Callable, files: Callable[[str], Mapping]) -> dict:
