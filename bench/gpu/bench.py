@@ -320,6 +320,14 @@ routes:
                 for path in ("direct", "gateway"):
                     cell[path] = self.summary(path, runs[path])
                     log(f"{key} {path}: {json.dumps({k: v for k, v in cell[path].items() if k != 'rounds'})}")
+                if self.llama.process.poll() is not None or not (cell["direct"]["ok"] and cell["gateway"]["ok"]):
+                    # Not a result: kept apart with its errors, and the sweep stops so that a rerun measures it again
+                    # (llama-server 0.3.36 aborted once in CUDA-graph updates at 256 LoRA streams: see README).
+                    cell["llama_server_exit"] = self.llama.process.poll()
+                    cell["llama_server_log_tail"] = tail(self.work / "llama-server.log", 3000)
+                    results.setdefault("failed_cells", {})[key] = cell
+                    write_json(Path(a.out), results, a.mirror)
+                    raise RuntimeError(f"{key} failed (llama-server exit {cell['llama_server_exit']}); see failed_cells")
                 cell["ratios"] = ratios(cell["direct"], cell["gateway"])
                 last_pair = (n, time.monotonic() - pair_start)
                 results["cells"][key] = cell
@@ -377,6 +385,13 @@ def top_frames(collapsed: str, most: int = 25) -> dict:
     share = lambda table: [[frame, round(n / samples, 4)] for frame, n in  # noqa: E731
                            sorted(table.items(), key=lambda kv: -kv[1])[:most]] if samples else []
     return {"samples": samples, "self": share(own), "total": share(total)}
+
+
+def tail(path: Path, size: int) -> str:
+    try:
+        return path.read_bytes()[-size:].decode(errors="replace")
+    except OSError as exc:
+        return f"unreadable: {exc}"
 
 
 def ratios(direct: dict, gateway: dict) -> dict:
@@ -469,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "llama_argv": bench.llama_argv,
                "gateway_argv": bench.gateway_argv, "llama_ready_s": round(bench.llama_ready_s, 1),
                "bench_argv": sys.argv, "machine": machine_facts(args),
+               "env": {k: v for k, v in os.environ.items() if k.startswith(("GGML_", "CUDA_", "LLAMA_"))},
                "adapter_ready_s": round(bench.wait_adapters(), 1), "sanity": bench.sanity()}
         results.setdefault("runs", []).append(run)
         results["settings"] = {k: getattr(args, k) for k in ("model", "lora", "concurrency", "max_tokens",
