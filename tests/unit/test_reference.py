@@ -194,6 +194,15 @@ def test_every_x_kimi_header_is_in_the_reference():
     assert sorted(documented - code) == [], "docs/reference.md names x-kimi-* headers the code never reads or sets"
 
 
+def test_collectors_are_written_only_by_the_recorders():
+    """docs/observability.md: no module but gateway/metrics.py touches a collector."""
+    writes = re.compile(r"\bmetrics\.[a-z_]+\.(?:labels|inc|set|dec|observe)\(")
+    found = [f"{path.relative_to(ROOT)}:{number}" for package in SOURCES for path in (ROOT / package).rglob("*.py")
+             if path != ROOT / "gateway" / "metrics.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if writes.search(line)]
+    assert found == []
+
+
 @pytest.mark.parametrize("command", ["kimi-gateway", "kimi-gateway experiments", "kimi-gateway launch sglang-kt"])
 def test_help_texts_name_no_internal_documents(command, capsys):
     """--help speaks to users: no pointer to files they do not have (DESIGN.md lives outside the repository)."""
