@@ -1,4 +1,5 @@
-"""`kimi-gateway`: serve, check, demo, and the admin API as commands (DESIGN.md "Commands")."""
+"""`kimi-gateway`: serve, check, demo, hash-key, the admin API as commands, launch and setup (docs/reference.md
+lists every command and option)."""
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, workdir=args.workdir)
 
 
+DESCRIPTION = ("An OpenAI-compatible gateway for Kimi K2.5 and its LoRA adapters: serve it, check a config, run "
+               "the demo, manage adapters, backends and experiments of a running gateway, launch SGLang-KT or "
+               "llama-server backends, set up the adapter converters.")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="kimi-gateway", description=__doc__)
+    root = argparse.ArgumentParser(prog="kimi-gateway", description=DESCRIPTION)
     commands = root.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a config and print the route table")
     check.add_argument("file")

@@ -86,7 +86,7 @@ class GatewayState:
             self.healthy[name] = up is True
             self.fleet.backend_up(name, up is True)
             for model, days in self.drivers[name].retirements():   # hosted sunset dates ahead (or passed)
-                self.metrics.hosted_model_retirement.labels(name, model).set(days)
+                self.fleet.hosted_model_retirement(name, model, days)
         self.lifecycle.mark_all_dirty()  # every health cycle: each replica compared with the registry
 
     async def _health_loop(self) -> None:
