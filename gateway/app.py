@@ -5,20 +5,23 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
 from gateway.api import admin, experiments, health, models
 from gateway.api.openapi import data_plane_paths
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, describe_error
+from gateway.control_body import ControlBodyCheck
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, InvalidRequestError, error_body
+from gateway.errors import GatewayError, UnprocessableEntityError, error_body
 from gateway.exposure import admin_listener_paths, exposed, on_admin_listener, shared_paths
 from gateway.request_id import RequestIdApp
 from gateway.state import GatewayState, build_state
@@ -67,18 +70,46 @@ def control_plane(state: GatewayState) -> FastAPI:
         return Response(exc.body(), status_code=exc.status_code, media_type="application/json", headers=exc.headers)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> Response:
+    async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return Response(error_body(str(exc.detail), kind), status_code=exc.status_code, media_type="application/json")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:   # every method the path takes, not only those of the first route matched
+            headers["allow"] = allowed_methods(app, request.scope)
+        return Response(error_body(str(exc.detail), kind), status_code=exc.status_code, media_type="application/json",
+                        headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        error = InvalidRequestError(f"Invalid request: {where}: {first.get('msg', 'malformed body')}")
-        return Response(error.body(), status_code=422, media_type="application/json")
+        error = invalid_body(exc.errors()[0])
+        return Response(error.body(), status_code=error.status_code, media_type="application/json")
 
     return app
+
+
+def invalid_body(error: dict) -> UnprocessableEntityError:
+    """A body field that failed its model, named by its key path (the value itself is never echoed)."""
+    loc = tuple(part for part in error.get("loc", ()) if part != "body")
+    if not loc and error.get("type") == "missing":
+        return UnprocessableEntityError("Invalid request: the body is required (a JSON object).")
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return UnprocessableEntityError(f"Invalid request: {describe_error({**error, 'loc': loc})}", param=where or None)
+
+
+def authorize_body(state: GatewayState, scope) -> None:
+    """The key check of the handlers that take a body, made before their body is read (gateway/control_body.py)."""
+    request = Request(scope)
+    if scope["path"].startswith("/admin"):
+        admin.require_admin(request, state)
+    else:
+        experiments.feedback_caller(request, state)
+
+
+def allowed_methods(app: FastAPI, scope) -> str:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 class GatewayApp:
@@ -94,6 +125,7 @@ class GatewayApp:
         self.split = config.admin_listen is not None
         self.admin_paths = admin_listener_paths(config)
         self.shared_paths = shared_paths(config)
+        self.checked_control = ControlBodyCheck(self.control, partial(authorize_body, state))   # bodies: JSON, bounded, strict (gateway/control_body.py)
         self.front = RequestIdApp(self._control_or_not_found)   # the data plane sets its own request id
 
     async def __call__(self, scope, receive, send) -> None:
@@ -108,7 +140,7 @@ class GatewayApp:
             path, on_admin = scope["path"], on_admin_listener(scope, self.state.config)
             if path not in self.shared_paths and on_admin != self._admin_side(path):
                 return await not_found(send)
-        return await self.control(scope, receive, send)
+        return await self.checked_control(scope, receive, send)
 
     def _admin_side(self, path: str) -> bool:
         return path.startswith("/admin") or path in self.admin_paths

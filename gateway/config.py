@@ -15,6 +15,7 @@ from gateway.telemetry_config import LoggingConfig, TracingConfig
 from gateway.experiments.config import ExperimentConfig, ExperimentsConfig  # noqa: F401 (re-exported)
 
 ImageURLMode = Literal["fetch", "forward"]  # gateway/policies/content.py: who fetches a client's http(s) image
+MAX_DEADLINE_MS = 86_400_000   # a day: the most `x-kimi-deadline-ms` (and a route's `deadline_ms`) may say
 Priority = Literal["high", "normal", "low"]  # admission classes (gateway/policies/admission.py), served in this order
 
 
@@ -145,7 +146,7 @@ class RouteConfig(Strict):
     agent: AgentConfig = AgentConfig()
     image_urls: ImageURLMode | None = None        # None = limits.image_urls
     timeout_s: float | None = Field(None, gt=0)   # the whole request, queue included; the backend is cancelled then
-    deadline_ms: int | None = Field(None, ge=1)   # the default for `x-kimi-deadline-ms`
+    deadline_ms: int | None = Field(None, ge=1, le=MAX_DEADLINE_MS)   # the default for `x-kimi-deadline-ms`
 
     @model_validator(mode="after")
     def _targets_or_experiment(self) -> RouteConfig:
@@ -300,7 +301,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         # A list whose items failed is also reported as too short: only the items' errors say anything.
         errors = [e for e in errors if not (e["type"] == "too_short" and any(
             o is not e and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
-        raise ConfigError(f"{path}: " + "; ".join(_describe(error) for error in errors)) from exc
+        raise ConfigError(f"{path}: " + "; ".join(describe_error(error) for error in errors)) from exc
 
 
 def _untagged(error: dict) -> dict:
@@ -313,7 +314,7 @@ def _untagged(error: dict) -> dict:
 SECRET_WORDS = ("key", "secret", "token", "password")
 
 
-def _describe(error: dict) -> str:
+def describe_error(error: dict) -> str:
     """One error as `key.path: what was expected`; never the offending value (it may be a secret)."""
     location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     if error["type"] == "extra_forbidden":

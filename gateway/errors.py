@@ -96,8 +96,18 @@ class ConflictError(GatewayError):
     error_type = "invalid_request_error"
 
 
-class UnprocessableAdapterError(GatewayError):
+class UnprocessableEntityError(GatewayError):
+    """A well-formed JSON body whose fields are wrong (a type, a range, a missing or unknown key)."""
     status_code = 422
+    error_type = "invalid_request_error"
+
+
+class UnprocessableAdapterError(UnprocessableEntityError):
+    pass
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    status_code = 415
     error_type = "invalid_request_error"
 
 
