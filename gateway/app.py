@@ -74,6 +74,7 @@ def control_plane(state: GatewayState) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = dict(exc.headers or {})
         if exc.status_code == 405:   # every method the path takes, not only those of the first route matched
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
             headers["allow"] = allowed_methods(app, request.scope)
         return Response(error_body(str(exc.detail), kind), status_code=exc.status_code, media_type="application/json",
                         headers=headers)
@@ -104,12 +105,13 @@ def authorize_body(state: GatewayState, scope) -> None:
         experiments.feedback_caller(request, state)
 
 
+METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
 def allowed_methods(app: FastAPI, scope) -> str:
-    methods: set[str] = set()
-    for route in app.router.routes:
-        if route.matches(scope)[0] is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    """The methods some route takes at this path (asked of the routes, however FastAPI nests routers)."""
+    return ", ".join(method for method in METHODS
+                     if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.router.routes))
 
 
 class GatewayApp:
