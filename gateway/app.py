@@ -14,11 +14,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from adapters.store import StoreUnavailableError
+from adapters.validation import AdapterValidationError
 from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
 from gateway.api import admin, experiments, health, models
 from gateway.api.openapi import data_plane_paths
-from gateway.config import GatewayConfig, describe_error
+from gateway.config import ConfigError, GatewayConfig, describe_error
 from gateway.control_body import ControlBodyCheck
 from gateway.dataplane import DataPlane
 from gateway.errors import GatewayError, UnprocessableEntityError, error_body
@@ -33,7 +35,11 @@ DATA_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH})
 def control_plane(state: GatewayState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await state.start()
+        try:
+            await state.start()
+        except STARTUP_PROBLEMS as exc:
+            state.startup_error = f"cannot start: {startup_problem(exc)}"
+            raise
         # Everything built so far lives as long as the process: keep the cyclic GC from walking it on
         # every full collection (those walks were the 25-50 ms pauses under load, bench/README.md).
         gc.collect()
@@ -87,6 +93,15 @@ def control_plane(state: GatewayState) -> FastAPI:
     return app
 
 
+STARTUP_PROBLEMS = (StoreUnavailableError, ConfigError, AdapterValidationError, OSError)
+
+
+def startup_problem(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def invalid_body(error: dict) -> UnprocessableEntityError:
     """A body field that failed its model, named by its key path (the value itself is never echoed)."""
     loc = tuple(part for part in error.get("loc", ()) if part != "body")
@@ -135,7 +150,17 @@ class GatewayApp:
             path, on_admin = scope["path"], self.split and on_admin_listener(scope, self.state.config)
             if path in DATA_PATHS and scope["method"] == "POST" and not on_admin:
                 return await self.data_plane(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            send = self._one_line_startup_failure(send)
         return await self.front(scope, receive, send)
+
+    def _one_line_startup_failure(self, send):
+        """The server logs a failed start's message: for a known cause, one line instead of a traceback."""
+        async def send_plain(message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.state.startup_error is not None:
+                message = {**message, "message": self.state.startup_error}
+            await send(message)
+        return send_plain
 
     async def _control_or_not_found(self, scope, receive, send) -> None:
         if scope["type"] == "http" and self.split:

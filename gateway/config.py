@@ -135,6 +135,8 @@ class SharedConfig(Strict):
     def _url_for_redis(self) -> SharedConfig:
         if self.kind == "redis" and self.url_env is None:
             raise ValueError("a redis `shared` needs `url_env`, the env var that holds its URL")
+        if self.kind == "local" and self.url_env is not None:
+            raise ValueError("`url_env` is for kind: redis (kind: local keeps this state in the process)")
         return self
 
 
@@ -250,6 +252,8 @@ def check_cross_references(config: GatewayConfig) -> None:
                 raise ValueError(f"routes[{i}].targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
         for key in ("variants", "shadow"):
             for name in getattr(route.experiment, key) if route.experiment else {}:
+                if name == route.name:
+                    raise ValueError(f"routes[{i}].experiment.{key}: {name!r} is this experiment itself")
                 if name not in adapter_names and name not in {r.name for r in config.routes if r.targets}:
                     raise ValueError(f"routes[{i}].experiment.{key}: {name!r} is not an adapter or a base route")
 
@@ -283,15 +287,49 @@ def _unique(what: str, names: list[str]) -> None:
         seen.add(name)
 
 
+class StrictYamlLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently:
+    a second `routes:` would replace the first)."""
+
+
+def _mapping_once(loader: StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {str(key)[:64]!r} is given twice in "
+                                                        "one mapping", key_node.start_mark)
+            seen.add(key)
+        except TypeError:   # an unhashable key: construct_mapping says so
+            break
+    return loader.construct_mapping(node, deep)
+
+
+StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, then what (PyYAML's own text spans several, with the source quoted)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML{where}: {problem}"
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a YAML config; every failure is a ConfigError naming file, key path and expectation."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=StrictYamlLoader)  # noqa: S506 (a SafeLoader)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a config needs at least `backends:`")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

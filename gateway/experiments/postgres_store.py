@@ -20,7 +20,7 @@ import asyncpg
 
 from adapters.store import StoreUnavailableError
 from adapters.store_postgres import CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S, OPEN_WAIT_S, UNREACHABLE
-from adapters.store_postgres import describe, listen, migrate
+from adapters.store_postgres import connect_at_start, describe, listen, migrate
 from gateway.experiments.store import ExperimentEvent, FactRow, Feedback, RequestFact, RouteOverride, ShadowCall
 
 log = logging.getLogger(__name__)
@@ -121,17 +121,7 @@ class PostgresExperimentStore:
 
     async def open(self, wait_s: float = OPEN_WAIT_S) -> None:
         """Migrate, then open the pool; a database that is away at start is waited for `wait_s`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-                break
-            except UNREACHABLE as exc:
-                if loop.time() >= deadline:
-                    raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
-                log.warning("experiment store: PostgreSQL is unreachable (%s); waiting for it", describe(exc))
-                await asyncio.sleep(1.0)
+        conn = await connect_at_start(self.dsn, wait_s, "experiment store")
         try:
             applied = await migrate(conn, MIGRATIONS, MIGRATION_TABLE)
         finally:
