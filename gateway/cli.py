@@ -33,7 +33,8 @@ def route_table(config: GatewayConfig) -> str:
 
 
 def load_checked(path: str) -> GatewayConfig:
-    """The config, with its adapters' files validated too (against the base model when one is configured)."""
+    """The config, with its adapters' files validated too (against the base model when one is configured) and
+    its converter Pythons checked: what `check` reports is what stops `serve`."""
     from adapters.lifecycle import check_config_adapters
     from adapters.validation import AdapterValidationError
     from gateway.state import base_model_dims
@@ -45,14 +46,13 @@ def load_checked(path: str) -> GatewayConfig:
                               {b.name: b.kind for b in config.backends})
     except AdapterValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    if problems := conversion_problems(config):
+        raise ConfigError(f"{path}: " + "; ".join(problems))
     return config
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_checked(args.file)
-    if problems := conversion_problems(config):
-        print(f"error: {args.file}: " + "\n  ".join(problems), file=sys.stderr)
-        return 1
     print(f"{args.file}: ok, {len(config.backends)} backends, {len(config.adapters)} adapters, "
           f"{len(config.routes)} routes, sampling mode {config.sampling.mode}")
     print(route_table(config))

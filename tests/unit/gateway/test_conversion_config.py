@@ -61,3 +61,20 @@ def test_a_peft_adapter_on_llama_cpp_is_converted_only_with_a_converter(tmp_path
         assert "needs `gguf` (a GGUF LoRA file, or `source` with conversion.llama_cpp_python set" in str(exc)
     else:
         raise AssertionError("a PEFT-only adapter on llama.cpp without a converter must be refused")
+
+
+def test_serve_stops_on_what_check_reports_on_one_line(tmp_path, capsys):
+    """`serve` refuses a converter Python that `check` refuses, before it listens, on one line."""
+    from gateway.cli import load_checked
+    from gateway.config import ConfigError
+
+    path = write(tmp_path, {"llama_cpp_python": str(tmp_path / "nowhere" / "python")})
+    try:
+        load_checked(path)
+    except ConfigError as exc:
+        assert "conversion.llama_cpp_python" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("load_checked took a converter Python that does not exist")
+    assert main(["serve", "--config", path, "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/nowhere/python does not exist" in err
