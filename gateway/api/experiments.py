@@ -159,7 +159,13 @@ class FeedbackBody(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-        if metadata is not None and len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+        if metadata is None:
+            return None
+        try:
+            size = len(orjson.dumps(metadata))
+        except orjson.JSONEncodeError:   # an integer past 64 bits: the gateway's JSON (orjson) cannot carry it
+            raise ValueError("holds an integer outside the 64-bit range") from None
+        if size > MAX_METADATA_BYTES:
             raise ValueError(f"over {MAX_METADATA_BYTES} bytes as JSON")
         return metadata
 

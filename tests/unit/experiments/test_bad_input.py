@@ -95,6 +95,8 @@ BAD_BODIES = [
     ("POST", "/v1/feedback", b'{"request_id": "r", "label": true, "metadata": [1]}', T, 422, "metadata:", "metadata"),
     ("POST", "/v1/feedback", b'{"request_id": "r", "label": true, "metadata": {"a": "' + b"x" * 5000 + b'"}}', T, 422,
      "metadata: over 4096 bytes", "metadata"),
+    ("POST", "/v1/feedback", b'{"request_id": "r", "label": true, "metadata": {"n": -9223372036854775809}}', T, 422,
+     "metadata: holds an integer outside the 64-bit range", "metadata"),
     ("POST", "/v1/feedback", b'{"request_id": "r", "label": true, "extra": 1}', T, 422, "extra: unknown key",
      "extra"),
     ("POST", "/v1/feedback", b'{"request_id": "r", "label": true}', {**TEAM, "content-type": "text/plain"}, 415,
