@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.api.admin import LIFECYCLE_ERRORS, require_admin
+from gateway.api.admin import LIFECYCLE_ERRORS, require_admin, swap_problem
 from gateway.auth import Principal, authenticate, bearer, match_key
 from gateway.config import RouteConfig
 from gateway.dependencies import StateDep
@@ -136,6 +136,8 @@ async def promote(name: str, state: StateDep, body: PromoteBody | None = None) -
     async def swap(control: str, source: str | None, gguf: str | None) -> None:
         if control not in lifecycle.names():
             raise ExperimentError(f"The control '{control}' is a base route: promote needs an adapter control.")
+        if problem := swap_problem(lifecycle.view(control), source, gguf, state):
+            raise ExperimentError(f"The control '{control}' cannot take the winner's files: {problem}")
         await lifecycle.swap(control, source, gguf)
 
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from tests.adapter_files import write_peft
+from tests.emulators.fake_driver import FakeDriver
 from tests.unit.experiments.helpers import ADMIN, TEAM, app, chat
 
 JSON = {"content-type": "application/json"}
@@ -226,3 +228,27 @@ async def test_a_base_route_that_an_experiment_uses_cannot_be_removed_or_made_an
         assert (await client.put("/admin/routes/exp", json={"name": "exp", "experiment": {"variants": {"v1": 1}}},
                                  headers=ADMIN)).status_code == 200
         assert (await client.delete("/admin/routes/base", headers=ADMIN)).status_code == 204
+
+
+async def test_a_swap_that_would_leave_a_backend_on_its_old_file_is_refused(config, tmp_path):
+    """v1 is served by a llama.cpp backend from its `gguf`: a swap giving only a new `source` would keep it."""
+    source = write_peft(tmp_path / "adapters" / "new-peft")
+    async with app(config) as client:
+        before = (await client.get("/admin/adapters/v1", headers=ADMIN)).json()
+        response = await client.post("/admin/adapters/v1/swap", json={"source": str(source)}, headers=ADMIN)
+        assert_error(response, 422, "Backend 'one' (llamacpp) loads the adapter's `gguf`", "gguf")
+        assert (await client.get("/admin/adapters/v1", headers=ADMIN)).json() == before
+
+
+async def test_promoting_a_winner_whose_files_the_control_cannot_take_is_refused(config, tmp_path):
+    """The winner has only a PEFT dir (an SGLang backend's); the control is served from a GGUF by llama.cpp."""
+    config["backends"] = [*config["backends"], {"name": "kt", "kind": "sglang", "url": "http://127.0.0.1:9"}]
+    config["adapters"] = [*config["adapters"], {"name": "v3", "source": str(write_peft(tmp_path / "adapters" / "v3")),
+                                                "backends": ["kt"]}]
+    config["routes"] = [*config["routes"], {"name": "exp3", "experiment": {"variants": {"v1": 1, "v3": 1}}}]
+    async with app(config, kt=FakeDriver("kt")) as client:
+        before = [(await client.get(path, headers=ADMIN)).json() for path in ("/admin/adapters/v1", "/admin/routes/exp3")]
+        response = await client.post("/admin/experiments/exp3/promote", json={"variant": "v3"}, headers=ADMIN)
+        assert_error(response, 409, "The control 'v1' cannot take the winner's files: Backend 'one' (llamacpp)")
+        assert [(await client.get(path, headers=ADMIN)).json()
+                for path in ("/admin/adapters/v1", "/admin/routes/exp3")] == before
