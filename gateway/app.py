@@ -23,8 +23,16 @@ from gateway.api.openapi import data_plane_paths
 from gateway.config import ConfigError, GatewayConfig, describe_error
 from gateway.control_body import ControlBodyCheck
 from gateway.dataplane import DataPlane
-from gateway.errors import GatewayError, UnprocessableEntityError, error_body
+from gateway.errors import (
+    ERROR_TABLE,
+    GatewayError,
+    InternalError,
+    UnprocessableEntityError,
+    error_body,
+    to_gateway_error,
+)
 from gateway.exposure import admin_listener_paths, exposed, on_admin_listener, shared_paths
+from gateway.logs import REQUEST_ID
 from gateway.request_id import RequestIdApp
 from gateway.state import GatewayState, build_state
 
@@ -74,6 +82,19 @@ def control_plane(state: GatewayState) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> Response:
         return Response(exc.body(), status_code=exc.status_code, media_type="application/json", headers=exc.headers)
+
+    async def table_error(request: Request, exc: Exception) -> Response:
+        """An error from below (a store that is away, a backend) that a handler let through: its row of the table."""
+        return await gateway_error(request, to_gateway_error(exc))
+
+    for kind, _ in ERROR_TABLE:
+        app.add_exception_handler(kind, table_error)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> Response:
+        """A bug: the OpenAI-shaped 500 with the request id (the server logs the traceback), never its text."""
+        error = InternalError(REQUEST_ID.get() or "unknown")
+        return Response(error.body(), status_code=500, media_type="application/json")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

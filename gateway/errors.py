@@ -240,7 +240,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], 
     (RestartNeededError, lambda e: ConflictError(str(e))),
     (AdapterPlacementError, lambda e: BadGatewayError(scrub(str(e)))),
     (StoreUnavailableError, lambda e: ServiceUnavailableError(
-        "The adapter registry's database is unreachable; nothing was changed. Retry shortly.",
+        "The gateway's database (adapter registry, experiments) is unreachable; nothing was changed. Retry shortly.",
         headers={"retry-after": "5"})),
     (LeaseBusyError, lambda e: ServiceUnavailableError(str(e), headers={"retry-after": "5"})),
     (BackendRejectedError, _rejected),

@@ -2,10 +2,15 @@
 status, an OpenAI-shaped body naming the field or header, no traceback, and leaves the store as it was."""
 from __future__ import annotations
 
+import httpx
 import orjson
 import pytest
 
+from adapters.store import StoreUnavailableError
+from gateway.app import create_app
+from gateway.config import GatewayConfig
 from tests.adapter_files import write_peft
+from tests.app_client import running
 from tests.emulators.fake_driver import FakeDriver
 from tests.unit.experiments.helpers import ADMIN, TEAM, app, chat
 
@@ -252,3 +257,31 @@ async def test_promoting_a_winner_whose_files_the_control_cannot_take_is_refused
         assert_error(response, 409, "The control 'v1' cannot take the winner's files: Backend 'one' (llamacpp)")
         assert [(await client.get(path, headers=ADMIN)).json()
                 for path in ("/admin/adapters/v1", "/admin/routes/exp3")] == before
+
+
+@pytest.mark.parametrize("fault, status, fragment", [
+    (StoreUnavailableError("PostgreSQL is unreachable: connection refused"), 503, "database (adapter registry, "
+                                                                               "experiments) is unreachable"),
+    (RuntimeError("a bug at /srv/secret/path"), 500, "Internal error (request id"),
+])
+async def test_a_store_fault_behind_the_experiment_api_is_a_clean_5xx(config, fault, status, fragment):
+    """Not Starlette's text/plain "Internal Server Error": the table's status, OpenAI-shaped, no exception text."""
+    gateway = create_app(GatewayConfig.model_validate(config),
+                         drivers={"one": FakeDriver("one"), "two": FakeDriver("two")})
+
+    async def broken(*args, **kwargs):
+        raise fault
+
+    async with running(gateway):
+        transport = httpx.ASGITransport(app=gateway, raise_app_exceptions=False)   # as a server: answer, then log
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            store = gateway.state.experiments.store
+            store.put_route = store.delete_route = store.fact = broken
+            for method, path, body in [("PUT", "/admin/routes/x", {"name": "x", "targets": ["one"]}),
+                                       ("DELETE", "/admin/routes/legal", None),
+                                       ("POST", "/v1/feedback", {"request_id": "r", "score": 1})]:
+                response = await client.request(method, path, json=body, headers=ADMIN)
+                error = assert_error(response, status, fragment)
+                assert "secret" not in error["message"] and "refused" not in error["message"]
+                assert response.headers["x-request-id"]
+            assert (await client.get("/admin/routes/x", headers=ADMIN)).status_code == 404   # nothing was changed
