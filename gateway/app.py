@@ -22,18 +22,19 @@ from gateway.api import admin, experiments, health, models
 from gateway.api.openapi import data_plane_paths
 from gateway.config import ConfigError, GatewayConfig, describe_error
 from gateway.control_body import ControlBodyCheck
-from gateway.dataplane import DataPlane
+from gateway.dataplane import DataPlane, send_error
 from gateway.errors import (
     ERROR_TABLE,
     GatewayError,
     InternalError,
+    MethodNotAllowedError,
     UnprocessableEntityError,
     error_body,
     to_gateway_error,
 )
 from gateway.exposure import admin_listener_paths, exposed, on_admin_listener, shared_paths
 from gateway.logs import REQUEST_ID
-from gateway.request_id import RequestIdApp
+from gateway.request_id import RequestIdApp, incoming_id, request_id_of
 from gateway.state import GatewayState, build_state
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,11 @@ class GatewayApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             path, on_admin = scope["path"], self.split and on_admin_listener(scope, self.state.config)
-            if path in DATA_PATHS and scope["method"] == "POST" and not on_admin:
-                return await self.data_plane(scope, receive, send)
+            if path in DATA_PATHS and not on_admin:
+                if scope["method"] == "POST":
+                    return await self.data_plane(scope, receive, send)
+                request_id = request_id_of(incoming_id(scope["headers"])).encode()
+                return await send_error(send, MethodNotAllowedError("POST"), [(b"x-request-id", request_id)])
         elif scope["type"] == "lifespan":
             send = self._one_line_startup_failure(send)
         return await self.front(scope, receive, send)

@@ -91,6 +91,14 @@ class NotFoundError(GatewayError):
     error_type = "invalid_request_error"
 
 
+class MethodNotAllowedError(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, allowed: str) -> None:
+        super().__init__(f"Method Not Allowed: this path takes {allowed}.", headers={"allow": allowed})
+
+
 class ConflictError(GatewayError):
     status_code = 409
     error_type = "invalid_request_error"

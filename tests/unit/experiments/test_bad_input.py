@@ -177,12 +177,15 @@ async def test_a_non_ascii_authorization_header_is_a_401(config):
     ("PUT", "/admin/adapters/v1", "DELETE, GET"),
     ("GET", "/admin/experiments/legal/promote", "POST"),
     ("DELETE", "/admin/experiments/legal", "GET"),
+    ("GET", "/v1/chat/completions", "POST"),
+    ("PUT", "/v1/completions", "POST"),
+    ("POST", "/v1/models", "GET"),
 ])
 async def test_a_wrong_method_is_a_405_with_every_allowed_method(config, method, path, allowed):
     async with app(config) as client:
         response = await client.request(method, path, content=b"{}", headers=A)
         assert_error(response, 405, "Method Not Allowed")
-        assert response.headers["allow"] == allowed
+        assert response.headers["allow"] == allowed and response.headers["x-request-id"]
 
 
 @pytest.mark.parametrize("path", ["/admin/routes/", "/admin/routes/a%2Fb", "/admin/routes/a/b"])
