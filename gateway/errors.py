@@ -219,6 +219,12 @@ def scrub(message: str) -> str:
     return message.strip()[:MAX_MESSAGE] or "The backend refused the request."
 
 
+def quoted(value: str, limit: int = 64) -> str:
+    """A name the client sent, quoted for a message and cut short: a path segment or field may be 20,000
+    characters, and an error should not carry it back whole."""
+    return f"'{value}'" if len(value) <= limit else f"'{value[:limit]}...' ({len(value)} characters)"
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
@@ -243,7 +249,7 @@ def _where(exc: Exception) -> str:
 ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], ...] = (
     (AdapterValidationError, lambda e: UnprocessableAdapterError(str(e))),
     (AdapterExistsError, lambda e: ConflictError(str(e))),
-    (AdapterNotFoundError, lambda e: NotFoundError(f"No adapter named '{e.args[0]}'.")),
+    (AdapterNotFoundError, lambda e: NotFoundError(f"No adapter named {quoted(str(e.args[0]))}.")),
     (AdapterInUseError, lambda e: ConflictError(str(e))),
     (RestartNeededError, lambda e: ConflictError(str(e))),
     (AdapterPlacementError, lambda e: BadGatewayError(scrub(str(e)))),

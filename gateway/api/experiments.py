@@ -21,6 +21,7 @@ from gateway.errors import (
     NotFoundError,
     PermissionDeniedError,
     UnprocessableEntityError,
+    quoted,
     to_gateway_error,
 )
 from gateway.experiments.service import ExperimentError, UnknownExperimentError
@@ -41,7 +42,7 @@ def check_route(route: RouteConfig, state: GatewayState) -> None:
     if route.name in adapters:
         raise ValueError(f"name: '{route.name}' is an adapter's own route; an adapter changes by swap")
     if route.profile and route.profile not in state.config.sampling.profiles:
-        raise ValueError(f"profile: {shown(route.profile)} is not a sampling profile")
+        raise ValueError(f"profile: {quoted(route.profile)} is not a sampling profile")
     for j, name in enumerate(route.targets or ()):
         if name not in backends:
             raise ValueError(f"targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
@@ -52,11 +53,6 @@ def check_route(route: RouteConfig, state: GatewayState) -> None:
                 raise ValueError(f"experiment.{key}: {name!r} is this experiment itself")
             if name not in adapters and name not in base_routes:
                 raise ValueError(f"experiment.{key}: {name!r} is not an adapter or a base route")
-
-
-def shown(value: str, limit: int = 64) -> str:
-    """A client's string in a message, cut short (a body may be a megabyte)."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
 
 
 def experiments_using(name: str, state: GatewayState) -> list[str]:
@@ -78,7 +74,7 @@ def check_still_served(name: str, after: RouteConfig | None, state: GatewayState
 @admin_router.put("/routes/{name}")
 async def put_route(name: str, route: RouteConfig, state: StateDep) -> dict:
     if route.name != name:
-        raise InvalidRequestError(f"The body's name '{route.name}' is not the path's '{name}'.", param="name")
+        raise InvalidRequestError(f"The body's name '{route.name}' is not the path's {quoted(name)}.", param="name")
     try:
         check_route(route, state)
     except ValueError as exc:
@@ -94,14 +90,14 @@ async def delete_route(name: str, state: StateDep) -> Response:
     if name in state.experiments.overrides:
         check_still_served(name, next((r for r in state.config.routes if r.name == name), None), state)
     if not await asyncio.shield(state.experiments.delete_route(name)):
-        raise NotFoundError(f"Route '{name}' was not changed at run time.")
+        raise NotFoundError(f"Route {quoted(name)} was not changed at run time.")
     return Response(status_code=204)
 
 
 @admin_router.get("/routes/{name}")
 async def get_route(name: str, state: StateDep) -> dict:
     if state.experiments.route(name) is None:
-        raise NotFoundError(f"No route named '{name}'.")
+        raise NotFoundError(f"No route named {quoted(name)}.")
     return route_view(state, name)
 
 

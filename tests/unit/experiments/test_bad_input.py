@@ -288,3 +288,14 @@ async def test_a_store_fault_behind_the_experiment_api_is_a_clean_5xx(config, fa
                 assert "secret" not in error["message"] and "refused" not in error["message"]
                 assert response.headers["x-request-id"]
             assert (await client.get("/admin/routes/x", headers=ADMIN)).status_code == 404   # nothing was changed
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/admin/adapters/{}"), ("DELETE", "/admin/adapters/{}"), ("GET", "/admin/routes/{}"),
+    ("DELETE", "/admin/routes/{}"), ("GET", "/admin/experiments/{}"), ("POST", "/admin/experiments/{}/promote"),
+])
+async def test_a_20000_character_name_is_a_404_that_does_not_echo_it_whole(config, method, path):
+    async with app(config) as client:
+        response = await client.request(method, path.format("a" * 20000), headers=ADMIN)
+        error = assert_error(response, 404, "(20000 characters)")
+        assert len(error["message"]) < 200
