@@ -20,7 +20,7 @@ from backends.base import BackendDriver
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH
 from gateway.api import admin, experiments, health, models
 from gateway.api.openapi import data_plane_paths
-from gateway.config import ConfigError, GatewayConfig, describe_error
+from gateway.config import ConfigError, GatewayConfig, describe_error, key_path
 from gateway.control_body import ControlBodyCheck
 from gateway.dataplane import DataPlane, send_error
 from gateway.errors import (
@@ -129,8 +129,8 @@ def invalid_body(error: dict) -> UnprocessableEntityError:
     loc = tuple(part for part in error.get("loc", ()) if part != "body")
     if not loc and error.get("type") == "missing":
         return UnprocessableEntityError("Invalid request: the body is required (a JSON object).")
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    return UnprocessableEntityError(f"Invalid request: {describe_error({**error, 'loc': loc})}", param=where or None)
+    return UnprocessableEntityError(f"Invalid request: {describe_error({**error, 'loc': loc})}",
+                                    param=key_path(loc) or None)
 
 
 def authorize_body(state: GatewayState, scope) -> None:

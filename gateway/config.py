@@ -352,9 +352,14 @@ def _untagged(error: dict) -> dict:
 SECRET_WORDS = ("key", "secret", "token", "password")
 
 
+def key_path(loc: tuple) -> str:
+    """pydantic's location as the config (or a body) spells it: `backends[0].retry.attempts`."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
 def describe_error(error: dict) -> str:
     """One error as `key.path: what was expected`; never the offending value (it may be a secret)."""
-    location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    location = key_path(error["loc"])
     if error["type"] == "extra_forbidden":
         name = str(error["loc"][-1]).lower()
         if any(word in name for word in SECRET_WORDS):
