@@ -11,6 +11,7 @@ from typing import Callable
 
 import orjson
 
+from adapters.conversion import ConversionError
 from adapters.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -219,6 +220,15 @@ def scrub(message: str) -> str:
     return message.strip()[:MAX_MESSAGE] or "The backend refused the request."
 
 
+# A converter's traceback frames (its last lines are in a ConversionError): the header, `  File "…"` lines and
+# the source lines under them. The exception line that ends the traceback is what an admin needs, and stays.
+TRACEBACK_FRAMES = re.compile(r'^(?:Traceback \(most recent call last\):|  File ".*|    .*)\n?', re.MULTILINE)
+
+
+def without_frames(message: str) -> str:
+    return TRACEBACK_FRAMES.sub("", message).rstrip()
+
+
 def quoted(value: str, limit: int = 64) -> str:
     """A name the client sent, quoted for a message and cut short: a path segment or field may be 20,000
     characters, and an error should not carry it back whole."""
@@ -247,6 +257,7 @@ def _where(exc: Exception) -> str:
 # The one table from an error raised below the HTTP edge to what the client sees. Most specific class first;
 # the first row whose class matches wins.
 ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], ...] = (
+    (ConversionError, lambda e: UnprocessableAdapterError(without_frames(str(e)))),
     (AdapterValidationError, lambda e: UnprocessableAdapterError(str(e))),
     (AdapterExistsError, lambda e: ConflictError(str(e))),
     (AdapterNotFoundError, lambda e: NotFoundError(f"No adapter named {quoted(str(e.args[0]))}.")),
