@@ -19,6 +19,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UnsupportedMediaTy
 
 MAX_CONTROL_BODY = 1024 * 1024
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+CURL_DEFAULTS = (b"", b"application/x-www-form-urlencoded")   # what `curl -d` sends without -H
 
 
 class DuplicateKeyError(ValueError):
@@ -67,8 +68,9 @@ def check_content_type(headers: list[tuple[bytes, bytes]]) -> None:
     media = (value or b"").split(b";", 1)[0].strip().lower()
     if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
         shown = media.decode("latin-1")[:64] if media else "none"
-        raise UnsupportedMediaTypeError(f"The body must be JSON with Content-Type: application/json (got {shown}).",
-                                        param="content-type")
+        hint = "; with curl -d, add -H 'content-type: application/json'" if media in CURL_DEFAULTS else ""
+        raise UnsupportedMediaTypeError(f"The body must be JSON with Content-Type: application/json (got {shown}"
+                                        f"{hint}).", param="content-type")
 
 
 class ControlBodyCheck:

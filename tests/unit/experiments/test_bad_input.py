@@ -81,7 +81,7 @@ BAD_BODIES = [
     ("PUT", "/admin/routes/x", ROUTE, {**ADMIN, "content-type": "text/plain"}, 415, "application/json",
      "content-type"),
     ("PUT", "/admin/routes/x", ROUTE, {**ADMIN, "content-type": "application/x-www-form-urlencoded"}, 415,
-     "application/json", "content-type"),
+     "with curl -d, add -H 'content-type: application/json'", "content-type"),
     ("PUT", "/admin/routes/x", ROUTE, ADMIN, 415, "got none", "content-type"),
     ("PUT", "/admin/routes/x", b'{"name": "x", "targets": ["one"], "profile": "' + b"p" * MEGABYTE + b'"}', A, 413,
      "exceeds the limit", None),
