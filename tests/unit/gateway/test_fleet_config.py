@@ -105,3 +105,14 @@ async def test_a_failed_start_tells_the_server_one_line(tmp_path, monkeypatch, d
         await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
     assert sent[-1]["type"] == "lifespan.startup.failed"
     assert sent[-1]["message"].startswith(fragment) and "\n" not in sent[-1]["message"]
+
+
+def test_an_unset_backend_key_is_said_at_start_and_not_fatal(tmp_path, monkeypatch, caplog):
+    """deploy/docker-compose.yml leaves MOONSHOT_API_KEY optional: the gateway starts, and says so once."""
+    monkeypatch.delenv("KGW_HOSTED_KEY", raising=False)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"state_dir: {tmp_path}\nbackends:\n"
+                    "  - {name: llama, kind: llamacpp, url: 'http://127.0.0.1:1'}\n"
+                    "  - {name: hosted, kind: moonshot, url: 'https://api.moonshot.ai/v1', api_key_env: KGW_HOSTED_KEY}\n")
+    build_state(load_config(path))
+    assert caplog.text.count("backends[1].api_key_env: the environment variable KGW_HOSTED_KEY is not set") == 1
