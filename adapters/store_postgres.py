@@ -133,17 +133,7 @@ class PostgresPool:
     async def open(self, wait_s: float = OPEN_WAIT_S) -> None:
         """Migrate, then open the pool. A database that is away at start is waited for (a fleet's replicas
         and its database often start together), for `wait_s`, then StoreUnavailableError."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-                break
-            except UNREACHABLE as exc:
-                if loop.time() >= deadline:
-                    raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
-                log.warning("%s: PostgreSQL is unreachable (%s); waiting for it", self.what, describe(exc))
-                await asyncio.sleep(1.0)
+        conn = await connect_at_start(self.dsn, wait_s, self.what)
         try:
             applied = await migrate(conn, self.migrations, self.migration_table)
         finally:
@@ -324,6 +314,26 @@ class PostgresStore(PostgresPool):
 
 def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+async def connect_at_start(dsn: str, wait_s: float, what: str) -> asyncpg.Connection:
+    """The first connection. A database that is away is waited for `wait_s` (a fleet's replicas and its
+    database often start together); one that can never answer (a DSN that does not parse, a wrong password,
+    no such database) fails at once. Both are a StoreUnavailableError whose message never holds the DSN."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+        except asyncpg.ClientConfigurationError as exc:
+            raise StoreUnavailableError(f"the PostgreSQL DSN is not valid: {describe(exc)}") from exc
+        except UNREACHABLE as exc:
+            if loop.time() >= deadline:
+                raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+            log.warning("%s: PostgreSQL is unreachable (%s); waiting for it", what, describe(exc))
+            await asyncio.sleep(1.0)
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailableError(f"PostgreSQL refused the connection: {describe(exc)}") from exc
 
 
 async def listen(dsn: str, channel: str, on_change: Callable[[], None], what: str) -> None:

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 from pydantic import ValidationError
 
 from gateway.config import GatewayConfig, RouteConfig
+from gateway.errors import quoted
 from gateway.experiments import guard as guard_rule
 from gateway.experiments.allocation import thompson_weights
 from gateway.experiments.facts import FactLog
@@ -124,7 +125,7 @@ class Experiments:
     def experiment(self, name: str) -> RouteConfig:
         route = self.route(name)
         if route is None or route.experiment is None:
-            raise UnknownExperimentError(f"No experiment named '{name}'.")
+            raise UnknownExperimentError(f"No experiment named {quoted(name)}.")
         return route
 
     def weights_in_force(self, route: RouteConfig) -> dict[str, float]:
@@ -281,7 +282,7 @@ class Experiments:
             raise ExperimentError(f"Experiment '{name}' has no decision yet ({report['decision']}); name the "
                                   "variant to promote to promote one anyway.")
         if winner not in route.experiment.variants:
-            raise ExperimentError(f"'{winner}' is not a variant of experiment '{name}' "
+            raise ExperimentError(f"{quoted(winner)} is not a variant of experiment '{name}' "
                                   f"({list(route.experiment.variants)}).")
         if winner != control:
             source = files(winner)
