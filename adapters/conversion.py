@@ -122,6 +122,11 @@ class ToolConverter:
         name = GGUF_OUT if step.artifact == "gguf" else SGLANG_OUT
         return self.settings.cache_dir / facts.content_hash / name
 
+    def command(self, facts: AdapterFacts, step: Step) -> list[str]:
+        """The argv that makes `step`'s artifact, shown with its cache entry as the output (the run writes into
+        a temp dir beside it and renames); ConversionError when the converter is not there."""
+        return self._argv(facts, step, self.cached(facts, step))
+
     async def convert(self, facts: AdapterFacts, steps: list[Step],
                       progress: Callable[[Step, str], None] | None = None) -> dict[str, str]:
         made = {}

@@ -87,15 +87,52 @@ CREATE TABLE IF NOT EXISTS replica_state (
 """
 
 
-class SqliteStore:
-    """One connection, used from one worker thread: SQLite work never blocks the event loop, and writes are
-    serialised without any lock the caller could hold."""
+# What both stores (this one and adapters/store_postgres.py) read and write, in one column order; a row is a
+# sqlite3 tuple or an asyncpg Record, both unpacked by position.
+ADAPTER_COLUMNS = "spec, origin, active, updated_at"
+VERSION_COLUMNS = "adapter, version, source, gguf, adapter_class, rank, status, reason, created_at"
+STATE_COLUMNS = "adapter, version, backend, replica, state, reason, updated_at"
+
+
+def adapter_record(row) -> AdapterRecord:
+    spec, origin, active, updated_at = row
+    return AdapterRecord(AdapterSpec.model_validate(json.loads(spec)), origin, active, updated_at)
+
+
+def adapter_version(row) -> AdapterVersion:
+    adapter, version, source, gguf, adapter_class, rank, status, reason, created_at = row
+    return AdapterVersion(adapter, version, source, gguf, adapter_class, rank, VersionStatus(status), created_at,
+                          reason)
+
+
+def replica_state(row) -> ReplicaState:
+    adapter, version, backend, replica, state, reason, updated_at = row
+    return ReplicaState(adapter, version, backend, replica, ReplicaPhase(state), reason, updated_at)
+
+
+def version_row(v: AdapterVersion) -> tuple:
+    return v.adapter, v.version, v.source, v.gguf, v.adapter_class, v.rank, v.status.value, v.reason, v.created_at
+
+
+def state_row(s: ReplicaState) -> tuple:
+    return s.adapter, s.version, s.backend, s.replica, s.state.value, s.reason, s.updated_at
+
+
+class SqliteFile:
+    """One SQLite file, one connection, used from one worker thread: SQLite work never blocks the event loop,
+    and writes are serialised without any lock the caller could hold. WAL: readers never block the writer, and
+    several processes may share the file. Subclasses name the file, the schema and `synchronous`."""
+
+    filename = ""
+    schema = ""
+    synchronous = "FULL"          # a commit survives power loss, not just kill -9
+    thread_name = "store"
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / "registry.sqlite3"
+        self.path = Path(state_dir) / self.filename
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
-        self.writes = 0
+        self.writes = 0                  # local writes started: lets a reader tell its snapshot may be stale
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
         self.writes += write
@@ -108,27 +145,19 @@ class SqliteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-store")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._connect)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
 
     def _connect(self) -> None:
         db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")    # readers never block the writer; several processes may share it
-        db.execute("PRAGMA synchronous=FULL")    # a commit survives power loss, not just kill -9
-        db.executescript(SCHEMA)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.executescript(self.schema)
         self._db = db
-        self._migrate_v1(db)
+        self._migrate(db)
 
-    @staticmethod
-    def _migrate_v1(db: sqlite3.Connection) -> None:
-        """The first registry kept specs in `adapters` (no versions): carry its live rows over once."""
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='adapters'").fetchone() is None:
-            return
-        with db:
-            db.execute("INSERT OR IGNORE INTO adapter (name, spec, origin, removed, updated_at) "
-                       "SELECT name, spec, origin, removed, updated_at FROM adapters")
-            db.execute("DROP TABLE adapters")
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """What an older file needs beyond the schema's CREATE IF NOT EXISTS."""
 
     async def close(self) -> None:
         def close() -> None:
@@ -139,6 +168,23 @@ class SqliteStore:
             await asyncio.get_running_loop().run_in_executor(self._executor, close)
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+class SqliteStore(SqliteFile):
+    """The adapter registry in `<state_dir>/registry.sqlite3`."""
+
+    filename = "registry.sqlite3"
+    schema = SCHEMA
+    thread_name = "adapter-store"
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """The first registry kept specs in `adapters` (no versions): carry its live rows over once."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='adapters'").fetchone() is None:
+            return
+        with db:
+            db.execute("INSERT OR IGNORE INTO adapter (name, spec, origin, removed, updated_at) "
+                       "SELECT name, spec, origin, removed, updated_at FROM adapters")
+            db.execute("DROP TABLE adapters")
 
     async def seed(self, specs: Iterable[AdapterSpec]) -> list[str]:
         specs, now = list(specs), time.time()
@@ -155,9 +201,8 @@ class SqliteStore:
 
     async def adapters(self) -> list[AdapterRecord]:
         rows = await self._run(lambda db: db.execute(
-            "SELECT spec, origin, active, updated_at FROM adapter WHERE removed = 0 ORDER BY rowid").fetchall(), False)
-        return [AdapterRecord(AdapterSpec.model_validate(json.loads(spec)), origin, active, updated)
-                for spec, origin, active, updated in rows]
+            f"SELECT {ADAPTER_COLUMNS} FROM adapter WHERE removed = 0 ORDER BY rowid").fetchall(), False)
+        return [adapter_record(row) for row in rows]
 
     async def add_adapter(self, spec: AdapterSpec, origin: str) -> AdapterRecord:
         now = time.time()
@@ -180,17 +225,15 @@ class SqliteStore:
         await self._run(work)
 
     async def put_version(self, version: AdapterVersion) -> None:
-        v = version
         await self._run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO adapter_version (adapter, version, source, gguf, adapter_class, rank, status, "
-            "reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (v.adapter, v.version, v.source, v.gguf, v.adapter_class, v.rank, v.status.value, v.reason, v.created_at)))
+            f"INSERT OR REPLACE INTO adapter_version ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            version_row(version)))
 
     async def versions(self, name: str | None = None) -> list[AdapterVersion]:
-        query = ("SELECT adapter, version, source, gguf, adapter_class, rank, status, created_at, reason "
-                 "FROM adapter_version" + (" WHERE adapter = ?" if name else "") + " ORDER BY created_at")
+        query = (f"SELECT {VERSION_COLUMNS} FROM adapter_version" + (" WHERE adapter = ?" if name else "")
+                 + " ORDER BY created_at")
         rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall(), False)
-        return [AdapterVersion(a, v, s, g, c, r, VersionStatus(st), t, reason) for a, v, s, g, c, r, st, t, reason in rows]
+        return [adapter_version(row) for row in rows]
 
     async def activate(self, version: AdapterVersion) -> AdapterRecord:
         """One transaction: the adapter points at `version` (its spec takes the version's files), the version is
@@ -215,17 +258,14 @@ class SqliteStore:
         return await self._run(work)
 
     async def put_state(self, state: ReplicaState) -> None:
-        s = state
         await self._run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO replica_state (adapter, version, backend, replica, state, reason, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (s.adapter, s.version, s.backend, s.replica, s.state.value, s.reason,
-                                             s.updated_at)))
+            f"INSERT OR REPLACE INTO replica_state ({STATE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", state_row(state)))
 
     async def states(self, name: str | None = None) -> list[ReplicaState]:
-        query = ("SELECT adapter, version, backend, replica, state, reason, updated_at FROM replica_state"
-                 + (" WHERE adapter = ?" if name else "") + " ORDER BY adapter, backend, replica")
+        query = (f"SELECT {STATE_COLUMNS} FROM replica_state" + (" WHERE adapter = ?" if name else "")
+                 + " ORDER BY adapter, backend, replica")
         rows = await self._run(lambda db: db.execute(query, (name,) if name else ()).fetchall(), False)
-        return [ReplicaState(a, v, b, r, ReplicaPhase(st), reason, t) for a, v, b, r, st, reason, t in rows]
+        return [replica_state(row) for row in rows]
 
 
     async def snapshot(self) -> tuple[list[AdapterRecord], list[AdapterVersion], list[ReplicaState]]:

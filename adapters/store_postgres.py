@@ -21,7 +21,19 @@ from typing import Callable, Iterable
 import asyncpg
 
 from adapters.models import AdapterRecord, AdapterSpec, AdapterVersion, ReplicaPhase, ReplicaState, VersionStatus
-from adapters.store import AdapterExistsError, AdapterNotFoundError, StoreUnavailableError
+from adapters.store import (
+    ADAPTER_COLUMNS,
+    STATE_COLUMNS,
+    VERSION_COLUMNS,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    StoreUnavailableError,
+    adapter_record,
+    adapter_version,
+    replica_state,
+    state_row,
+    version_row,
+)
 
 log = logging.getLogger(__name__)
 CHANNEL = "kimi_gateway_registry"
@@ -101,7 +113,16 @@ async def migrate(conn: asyncpg.Connection, migrations: tuple[tuple[int, str], .
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
 
-class PostgresStore:
+class PostgresPool:
+    """A store's connection pool on the fleet's PostgreSQL: its migrations at open (waiting for a database that
+    is not up yet), one transaction per call, NOTIFY on its channel at commit, every failure to reach the
+    database as StoreUnavailableError. Subclasses name the channel, the migrations and how they log."""
+
+    channel = CHANNEL
+    migrations = MIGRATIONS
+    migration_table = "schema_migration"
+    what = "adapter store"        # in log lines
+
     def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
@@ -109,28 +130,16 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._watch_task: asyncio.Task | None = None
 
-    # --- connections ------------------------------------------------------------------------------------
-
     async def open(self, wait_s: float = OPEN_WAIT_S) -> None:
         """Migrate, then open the pool. A database that is away at start is waited for (a fleet's replicas
         and its database often start together), for `wait_s`, then StoreUnavailableError."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-                break
-            except UNREACHABLE as exc:
-                if loop.time() >= deadline:
-                    raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
-                log.warning("adapter store: PostgreSQL is unreachable (%s); waiting for it", describe(exc))
-                await asyncio.sleep(1.0)
+        conn = await connect_at_start(self.dsn, wait_s, self.what)
         try:
-            applied = await migrate(conn)
+            applied = await migrate(conn, self.migrations, self.migration_table)
         finally:
             await conn.close()
         if applied:
-            log.info("adapter store: applied migrations %s", applied)
+            log.info("%s: applied migrations %s", self.what, applied)
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size,
                                                timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
 
@@ -145,7 +154,7 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _transaction(self, notify: str | None = None, write: bool = False):
-        """One transaction on a pooled connection; `notify` is announced on CHANNEL when it commits."""
+        """One transaction on a pooled connection; `notify` is announced on the channel when it commits."""
         self.writes += write or notify is not None
         assert self._pool is not None, "the store is not open"
         try:
@@ -153,9 +162,13 @@ class PostgresStore:
                 async with conn.transaction():
                     yield conn
                     if notify is not None:
-                        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notify)
+                        await conn.execute("SELECT pg_notify($1, $2)", self.channel, notify)
         except UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+
+
+class PostgresStore(PostgresPool):
+    """The adapter registry (module docstring)."""
 
     # --- change notification ----------------------------------------------------------------------------
 
@@ -185,9 +198,8 @@ class PostgresStore:
 
     @staticmethod
     async def _adapters(conn: asyncpg.Connection) -> list[AdapterRecord]:
-        rows = await conn.fetch("SELECT spec, origin, active, updated_at FROM adapter WHERE NOT removed ORDER BY seq")
-        return [AdapterRecord(AdapterSpec.model_validate(json.loads(r["spec"])), r["origin"], r["active"],
-                              r["updated_at"]) for r in rows]
+        rows = await conn.fetch(f"SELECT {ADAPTER_COLUMNS} FROM adapter WHERE NOT removed ORDER BY seq")
+        return [adapter_record(row) for row in rows]
 
     async def add_adapter(self, spec: AdapterSpec, origin: str) -> AdapterRecord:
         now = time.time()
@@ -211,15 +223,12 @@ class PostgresStore:
                 raise AdapterNotFoundError(name)
 
     async def put_version(self, version: AdapterVersion) -> None:
-        v = version
-        async with self._transaction(notify=f"version {v.adapter}") as conn:
+        async with self._transaction(notify=f"version {version.adapter}") as conn:
             await conn.execute(
-                "INSERT INTO adapter_version (adapter, version, source, gguf, adapter_class, rank, status, reason, "
-                "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (adapter, version) DO UPDATE SET "
-                "source = EXCLUDED.source, gguf = EXCLUDED.gguf, adapter_class = EXCLUDED.adapter_class, "
-                "rank = EXCLUDED.rank, status = EXCLUDED.status, reason = EXCLUDED.reason, "
-                "created_at = EXCLUDED.created_at",
-                v.adapter, v.version, v.source, v.gguf, v.adapter_class, v.rank, v.status.value, v.reason, v.created_at)
+                f"INSERT INTO adapter_version ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                "ON CONFLICT (adapter, version) DO UPDATE SET source = EXCLUDED.source, gguf = EXCLUDED.gguf, "
+                "adapter_class = EXCLUDED.adapter_class, rank = EXCLUDED.rank, status = EXCLUDED.status, "
+                "reason = EXCLUDED.reason, created_at = EXCLUDED.created_at", *version_row(version))
 
     async def versions(self, name: str | None = None) -> list[AdapterVersion]:
         async with self._transaction() as conn:
@@ -227,11 +236,10 @@ class PostgresStore:
 
     @staticmethod
     async def _versions(conn: asyncpg.Connection, name: str | None = None) -> list[AdapterVersion]:
-        query = ("SELECT adapter, version, source, gguf, adapter_class, rank, status, created_at, reason "
-                 "FROM adapter_version" + (" WHERE adapter = $1" if name else "") + " ORDER BY created_at")
+        query = (f"SELECT {VERSION_COLUMNS} FROM adapter_version" + (" WHERE adapter = $1" if name else "")
+                 + " ORDER BY created_at")
         rows = await conn.fetch(query, *((name,) if name else ()))
-        return [AdapterVersion(r["adapter"], r["version"], r["source"], r["gguf"], r["adapter_class"], r["rank"],
-                               VersionStatus(r["status"]), r["created_at"], r["reason"]) for r in rows]
+        return [adapter_version(row) for row in rows]
 
     async def activate(self, version: AdapterVersion) -> AdapterRecord:
         """One transaction: the adapter points at `version` (its spec takes the version's files), the version
@@ -262,10 +270,9 @@ class PostgresStore:
                                                       ReplicaPhase.FAILED) else None
         async with self._transaction(notify=notify, write=True) as conn:
             await conn.execute(
-                "INSERT INTO replica_state (adapter, version, backend, replica, state, reason, updated_at) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (adapter, version, backend, replica) DO UPDATE SET "
-                "state = EXCLUDED.state, reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at",
-                s.adapter, s.version, s.backend, s.replica, s.state.value, s.reason, s.updated_at)
+                f"INSERT INTO replica_state ({STATE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                "ON CONFLICT (adapter, version, backend, replica) DO UPDATE SET "
+                "state = EXCLUDED.state, reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at", *state_row(s))
 
     async def states(self, name: str | None = None) -> list[ReplicaState]:
         async with self._transaction() as conn:
@@ -273,11 +280,10 @@ class PostgresStore:
 
     @staticmethod
     async def _states(conn: asyncpg.Connection, name: str | None = None) -> list[ReplicaState]:
-        query = ("SELECT adapter, version, backend, replica, state, reason, updated_at FROM replica_state"
-                 + (" WHERE adapter = $1" if name else "") + " ORDER BY adapter, backend, replica")
+        query = (f"SELECT {STATE_COLUMNS} FROM replica_state" + (" WHERE adapter = $1" if name else "")
+                 + " ORDER BY adapter, backend, replica")
         rows = await conn.fetch(query, *((name,) if name else ()))
-        return [ReplicaState(r["adapter"], r["version"], r["backend"], r["replica"], ReplicaPhase(r["state"]),
-                             r["reason"], r["updated_at"]) for r in rows]
+        return [replica_state(row) for row in rows]
 
     async def snapshot(self) -> tuple[list[AdapterRecord], list[AdapterVersion], list[ReplicaState]]:
         """Adapters, versions and states as of one moment (one repeatable-read transaction)."""
@@ -308,6 +314,26 @@ class PostgresStore:
 
 def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+async def connect_at_start(dsn: str, wait_s: float, what: str) -> asyncpg.Connection:
+    """The first connection. A database that is away is waited for `wait_s` (a fleet's replicas and its
+    database often start together); one that can never answer (a DSN that does not parse, a wrong password,
+    no such database) fails at once. Both are a StoreUnavailableError whose message never holds the DSN."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+        except asyncpg.ClientConfigurationError as exc:
+            raise StoreUnavailableError(f"the PostgreSQL DSN is not valid: {describe(exc)}") from exc
+        except UNREACHABLE as exc:
+            if loop.time() >= deadline:
+                raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+            log.warning("%s: PostgreSQL is unreachable (%s); waiting for it", what, describe(exc))
+            await asyncio.sleep(1.0)
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailableError(f"PostgreSQL refused the connection: {describe(exc)}") from exc
 
 
 async def listen(dsn: str, channel: str, on_change: Callable[[], None], what: str) -> None:

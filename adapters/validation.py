@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -43,6 +44,9 @@ MAX_RANK = 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # safetensors caps its JSON header at 100 MB as well
 HASH_CHUNK_BYTES = 1 << 20
 GGUF_MAGIC = b"GGUF"
+# Bytes per element of each safetensors dtype: a tensor's byte range must hold exactly its shape's elements.
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
@@ -136,7 +140,7 @@ def read_peft_config(path: Path, shown: str) -> PeftConfig:
     rank, alpha = config["r"], config["lora_alpha"]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
         raise AdapterValidationError(f"{shown}: r must be an integer from 1 to {MAX_RANK}, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise AdapterValidationError(f"{shown}: lora_alpha must be a positive number, got {alpha!r}")
     modules = config["target_modules"]
     if isinstance(modules, str):
@@ -169,14 +173,25 @@ def read_safetensors_header(path: Path, shown: str) -> dict[str, list[int]]:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(whole, offsets))):
+            raise AdapterValidationError(f"{shown}: tensor {name!r} has no valid data_offsets (two whole numbers)")
+        if not 0 <= offsets[0] <= offsets[1] <= data_bytes:
             raise AdapterValidationError(f"{shown}: tensor {name!r} points outside the file (truncated?)")
         shape = entry.get("shape")
-        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                                 for n in shape)):
-            raise AdapterValidationError(f"{shown}: tensor {name!r} has no valid shape, found {shape!r}")
+        if not (isinstance(shape, list) and all(whole(n) and n >= 0 for n in shape)):
+            raise AdapterValidationError(f"{shown}: tensor {name!r} has no valid shape, found {str(shape)[:80]}")
+        dtype = entry.get("dtype")
+        if dtype not in DTYPE_BYTES:
+            raise AdapterValidationError(f"{shown}: tensor {name!r} has an unknown dtype {str(dtype)[:16]!r}")
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise AdapterValidationError(f"{shown}: tensor {name!r} holds {offsets[1] - offsets[0]} bytes, but "
+                                         f"{dtype} {shape} needs {math.prod(shape) * DTYPE_BYTES[dtype]}")
         shapes[name] = shape
     return shapes
+
+
+def whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def text_module(module_key: str) -> str | None:
@@ -262,9 +277,10 @@ def validate_peft_dir(directory: Path, raw: str, roots: Sequence[str], base: Bas
     # SGLang loads every *.safetensors in the dir (reference/sglang-kt.md §1.6): check and hash them all.
     names = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
     files = [(PEFT_CONFIG, config_path), *((name, resolve_inside(shown + name, roots, "source")) for name in names)]
-    experts = False
+    experts, tensors = False, 0
     for name, path in files[1:]:
         shapes = read_safetensors_header(path, shown + name)
+        tensors += len(shapes)
         if name == FUSED_FILE and kt:
             if problems := check_fused(shapes, config.rank, base, shown + name):
                 raise AdapterValidationError(problems[0])
@@ -274,6 +290,8 @@ def validate_peft_dir(directory: Path, raw: str, roots: Sequence[str], base: Bas
             check_lora_tensor(key, shape, config.rank, base, shown + name)
             experts |= is_expert_key(key)
         check_pairs(list(shapes), shown + name)
+    if not tensors:
+        raise AdapterValidationError(f"source: {raw} holds no tensors (its safetensors files are empty)")
     return config, experts, files
 
 

@@ -56,6 +56,13 @@ class OutlierConfig(Strict):
     max_ejection_s: float = Field(10.0, gt=0)
     max_ejected_percent: int = Field(50, ge=0, le=100)   # never more replicas than this share (and never all)
 
+    @model_validator(mode="after")
+    def _ejection_within_max(self) -> OutlierConfig:
+        if self.ejection_s > self.max_ejection_s:
+            raise ValueError(f"ejection_s ({self.ejection_s:g}) is longer than max_ejection_s "
+                             f"({self.max_ejection_s:g}), which caps it")
+        return self
+
 
 class BackendConfigBase(Strict):
     """Fields of every kind. Subclasses set `kind` (a Literal) and the class facts below."""

@@ -150,6 +150,11 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
+# Checked connections each replica's transport keeps ready: llama-server closes every streamed response's
+# connection, so each stream needs a new one, and it answers the check only between batch steps.
+READY_CHECKED = 4
+
+
 class LlamaCppDriver(OpenAICompatDriver):
     """Per replica: the adapter files it loaded (`/lora-adapters`: real path -> id) and the versions the
     lifecycle told it to serve, resolved to ids by path. Every new connection first reads `/lora-adapters`
@@ -172,6 +177,8 @@ class LlamaCppDriver(OpenAICompatDriver):
             if hasattr(transport, "connection_check"):
                 transport.check_path = "/lora-adapters"
                 transport.connection_check = partial(self._connection_check, replica)
+                transport.check_headers = self._headers
+                transport.ready_checked = READY_CHECKED
         self.slots: int | None = None                # its parallel slots (-np): the most `n` it can serve
 
     async def start(self) -> None:

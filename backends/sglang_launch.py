@@ -20,9 +20,9 @@ class SglangLaunchConfig(Strict):
     kt_method: str
     bf16_path: str | None = None                 # AMXINT8: the INT4 -> BF16 output
     kt_weight_path: str | None = None            # AMXINT8: convert_cpu_weights.py output; RAWINT4: model_path
-    kt_scripts: str | None = None                # kt-kernel/scripts: convert_cpu_weights.py, convert_kt_to_sglang_adapter.py
+    kt_scripts: str | None = None                # AMXINT8: kt-kernel/scripts (convert_moe_to_bf16.py, convert_cpu_weights.py);
+    # KT-SFT adapters are converted by the gateway's converter (`conversion.kt_python`), not from here
     bf16_command: tuple[str, ...] | None = None  # INT4 -> BF16, with {input} and {output}; default convert_moe_to_bf16.py
-    adapter_dir: str | None = None               # converted expert adapters (default: <state_dir>/sglang-adapters/<backend>)
     host: str | None = None                      # default: the backend URL's host
     tp: int = Field(1, ge=1)
     kt_cpuinfer: int | None = Field(None, ge=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -27,6 +28,8 @@ from backends.errors import (
 _HIGH_WATER_BYTES = 1 << 20  # pause the socket when the reader lags this far behind; resume once it drained
 _SPLIT_WRITE_BYTES = 1 << 16  # a larger body is written on its own rather than copied onto the head
 MAX_CHECKS = 3  # connection checks per request before the server counts as unavailable
+
+log = logging.getLogger(__name__)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -354,6 +357,27 @@ class _Pool:
         while self._idle:
             self._idle.pop().close()
 
+    def reserve(self) -> bool:
+        """A slot for a connection opened ahead of need, when one is free now (never waits, never takes a slot a
+        caller is waiting for)."""
+        if self.closed or self._open >= self._max:
+            return False
+        self._open += 1
+        return True
+
+    async def open_reserved(self) -> _Connection:
+        return await self._open_connection()
+
+    def idle_checked(self, enough: int) -> int:
+        """How many idle connections are checked, counting up to `enough` (the warmest first)."""
+        count = 0
+        for conn in reversed(self._idle):
+            if conn.checked:
+                count += 1
+                if count >= enough:
+                    break
+        return count
+
     def close(self) -> None:
         self.closed = True
         waiters, self._waiters = self._waiters, collections.deque()
@@ -438,6 +462,14 @@ class LeanTransport:
         # any request does (llama.cpp's adapter ids, issue 13).
         self.check_path: str | None = None
         self.connection_check: Callable[[int, bytes], None] | None = None
+        # Checked connections kept ready beside the requests, opened and checked in the background. llama-server
+        # closes the connection after every streamed response and answers the check from its task queue, after
+        # the batch step in progress: checked inline, every stream waited one step (up to hundreds of ms under
+        # load) for its check (bench/gpu, 2026-12-01). A live checked connection still reaches the server that
+        # answered its check (a restart drops it), so using one later is as safe as checking then.
+        self.ready_checked = 0
+        self.check_headers: Mapping[str, str] | None = None   # what the check sends when no request asks for it
+        self._readying: set[asyncio.Task] = set()
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("base_url must look like http(s)://host[:port][/prefix]")
         tls = url.scheme == "https"
@@ -493,6 +525,8 @@ class LeanTransport:
                         raise BackendUnavailableError("the server closes every new connection", backend=self.backend)
                     fresh = True
                     continue
+            if self.ready_checked and pool is self._pool:
+                self._keep_ready()
             if build is not None:
                 try:
                     body = build()
@@ -512,6 +546,8 @@ class LeanTransport:
                 fresh = True
 
     async def aclose(self) -> None:
+        for task in list(self._readying):
+            task.cancel()
         self._pool.close()
         self._probe_pool.close()
 
@@ -519,6 +555,33 @@ class LeanTransport:
         """Close the pooled idle connections (before the server restarts: llama-server's shutdown waits for its
         keep-alive connections)."""
         self._pool.close_idle()
+
+    def _keep_ready(self) -> None:
+        """A request took a connection: open and check more in the background until `ready_checked` are idle or
+        on their way (only in free slots: a request never waits for one of these)."""
+        missing = self.ready_checked - len(self._readying) - self._pool.idle_checked(self.ready_checked)
+        for _ in range(missing):
+            if not self._pool.reserve():
+                return
+            task = asyncio.get_running_loop().create_task(self._ready_one())
+            self._readying.add(task)
+            task.add_done_callback(self._readying.discard)
+
+    async def _ready_one(self) -> None:
+        conn = None
+        try:
+            conn = await self._pool.open_reserved()
+            conn.checked = True
+            reusable = await self._check(conn, self.check_headers)
+        except BackendError as exc:  # a changed server was noted by the check; the next request checks its own
+            log.debug("%s: a connection readied ahead failed: %s", self.backend, exc)
+            return
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        if reusable:
+            self._pool.release(conn)
 
     async def _check(self, conn: _Connection, headers: Mapping[str, str] | None) -> bool:
         """The check's GET on the new connection, which stays ours for the request; False when it did not

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config import ConfigError, GatewayConfig, resolve_secret
+from gateway.config import ConfigError, GatewayConfig, StrictYamlLoader, resolve_secret, yaml_problem
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 
@@ -95,9 +95,12 @@ def load_client_keys(config: GatewayConfig) -> tuple[ClientKey, ...] | None:
 def read_key_file(path: Path) -> list[ClientKey]:
     """A YAML list of `{name, sha256, models, rpm, tpm}`; `kimi-gateway hash-key` prints the sha256."""
     try:
-        entries = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the key file: {exc}") from exc
+        entries = yaml.load(path.read_text(), Loader=StrictYamlLoader)  # noqa: S506 (a SafeLoader)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the key file: {exc.strerror}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        problem = yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: the key file is {problem}") from exc
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: expected a list of keys")
     keys = []
@@ -110,7 +113,14 @@ def read_key_file(path: Path) -> list[ClientKey]:
         except ValueError as exc:
             raise ConfigError(f"{path}: [{index}].sha256: not hexadecimal") from exc
         name = str(entry.get("name") or f"key-{index}")
-        models = tuple(entry.get("models") or ("*",))
+        models = entry.get("models") or ["*"]
+        if not isinstance(models, list) or not all(isinstance(model, str) for model in models):
+            raise ConfigError(f"{path}: [{index}].models: expected a list of model names")
+        models = tuple(models)
+        for limit in ("rpm", "tpm"):
+            value = entry.get(limit)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{path}: [{index}].{limit}: expected a whole number of 1 or more")
         priority = entry.get("priority", "normal")
         if priority not in ("high", "normal", "low"):
             raise ConfigError(f"{path}: [{index}].priority: expected high, normal or low")

@@ -1,4 +1,5 @@
-"""`kimi-gateway`: serve, check, demo, and the admin API as commands (DESIGN.md "Commands")."""
+"""`kimi-gateway`: serve, check, demo, hash-key, the admin API as commands, launch and setup (docs/reference.md
+lists every command and option)."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,8 @@ def route_table(config: GatewayConfig) -> str:
 
 
 def load_checked(path: str) -> GatewayConfig:
-    """The config, with its adapters' files validated too (against the base model when one is configured)."""
+    """The config, with its adapters' files validated too (against the base model when one is configured) and
+    its converter Pythons checked: what `check` reports is what stops `serve`."""
     from adapters.lifecycle import check_config_adapters
     from adapters.validation import AdapterValidationError
     from gateway.state import base_model_dims
@@ -45,16 +47,37 @@ def load_checked(path: str) -> GatewayConfig:
                               {b.name: b.kind for b in config.backends})
     except AdapterValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    if problems := conversion_problems(config):
+        raise ConfigError(f"{path}: " + "; ".join(problems))
     return config
 
 
+def env_needed(config: GatewayConfig) -> list[tuple[str, str, bool]]:
+    """(key path, variable, whether `serve` stops without it) for each env var the config names."""
+    needed = [(f"auth.client_keys[{i}].key_env", key.key_env, True) for i, key in enumerate(config.auth.client_keys or ())]
+    if config.store.kind == "postgres":
+        needed.append(("store.dsn_env", config.store.dsn_env, True))
+    if config.shared.kind == "redis":
+        needed.append(("shared.url_env", config.shared.url_env, True))
+    if config.tracing is not None and config.tracing.headers_env:
+        needed.append(("tracing.headers_env", config.tracing.headers_env, True))
+    needed += [(f"backends[{i}].api_key_env", b.api_key_env, False) for i, b in enumerate(config.backends)
+               if b.api_key_env]
+    return needed
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 1 on what makes the config unusable; an env var that is not set *here* is only noted (the check
+    may run where the secrets are not), with whether `serve` would stop on it."""
+    from gateway.config import resolve_secret
+
     config = load_checked(args.file)
-    if problems := conversion_problems(config):
-        print(f"error: {args.file}: " + "\n  ".join(problems), file=sys.stderr)
-        return 1
     print(f"{args.file}: ok, {len(config.backends)} backends, {len(config.adapters)} adapters, "
           f"{len(config.routes)} routes, sampling mode {config.sampling.mode}")
+    for where, variable, fatal in env_needed(config):
+        if resolve_secret(variable) is None:
+            print(f"note: {where}: the environment variable {variable} is not set here; `serve` "
+                  + ("would stop on it" if fatal else "would call that backend without a key"))
     print(route_table(config))
     from gateway.generation_report import generation_table
 
@@ -96,8 +119,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, workdir=args.workdir)
 
 
+DESCRIPTION = ("An OpenAI-compatible gateway for Kimi K2.5 and its LoRA adapters: serve it, check a config, run "
+               "the demo, manage adapters, backends and experiments of a running gateway, launch SGLang-KT or "
+               "llama-server backends, set up the adapter converters.")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="kimi-gateway", description=__doc__)
+    root = argparse.ArgumentParser(prog="kimi-gateway", description=DESCRIPTION)
     commands = root.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a config and print the route table")
     check.add_argument("file")

@@ -15,6 +15,7 @@ from gateway.telemetry_config import LoggingConfig, TracingConfig
 from gateway.experiments.config import ExperimentConfig, ExperimentsConfig  # noqa: F401 (re-exported)
 
 ImageURLMode = Literal["fetch", "forward"]  # gateway/policies/content.py: who fetches a client's http(s) image
+MAX_DEADLINE_MS = 86_400_000   # a day: the most `x-kimi-deadline-ms` (and a route's `deadline_ms`) may say
 Priority = Literal["high", "normal", "low"]  # admission classes (gateway/policies/admission.py), served in this order
 
 
@@ -134,6 +135,8 @@ class SharedConfig(Strict):
     def _url_for_redis(self) -> SharedConfig:
         if self.kind == "redis" and self.url_env is None:
             raise ValueError("a redis `shared` needs `url_env`, the env var that holds its URL")
+        if self.kind == "local" and self.url_env is not None:
+            raise ValueError("`url_env` is for kind: redis (kind: local keeps this state in the process)")
         return self
 
 
@@ -145,7 +148,7 @@ class RouteConfig(Strict):
     agent: AgentConfig = AgentConfig()
     image_urls: ImageURLMode | None = None        # None = limits.image_urls
     timeout_s: float | None = Field(None, gt=0)   # the whole request, queue included; the backend is cancelled then
-    deadline_ms: int | None = Field(None, ge=1)   # the default for `x-kimi-deadline-ms`
+    deadline_ms: int | None = Field(None, ge=1, le=MAX_DEADLINE_MS)   # the default for `x-kimi-deadline-ms`
 
     @model_validator(mode="after")
     def _targets_or_experiment(self) -> RouteConfig:
@@ -249,6 +252,8 @@ def check_cross_references(config: GatewayConfig) -> None:
                 raise ValueError(f"routes[{i}].targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
         for key in ("variants", "shadow"):
             for name in getattr(route.experiment, key) if route.experiment else {}:
+                if name == route.name:
+                    raise ValueError(f"routes[{i}].experiment.{key}: {name!r} is this experiment itself")
                 if name not in adapter_names and name not in {r.name for r in config.routes if r.targets}:
                     raise ValueError(f"routes[{i}].experiment.{key}: {name!r} is not an adapter or a base route")
 
@@ -282,15 +287,49 @@ def _unique(what: str, names: list[str]) -> None:
         seen.add(name)
 
 
+class StrictYamlLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently:
+    a second `routes:` would replace the first)."""
+
+
+def _mapping_once(loader: StrictYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {str(key)[:64]!r} is given twice in "
+                                                        "one mapping", key_node.start_mark)
+            seen.add(key)
+        except TypeError:   # an unhashable key: construct_mapping says so
+            break
+    return loader.construct_mapping(node, deep)
+
+
+StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, then what (PyYAML's own text spans several, with the source quoted)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML{where}: {problem}"
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a YAML config; every failure is a ConfigError naming file, key path and expectation."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=StrictYamlLoader)  # noqa: S506 (a SafeLoader)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a config needs at least `backends:`")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
@@ -300,7 +339,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         # A list whose items failed is also reported as too short: only the items' errors say anything.
         errors = [e for e in errors if not (e["type"] == "too_short" and any(
             o is not e and o["loc"][:len(e["loc"])] == e["loc"] for o in errors))]
-        raise ConfigError(f"{path}: " + "; ".join(_describe(error) for error in errors)) from exc
+        raise ConfigError(f"{path}: " + "; ".join(describe_error(error) for error in errors)) from exc
 
 
 def _untagged(error: dict) -> dict:
@@ -313,9 +352,14 @@ def _untagged(error: dict) -> dict:
 SECRET_WORDS = ("key", "secret", "token", "password")
 
 
-def _describe(error: dict) -> str:
+def key_path(loc: tuple) -> str:
+    """pydantic's location as the config (or a body) spells it: `backends[0].retry.attempts`."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def describe_error(error: dict) -> str:
     """One error as `key.path: what was expected`; never the offending value (it may be a secret)."""
-    location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    location = key_path(error["loc"])
     if error["type"] == "extra_forbidden":
         name = str(error["loc"][-1]).lower()
         if any(word in name for word in SECRET_WORDS):

@@ -18,6 +18,7 @@ from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
 from gateway.access_log import write_access_line
 from gateway.agents import AgentSupport
 from gateway.auth import authenticate
+from gateway.config import MAX_DEADLINE_MS
 from gateway.errors import (
     DrainingError,
     GatewayError,
@@ -361,18 +362,22 @@ def deadline_of(header: bytes | None, route) -> float | None:
     """Event-loop time by which the request must be done: the earlier of `x-kimi-deadline-ms` (else the
     route's `deadline_ms`) and the route's `timeout_s`; None when neither bounds it."""
     budget_s = route.timeout_s
-    if header is not None:
-        try:
-            milliseconds = int(header)
-        except ValueError:
-            raise InvalidRequestError("x-kimi-deadline-ms must be a whole number of milliseconds.") from None
-        if milliseconds <= 0:
-            raise InvalidRequestError("x-kimi-deadline-ms must be positive.")
-    else:
-        milliseconds = route.deadline_ms
+    milliseconds = route.deadline_ms if header is None else deadline_ms_of(header)
     if milliseconds is not None:
         budget_s = milliseconds / 1000 if budget_s is None else min(budget_s, milliseconds / 1000)
     return asyncio.get_running_loop().time() + budget_s
+
+
+def deadline_ms_of(header: bytes) -> int:
+    """`x-kimi-deadline-ms`: digits only (no sign, point, exponent or `_`), from 1 to MAX_DEADLINE_MS."""
+    value = header.strip()
+    if not value.isdigit() or not value.isascii():
+        raise InvalidRequestError(f"{DEADLINE_HEADER.decode()} must be a whole number of milliseconds, from 1 to "
+                                  f"{MAX_DEADLINE_MS}.", param=DEADLINE_HEADER.decode())
+    if len(value) > len(str(MAX_DEADLINE_MS)) or not 1 <= int(value) <= MAX_DEADLINE_MS:
+        raise InvalidRequestError(f"{DEADLINE_HEADER.decode()} must be from 1 to {MAX_DEADLINE_MS} ms (a day).",
+                                  param=DEADLINE_HEADER.decode())
+    return int(value)
 
 
 def ask_for_usage(doc: dict) -> bool:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import orjson
 
+from adapters.conversion import ConversionError
 from adapters.errors import (
     AdapterExistsError,
     AdapterInUseError,
@@ -91,13 +92,31 @@ class NotFoundError(GatewayError):
     error_type = "invalid_request_error"
 
 
+class MethodNotAllowedError(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, allowed: str) -> None:
+        super().__init__(f"Method Not Allowed: this path takes {allowed}.", headers={"allow": allowed})
+
+
 class ConflictError(GatewayError):
     status_code = 409
     error_type = "invalid_request_error"
 
 
-class UnprocessableAdapterError(GatewayError):
+class UnprocessableEntityError(GatewayError):
+    """A well-formed JSON body whose fields are wrong (a type, a range, a missing or unknown key)."""
     status_code = 422
+    error_type = "invalid_request_error"
+
+
+class UnprocessableAdapterError(UnprocessableEntityError):
+    pass
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    status_code = 415
     error_type = "invalid_request_error"
 
 
@@ -201,6 +220,21 @@ def scrub(message: str) -> str:
     return message.strip()[:MAX_MESSAGE] or "The backend refused the request."
 
 
+# A converter's traceback frames (its last lines are in a ConversionError): the header, `  File "…"` lines and
+# the source lines under them. The exception line that ends the traceback is what an admin needs, and stays.
+TRACEBACK_FRAMES = re.compile(r'^(?:Traceback \(most recent call last\):|  File ".*|    .*)\n?', re.MULTILINE)
+
+
+def without_frames(message: str) -> str:
+    return TRACEBACK_FRAMES.sub("", message).rstrip()
+
+
+def quoted(value: str, limit: int = 64) -> str:
+    """A name the client sent, quoted for a message and cut short: a path segment or field may be 20,000
+    characters, and an error should not carry it back whole."""
+    return f"'{value}'" if len(value) <= limit else f"'{value[:limit]}...' ({len(value)} characters)"
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
@@ -223,14 +257,15 @@ def _where(exc: Exception) -> str:
 # The one table from an error raised below the HTTP edge to what the client sees. Most specific class first;
 # the first row whose class matches wins.
 ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Exception], GatewayError]], ...] = (
+    (ConversionError, lambda e: UnprocessableAdapterError(without_frames(str(e)))),
     (AdapterValidationError, lambda e: UnprocessableAdapterError(str(e))),
     (AdapterExistsError, lambda e: ConflictError(str(e))),
-    (AdapterNotFoundError, lambda e: NotFoundError(f"No adapter named '{e.args[0]}'.")),
+    (AdapterNotFoundError, lambda e: NotFoundError(f"No adapter named {quoted(str(e.args[0]))}.")),
     (AdapterInUseError, lambda e: ConflictError(str(e))),
     (RestartNeededError, lambda e: ConflictError(str(e))),
     (AdapterPlacementError, lambda e: BadGatewayError(scrub(str(e)))),
     (StoreUnavailableError, lambda e: ServiceUnavailableError(
-        "The adapter registry's database is unreachable; nothing was changed. Retry shortly.",
+        "The gateway's database (adapter registry, experiments) is unreachable; nothing was changed. Retry shortly.",
         headers={"retry-after": "5"})),
     (LeaseBusyError, lambda e: ServiceUnavailableError(str(e), headers={"retry-after": "5"})),
     (BackendRejectedError, _rejected),

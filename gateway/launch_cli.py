@@ -1,25 +1,31 @@
 """`kimi-gateway launch sglang-kt|llama-server --config FILE --backend NAME`: start and supervise one backend
 from its `launch:` block. This module only wires: the registry's adapters for the backend, the plan
-(backends/launchers/sglang_plan.py), the preflight, the conversion steps and the supervisor."""
+(backends/launchers/sglang_plan.py), the preflight, the conversion steps and the supervisor. KT-SFT adapters
+are converted by the gateway's own converter (gateway/conversion.py: `conversion.kt_python`, the conversion
+cache), so a launched server and a gateway serve the same converted files."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from adapters.validation import AdapterValidationError, validate_adapter
+from adapters import converter_env
+from adapters.conversion import KT_TO_SGLANG, ConversionError, ToolConverter
+from adapters.validation import AdapterFacts, AdapterValidationError, validate_adapter
 from backends.launchers.preflight import HostFacts, preflight, read_host
-from backends.launchers.sglang_plan import KT_SFT_MARKER, PlanAdapter, PlanError, SglangPlan, plan_sglang
+from backends.launchers.sglang_plan import PlanAdapter, PlanError, SglangPlan, Step, plan_sglang
 from backends.launchers.llama_plan import llama_supervisors, plan_llama
 from backends.launchers.steps import StepError, run_steps
 from backends.launchers.supervisor import LaunchError, ServerSpec, ServerState, Supervisor
 from backends.llamacpp import LlamaCppConfig
 from backends.sglang import SglangConfig
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.conversion import converter_of
 
 EXIT_PROBLEMS = 1      # config or preflight problems, a failed step
 EXIT_CRASH_LOOP = 3    # the server kept crashing: the restart limit was reached
@@ -58,33 +64,90 @@ async def registered_specs(config: GatewayConfig, backend: str) -> list[tuple[st
     return sorted(found.values())
 
 
-def sglang_adapters(config: GatewayConfig, specs: Sequence[tuple[str, str | None, str | None]]) -> list[PlanAdapter]:
-    """Each adapter's kind from its files: a KT-SFT output is converted first; a PEFT dir is served under the
-    gateway's version label `name@hash8` (so a gateway finds it loaded), an expert adapter under its name."""
-    adapters, problems = [], []
+def sglang_adapters(config: GatewayConfig, specs: Sequence[tuple[str, str | None, str | None]]
+                    ) -> tuple[list[PlanAdapter], dict[str, AdapterFacts]]:
+    """Each adapter's kind from its files, and the facts of those to convert: a KT-SFT output is converted
+    first; a PEFT dir is served under the gateway's version label `name@hash8` (so a gateway finds it loaded), an
+    expert adapter under its name."""
+    adapters, kt_sft, problems = [], {}, []
     for name, source, gguf in specs:
         if source is None:
-            continue
-        if (Path(source) / KT_SFT_MARKER).is_file():
-            adapters.append(PlanAdapter(name, source, "kt-sft"))
             continue
         try:
             facts = validate_adapter(source, gguf, config.adapter_roots)   # the hash the lifecycle gives the version
         except AdapterValidationError as exc:
             problems.append(f"adapter {name!r}: {exc}")
             continue
-        if facts.touches_experts:
+        if facts.source_format == "kt-sft":
+            adapters.append(PlanAdapter(name, facts.source_path or source, "kt-sft"))
+            kt_sft[name] = facts
+        elif facts.touches_experts:
             adapters.append(PlanAdapter(name, facts.source_path or source, "experts"))
         else:
             adapters.append(PlanAdapter(f"{name}@{facts.content_hash[:8]}", facts.source_path or source, "attention"))
     if problems:
         raise PlanError(problems)
-    return adapters
+    return adapters, kt_sft
 
 
-def build_sglang_plan(config: GatewayConfig, backend: SglangConfig, replica: int) -> SglangPlan:
+def conversion_steps(converter: ToolConverter, kt_sft: dict[str, AdapterFacts]) -> dict[str, Step]:
+    """The plan's step for each KT-SFT adapter: the gateway converter's command and cache entry. Without
+    `conversion.kt_python` there is none (the plan says what to set); with one that lacks kt-kernel, the command
+    names the script it would run and the preflight says how to get it."""
+    if not converter.settings.kt_python:
+        return {}
+    steps = {}
+    for name, facts in kt_sft.items():
+        output = str(converter.cached(facts, KT_TO_SGLANG))
+        try:
+            command = converter.command(facts, KT_TO_SGLANG)
+            script: str | None = command[1]
+        except ConversionError:
+            script = None
+            command = [converter.settings.kt_python, f"<site-packages of {converter.settings.kt_python}>/"
+                       f"{converter_env.KT_SCRIPT}", str(facts.source_path), output, "--base-model-name-or-path",
+                       converter.settings.base_name]
+        steps[name] = Step(f"adapter-{name}", f"convert the KT-SFT adapter {name} to SGLang's composite form "
+                           "(conversion.kt_python, into the conversion cache)", command, output,
+                           done=os.path.isdir(output), input=str(facts.source_path), script=script)
+    return steps
+
+
+def conversion_problems(converter: ToolConverter, plan: SglangPlan) -> list[str]:
+    """What the KT converter Python lacks, when the plan has a KT-SFT conversion still to run."""
+    if not any(step.name.startswith("adapter-") and not step.done for step in plan.steps):
+        return []
+    return converter_env.check_kt(converter.settings.kt_python) if converter.settings.kt_python else []
+
+
+def build_sglang_plan(config: GatewayConfig, backend: SglangConfig, replica: int
+                      ) -> tuple[SglangPlan, ToolConverter, dict[str, AdapterFacts]]:
     specs = asyncio.run(registered_specs(config, backend.name))
-    return plan_sglang(backend, sglang_adapters(config, specs), state_dir=config.state_dir, replica=replica)
+    adapters, kt_sft = sglang_adapters(config, specs)
+    converter = converter_of(config, None)
+    plan = plan_sglang(backend, adapters, replica=replica, conversions=conversion_steps(converter, kt_sft))
+    return plan, converter, kt_sft
+
+
+async def run_conversions(plan: SglangPlan, converter: ToolConverter, kt_sft: dict[str, AdapterFacts],
+                          log_path: Path, *, echo: bool = True) -> list[str]:
+    """The plan's steps not yet done: the weight conversions (run_steps), then each KT-SFT adapter through the
+    gateway's converter (its timeout, log, output validation and cache). The names of those that ran."""
+    adapter_steps = {f"adapter-{name}": name for name in kt_sft}
+    ran = await run_steps([s for s in plan.steps if s.name not in adapter_steps], log_path, echo=echo)
+    for step in plan.steps:
+        if step.name not in adapter_steps or os.path.isdir(step.output):
+            continue
+
+        def progress(_, line: str, name: str = step.name) -> None:
+            if echo:
+                print(f"[{name}] {line}", file=sys.stderr, flush=True)
+        try:
+            await converter.convert(kt_sft[adapter_steps[step.name]], [KT_TO_SGLANG], progress)
+        except ConversionError as exc:
+            raise StepError(f"step {step.name} failed: {exc}") from exc
+        ran.append(step.name)
+    return ran
 
 
 def logs_dir(config: GatewayConfig) -> Path:
@@ -147,11 +210,12 @@ def launch_sglang(args: argparse.Namespace, host: HostFacts | None = None) -> in
     config = load_config(args.config)
     backend = find_backend(config, args.backend, "sglang")
     try:
-        plan = build_sglang_plan(config, backend, args.replica)
+        plan, converter, kt_sft = build_sglang_plan(config, backend, args.replica)
     except PlanError as exc:
         print(f"error: backends.{backend.name} cannot be launched:\n{exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     findings = preflight(plan, backend.launch, host or read_host())
+    findings.problems += conversion_problems(converter, plan)
     if args.json:
         print(json.dumps({**plan.as_dict(), "preflight": {"problems": findings.problems, "notes": findings.notes}},
                          indent=2))
@@ -164,8 +228,12 @@ def launch_sglang(args: argparse.Namespace, host: HostFacts | None = None) -> in
             print("error: preflight found problems; nothing was started\n" + findings.text(), file=sys.stderr)
             return EXIT_PROBLEMS
         print("warning: --skip-preflight: starting despite\n" + findings.text(), file=sys.stderr)
+    if kt_sft:   # the converted output is validated against the base model, as the gateway does
+        from gateway.state import base_model_dims
+
+        converter = converter_of(config, base_model_dims(config))
     try:
-        asyncio.run(run_steps(plan.steps, logs_dir(config) / f"{backend.name}-steps.log"))
+        asyncio.run(run_conversions(plan, converter, kt_sft, logs_dir(config) / f"{backend.name}-steps.log"))
     except StepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS

@@ -193,6 +193,10 @@ class FleetRecorder:
     def backend_up(self, backend: str, up: bool) -> None:
         self._metrics.backend_up.labels(backend).set(1 if up else 0)
 
+    def hosted_model_retirement(self, backend: str, model: str, days: float) -> None:
+        """Days until a hosted model id the backend uses is retired (backends/hosted_models.py)."""
+        self._metrics.hosted_model_retirement.labels(backend, model).set(days)
+
     def ejection(self, backend: str, ejected: bool, now_ejected: int) -> None:
         """Outlier detection ejected (or readmitted) one of the backend's replicas."""
         if ejected:

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence
 from adapters.lifecycle import ActiveAdapter
 from backends.base import DEFAULT_RULES, AgentRules
 from gateway.config import ExperimentConfig, GatewayConfig, RouteConfig
-from gateway.errors import ModelNotFoundError
+from gateway.errors import ModelNotFoundError, ServiceUnavailableError
 from gateway.experiments.split import Split
 
 
@@ -91,7 +91,10 @@ class RouteTable:
             return Resolved(route, None)
         key = sticky_key(route.experiment.sticky_by) if sticky_key is not None else None
         variant = route.split.pick(key)
-        chosen = self._routes[variant]
+        chosen = self._routes.get(variant)
+        if chosen is None or chosen.experiment is not None:   # the admin API refuses this; another writer may not
+            raise ServiceUnavailableError(f"Experiment '{model}' picked '{variant}', which is not an adapter or a "
+                                          "base route now; an admin must change the experiment.")
         # An experiment's agent rules apply to its variants, and so do its profile and image mode where it sets them.
         return Resolved(replace(chosen, profile=chosen.profile or route.profile, rules=route.rules,
                                 image_urls=route.image_urls or chosen.image_urls,

@@ -50,6 +50,7 @@ class GatewayState:
     _health_task: asyncio.Task | None = None
     fleet: FleetRecorder | None = None
     tracer: object | None = None     # gateway/tracing.py RequestTracer when `tracing:` is configured
+    startup_error: str | None = None  # why `start` failed, on one line (a known cause; a bug keeps its traceback)
 
     def __post_init__(self) -> None:
         if self.fleet is None:
@@ -86,7 +87,7 @@ class GatewayState:
             self.healthy[name] = up is True
             self.fleet.backend_up(name, up is True)
             for model, days in self.drivers[name].retirements():   # hosted sunset dates ahead (or passed)
-                self.metrics.hosted_model_retirement.labels(name, model).set(days)
+                self.fleet.hosted_model_retirement(name, model, days)
         self.lifecycle.mark_all_dirty()  # every health cycle: each replica compared with the registry
 
     async def _health_loop(self) -> None:
@@ -165,7 +166,25 @@ def experiment_store_of(config: GatewayConfig) -> ExperimentStore:
     return SqliteExperimentStore(Path(config.state_dir).expanduser())
 
 
+def check_state_dir(config: GatewayConfig) -> None:
+    path = Path(config.state_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"state_dir: {config.state_dir} is not a directory")
+
+
+def warn_unset_backend_keys(config: GatewayConfig) -> None:
+    """A backend's `api_key_env` that is not set is not fatal (deploy/docker-compose.yml leaves the hosted key
+    optional): that backend refuses the gateway, a 503 or the route's next target. Said once, at start."""
+    for i, backend in enumerate(config.backends):
+        if backend.api_key_env and resolve_secret(backend.api_key_env) is None:
+            log.warning("backends[%d].api_key_env: the environment variable %s is not set; backend '%s' will be "
+                        "called without a key", i, backend.api_key_env, backend.name)
+
+
 def build_state(config: GatewayConfig, drivers: dict[str, BackendDriver] | None = None) -> GatewayState:
+    check_state_dir(config)
+    if drivers is None:
+        warn_unset_backend_keys(config)
     drivers = drivers if drivers is not None else build_drivers(config, resolve_secret)
     metrics = Metrics()
     fleet = FleetRecorder(metrics)

@@ -109,4 +109,14 @@ class RequestTracer:
 
 
 def build_tracer(config) -> RequestTracer | None:
-    return RequestTracer(config.tracing) if config.tracing is not None else None
+    tracing = config.tracing
+    if tracing is not None and tracing.headers_env:   # named but not set: spans would go out without their auth
+        from gateway.config import ConfigError, resolve_secret
+
+        raw = resolve_secret(tracing.headers_env)
+        if raw is None:
+            raise ConfigError(f"tracing.headers_env: the environment variable {tracing.headers_env} (the "
+                              "collector's headers) is not set")
+        if not parse_headers(raw):
+            raise ConfigError(f"tracing.headers_env: {tracing.headers_env} holds no `Name=value` header")
+    return RequestTracer(tracing) if tracing is not None else None

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backends.launchers.supervisor import die_with_parent
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -23,7 +25,8 @@ class TcpProxy:
             self.port = probe.getsockname()[1]
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.tcp_proxy", "--port", str(self.port), "--target",
-             f"{target_host}:{target_port}"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             f"{target_host}:{target_port}"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            preexec_fn=die_with_parent)   # an interrupted test run leaves no proxy behind
         self._expect("listening")
 
     def _expect(self, word: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from backends.launchers.supervisor import RestartPolicy, ServerSpec, ServerState, Supervisor
+from backends.launchers.supervisor import RestartPolicy, ServerSpec, ServerState, Supervisor, die_with_parent
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """A child server process with a health URL; stop() is SIGTERM, then SIGKILL after a grace period."""
+    """A child server process with a health URL; stop() is SIGTERM, then SIGKILL after a grace period. Like the
+    supervisor's children it gets PR_SET_PDEATHSIG: a parent killed with -9 (an interrupted test run, the demo)
+    leaves no server behind holding its port."""
 
     def __init__(self, argv: Sequence[str], health_url: str, *, log_path: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -68,11 +70,11 @@ class ServerProcess:
         env = {**os.environ, **(self.env or {})}
         if self.log_path is None:
             self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+                                            env=env, start_new_session=True, preexec_fn=die_with_parent)
             return self
         with open(self.log_path, "ab") as output:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(self.argv, stdout=output, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> ServerProcess:

@@ -13,16 +13,17 @@ Two weight paths, by `kt_method` (§3.2, §3.5):
 Adapters (§0.1, §1.7, §3.4): attention-only adapters are preloaded with `--enable-lora --lora-paths
 name=dir`; a KT-SFT output (`fused_expert_lora.safetensors`) is converted with
 `convert_kt_to_sglang_adapter.py` and served by a backend dedicated to it (`expert_adapter: NAME`), the only
-adapter that server may have.
+adapter that server may have. That conversion is the gateway's own (adapters/conversion.py, run by
+`conversion.kt_python` into the conversion cache): the caller hands its step in, so that a launched server and a
+gateway convert an adapter the same way, once.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from backends.sglang import SglangConfig
@@ -33,7 +34,6 @@ KT_SFT_MARKER = "fused_expert_lora.safetensors"
 PARTIAL_SUFFIX = ".partial"
 DEFAULT_BF16_SCRIPT = "convert_moe_to_bf16.py"
 INT8_SCRIPT = "convert_cpu_weights.py"
-ADAPTER_SCRIPT = "convert_kt_to_sglang_adapter.py"
 
 
 class PlanError(ValueError):
@@ -98,18 +98,6 @@ class SglangPlan:
         return "\n".join(lines) + "\n"
 
 
-def fingerprint(directory: str) -> str:
-    """The adapter's content (file names and bytes), so that a changed input gets a new output directory and an
-    unchanged one is converted once. Reads the files: seconds for a training checkpoint of tens of GiB."""
-    digest = hashlib.sha256()
-    root = Path(directory)
-    for path in sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else ():
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()[:8]
-
-
 def weight_steps(launch: SglangLaunchConfig) -> list[Step]:
     if launch.kt_method != "AMXINT8":
         return []
@@ -138,23 +126,18 @@ def weight_steps(launch: SglangLaunchConfig) -> list[Step]:
     ]
 
 
-def adapter_steps(launch: SglangLaunchConfig, adapters: Sequence[PlanAdapter], adapter_dir: Path,
-                  converter_python: str) -> tuple[list[Step], dict[str, str]]:
-    """Conversion steps for KT-SFT outputs, and every adapter's served directory by name."""
-    steps, served = [], {}
+def served_dirs(adapters: Sequence[PlanAdapter], conversions: Mapping[str, Step]) -> tuple[dict[str, str], list[str]]:
+    """Every adapter's served directory by name (a KT-SFT output: its conversion's), and the KT-SFT adapters that
+    have no conversion step."""
+    served, unconverted = {}, []
     for adapter in adapters:
         if adapter.kind != "kt-sft":
             served[adapter.name] = adapter.source
-            continue
-        output = str(adapter_dir / f"{adapter.name}-{fingerprint(adapter.source)}")
-        script = str(Path(launch.kt_scripts or "<kt_scripts is not set>") / ADAPTER_SCRIPT)
-        command = [converter_python, script, adapter.source, output + PARTIAL_SUFFIX,
-                   "--base-model-name-or-path", launch.model_path]
-        steps.append(Step(f"adapter-{adapter.name}", f"convert the KT-SFT adapter {adapter.name} to SGLang's "
-                          "composite form", command, output, done=os.path.isdir(output), input=adapter.source,
-                          script=script))
-        served[adapter.name] = output
-    return steps, served
+        elif adapter.name in conversions:
+            served[adapter.name] = conversions[adapter.name].output
+        else:
+            unconverted.append(adapter.name)
+    return served, unconverted
 
 
 def check_adapters(backend: SglangConfig, launch: SglangLaunchConfig, adapters: Sequence[PlanAdapter]) -> list[str]:
@@ -236,21 +219,23 @@ def replica_address(backend: SglangConfig, launch: SglangLaunchConfig, replica: 
     return host, port, f"http://{probe_host}:{port}/health"
 
 
-def plan_sglang(backend: SglangConfig, adapters: Sequence[PlanAdapter], *, state_dir: str,
-                replica: int = 0) -> SglangPlan:
-    """The plan for one replica of `backend`; PlanError lists every config-level problem."""
+def plan_sglang(backend: SglangConfig, adapters: Sequence[PlanAdapter], *, replica: int = 0,
+                conversions: Mapping[str, Step] | None = None) -> SglangPlan:
+    """The plan for one replica of `backend`; PlanError lists every config-level problem. `conversions`: the
+    conversion step of each KT-SFT adapter, by name (gateway/launch_cli.py makes them with the gateway's
+    converter)."""
     launch = backend.launch
     if launch is None:
         raise PlanError([f"backends.{backend.name} has no `launch:` block"])
     problems = check_adapters(backend, launch, adapters)
-    adapter_dir = Path(launch.adapter_dir or Path(state_dir).expanduser() / "sglang-adapters" / backend.name)
-    converting, served = adapter_steps(launch, adapters, adapter_dir, launch.python)
-    if converting and launch.kt_scripts is None:
-        problems.append(f"backends.{backend.name}.launch.kt_scripts is needed to convert KT-SFT adapters "
-                        f"({ADAPTER_SCRIPT})")
+    conversions = conversions or {}
+    served, unconverted = served_dirs(adapters, conversions)
+    problems += [f"adapter {name!r} is a KT-SFT checkpoint: converting it needs `conversion.kt_python` (run "
+                 "`kimi-gateway setup converters`, which prints the line)" for name in unconverted]
     if problems:
         raise PlanError(problems)
     host, port, health_url = replica_address(backend, launch, replica)
+    converting = [conversions[a.name] for a in adapters if a.name in conversions]
     return SglangPlan(backend=backend.name, kt_method=launch.kt_method, steps=[*weight_steps(launch), *converting],
                       argv=server_argv(backend, launch, host, port, served), env=dict(launch.env),
                       health_url=health_url, lora_paths=served, expert_adapter=backend.expert_adapter)

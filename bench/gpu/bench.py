@@ -1,12 +1,14 @@
 """The gateway in front of a real llama-server: direct vs through kimi-gateway, interleaved, per concurrency.
 
     python bench/gpu/bench.py --llama-server BIN --model M.gguf --lora A.gguf --lora B.gguf --out R.json \
-        [--concurrency 1,8,32,64,128,256] [--max-tokens 128] [--prompt-mix 512:7,4096:1] [--deadline-s 540]
+        [--concurrency 1,8,32,64,128,256] [--max-tokens 128] [--prompt-mix 512:7,4096:1] [--rounds 2] \
+        [--deadline-s 540] [--profile-cell c256/base]
 
 It starts llama-server (the project's own launcher flags, plus the GPU ones) and the gateway (one worker,
 pinned to one core, auth with a client key, metrics and the default sampling policy on, both adapters
 registered), checks that the same greedy request gives the same text both ways, then for each concurrency and
-each of {base model, adapter} runs the same workload direct and through the gateway, in alternating order.
+each of {base model, adapter} runs the same workload direct and through the gateway, in rounds ordered A B B A
+(a drift of llama-server's speed within a cell falls on both paths alike); each path's figures pool its rounds.
 The results file is rewritten after every cell, and a rerun with the same --out skips the cells already in it,
 so a sweep can span several device calls; --deadline-s stops before a cell that would not fit.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -85,6 +88,13 @@ def make_bodies(n: int, mix: list[int], max_tokens: int, seed: int, order_seed: 
             for length in lengths]
 
 
+def kv_tokens(args) -> int:
+    """Every slot gets its own KV of --ctx-per-slot tokens (llama.cpp's default without --kv-unified). One unified
+    buffer for 256 slots makes every decode step attend over every live sequence's cells (the 2026-12-01 run:
+    ~620 ms per step and 204 tokens/s at 256 streams, an H200 doing a fraction of what it can)."""
+    return args.ctx if args.kv_unified else args.slots * args.ctx_per_slot
+
+
 def requests_for(concurrency: int, per_stream: int, floor: int, cap: int) -> int:
     return max(floor, min(cap, per_stream * concurrency), concurrency)
 
@@ -107,7 +117,9 @@ class Bench:
     def start_llama(self) -> None:
         a = self.args
         # --slot-save-path only enables POST /slots (the erase between runs); nothing is saved.
-        extra = ["-ngl", str(a.ngl), "-np", str(a.slots), "-c", str(a.ctx), "--kv-unified", "--cont-batching",
+        extra = ["-ngl", str(a.ngl), "-np", str(a.slots), "-c", str(kv_tokens(a)), "--cont-batching",
+                 "-fa", a.flash_attn, "-ctk", a.kv_type, "-ctv", a.kv_type,
+                 *(["--kv-unified"] if a.kv_unified else []),
                  "--slot-save-path", str(self.work / "slots"), *a.llama_arg]
         launch = LlamaServerLaunch(Path(a.llama_server), Path(a.model), tuple(Path(p) for p in a.lora),
                                    port=free_port(), alias="bench", threads=a.llama_threads, extra=tuple(extra))
@@ -219,6 +231,9 @@ routes:
         for adapter in (None, ADAPTER_ROUTE):
             for path in ("direct", "gateway"):
                 url, key, full = self.target(path, adapter, body)
+                # From an empty cache each time: a prompt partly reused from the previous request's KV is computed
+                # in other batch shapes, and a near-tie token can then flip (the 2026-12-01 run: the 12th token).
+                self.erase_slots()
                 try:
                     answer = http_json(url, full, key)["choices"][0]["message"]["content"]
                 except (OSError, KeyError, IndexError, ValueError) as exc:  # recorded; the sweep says the rest
@@ -240,34 +255,43 @@ routes:
                 log(f"slot erase failed ({exc}); continuing without it")
                 return
 
-    def run_path(self, path: str, adapter: str | None, bodies: list[dict], concurrency: int) -> dict:
+    def run_once(self, path: str, adapter: str | None, bodies: list[dict], concurrency: int) -> dict:
+        """One closed-loop run: the records, its wall time and the gateway's CPU seconds over it."""
         requests = [self.target(path, adapter, b) for b in bodies]
         url, key = requests[0][0], requests[0][1]
         self.erase_slots()
         pid = self.gateway.pid
         cpu_before = cpu_seconds(pid)
         records, wall = asyncio.run(run_streams(url, key, [r[2] for r in requests], concurrency))
-        cpu = cpu_seconds(pid) - cpu_before
+        return {"records": records, "wall": wall, "cpu": cpu_seconds(pid) - cpu_before}
+
+    def summary(self, path: str, runs: list[dict]) -> dict:
+        """A path's figures over its rounds: percentiles of the pooled records, rates over the summed wall time."""
+        records = [r for run in runs for r in run["records"]]
+        wall, cpu = sum(run["wall"] for run in runs), sum(run["cpu"] for run in runs)
         summary = summarise(records, wall)
+        summary["rounds"] = [{k: v for k, v in summarise(run["records"], run["wall"]).items()
+                              if k in ("ok", "wall_s", "ttft_p50_ms", "output_tokens_per_s")} for run in runs]
         summary["gateway_cpu_s"] = round(cpu, 4)
         if path == "gateway":
             summary["gateway_cpu_us_per_request"] = round(cpu / max(1, summary["ok"]) * 1e6, 1)
             summary["gateway_cpu_us_per_token"] = round(cpu / max(1, summary["output_tokens"]) * 1e6, 2)
             summary["gateway_cpu_utilisation"] = round(cpu / wall, 4) if wall else None
-            summary |= rss_mib(pid)
+            summary |= rss_mib(self.gateway.pid)
         return summary
+
+    def run_path(self, path: str, adapter: str | None, bodies: list[dict], concurrency: int) -> dict:
+        return self.summary(path, [self.run_once(path, adapter, bodies, concurrency)])
 
     # --- the sweep -------------------------------------------------------------------------------------
     def sweep(self, results: dict, started: float) -> None:
         a = self.args
         mix = parse_mix(a.prompt_mix)
         last_pair: tuple[int, float] | None = None
-        order = 0
         for concurrency in [int(c) for c in a.concurrency.split(",")]:
             for adapter in (None, ADAPTER_ROUTE):
                 key = f"c{concurrency}/{adapter or 'base'}"
                 if key in results["cells"]:
-                    order += 1
                     continue
                 n = requests_for(concurrency, a.requests_per_stream, a.min_requests, a.max_requests)
                 estimate = (1.3 * last_pair[1] * n / last_pair[0]) if last_pair else 0.0  # prefill-bound: ~ n
@@ -276,22 +300,98 @@ routes:
                     log(f"stopping before {key}: about {estimate:.0f}s needed, {left:.0f}s left")
                     results["stopped_before"] = key
                     return
-                paths = ("direct", "gateway") if order % 2 == 0 else ("gateway", "direct")
-                order += 1
                 pair_start = time.monotonic()
-                cell = {"concurrency": concurrency, "adapter": adapter, "requests": n, "order": list(paths)}
-                for i, path in enumerate(paths):
-                    # Different prompts for the two paths (same lengths): no prompt is ever computed twice.
-                    bodies = make_bodies(n, mix, a.max_tokens, seed=zlib.crc32(f"{key}/{path}".encode()),
-                                         order_seed=zlib.crc32(key.encode()))
-                    log(f"{key} {path}: {n} requests, {concurrency} streams")
-                    cell[path] = self.run_path(path, adapter, bodies, concurrency)
-                    log(f"{key} {path}: {json.dumps(cell[path])}")
+                order = [("direct", "gateway") if r % 2 == 0 else ("gateway", "direct") for r in range(a.rounds)]
+                cell = {"concurrency": concurrency, "adapter": adapter, "requests": n, "rounds": a.rounds,
+                        "order": [p for pair in order for p in pair]}
+                runs: dict[str, list[dict]] = {"direct": [], "gateway": []}
+                for r, paths in enumerate(order):
+                    # Both paths of a round queue the same prompt lengths in the same order; the words differ
+                    # (seeded by path and round), so no prompt is ever computed twice.
+                    for path in paths:
+                        bodies = make_bodies(n, mix, a.max_tokens, seed=zlib.crc32(f"{key}/{path}/{r}".encode()),
+                                             order_seed=zlib.crc32(f"{key}/{r}".encode()))
+                        log(f"{key} round {r + 1} {path}: {n} requests, {concurrency} streams")
+                        profiled = path == "gateway" and r == 0 and key == a.profile_cell
+                        profile = self.profiler(key) if profiled else None
+                        runs[path].append(self.run_once(path, adapter, bodies, concurrency))
+                        if profile is not None:
+                            cell["profile"] = profile.stop()
+                for path in ("direct", "gateway"):
+                    cell[path] = self.summary(path, runs[path])
+                    log(f"{key} {path}: {json.dumps({k: v for k, v in cell[path].items() if k != 'rounds'})}")
+                if self.llama.process.poll() is not None or not (cell["direct"]["ok"] and cell["gateway"]["ok"]):
+                    # Not a result: kept apart with its errors, and the sweep stops so that a rerun measures it again
+                    # (llama-server 0.3.36 aborted once in CUDA-graph updates at 256 LoRA streams: see README).
+                    cell["llama_server_exit"] = self.llama.process.poll()
+                    cell["llama_server_log_tail"] = tail(self.work / "llama-server.log", 3000)
+                    results.setdefault("failed_cells", {})[key] = cell
+                    write_json(Path(a.out), results, a.mirror)
+                    raise RuntimeError(f"{key} failed (llama-server exit {cell['llama_server_exit']}); see failed_cells")
                 cell["ratios"] = ratios(cell["direct"], cell["gateway"])
                 last_pair = (n, time.monotonic() - pair_start)
                 results["cells"][key] = cell
                 results.pop("stopped_before", None)
                 write_json(Path(a.out), results, a.mirror)
+
+    def profiler(self, key: str) -> Profile | None:
+        if not self.args.py_spy or not Path(self.args.py_spy).exists():
+            log(f"no profile of {key}: no py-spy at {self.args.py_spy!r}")
+            return None
+        return Profile(self.args.py_spy, self.gateway.pid, self.work / f"profile-{key.replace('/', '-')}.txt")
+
+
+class Profile:
+    """py-spy sampling the gateway (native frames too) during one run; stop() returns the top frames."""
+
+    def __init__(self, py_spy: str, pid: int, out: Path) -> None:
+        self.out = out
+        argv = [py_spy, "record", "--pid", str(pid), "--rate", "100", "--native", "--gil", "--format", "raw",
+                "--output", str(out)]  # --native needs py-spy to pause the process per sample: 100 Hz
+        log("profile: " + " ".join(argv))
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> dict:
+        self.process.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return {"error": "py-spy did not stop in 60 s"}
+        if not self.out.exists():
+            return {"error": f"py-spy wrote nothing (exit {self.process.returncode}): {err.decode()[-400:]}"}
+        return top_frames(self.out.read_text())
+
+
+LINE = re.compile(r":\d+\)$")
+
+
+def top_frames(collapsed: str, most: int = 25) -> dict:
+    """py-spy's raw (collapsed) stacks -> the frames with the most samples on top of the stack (self) and
+    anywhere in it (total), as shares of all samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [LINE.sub(")", frame) for frame in stack.split(";")]  # by function, not by line
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + n
+    share = lambda table: [[frame, round(n / samples, 4)] for frame, n in  # noqa: E731
+                           sorted(table.items(), key=lambda kv: -kv[1])[:most]] if samples else []
+    return {"samples": samples, "self": share(own), "total": share(total)}
+
+
+def tail(path: Path, size: int) -> str:
+    try:
+        return path.read_bytes()[-size:].decode(errors="replace")
+    except OSError as exc:
+        return f"unreadable: {exc}"
 
 
 def ratios(direct: dict, gateway: dict) -> dict:
@@ -352,7 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-requests", type=int, default=128)
     parser.add_argument("--slots", type=int, default=256)
-    parser.add_argument("--ctx", type=int, default=524288, help="total KV tokens, shared by the slots (--kv-unified)")
+    parser.add_argument("--ctx-per-slot", type=int, default=4352, help="KV tokens of each slot (the longest prompt,"
+                        " the chat template and max tokens fit)")
+    parser.add_argument("--kv-type", default="q8_0", help="-ctk/-ctv: q8_0 fits 256 slots × 4,352 tokens of an 8B in"
+                        " 78 GB; f16 would need 146 GB")
+    parser.add_argument("--flash-attn", default="on")
+    parser.add_argument("--kv-unified", action="store_true", help="one KV buffer of --ctx tokens for all slots")
+    parser.add_argument("--ctx", type=int, default=524288, help="with --kv-unified: its total KV tokens")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per cell, ordered A B B A …")
+    parser.add_argument("--profile-cell", default="c256/base", help="py-spy the gateway during this cell's first gateway run")
+    parser.add_argument("--py-spy", default="", help="the py-spy binary (no profile without it)")
     parser.add_argument("--ngl", type=int, default=99)
     parser.add_argument("--llama-threads", type=int, default=None)
     parser.add_argument("--llama-arg", action="append", default=[], help="one more llama-server argument")
@@ -375,12 +484,14 @@ def main(argv: list[str] | None = None) -> int:
         run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "llama_argv": bench.llama_argv,
                "gateway_argv": bench.gateway_argv, "llama_ready_s": round(bench.llama_ready_s, 1),
                "bench_argv": sys.argv, "machine": machine_facts(args),
+               "env": {k: v for k, v in os.environ.items() if k.startswith(("GGML_", "CUDA_", "LLAMA_"))},
                "adapter_ready_s": round(bench.wait_adapters(), 1), "sanity": bench.sanity()}
         results.setdefault("runs", []).append(run)
         results["settings"] = {k: getattr(args, k) for k in ("model", "lora", "concurrency", "max_tokens",
                                                               "prompt_mix", "requests_per_stream", "min_requests",
-                                                              "max_requests", "slots", "ctx", "llama_cpus",
-                                                              "gateway_cpu")}
+                                                              "max_requests", "slots", "ctx", "ctx_per_slot",
+                                                              "kv_type", "flash_attn", "kv_unified", "rounds",
+                                                              "llama_cpus", "gateway_cpu")}
         write_json(out, results, args.mirror)
         warm = make_bodies(4, parse_mix(args.prompt_mix), 8, seed=99)
         for path in ("direct", "gateway"):

@@ -97,6 +97,7 @@ fi
   --lora "$WORK/models/lora-$SHAPE-a.gguf" --lora "$WORK/models/lora-$SHAPE-b.gguf" \
   --out "$WORK/results-$SHAPE-$TYPE.json" --workdir "$WORK/bench" --pid-dir "$WORK/pids" --mirror "$OUT" \
   --llama-cpus "$CPUS_LLAMA" --llama-threads 8 --gateway-cpu "$CPU_GATEWAY" --deadline-s "$LEFT" \
+  --py-spy "$(command -v py-spy || echo "$WORK/site/bin/py-spy")" \
   ${KIMI_GPU_BENCH_ARGS:-}
 rc=$?
 log "bench.py exited with $rc"

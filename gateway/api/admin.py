@@ -74,11 +74,26 @@ async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
     if swap.source is None and swap.gguf is None:
         raise UnprocessableAdapterError("A swap needs the new version's `source` (PEFT dir) and/or `gguf`.")
     try:
+        if problem := swap_problem(state.lifecycle.view(name), swap.source, swap.gguf, state):
+            raise UnprocessableAdapterError(problem, param="source" if swap.source is None else "gguf")
         changed = await asyncio.shield(state.lifecycle.swap(name, swap.source, swap.gguf))
         return {**state.lifecycle.view(name), "changed": changed}
     except LIFECYCLE_ERRORS as exc:
         state.lifecycle.events.adapter_operation("swap", "error")
         raise to_gateway_error(exc) from exc
+
+
+def swap_problem(view: dict, source: str | None, gguf: str | None, state: GatewayState) -> str | None:
+    """A swap keeps the files it does not give: a backend that would go on loading its old file under the new
+    version's label (a llama.cpp backend given only a new `source` would serve the old `gguf`) is a problem."""
+    given = {"source": source, "gguf": gguf}
+    for name in view["backends"]:
+        backend = next((b for b in state.config.backends if b.name == name), None)
+        artifact = backend.adapter_artifact if backend is not None else None
+        if artifact is not None and given[artifact] is None and view[artifact] is not None:
+            return (f"Backend '{name}' ({backend.kind}) loads the adapter's `{artifact}`, which this swap does not "
+                    f"give: it would go on serving the old file. Give the new version's `{artifact}` too.")
+    return None
 
 
 @router.delete("/adapters/{name}", status_code=204)

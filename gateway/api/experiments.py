@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.api.admin import LIFECYCLE_ERRORS, require_admin
-from gateway.auth import authenticate, bearer, match_key
+from gateway.api.admin import LIFECYCLE_ERRORS, require_admin, swap_problem
+from gateway.auth import Principal, authenticate, bearer, match_key
 from gateway.config import RouteConfig
 from gateway.dependencies import StateDep
 from gateway.errors import (
@@ -20,7 +20,8 @@ from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
-    UnprocessableAdapterError,
+    UnprocessableEntityError,
+    quoted,
     to_gateway_error,
 )
 from gateway.experiments.service import ExperimentError, UnknownExperimentError
@@ -41,25 +42,44 @@ def check_route(route: RouteConfig, state: GatewayState) -> None:
     if route.name in adapters:
         raise ValueError(f"name: '{route.name}' is an adapter's own route; an adapter changes by swap")
     if route.profile and route.profile not in state.config.sampling.profiles:
-        raise ValueError(f"profile: {route.profile!r} is not a sampling profile")
+        raise ValueError(f"profile: {quoted(route.profile)} is not a sampling profile")
     for j, name in enumerate(route.targets or ()):
         if name not in backends:
             raise ValueError(f"targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
     base_routes = {r.name for r in state.experiments.routes() if r.targets and r.name != route.name}
     for key in ("variants", "shadow"):
         for name in getattr(route.experiment, key) if route.experiment else {}:
+            if name == route.name:
+                raise ValueError(f"experiment.{key}: {name!r} is this experiment itself")
             if name not in adapters and name not in base_routes:
                 raise ValueError(f"experiment.{key}: {name!r} is not an adapter or a base route")
+
+
+def experiments_using(name: str, state: GatewayState) -> list[str]:
+    """The experiment routes in force that send traffic (or shadow traffic) to the route `name`."""
+    return [r.name for r in state.experiments.routes()
+            if r.experiment and r.name != name and (name in r.experiment.variants or name in r.experiment.shadow)]
+
+
+def check_still_served(name: str, after: RouteConfig | None, state: GatewayState) -> None:
+    """A base route that experiments pick must stay a base route: 409 before the store changes."""
+    if after is not None and after.targets:
+        return
+    if users := experiments_using(name, state):
+        what = "removing it" if after is None else "making it an experiment"
+        raise ConflictError(f"Route '{name}' is a variant of experiment(s) {users}; change them before {what}.",
+                            param="name")
 
 
 @admin_router.put("/routes/{name}")
 async def put_route(name: str, route: RouteConfig, state: StateDep) -> dict:
     if route.name != name:
-        raise InvalidRequestError(f"The body's name '{route.name}' is not the path's '{name}'.", param="name")
+        raise InvalidRequestError(f"The body's name '{route.name}' is not the path's {quoted(name)}.", param="name")
     try:
         check_route(route, state)
     except ValueError as exc:
-        raise UnprocessableAdapterError(f"Invalid route: {exc}") from exc
+        raise UnprocessableEntityError(f"Invalid route: {exc}", param=str(exc).split(":", 1)[0]) from exc
+    check_still_served(name, route, state)
     await asyncio.shield(state.experiments.put_route(route))
     return route_view(state, name)
 
@@ -67,15 +87,17 @@ async def put_route(name: str, route: RouteConfig, state: StateDep) -> dict:
 @admin_router.delete("/routes/{name}", status_code=204)
 async def delete_route(name: str, state: StateDep) -> Response:
     """Drop the run-time version of a route: the config file's (if any) is in force again."""
+    if name in state.experiments.overrides:
+        check_still_served(name, next((r for r in state.config.routes if r.name == name), None), state)
     if not await asyncio.shield(state.experiments.delete_route(name)):
-        raise NotFoundError(f"Route '{name}' was not changed at run time.")
+        raise NotFoundError(f"Route {quoted(name)} was not changed at run time.")
     return Response(status_code=204)
 
 
 @admin_router.get("/routes/{name}")
 async def get_route(name: str, state: StateDep) -> dict:
     if state.experiments.route(name) is None:
-        raise NotFoundError(f"No route named '{name}'.")
+        raise NotFoundError(f"No route named {quoted(name)}.")
     return route_view(state, name)
 
 
@@ -110,6 +132,8 @@ async def promote(name: str, state: StateDep, body: PromoteBody | None = None) -
     async def swap(control: str, source: str | None, gguf: str | None) -> None:
         if control not in lifecycle.names():
             raise ExperimentError(f"The control '{control}' is a base route: promote needs an adapter control.")
+        if problem := swap_problem(lifecycle.view(control), source, gguf, state):
+            raise ExperimentError(f"The control '{control}' cannot take the winner's files: {problem}")
         await lifecycle.swap(control, source, gguf)
 
     try:
@@ -123,18 +147,30 @@ async def promote(name: str, state: StateDep, body: PromoteBody | None = None) -
 
 
 class FeedbackBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict: a score is a JSON number and a label a JSON boolean ("0.5", "yes" and 1 are refused, not read)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
     request_id: str = Field(min_length=1, max_length=128)
     score: float | None = Field(None, ge=0, le=1)
     label: bool | None = None
     metadata: dict[str, Any] | None = None
 
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        if metadata is None:
+            return None
+        try:
+            size = len(orjson.dumps(metadata))
+        except orjson.JSONEncodeError:   # an integer past 64 bits: the gateway's JSON (orjson) cannot carry it
+            raise ValueError("holds an integer outside the 64-bit range") from None
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"over {MAX_METADATA_BYTES} bytes as JSON")
+        return metadata
+
     @model_validator(mode="after")
     def _score_or_label(self) -> FeedbackBody:
         if (self.score is None) == (self.label is None):
             raise ValueError("give exactly one of `score` (0 to 1) or `label` (true or false)")
-        if self.metadata is not None and len(orjson.dumps(self.metadata)) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is over {MAX_METADATA_BYTES} bytes")
         return self
 
 
@@ -144,12 +180,18 @@ def is_admin(request: Request, state: GatewayState) -> bool:
     return presented is not None and bool(state.admin_digests) and match_key(presented, state.admin_digests) >= 0
 
 
+def feedback_caller(request: Request, state: GatewayState) -> Principal | None:
+    """Who gives feedback: a client key's principal, or None for an admin key; 401 for neither."""
+    if is_admin(request, state):
+        return None
+    header = request.headers.get("authorization")
+    return authenticate(header.encode("latin-1") if header else None, state.client_keys)
+
+
 @feedback_router.post("/v1/feedback", status_code=201)
 async def feedback(body: FeedbackBody, request: Request, state: StateDep) -> dict:
-    admin = is_admin(request, state)
-    if not admin:
-        header = request.headers.get("authorization")
-        principal = authenticate(header.encode("latin-1") if header else None, state.client_keys)
+    principal = feedback_caller(request, state)
+    admin = principal is None
     store = state.experiments.store
     fact = await store.fact(body.request_id)
     if fact is None:

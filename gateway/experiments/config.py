@@ -2,7 +2,7 @@
 gateway-wide `experiments:` block (request facts: retention, queue, batches)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -33,9 +33,13 @@ class AllocationConfig(Strict):
     interval_s: float = Field(60.0, gt=0)
 
 
+MAX_WEIGHT = 1_000_000   # weights are shares: a bigger number says nothing more, and past ~1e308 it breaks the split
+Weight = Annotated[int, Field(ge=0, le=MAX_WEIGHT)]
+
+
 class ExperimentConfig(Strict):
     sticky_by: Literal["user", "header", "key"] = "user"
-    variants: dict[Name, int] = Field(min_length=1)            # the first one is the control
+    variants: dict[Name, Weight] = Field(min_length=1)         # the first one is the control
     shadow: dict[Name, float] = Field(default_factory=dict)    # mirrored fraction of requests, per candidate
     shadow_limits: ShadowLimits = ShadowLimits()
     guard: GuardConfig = GuardConfig()

@@ -13,14 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import asynccontextmanager
 from typing import Callable, Sequence
 
-import asyncpg
-
-from adapters.store import StoreUnavailableError
-from adapters.store_postgres import CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S, OPEN_WAIT_S, UNREACHABLE
-from adapters.store_postgres import describe, listen, migrate
+from adapters.store_postgres import PostgresPool, listen
+from gateway.experiments.sql import (
+    INSERT_EVENT,
+    INSERT_FACT,
+    INSERT_SHADOW,
+    PURGE,
+    SELECT_EVENTS,
+    SELECT_EXPERIMENT,
+    SELECT_FACT,
+    SELECT_ROUTES,
+    SELECT_SHADOWS,
+    row,
+)
 from gateway.experiments.store import ExperimentEvent, FactRow, Feedback, RequestFact, RouteOverride, ShadowCall
 
 log = logging.getLogger(__name__)
@@ -87,81 +94,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     """),
 )
 
-INSERT_FACT = ("INSERT INTO request_fact (request_id, at, route, experiment, variant, adapter, backend, key, status, "
-               "latency_s, ttft_s, prompt_tokens, completion_tokens) "
-               "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) ON CONFLICT (request_id) DO NOTHING")
-INSERT_SHADOW = ("INSERT INTO shadow_call (request_id, at, experiment, variant, adapter, backend, status, latency_s, "
-                 "completion_tokens, output_sha256, output_chars, error) "
-                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)")
-SELECT_FACT = ("SELECT request_id, at, route, experiment, variant, adapter, backend, key, status, latency_s, ttft_s, "
-               "prompt_tokens, completion_tokens FROM request_fact WHERE request_id = $1")
-SELECT_EXPERIMENT = """
-SELECT f.at, f.variant, f.status, f.latency_s, f.ttft_s, f.prompt_tokens, f.completion_tokens, s.value, l.value
-FROM request_fact f
-LEFT JOIN feedback s ON s.request_id = f.request_id AND s.kind = 'score'
-LEFT JOIN feedback l ON l.request_id = f.request_id AND l.kind = 'label'
-WHERE f.experiment = $1 AND f.at >= $2
-ORDER BY f.at
-"""
-SELECT_SHADOWS = ("SELECT request_id, at, experiment, variant, adapter, backend, status, latency_s, completion_tokens, "
-                  "output_sha256, output_chars, error FROM shadow_call WHERE experiment = $1 AND at >= $2 ORDER BY at")
-PURGE = (
-    "DELETE FROM feedback WHERE request_id IN (SELECT request_id FROM request_fact WHERE at < $1)",
-    "DELETE FROM request_fact WHERE at < $1",
-    "DELETE FROM shadow_call WHERE at < $1",
-)
-
-
-class PostgresExperimentStore:
-    def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
-        self.dsn = dsn
-        self.pool_size = pool_size
-        self._pool: asyncpg.Pool | None = None
-        self._watch_task: asyncio.Task | None = None
-
-    async def open(self, wait_s: float = OPEN_WAIT_S) -> None:
-        """Migrate, then open the pool; a database that is away at start is waited for `wait_s`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
-                break
-            except UNREACHABLE as exc:
-                if loop.time() >= deadline:
-                    raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
-                log.warning("experiment store: PostgreSQL is unreachable (%s); waiting for it", describe(exc))
-                await asyncio.sleep(1.0)
-        try:
-            applied = await migrate(conn, MIGRATIONS, MIGRATION_TABLE)
-        finally:
-            await conn.close()
-        if applied:
-            log.info("experiment store: applied migrations %s", applied)
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size,
-                                               timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
-
-    async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
-            self._watch_task = None
-        if self._pool is not None:
-            self._pool.terminate()   # not close(): a pool whose server is gone would wait for it
-            self._pool = None
-
-    @asynccontextmanager
-    async def _transaction(self, notify: str | None = None):
-        """One transaction on a pooled connection; `notify` is announced on CHANNEL when it commits."""
-        assert self._pool is not None, "the store is not open"
-        try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
-                async with conn.transaction():
-                    yield conn
-                    if notify is not None:
-                        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notify)
-        except UNREACHABLE as exc:
-            raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+class PostgresExperimentStore(PostgresPool):
+    channel = CHANNEL
+    migrations = MIGRATIONS
+    migration_table = MIGRATION_TABLE
+    what = "experiment store"
 
     # --- change notification ----------------------------------------------------------------------------
 
@@ -175,7 +112,7 @@ class PostgresExperimentStore:
 
     async def route_overrides(self) -> list[RouteOverride]:
         async with self._transaction() as conn:
-            rows = await conn.fetch("SELECT name, route, updated_at FROM route_override ORDER BY name")
+            rows = await conn.fetch(SELECT_ROUTES)
         return [RouteOverride(r["name"], json.loads(r["route"]), r["updated_at"]) for r in rows]
 
     async def put_route(self, override: RouteOverride) -> None:
@@ -192,10 +129,7 @@ class PostgresExperimentStore:
     # --- facts, shadow calls, feedback --------------------------------------------------------------------
 
     async def add_facts(self, facts: Sequence[RequestFact], shadows: Sequence[ShadowCall]) -> None:
-        fact_rows = [(f.request_id, f.at, f.route, f.experiment, f.variant, f.adapter, f.backend, f.key, f.status,
-                      f.latency_s, f.ttft_s, f.prompt_tokens, f.completion_tokens) for f in facts]
-        shadow_rows = [(s.request_id, s.at, s.experiment, s.variant, s.adapter, s.backend, s.status, s.latency_s,
-                        s.completion_tokens, s.output_sha256, s.output_chars, s.error) for s in shadows]
+        fact_rows, shadow_rows = [row(f) for f in facts], [row(s) for s in shadows]
         async with self._transaction() as conn:
             if fact_rows:
                 await conn.executemany(INSERT_FACT, fact_rows)
@@ -230,14 +164,11 @@ class PostgresExperimentStore:
 
     async def add_event(self, event: ExperimentEvent) -> None:
         async with self._transaction() as conn:
-            await conn.execute("INSERT INTO experiment_event (experiment, at, kind, variant, detail) "
-                               "VALUES ($1, $2, $3, $4, $5)",
-                               event.experiment, event.at, event.kind, event.variant, event.detail)
+            await conn.execute(INSERT_EVENT, event.experiment, event.at, event.kind, event.variant, event.detail)
 
     async def events(self, experiment: str) -> list[ExperimentEvent]:
         async with self._transaction() as conn:
-            rows = await conn.fetch("SELECT experiment, at, kind, variant, detail FROM experiment_event "
-                                    "WHERE experiment = $1 ORDER BY at", experiment)
+            rows = await conn.fetch(SELECT_EVENTS, experiment)
         return [ExperimentEvent(*row) for row in rows]
 
     async def purge(self, before: float) -> int:

@@ -1,22 +1,21 @@
 """SqliteExperimentStore: the embedded ExperimentStore, `experiments.sqlite3` under state_dir.
 
-All SQL of experiments is in this module. One connection on one worker thread (as adapters/store.py):
+Its schema is here; the statements it shares with PostgresExperimentStore are in gateway/experiments/sql.py.
+One connection on one worker thread (as adapters/store.py):
 writes are serialised without locks the event loop could wait on; WAL, so reports read while facts are
 written; synchronous=NORMAL: in WAL mode a commit survives a process crash (kill -9), and facts are
 statistics, not the registry, so a power cut may lose the last batch.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence
 
+from adapters.store import SqliteFile
+from gateway.experiments import sql
+from gateway.experiments.sql import for_sqlite, row
 from gateway.experiments.store import ExperimentEvent, FactRow, Feedback, RequestFact, RouteOverride, ShadowCall
-
-T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS route_override (
@@ -72,70 +71,24 @@ CREATE TABLE IF NOT EXISTS experiment_event (
     detail     TEXT NOT NULL
 );
 """
-INSERT_FACT = ("INSERT OR IGNORE INTO request_fact (request_id, at, route, experiment, variant, adapter, backend, key, "
-               "status, latency_s, ttft_s, prompt_tokens, completion_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
-INSERT_SHADOW = ("INSERT INTO shadow_call (request_id, at, experiment, variant, adapter, backend, status, latency_s, "
-                 "completion_tokens, output_sha256, output_chars, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
-SELECT_FACT = ("SELECT request_id, at, route, experiment, variant, adapter, backend, key, status, latency_s, ttft_s, "
-               "prompt_tokens, completion_tokens FROM request_fact WHERE request_id = ?")
-SELECT_EXPERIMENT = """
-SELECT f.at, f.variant, f.status, f.latency_s, f.ttft_s, f.prompt_tokens, f.completion_tokens, s.value, l.value
-FROM request_fact f
-LEFT JOIN feedback s ON s.request_id = f.request_id AND s.kind = 'score'
-LEFT JOIN feedback l ON l.request_id = f.request_id AND l.kind = 'label'
-WHERE f.experiment = ? AND f.at >= ?
-ORDER BY f.at
-"""
-SELECT_SHADOWS = ("SELECT request_id, at, experiment, variant, adapter, backend, status, latency_s, completion_tokens, "
-                  "output_sha256, output_chars, error FROM shadow_call WHERE experiment = ? AND at >= ? ORDER BY at")
-PURGE = (
-    "DELETE FROM feedback WHERE request_id IN (SELECT request_id FROM request_fact WHERE at < ?)",
-    "DELETE FROM request_fact WHERE at < ?",
-    "DELETE FROM shadow_call WHERE at < ?",
-)
+INSERT_FACT, INSERT_SHADOW, SELECT_FACT, SELECT_EXPERIMENT, SELECT_SHADOWS, INSERT_EVENT, SELECT_EVENTS, \
+    SELECT_ROUTES = (for_sqlite(statement) for statement in (
+        sql.INSERT_FACT, sql.INSERT_SHADOW, sql.SELECT_FACT, sql.SELECT_EXPERIMENT, sql.SELECT_SHADOWS,
+        sql.INSERT_EVENT, sql.SELECT_EVENTS, sql.SELECT_ROUTES))
+PURGE = tuple(for_sqlite(statement) for statement in sql.PURGE)
 
 
-class SqliteExperimentStore:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = Path(state_dir) / "experiments.sqlite3"
-        self._executor: ThreadPoolExecutor | None = None
-        self._db: sqlite3.Connection | None = None
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_transaction, work)
-
-    def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with self._db:
-            return work(self._db)
-
-    async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiment-store")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
-
-    def _connect(self) -> None:
-        db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
-        self._db = db
-
-    async def close(self) -> None:
-        def close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-        if self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close)
-            self._executor.shutdown(wait=True)
-            self._executor = None
+class SqliteExperimentStore(SqliteFile):
+    filename = "experiments.sqlite3"
+    schema = SCHEMA
+    synchronous = "NORMAL"    # WAL: a commit survives kill -9; facts are statistics, a power cut may lose a batch
+    thread_name = "experiment-store"
 
     async def watch(self, on_change: Callable[[], None]) -> None:
         """One replica's own file: nobody else changes it."""
 
     async def route_overrides(self) -> list[RouteOverride]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT name, route, updated_at FROM route_override ORDER BY name").fetchall())
+        rows = await self._run(lambda db: db.execute(SELECT_ROUTES).fetchall(), write=False)
         return [RouteOverride(name, json.loads(route), updated) for name, route, updated in rows]
 
     async def put_route(self, override: RouteOverride) -> None:
@@ -148,10 +101,7 @@ class SqliteExperimentStore:
             "DELETE FROM route_override WHERE name = ?", (name,)).rowcount > 0)
 
     async def add_facts(self, facts: Sequence[RequestFact], shadows: Sequence[ShadowCall]) -> None:
-        fact_rows = [(f.request_id, f.at, f.route, f.experiment, f.variant, f.adapter, f.backend, f.key, f.status,
-                      f.latency_s, f.ttft_s, f.prompt_tokens, f.completion_tokens) for f in facts]
-        shadow_rows = [(s.request_id, s.at, s.experiment, s.variant, s.adapter, s.backend, s.status, s.latency_s,
-                        s.completion_tokens, s.output_sha256, s.output_chars, s.error) for s in shadows]
+        fact_rows, shadow_rows = [row(f) for f in facts], [row(s) for s in shadows]
 
         def work(db: sqlite3.Connection) -> None:
             db.executemany(INSERT_FACT, fact_rows)
@@ -178,13 +128,10 @@ class SqliteExperimentStore:
 
     async def add_event(self, event: ExperimentEvent) -> None:
         await self._run(lambda db: db.execute(
-            "INSERT INTO experiment_event (experiment, at, kind, variant, detail) VALUES (?, ?, ?, ?, ?)",
-            (event.experiment, event.at, event.kind, event.variant, event.detail)))
+            INSERT_EVENT, (event.experiment, event.at, event.kind, event.variant, event.detail)))
 
     async def events(self, experiment: str) -> list[ExperimentEvent]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT experiment, at, kind, variant, detail FROM experiment_event WHERE experiment = ? ORDER BY at",
-            (experiment,)).fetchall())
+        rows = await self._run(lambda db: db.execute(SELECT_EVENTS, (experiment,)).fetchall())
         return [ExperimentEvent(*row) for row in rows]
 
     async def purge(self, before: float) -> int:

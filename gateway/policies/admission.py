@@ -19,19 +19,23 @@ import time
 from collections import OrderedDict, deque
 from typing import Awaitable, Callable
 
-from gateway.errors import OverloadedError
+from gateway.errors import InvalidRequestError, OverloadedError
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 NORMAL = PRIORITIES["normal"]
 
 
 def priority_of(key_priority: str, header: bytes | None) -> int:
-    """The key's class, or a lower one asked for in `x-kimi-priority` (a client may yield, never jump)."""
+    """The key's class, or a lower one asked for in `x-kimi-priority` (a client may yield, never jump: `high`
+    from a normal key is normal). Case and surrounding spaces do not matter; any other value is a 400, so that
+    a typo never leaves a client believing it yielded."""
     own = PRIORITIES.get(key_priority, NORMAL)
     if header is None:
         return own
     asked = PRIORITIES.get(header.decode("latin-1").strip().lower())
-    return own if asked is None else max(own, asked)
+    if asked is None:
+        raise InvalidRequestError("x-kimi-priority must be one of high, normal, low.", param="x-kimi-priority")
+    return max(own, asked)
 
 
 class Waiter:

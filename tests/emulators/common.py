@@ -26,13 +26,14 @@ Test-only API (both emulators; never authenticated):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -295,3 +296,22 @@ async def intake(request: Request, log: RequestLog, faults: FaultInjector) -> tu
     log.record(request, body, raw)
     stream = isinstance(body, dict) and body.get("stream") is True
     return body, error, faults.take(stream=stream, path=request.url.path)
+
+
+def emulator_app(title: str, check: AuthCheck, state, *routers: APIRouter, lifespan=None) -> FastAPI:
+    """An emulator's app: bearer auth by the dialect's `check`, the test-only `/_emulator/*` endpoints on its
+    state's faults and log, then the dialect's routers. `state` has `faults`, `log` and `reset()`."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BearerAuthMiddleware, check=check, log=state.log, logged_paths=LOGGED_PATHS)
+    app.include_router(emulator_router(state.faults, state.log, state.reset))
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def runner_args(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line every emulator starts with: `python -m <prog> --port N [--host H]`."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    return parser

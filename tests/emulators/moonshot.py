@@ -52,20 +52,19 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import HTMLResponse, Response
 
 from tests.emulators.common import (
-    LOGGED_PATHS,
     SSE_DONE,
     AuthCheck,
-    BearerAuthMiddleware,
     Fault,
     FaultInjector,
     QuietDisconnects,
     RequestLog,
     bearer_token,
-    emulator_router,
+    emulator_app,
     intake,
     json_response,
     raw_response,
     read_json,
+    runner_args,
     sse_event,
     sse_response,
 )
@@ -287,21 +286,14 @@ def api_router(state: MoonshotState) -> APIRouter:
 
 def create_moonshot_app(options: MoonshotOptions) -> FastAPI:
     state = MoonshotState(options)
-    app = FastAPI(title="Moonshot API emulator", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key), log=state.log,
-                       logged_paths=LOGGED_PATHS)
-    app.include_router(emulator_router(state.faults, state.log, state.reset))
-    app.include_router(api_router(state))
-    return app
+    return emulator_app("Moonshot API emulator", auth_check(options.api_key), state, api_router(state))
 
 
 # --- runner --------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.emulators.moonshot", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser = runner_args("tests.emulators.moonshot", __doc__)
     parser.add_argument("--api-key", help="the only accepted key; without it any bearer key is accepted")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                         help="model ids for /v1/models, space- or comma-separated (default: %(default)s)")

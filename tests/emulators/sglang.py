@@ -45,18 +45,17 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import PlainTextResponse, Response
 
 from tests.emulators.common import (
-    LOGGED_PATHS,
     SSE_DONE,
     AuthCheck,
-    BearerAuthMiddleware,
     Fault,
     QuietDisconnects,
     bearer_token,
-    emulator_router,
+    emulator_app,
     intake,
     json_response,
     raw_response,
     read_json,
+    runner_args,
 )
 from tests.emulators.generation import chat_prompt_text, plan_text
 from tests.emulators.sglang_lora import parse_lora_paths, requested_adapter
@@ -305,23 +304,15 @@ def create_sglang_app(options: SglangOptions, state: SglangState | None = None) 
         state.started_at = options.clock()  # a served app counts its startup delay from here
         yield
 
-    app = FastAPI(title="sglang-kt 0.7.2 emulator", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
-    app.add_middleware(BearerAuthMiddleware, check=auth_check(options.api_key), log=state.log,
-                       logged_paths=LOGGED_PATHS)
-    app.include_router(emulator_router(state.faults, state.log, state.reset))
-    app.include_router(openai_router(state))
-    app.include_router(server_router(state))
-    return app
+    return emulator_app("sglang-kt 0.7.2 emulator", auth_check(options.api_key), state, openai_router(state),
+                        server_router(state), lifespan=lifespan)
 
 
 # --- runner --------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.emulators.sglang", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser = runner_args("tests.emulators.sglang", __doc__)
     parser.add_argument("--served-model-name", default="kimi")
     parser.add_argument("--model-path", default="moonshotai/Kimi-K2.5")
     parser.add_argument("--lora-paths", nargs="*", default=[], metavar="NAME=DIR")

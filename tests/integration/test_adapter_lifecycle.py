@@ -7,6 +7,7 @@ never the base model's, never a failure.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import httpx
 import orjson
@@ -60,20 +62,23 @@ def ask(client: httpx.Client, base: str, model: str, stream: bool) -> Answer:
     return Answer(200, response.headers.get("x-kimi-adapter", ""), text, True)
 
 
-def load(base: str, model: str, count: int, *, during=None, after: int = 40, workers: int = 6) -> list[Answer]:
-    """`count` requests (every third a stream) from `workers` threads; `during()` runs once `after` answered."""
+def load(base: str | Sequence[str], model: str, count: int, *, during=None, after: int = 40, workers: int = 6,
+         client: Callable[[], httpx.Client] = lambda: httpx.Client(timeout=60)) -> list[Answer]:
+    """`count` requests (every third a stream) from `workers` threads, to `base` (or to each of several gateways
+    in turn); `during()` runs once `after` answered."""
     answers: list[Answer] = []
     lock, started = threading.Lock(), threading.Event()
+    turn = itertools.cycle([base] if isinstance(base, str) else base)
 
-    def one(index: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            answer = ask(client, base, model, index % 3 == 0)
+    def one(index: int, base: str) -> None:
+        with client() as http:
+            answer = ask(http, base, model, index % 3 == 0)
         with lock:
             answers.append(answer)
             if len(answers) >= after:
                 started.set()
     with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(one, i) for i in range(count)]
+        futures = [pool.submit(one, i, next(turn)) for i in range(count)]
         if during is not None:
             assert started.wait(120), "the load did not get going"
             during()
@@ -276,6 +281,23 @@ def test_llama_server_restarted_with_another_lora_list_never_answers_with_the_ba
 
 # --- a kill -9 in the middle of a swap ---------------------------------------------------------------------
 
+def kill_during_swap(processes, base: str, emulator: str, source: Path, config_name: str) -> None:
+    """Start a swap to `source` through `base` with the new version's verification probes slowed down, and kill
+    the gateway (the process started on `config_name`) with -9 while it waits on them."""
+    httpx.post(f"{emulator}/_emulator/faults", json={"delay_first_byte_s": 3.0, "count": 3}).raise_for_status()
+
+    def doomed_swap() -> None:
+        with pytest.raises(httpx.HTTPError):  # the gateway dies under it
+            admin(base, "POST", "/adapters/legal/swap", json={"source": str(source)})
+    swap = threading.Thread(target=doomed_swap)
+    swap.start()
+    time.sleep(1.0)
+    gateway = next(p for p in reversed(processes) if p.argv[-1].endswith(config_name))
+    os.killpg(gateway.process.pid, signal.SIGKILL)
+    gateway.process.wait()
+    swap.join()
+
+
 def test_kill_during_swap_then_restart_serves_the_old_or_the_new_version(start_process, start_gateway, peft,
                                                                           processes):
     root, dirs = peft
@@ -285,18 +307,7 @@ def test_kill_during_swap_then_restart_serves_the_old_or_the_new_version(start_p
     config = sglang_config([emulator], root, dirs["v1"])
     base = start_gateway(config, name="gw-kill", env=ENV)
     before = assert_one_text_per_version(load(base, "legal", 6), labels=1)
-    # Slow the new version's verification probes down, then kill the gateway while it waits on them.
-    httpx.post(f"{emulator}/_emulator/faults", json={"delay_first_byte_s": 3.0, "count": 3}).raise_for_status()
-    def doomed_swap() -> None:
-        with pytest.raises(httpx.HTTPError):  # the gateway dies under it
-            admin(base, "POST", "/adapters/legal/swap", json={"source": str(dirs["v2"])})
-    swap = threading.Thread(target=doomed_swap)
-    swap.start()
-    time.sleep(1.0)
-    gateway = next(p for p in reversed(processes) if p.argv[-1].endswith("gw-kill.yaml"))
-    os.killpg(gateway.process.pid, signal.SIGKILL)
-    gateway.process.wait()
-    swap.join()
+    kill_during_swap(processes, base, emulator, dirs["v2"], "gw-kill.yaml")
     base = start_gateway(config, name="gw-kill", env=ENV)
     after = assert_one_text_per_version(load(base, "legal", 9), labels=1)
     assert after == before  # the old version: the flip had not happened

@@ -124,6 +124,24 @@ def unpaired(root: Path) -> Path:
     return directory
 
 
+def bad_offsets(root: Path, name: str, offsets: list) -> Path:
+    """A PEFT dir whose lora_A entry has these `data_offsets` (its lora_B is a good one)."""
+    directory = write_peft(root / name)
+    header = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+              {"dtype": "F32", "shape": [8, 64], "data_offsets": offsets},
+              "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
+              {"dtype": "F32", "shape": [64, 8], "data_offsets": [2048, 4096]}}
+    raw = orjson.dumps(header)
+    (directory / "adapter_model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4096)
+    return directory
+
+
+def not_gguf(root: Path) -> Path:
+    path = root / "not-gguf.gguf"
+    path.write_text("this is not a GGUF file")
+    return path
+
+
 def symlinked(root: Path, outside: Path) -> Path:
     (root / "escape").symlink_to(write_peft(outside / "target"))
     return root / "escape"
@@ -196,6 +214,22 @@ def builders(roots: tuple[Path, Path, Path], images: str = f"http://{IMAGE_IP}:1
         "unpaired-lora": lambda: adapter("unpaired", unpaired(root), gguf),
         "unsafe-adapter-name": lambda: adapter("../evil", root, gguf),
         "admin-no-key": lambda: ("/admin/adapters", {}, b"{}"),
+        "admin-malformed-json": lambda: ("/admin/adapters", ADMIN, b"{oops"),
+        "admin-not-an-object": lambda: ("/admin/adapters", ADMIN, b"[]"),
+        "admin-duplicate-key": lambda: ("/admin/adapters", ADMIN,
+                                        b'{"name": "a", "name": "b", "gguf": "x.gguf", "backends": ["llama"]}'),
+        "admin-wrong-content-type": lambda: ("/admin/adapters", {**ADMIN, "content-type": "text/plain"}, b"{}"),
+        "admin-oversized-body": lambda: ("/admin/adapters", ADMIN, orjson.dumps({"name": "x" * (2 * 1024 * 1024)})),
+        "admin-wrong-method": lambda: ("/admin/backends", ADMIN, b"{}"),
+        "admin-unknown-field": lambda: ("/admin/adapters", ADMIN, orjson.dumps(
+            {"name": "extra", "gguf": str(gguf), "backends": ["llama"], "rank": 8})),
+        "bad-offsets": lambda: adapter("offsets", bad_offsets(root, "offsets", ["a", 1]), gguf),
+        "size-mismatch": lambda: adapter("size", bad_offsets(root, "size", [0, 16]), gguf),
+        "not-gguf": lambda: adapter("notgguf", write_peft(root / "good-for-not-gguf"), not_gguf(root)),
+        "feedback-malformed-json": lambda: ("/v1/feedback", ALL, b"{oops"),
+        "feedback-score-string": lambda: ("/v1/feedback", ALL, b'{"request_id": "r", "score": "0.5"}'),
+        "deadline-header-garbage": lambda: (chat_path, {**ALL, "x-kimi-deadline-ms": "soon"}, chat()),
+        "priority-header-garbage": lambda: (chat_path, {**ALL, "x-kimi-priority": "urgent"}, chat()),
         "no-key-oversized-body": lambda: (chat_path, {}, chat(user="x" * (2 * 1024 * 1024))),
         "malformed-tool-choice": lambda: (chat_path, ALL, chat(tool_choice={"type": "function", "function": "f"})),
         "malformed-json-schema": lambda: (chat_path, ALL, chat(response_format={"type": "json_schema",
@@ -236,6 +270,8 @@ def test_http_case(gateway, roots, image_host, case, status, fragment):
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
     assert response.headers.get("x-request-id")  # the admin API's answers too
+    if case == "admin-wrong-method":
+        assert response.headers["allow"] == "GET"
     if case.startswith("image-") and case != "image-no-vision":   # the param names the content part
         assert error["param"] == "messages[0].content[0].image_url" and error["type"] == "invalid_request_error"
 

@@ -5,12 +5,7 @@ test controls) and given back.
 """
 from __future__ import annotations
 
-import itertools
-import os
-import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +16,11 @@ from backends.launchers.llamacpp import free_port
 from tests.integration.conftest import start_moonshot
 from tests.integration.test_adapter_lifecycle import (
     ADMIN_KEY,
-    Answer,
     admin,
     ask,
     assert_one_text_per_version,
+    kill_during_swap,
+    load,
     start_sglang_on,
 )
 from tests.integration.test_agents import ASK, TOOLS
@@ -106,29 +102,6 @@ def wait_until_served(base: str, model: str, label: str | None = None, within_s:
             time.sleep(0.02)
 
 
-def spread_load(bases: list[str], model: str, count: int, *, during=None, after: int = 30) -> list[Answer]:
-    """`count` requests over every replica in turn (every third a stream); `during()` once `after` answered."""
-    answers: list[Answer] = []
-    lock, started = threading.Lock(), threading.Event()
-    turn = itertools.cycle(bases)
-
-    def one(index: int, base: str) -> None:
-        with client() as http:
-            answer = ask(http, base, model, index % 3 == 0)
-        with lock:
-            answers.append(answer)
-            if len(answers) >= after:
-                started.set()
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(one, i, next(turn)) for i in range(count)]
-        if during is not None:
-            assert started.wait(120), "the load did not get going"
-            during()
-        for future in futures:
-            future.result()
-    return answers
-
-
 def metric(base: str, name: str) -> float:
     text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -153,7 +126,7 @@ def test_swap_through_replica_two_under_load_over_all_three_fails_nothing(fleet)
         response = admin(fleet.bases[1], "POST", "/adapters/legal/swap", json={"source": str(fleet.dirs["v2"])})
         assert response.status_code == 200, response.text
 
-    answers = spread_load(fleet.bases, "legal", 180, during=swap)
+    answers = load(fleet.bases, "legal", 180, during=swap, after=30, client=client)
     texts = assert_one_text_per_version(answers, labels=2)
     after = admin(fleet.bases[1], "GET", "/adapters/legal").json()
     assert after["active"] != before and set(texts) == {f"legal@{before}", f"legal@{after['active']}"}
@@ -265,19 +238,7 @@ def test_a_replica_killed_mid_swap_leaves_it_to_another(fleet, processes):
     """Last: it kills replica 0. Its lease runs out; another replica rolls the swap back (unloading the
     candidate); the old version serves on everywhere that is left, without a failed request."""
     before = admin(fleet.bases[1], "GET", "/adapters/legal").json()["active"]
-    # Slow the new version's verification probes down, then kill the replica while it waits on them.
-    httpx.post(f"{fleet.sglang}/_emulator/faults", json={"delay_first_byte_s": 3.0, "count": 3}).raise_for_status()
-
-    def doomed_swap() -> None:
-        with pytest.raises(httpx.HTTPError):
-            admin(fleet.bases[0], "POST", "/adapters/legal/swap", json={"source": str(fleet.dirs["v2"])})
-    swap = threading.Thread(target=doomed_swap)
-    swap.start()
-    time.sleep(1.0)
-    victim = next(p for p in reversed(processes) if p.argv[-1].endswith("gw-fleet-0.yaml"))
-    os.killpg(victim.process.pid, signal.SIGKILL)
-    victim.process.wait()
-    swap.join()
+    kill_during_swap(processes, fleet.bases[0], fleet.sglang, fleet.dirs["v2"], "gw-fleet-0.yaml")
     time.sleep(3.0)   # the delayed probes are spent
     deadline = time.monotonic() + 40   # lease expiry (10 s) + the next look (at most 10 s) + the rollback
     while True:
@@ -290,7 +251,7 @@ def test_a_replica_killed_mid_swap_leaves_it_to_another(fleet, processes):
     assert view["active"] == before
     taken_over = [v for v in view["versions"] if v["reason"] and "another" in v["reason"]]
     assert len(taken_over) == 1 and taken_over[0]["status"] == "failed", view["versions"]
-    answers = spread_load(fleet.bases[1:], "legal", 30)
+    answers = load(fleet.bases[1:], "legal", 30, after=30, client=client)
     assert {a.status for a in answers} == {200} and {a.label for a in answers} == {f"legal@{before}"}
     loaded = [c["id"] for c in httpx.get(f"{fleet.sglang}/v1/models").json()["data"] if c.get("parent")]
     assert f"legal@{taken_over[0]['short']}" not in loaded

@@ -10,7 +10,8 @@ from adapters.lease import LocalLeases, StoreLeases, holding, LeaseBusyError
 from adapters.models import AdapterSpec
 from adapters.store import StoreUnavailableError
 from adapters.store_postgres import MIGRATIONS, PostgresStore
-from tests.services import fresh_database
+from gateway.experiments.postgres_store import PostgresExperimentStore
+from tests.services import dsn_of, fresh_database
 
 
 @pytest.fixture
@@ -87,3 +88,17 @@ async def test_local_leases_and_busy_errors():
             async with holding(leases, "adapter:legal", 0.05):
                 pass
     assert await leases.acquire("adapter:legal", 0)
+
+
+@pytest.mark.parametrize("dsn, fragment", [
+    ("not a dsn", "the PostgreSQL DSN is not valid"),
+    (dsn_of("kgw_no_such_database"), 'PostgreSQL refused the connection: database "kgw_no_such_database"'),
+    ("postgresql://kgw_no_such_role@127.0.0.1:5432/test", 'role "kgw_no_such_role" does not exist'),
+])
+async def test_a_database_that_can_never_answer_fails_at_once(dsn, fragment, caplog):
+    """Not waited for as an unreachable one is (wait_s is an hour here): no "waiting for it" line, at once."""
+    for store in (PostgresStore(dsn), PostgresExperimentStore(dsn)):
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.open(wait_s=3600)
+        assert fragment in str(caught.value)
+        assert "waiting for it" not in caplog.text

@@ -636,3 +636,86 @@ async def test_aclose_before_the_end_aborts_and_is_idempotent(start):
     await asyncio.wait_for(up.disconnected.wait(), GENEROUS_S)
     with pytest.raises(BackendProtocolError):
         await response.read()
+
+
+# --- connections checked ahead of the requests (llama-server: a new connection per stream) ------------------
+
+def checking_server(events: list[tuple[str, int]]) -> Handler:
+    """Answers the check (GET /lora-adapters) on any connection and closes the connection after each other
+    response, as llama-server does after a streamed one (saying so here, so the test knows when it is gone)."""
+
+    async def serve(up: Upstream, conn: Conn) -> None:
+        while await up.next_request(conn):
+            if up.requests[-1][0].startswith(b"GET /lora-adapters"):
+                events.append(("check", conn.index))
+                await conn.send(ok(b"[]"))
+            else:
+                events.append(("post", conn.index))
+                await conn.send(CHUNKED_HEAD.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                                + chunked([b"data: x\n\n"]))
+                return
+    return serve
+
+
+def with_check(transport: LeanTransport, ready: int, seen: list[int] | None = None) -> None:
+    transport.check_path = "/lora-adapters"
+    transport.connection_check = lambda status, body: (seen.append(status) if seen is not None else None)
+    transport.ready_checked = ready
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(GENEROUS_S):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_connections_are_checked_ahead_of_the_requests_that_take_them(start):
+    events: list[tuple[str, int]] = []
+    up, transport = await start(checking_server(events))
+    seen: list[int] = []
+    with_check(transport, ready=2, seen=seen)
+    for k in range(6):
+        if k:
+            await until(lambda: not transport._readying and transport._pool.idle_checked(1) >= 1)
+        events.append(("request", k))
+        response = await transport.request("POST", "/v1/chat/completions", b"{}")
+        assert await response.read() == b"data: x\n\n"
+    first = events.index(("request", 0))
+    assert events[first + 1][0] == "check"  # nothing was ready for the first: it checked its own connection
+    for k in range(1, 6):
+        begun = events.index(("request", k))
+        post = next(event for event in events[begun:] if event[0] == "post")
+        assert ("check", post[1]) in events[:begun], (k, events)  # its connection was checked before it began
+    assert all(status == 200 for status in seen)
+    assert up.max_active <= 1 + 2  # the request's connection and at most `ready_checked` more
+
+
+async def test_readied_connections_never_take_a_slot_beyond_max_connections(start):
+    events: list[tuple[str, int]] = []
+    up, transport = await start(checking_server(events), max_connections=1)
+    with_check(transport, ready=4)
+    for _ in range(4):
+        response = await transport.request("POST", "/v1/chat/completions", b"{}")
+        await response.read()
+    assert up.max_active == 1
+    assert [kind for kind, _ in events].count("post") == 4
+
+
+async def test_a_readied_connection_the_server_dropped_is_not_used(start):
+    """A restart drops the connections checked by the old server: the next request checks a new one."""
+    events: list[tuple[str, int]] = []
+    up, transport = await start(checking_server(events))
+    with_check(transport, ready=1)
+    response = await transport.request("POST", "/v1/chat/completions", b"{}")
+    await response.read()
+    await until(lambda: not transport._readying and transport._pool.idle_checked(1) == 1)
+    ready = transport._pool._idle[-1]
+    ready_index = [index for kind, index in events if kind == "check"][-1]
+    ready.transport.close()  # what the server's exit does to it, seen from here
+    await until(lambda: ready.dead)
+    events.append(("request", 1))
+    response = await transport.request("POST", "/v1/chat/completions", b"{}")
+    await response.read()
+    begun = events.index(("request", 1))
+    post = next(event for event in events[begun:] if event[0] == "post")
+    assert post[1] != ready_index and ("check", post[1]) in events[begun:]

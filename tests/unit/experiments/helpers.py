@@ -35,9 +35,9 @@ def make_config(tmp_path, monkeypatch) -> dict:
     }
 
 
-def app(config: dict, one: FakeDriver | None = None, two: FakeDriver | None = None):
+def app(config: dict, one: FakeDriver | None = None, two: FakeDriver | None = None, **more: FakeDriver):
     return running(create_app(GatewayConfig.model_validate(config),
-                              drivers={"one": one or FakeDriver("one"), "two": two or FakeDriver("two")}))
+                              drivers={"one": one or FakeDriver("one"), "two": two or FakeDriver("two"), **more}))
 
 
 async def chat(client, user: str, headers=TEAM):

@@ -84,3 +84,39 @@ def test_unreadable_and_non_yaml_files(tmp_path):
         load_config(write(tmp_path, "backends: [\n"))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "- 1\n"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (MINIMAL + "routes:\n  - {name: other, targets: [gguf]}\n", "line 8, column 1: the key 'routes' is given twice"),
+    (MINIMAL.replace("{name: base, targets: [gguf]}", "{name: base, name: b2, targets: [gguf]}"),
+     "the key 'name' is given twice"),
+    ("backends: [\n", "not valid YAML at line 2, column 1: expected the node content"),
+    ("backends:\n  - name: a\n\tkind: llamacpp\n", "at line 3, column 1: found character '\\t'"),
+    ("", "the file is empty"),
+])
+def test_a_yaml_mistake_is_one_line_naming_where(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as failure:
+        load_config(path)
+    assert expected in str(failure.value) and "\n" not in str(failure.value)
+
+
+def test_a_config_that_is_not_utf8(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes(b"backends: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("routes:", "shared: {kind: local, url_env: REDIS_URL}\nroutes:"), "shared: `url_env` is for kind: redis"),
+    (("url: \"http://127.0.0.1:8081\"", "url: \"http://127.0.0.1:8081\", outliers: {ejection_s: 30}"),
+     "backends[0].outliers: ejection_s (30) is longer than max_ejection_s (10)"),
+    (("routes:\n", "routes:\n  - {name: ab, experiment: {variants: {ab: 1}}}\n"),
+     "routes[0].experiment.variants: 'ab' is this experiment itself"),
+    (("targets: [gguf]", "targets: [gguf], deadline_ms: 86400001"), "routes[0].deadline_ms"),
+])
+def test_more_wrong_keys_are_named(tmp_path, change, expected):
+    with pytest.raises(ConfigError) as failure:
+        load_config(write(tmp_path, MINIMAL.replace(*change)))
+    assert expected in str(failure.value)

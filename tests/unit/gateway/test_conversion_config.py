@@ -61,3 +61,34 @@ def test_a_peft_adapter_on_llama_cpp_is_converted_only_with_a_converter(tmp_path
         assert "needs `gguf` (a GGUF LoRA file, or `source` with conversion.llama_cpp_python set" in str(exc)
     else:
         raise AssertionError("a PEFT-only adapter on llama.cpp without a converter must be refused")
+
+
+def test_serve_stops_on_what_check_reports_on_one_line(tmp_path, capsys):
+    """`serve` refuses a converter Python that `check` refuses, before it listens, on one line."""
+    from gateway.cli import load_checked
+    from gateway.config import ConfigError
+
+    path = write(tmp_path, {"llama_cpp_python": str(tmp_path / "nowhere" / "python")})
+    try:
+        load_checked(path)
+    except ConfigError as exc:
+        assert "conversion.llama_cpp_python" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("load_checked took a converter Python that does not exist")
+    assert main(["serve", "--config", path, "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/nowhere/python does not exist" in err
+
+
+def test_check_notes_the_env_vars_serve_needs_that_are_not_set_here(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KGW_CHECK_DSN", raising=False)
+    monkeypatch.delenv("KGW_CHECK_HOSTED", raising=False)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "store": {"kind": "postgres", "dsn_env": "KGW_CHECK_DSN"},
+        "backends": [{"name": "hosted", "kind": "moonshot", "url": "https://api.moonshot.ai/v1",
+                      "api_key_env": "KGW_CHECK_HOSTED"}]}))
+    assert main(["check", str(path)]) == 0     # the check may run where the secrets are not
+    out = capsys.readouterr().out
+    assert "note: store.dsn_env: the environment variable KGW_CHECK_DSN is not set here; `serve` would stop" in out
+    assert "note: backends[0].api_key_env: the environment variable KGW_CHECK_HOSTED is not set here" in out

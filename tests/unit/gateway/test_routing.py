@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from gateway.config import GatewayConfig
-from gateway.errors import ModelNotFoundError
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.errors import ModelNotFoundError, ServiceUnavailableError
 from gateway.routing import RouteTable, Target, pick_variant
 
 CONFIG = GatewayConfig.model_validate({
@@ -56,3 +56,16 @@ def test_image_url_mode_per_route_and_experiment():
     modes = {table.resolve("ab", lambda by: f"u{i}").route.image_urls for i in range(50)}
     assert modes == {None, "forward"}                                # each variant keeps its own
     assert table.resolve("ab-fetch").route.image_urls == "fetch"     # an experiment that says so wins
+
+
+@pytest.mark.parametrize("variant_routes", [
+    [],                                                                  # the variant's route is gone
+    [RouteConfig(name="b2", experiment={"variants": {"a": 1}})],         # it became an experiment itself
+])
+def test_an_experiment_whose_variant_is_not_servable_is_a_503_not_a_crash(variant_routes):
+    """The admin API refuses both (409); a route written by another writer must still not crash a request."""
+    routes = [RouteConfig(name="ab", experiment={"variants": {"b2": 1}}), *variant_routes]
+    table = RouteTable(CONFIG, routes=routes)
+    with pytest.raises(ServiceUnavailableError) as error:
+        table.resolve("ab", lambda by: "user-1")
+    assert "'b2'" in error.value.message and error.value.status_code == 503

@@ -71,3 +71,19 @@ def test_hostile_text_is_scrubbed_quickly(hostile):
     started = time.process_time()
     scrub(hostile)
     assert time.process_time() - started < 0.1
+
+
+def test_a_failed_conversion_is_a_422_with_the_tools_error_and_no_traceback_frames():
+    """The admin sees what the converter said went wrong, not its stack (gateway/errors.py's table)."""
+    from adapters.conversion import ConversionError
+    from gateway.errors import to_gateway_error
+
+    message = ("legal@1234abcd: convert_kt_to_sglang_adapter.py failed (exit 1) after 0.3 s; its last lines:\n"
+               "Loading checkpoint\nTraceback (most recent call last):\n"
+               '  File "/opt/kt/convert.py", line 10, in <module>\n    main()\n    ^^^^^^\n'
+               '  File "/opt/kt/convert.py", line 5, in main\n    raise ValueError("Inconsistent LoRA ranks")\n'
+               "ValueError: Inconsistent LoRA ranks")
+    error = to_gateway_error(ConversionError(message))
+    assert error.status_code == 422 and error.error_type == "invalid_request_error"
+    assert error.message == ("legal@1234abcd: convert_kt_to_sglang_adapter.py failed (exit 1) after 0.3 s; its last "
+                             "lines:\nLoading checkpoint\nValueError: Inconsistent LoRA ranks")

@@ -1,6 +1,7 @@
 """The traffic keys at the edge: config validation, deadline and priority headers, the SIGTERM refusal, and
 a deadline that passes before the backend answers."""
 import asyncio
+import json
 
 import orjson
 import pytest
@@ -23,10 +24,14 @@ CHAT = orjson.dumps({"model": "kimi", "messages": [{"role": "user", "content": "
     ({"backends": [{**BASE["backends"][0], "outliers": {"eject_after": 2}}]}, "backends[0].outliers.eject_after"),
     ({"routes": [{**BASE["routes"][0], "timeout_s": 0}]}, "routes[0].timeout_s"),
     ({"auth": {"client_keys": [{"name": "k", "key_env": "K", "priority": "urgent"}]}}, "priority"),
+    ({"routes": [{**BASE["routes"][0], "deadline_ms": 10 ** 400}]}, "routes[0].deadline_ms"),
+    ({"routes": [{**BASE["routes"][0], "deadline_ms": 86_400_001}]}, "routes[0].deadline_ms"),
+    ({"routes": [BASE["routes"][0], {"name": "e", "experiment": {"variants": {"kimi": 10 ** 400}}}]},
+     "routes[1].experiment.variants.kimi: Input should be less than or equal to 1000000"),
 ])
 def test_bad_traffic_config_names_the_key(tmp_path, patch, fragment):
     path = tmp_path / "config.yaml"
-    path.write_text(orjson.dumps({**BASE, **patch}).decode())
+    path.write_text(json.dumps({**BASE, **patch}))   # YAML reads JSON; json, unlike orjson, writes 10 ** 400
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert fragment in str(error.value)
@@ -37,11 +42,31 @@ def app_with(driver: FakeDriver, tmp_path, **overrides):
     return create_app(config, drivers={"one": driver})
 
 
-async def test_a_malformed_deadline_header_is_a_400(tmp_path):
+@pytest.mark.parametrize(("header", "value"), [
+    ("x-kimi-deadline-ms", b"soon"), ("x-kimi-deadline-ms", b""), ("x-kimi-deadline-ms", b"-5"),
+    ("x-kimi-deadline-ms", b"0"), ("x-kimi-deadline-ms", b"1.5"), ("x-kimi-deadline-ms", b"1e3"),
+    ("x-kimi-deadline-ms", b"+100"), ("x-kimi-deadline-ms", b"1_000"), ("x-kimi-deadline-ms", b"NaN"),
+    ("x-kimi-deadline-ms", b"86400001"), ("x-kimi-deadline-ms", b"9" * 400), ("x-kimi-deadline-ms", b"9" * 5000),
+    ("x-kimi-deadline-ms", "\u0661\u0662".encode()), ("x-kimi-deadline-ms", b"\xff"),
+    ("x-kimi-priority", b"urgent"), ("x-kimi-priority", b""), ("x-kimi-priority", b"lo"), ("x-kimi-priority", b"0"),
+])
+async def test_a_malformed_traffic_header_is_a_400_naming_it(tmp_path, header, value):
     app = app_with(FakeDriver("one"), tmp_path)
     async with running(app) as client:
-        response = await client.post("/v1/chat/completions", content=CHAT, headers={"x-kimi-deadline-ms": "soon"})
-    assert response.status_code == 400 and "x-kimi-deadline-ms" in response.json()["error"]["message"]
+        response = await client.post("/v1/chat/completions", content=CHAT, headers=[(header.encode(), value)])
+    error = response.json()["error"]
+    assert response.status_code == 400 and header in error["message"] and error["param"] == header
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    ("x-kimi-deadline-ms", b" 5000 "), ("x-kimi-deadline-ms", b"86400000"), ("x-kimi-priority", b" Low "),
+    ("x-kimi-priority", b"HIGH"),   # a normal key asking for high stays normal: documented, not an error
+])
+async def test_a_well_formed_traffic_header_is_served(tmp_path, header, value):
+    app = app_with(FakeDriver("one"), tmp_path)
+    async with running(app) as client:
+        response = await client.post("/v1/chat/completions", content=CHAT, headers=[(header.encode(), value)])
+    assert response.status_code == 200, response.text
 
 
 class SlowDriver(FakeDriver):

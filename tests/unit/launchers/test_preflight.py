@@ -50,7 +50,7 @@ def setup(tmp_path):
 
 def findings(config, backend="kt-a", **host_changes):
     backend = next(b for b in config.backends if b.name == backend)
-    plan = plan_sglang(backend, [], state_dir=str(Path(config.state_dir)))
+    plan = plan_sglang(backend, [])
     return preflight(plan, backend.launch, host(**host_changes) if host_changes else GOOD_HOST)
 
 
@@ -70,7 +70,7 @@ def test_missing_model_path(setup, tmp_path):
     backend = setup.backends[0]
     broken = backend.model_copy(update={"launch": backend.launch.model_copy(
         update={"model_path": str(tmp_path / "nowhere")})})
-    plan = plan_sglang(broken, [], state_dir=setup.state_dir)
+    plan = plan_sglang(broken, [])
     found = preflight(plan, broken.launch, GOOD_HOST)
     assert f"model_path: {tmp_path / 'nowhere'} is not a directory" in found.problems
 
@@ -134,7 +134,7 @@ def test_a_missing_converter_script(setup, tmp_path):
     empty.mkdir()
     backend = setup.backends[0]
     broken = backend.model_copy(update={"launch": backend.launch.model_copy(update={"kt_scripts": str(empty)})})
-    found = preflight(plan_sglang(broken, [], state_dir=setup.state_dir), broken.launch, GOOD_HOST)
+    found = preflight(plan_sglang(broken, []), broken.launch, GOOD_HOST)
     assert found.problems == [f"step int4-to-bf16: the converter {empty}/convert_moe_to_bf16.py does not exist",
                               f"step bf16-to-int8: the converter {empty}/convert_cpu_weights.py does not exist"]
 

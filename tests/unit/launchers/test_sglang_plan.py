@@ -24,6 +24,8 @@ def test_dry_run_prints_the_golden_plan(backend, tmp_path, capsys):
     plan, _, preflight = out.partition("preflight:")
     check_golden(f"launch/{backend}.txt", plan)
     assert code == 1 and "PROBLEM model_path: /models/kimi-k2.5 is not a directory" in preflight  # nothing there
+    converter = "PROBLEM conversion.kt_python: /opt/kt/bin/python does not exist"   # the gateway's KT converter
+    assert (converter in preflight) == (backend == "kt-expert")
 
 
 def test_json_is_the_same_plan_as_data(tmp_path, capsys):

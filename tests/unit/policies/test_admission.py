@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from backends.balancer import Lease
-from gateway.errors import OverloadedError
+from gateway.errors import InvalidRequestError, OverloadedError
 from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
 
 
@@ -133,7 +133,15 @@ async def test_a_slot_that_comes_as_the_waiter_gives_up_goes_back():
 @pytest.mark.parametrize(("key", "header", "expected"), [
     ("normal", None, "normal"), ("high", None, "high"), ("high", b"low", "low"),
     ("low", b"high", "low"),   # a header may lower the class, never raise it
-    ("normal", b"bogus", "normal"),
+    ("normal", b" LOW ", "low"),
 ])
 def test_priority_from_key_and_header(key, header, expected):
     assert priority_of(key, header) == PRIORITIES[expected]
+
+
+@pytest.mark.parametrize("header", [b"bogus", b"", b"lo", b"1", b"-1", b"high,low", b"\xff"])
+def test_an_unknown_priority_is_a_400_naming_the_header(header):
+    with pytest.raises(InvalidRequestError) as error:
+        priority_of("normal", header)
+    assert error.value.status_code == 400 and error.value.param == "x-kimi-priority"
+    assert "high, normal, low" in error.value.message
