@@ -442,14 +442,16 @@ class Exchange:
 
 
 class Lifespan:
-    """ASGI lifespan: startup before the listener opens, shutdown after the last request."""
+    """ASGI lifespan: startup before the listener opens, shutdown after the last request. A failed startup is
+    logged as uvicorn logs it (the app's message as one error line; a traceback only when the app said nothing),
+    then the process exits with uvicorn's status 3."""
 
     def __init__(self, app, state: dict) -> None:
         self.app, self.state = app, state
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = asyncio.Event()
         self.stopped = asyncio.Event()
-        self.failed: str | None = None
+        self.failed = False
         self.task: asyncio.Task | None = None
 
     async def receive(self) -> dict:
@@ -458,7 +460,9 @@ class Lifespan:
     async def send(self, message: dict) -> None:
         kind = message["type"]
         if kind.endswith(".failed"):
-            self.failed = message.get("message", "") or kind
+            self.failed = True
+            if message.get("message"):
+                log.error("%s", message["message"])
         (self.started if kind.startswith("lifespan.startup") else self.stopped).set()
 
     async def run(self) -> None:
@@ -466,8 +470,9 @@ class Lifespan:
         try:
             await self.app(scope, self.receive, self.send)
         except BaseException as exc:
-            self.failed = self.failed or repr(exc)
-            log.error("lifespan failed", exc_info=exc)
+            if not self.failed:   # an app that sent `.failed` has said why; the exception is that same failure
+                self.failed = True
+                log.error("exception in the ASGI lifespan", exc_info=exc)
         finally:
             self.started.set()
             self.stopped.set()
@@ -476,14 +481,13 @@ class Lifespan:
         self.task = asyncio.get_running_loop().create_task(self.run())
         await self.queue.put({"type": "lifespan.startup"})
         await self.started.wait()
-        if self.failed is not None:
-            raise SystemExit(f"application startup failed: {self.failed}")
+        if self.failed:
+            log.error("Application startup failed. Exiting.")
+            raise SystemExit(3)
 
     async def shutdown(self) -> None:
         await self.queue.put({"type": "lifespan.shutdown"})
         await self.stopped.wait()
-        if self.failed is not None:
-            log.error("application shutdown failed: %s", self.failed)
 
 
 class Server:

@@ -446,3 +446,20 @@ def test_percent_encoded_path_is_decoded_and_the_query_left_alone(running):
         sock.sendall(request("/a%20b?x=%20"))
         doc = json.loads(Reader(sock).response()[2])
     assert doc["path"] == "/a b" and doc["query"] == "x=%20"
+
+
+def test_failed_startup_logs_the_apps_message_once_and_exits_3(caplog):
+    """As uvicorn: the message of `lifespan.startup.failed` as one error line, no traceback for the exception the
+    app raises after it, then exit status 3 (the listener never opens)."""
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "cannot start: no store"})
+        raise RuntimeError("no store")
+
+    server = Server(app, "127.0.0.1", 0)
+    with pytest.raises(SystemExit) as stopped:
+        uvloop.run(server.serve())
+    assert stopped.value.code == 3 and server.sockname is None
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == ["cannot start: no store", "Application startup failed. Exiting."]
+    assert not any(r.exc_info for r in errors)
