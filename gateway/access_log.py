@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from gateway.logs import BackgroundHandler
+
 log = logging.getLogger("kimi_gateway.access")
 
 
@@ -28,6 +30,10 @@ def write_access_line(recorder, path: str, client: str | None, stream: bool, doc
               "completion_tokens": usage.get("completion_tokens"), "client": client or None}
     if include_prompts and isinstance(doc, dict):
         fields["prompt"] = doc.get("messages", doc.get("prompt"))
+    sink = logging.root.handlers[0] if logging.root.handlers else None
+    if isinstance(sink, BackgroundHandler) and sink.sole_json_for(log):
+        sink.write_json(log.name, "request", fields)   # the same line, without a LogRecord (gateway/logs.py)
+        return
     # The record made directly: Logger.info would also look up the caller's frame (unused here, ~1 µs).
     record = log.makeRecord(log.name, logging.INFO, __file__, 0, "request", None, None)
     record.fields = fields

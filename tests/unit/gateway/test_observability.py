@@ -279,3 +279,41 @@ def test_configure_logging_replaces_handlers_and_switches_the_access_log():
         logging.getLogger("kimi_gateway.access").disabled = False
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_the_access_line_written_without_a_record_is_the_formatted_one():
+    """configure_logging's JSON handler alone: the access line skips the LogRecord, and reads exactly as the
+    JsonFormatter writes the record; another handler on the way sends it back through the record."""
+    from types import SimpleNamespace
+
+    from gateway.access_log import write_access_line
+    from gateway.logs import REQUEST_ID, configure_logging
+    from gateway.telemetry_config import LoggingConfig
+
+    recorder = SimpleNamespace(usage={"prompt_tokens": 3, "completion_tokens": 2}, route="kimi", version="", adapter="a",
+                               variant=None, backend="one", code=200, ttft_s=None, duration_s=0.0123456,
+                               upstream_s=0.01, overhead_s=0.0023456)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    token = REQUEST_ID.set("req-7")
+    try:
+        handler = configure_logging(LoggingConfig())
+        handler.stream = io.StringIO()
+        assert handler.sole_json_for(logging.getLogger("kimi_gateway.access"))
+        write_access_line(recorder, "/v1/chat/completions", "bench", False, {"messages": [1]}, True)
+        direct = handler.pending[-1]
+        other = logging.NullHandler()
+        root.addHandler(other)     # now a record must be made: it goes through the formatter
+        assert not handler.sole_json_for(logging.getLogger("kimi_gateway.access"))
+        write_access_line(recorder, "/v1/chat/completions", "bench", False, {"messages": [1]}, True)
+        formatted = handler.pending[-1]
+        root.removeHandler(other)
+        handler.close()
+    finally:
+        REQUEST_ID.reset(token)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    direct, formatted = orjson.loads(direct), orjson.loads(formatted)
+    assert direct.pop("ts")[:16] == formatted.pop("ts")[:16]
+    assert direct == formatted and list(direct) == list(formatted)
+    assert direct["request_id"] == "req-7" and direct["adapter"] == "a" and direct["prompt"] == [1]
