@@ -317,3 +317,30 @@ def test_the_access_line_written_without_a_record_is_the_formatted_one():
     assert direct.pop("ts")[:16] == formatted.pop("ts")[:16]
     assert direct == formatted and list(direct) == list(formatted)
     assert direct["request_id"] == "req-7" and direct["adapter"] == "a" and direct["prompt"] == [1]
+
+
+def test_direct_metric_writes_expose_what_the_children_methods_do():
+    """Labeled.add/observe (the per-request writes) against prometheus_client's own inc/dec/observe: the same
+    exposition, bucket edges, +Inf and NaN included."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from gateway.metrics import Labeled
+
+    def collectors():
+        registry = CollectorRegistry()
+        return registry, (Counter("c", "c", ["a"], registry=registry), Gauge("g", "g", ["a"], registry=registry),
+                          Histogram("h", "h", ["a"], buckets=(0.1, 1, 5), registry=registry))
+    own, (counter, gauge, histogram) = collectors()
+    theirs, (counter2, gauge2, histogram2) = collectors()
+    counter, gauge, histogram = Labeled(counter), Labeled(gauge), Labeled(histogram)
+    for label, amount in [("x", 1), ("x", 3), ("y", 0.5)]:
+        counter.add((label,), amount)
+        counter2.labels(label).inc(amount)
+    gauge.add(("x",))
+    gauge.add(("x",))
+    gauge.add(("x",), -1.0)
+    gauge2.labels("x").inc()
+    for amount in (0.0, 0.1, 0.10001, 1, 4.99, 5, 7, 1e9, float("nan"), -2):
+        histogram.observe(("x",), amount)
+        histogram2.labels("x").observe(amount)
+    assert generate_latest(own) == generate_latest(theirs)
