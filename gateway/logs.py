@@ -19,6 +19,7 @@ import orjson
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # LogRecord attributes that are not a caller's `extra=` fields.
+MILLISECONDS = tuple(f".{milli:03d}Z" for milli in range(1000))   # a timestamp's tail, formatted once
 STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id",
                                                                              "fields"}
 
@@ -44,7 +45,7 @@ class JsonFormatter(logging.Formatter):
         second = int(created)
         if second != self._second:  # strftime once a second, not once a line
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+        return self._stamp + MILLISECONDS[int((created - second) * 1000)]
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": self.timestamp(record.created), "level": record.levelname.lower(), "logger": record.name,
