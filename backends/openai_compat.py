@@ -214,10 +214,10 @@ class RelayReply:
             block = self._fix_block(block, request)
         if self._cut_guard is not None:
             block = self._cut_guard.block(block)
-        if block.find(b'"usage"') >= 0:
+        if block.find(USAGE_KEY) >= 0:
             block = self.shape.usage_block(block)
-        if has_usage_object(block):
-            block = self._route_usage(block)
+            if block.find(b'"usage":{') >= 0 or block.find(b'"usage": {') >= 0:   # has_usage_object()
+                block = self._route_usage(block)
         if request.observer is not None:
             request.observer.on_block(block)
         if request.rules.strip_reasoning and block.find(b'"reasoning_content"') >= 0:

@@ -89,9 +89,12 @@ class SameField:
     def sub(self, block: bytes) -> bytes:
         raw = self._raw
         if raw is not None:
-            found = block.count(raw)
+            mapped = self._mapped
+            replaced = block.replace(raw, mapped)
+            grown = len(mapped) - len(raw)   # the replacements counted by the length they added: one scan less
+            found = (len(replaced) - len(block)) // grown if grown else block.count(raw)
             if found == block.count(self._key):
-                return block.replace(raw, self._mapped) if found else block
+                return replaced
         match = self._pattern.search(block)
         if match is None:
             return block
@@ -170,8 +173,8 @@ class ReplyShape:
     def usage_block(block: bytes) -> bytes:
         """Blocks with usage only (the caller looked): llama.cpp's `timings` rides on its last chunk, which
         always carries usage since the gateway always asks for stream usage; SGLang's null details are usage's."""
-        if b'"timings"' in block:
+        if block.find(b'"timings"') >= 0:
             block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
-        if b'_tokens_details":' in block:
+        if block.find(b'_tokens_details":') >= 0:
             block = NULL_DETAILS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         return block
