@@ -133,7 +133,8 @@ class RelayReply:
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
-        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model))
+        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model)) \
+            if request.stream else None
         self._backend = backend
         self._stream_error = stream_error
         self._fix_document = fix_document
