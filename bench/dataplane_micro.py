@@ -24,12 +24,16 @@ import gc
 import logging
 import os
 import pstats
+import sys
 import tempfile
 import time
 
 import orjson
 
-from backends.config import OutlierConfig, RetryBudgetConfig
+# this checkout's packages, not whichever the venv installed (python bench/x.py puts bench/ first, not the root)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backends.config import OutlierConfig, RetryBudgetConfig  # noqa: E402
 from backends.llamacpp import LlamaCppDriver
 from gateway.app import create_app
 from gateway.config import GatewayConfig
