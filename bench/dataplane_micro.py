@@ -60,8 +60,9 @@ def full_config() -> dict:
             "routes": [{"name": "kimi", "targets": ["up"]}]}
 
 
-def access_log(on: bool = True) -> None:
-    """The default logging of `serve` (JSON lines, access log on), written to /dev/null; off: no handler."""
+def access_log(on: bool = True, flush_s: float | None = None) -> None:
+    """The default logging of `serve` (JSON lines, access log on), written to /dev/null; off: no handler.
+    `flush_s`: how often the writer thread wakes (bench/instr_guard.py stretches it as valgrind stretches time)."""
     root = logging.getLogger()
     if not on:
         for handler in list(root.handlers):
@@ -69,7 +70,10 @@ def access_log(on: bool = True) -> None:
             handler.close()
         root.setLevel(logging.WARNING)
         return
-    configure_logging(LoggingConfig()).stream = open(os.devnull, "w")
+    handler = configure_logging(LoggingConfig())
+    handler.stream = open(os.devnull, "w")
+    if flush_s is not None:
+        handler.FLUSH_S = flush_s
 
 
 def sglang_chunk(delta: dict, finish: str | None = None) -> bytes:
@@ -179,6 +183,7 @@ async def run(requests: int, cycles: bool = False, stream: bool = False, experim
         await one(app, scope, exchange)
     sent.clear()
     gc.collect()
+    gc.freeze()   # as serve's lifespan does after start-up (gateway/app.py)
     gc.set_debug(gc.DEBUG_SAVEALL) if cycles else None
     start = time.process_time()
     for _ in range(requests):
