@@ -85,6 +85,7 @@ class DataPlane:
         self.admission = admission = state.config.admission
         self.queues = {name: self._queue(name, driver, admission) for name, driver in state.drivers.items()}
         self.target_headers: dict[tuple[str, str | None], tuple] = {}   # x-kimi-backend/-adapter, encoded once
+        self.loop: asyncio.AbstractEventLoop | None = None   # the loop requests ran on last (DisconnectWatcher)
         self.active = 0  # data-plane requests in flight: the SIGTERM drain waits for them (gateway/shutdown.py)
 
     def _queue(self, name: str, driver, admission) -> AdmissionQueue:
@@ -118,7 +119,8 @@ class DataPlane:
             recorder.key = principal.name
             body = await read_body(receive, self.max_body)
             doc = parse_body(body)
-            watcher = DisconnectWatcher(receive)
+            watcher = DisconnectWatcher(receive, self.loop)
+            self.loop = watcher.loop
             code, usage = await self.serve(scope["path"], doc, len(body), principal, headers, request_id,
                                            recorder, extra, send)
         except ClientGone:
