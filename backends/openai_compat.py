@@ -29,7 +29,7 @@ from backends.errors import (
 from backends.field_support import asks_for_any, check_best_of
 from backends.protocol import COMPLETIONS_PATH
 from backends.replica_traffic import ReplicaTraffic
-from backends.reply_shape import ReplyShape, SameField
+from backends.reply_shape import ReplyShape, SameField, TextTemplate
 from backends.transport import UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ HOLD_TIMEOUT_S = 30.0   # how long a request waits for a replica that restarts o
 # substitution over raw event bytes rewrites exactly the top-level field without parsing the event.
 MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 DONE = b"data: [DONE]"
+DONE_LINE = b"\n" + DONE   # [DONE] as a line of its own: a token's text may say `data: [DONE]`, never with a raw newline
 EVENT_END = b"\n\n"
 MAX_ERROR_BODY = 64 * 1024
 REQUEST_ID = "x-request-id"
@@ -68,6 +69,7 @@ def usage_of(doc: dict) -> dict | None:
     return None
 
 
+TEMPLATE_TRIES = 16   # blocks rewritten in full in a row (no template matched) before a stream stops making templates
 REASONING_FIELD = re.compile(rb',?"reasoning_content":(?:null|"(?:[^"\\]|\\.)*")')
 USAGE_KEY = b'"usage"'
 
@@ -131,7 +133,8 @@ class RelayReply:
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
-        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model))
+        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model)) \
+            if request.stream else None
         self._backend = backend
         self._stream_error = stream_error
         self._fix_document = fix_document
@@ -141,6 +144,9 @@ class RelayReply:
         self.shape = ReplyShape(request.path, int(time.time()), request.stream)
         # a stream of a tool-using request: a call cut by max_tokens must not end as "tool_calls"
         self._cut_guard = CutCallGuard() if request.stream and "tools" in request.body else None
+        # token events rewritten from a template (backends/reply_shape.py) when no per-block state is involved
+        self._templates = TEMPLATE_TRIES if request.stream and self._cut_guard is None and request.observer is None else 0
+        self._template: TextTemplate | None = None
 
     async def read(self) -> bytes:
         try:
@@ -189,7 +195,8 @@ class RelayReply:
                     if error_at:
                         yield self._rewrite(block[:error_at])
                     raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
-                done = block.find(DONE) >= 0  # bytes.find, not `in`: see backends/reply_shape.py
+                # bytes.find, not `in`: see backends/reply_shape.py
+                done = block.startswith(DONE) or block.find(DONE_LINE) >= 0
                 block = self._rewrite(block)
                 if done and self._owes_usage_chunk():
                     block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
@@ -206,6 +213,20 @@ class RelayReply:
         raise BackendProtocolError("the backend ended the stream before data: [DONE]", backend=self._backend)
 
     def _rewrite(self, block: bytes) -> bytes:
+        template = self._template
+        if template is not None:
+            rewritten = template.apply(block)
+            if rewritten is not None:
+                self._templates = TEMPLATE_TRIES
+                return rewritten
+        rewritten = self._rewrite_fields(block)
+        if self._templates and rewritten.find(USAGE_KEY) < 0 and block.find(b'"usage":{') < 0 \
+                and block.find(b'"usage": {') < 0:   # usage is counted from the block: never from a template
+            self._template = TextTemplate.of(block, rewritten) or template
+            self._templates -= 1   # a stream whose blocks keep missing stops trying
+        return rewritten
+
+    def _rewrite_fields(self, block: bytes) -> bytes:
         request = self._request
         block = self.shape.block(self._models.sub(block))
         if block.find(REASONING_ALIAS_KEY) >= 0:
@@ -214,10 +235,10 @@ class RelayReply:
             block = self._fix_block(block, request)
         if self._cut_guard is not None:
             block = self._cut_guard.block(block)
-        if block.find(b'"usage"') >= 0:
+        if block.find(USAGE_KEY) >= 0:
             block = self.shape.usage_block(block)
-        if has_usage_object(block):
-            block = self._route_usage(block)
+            if block.find(b'"usage":{') >= 0 or block.find(b'"usage": {') >= 0:   # has_usage_object()
+                block = self._route_usage(block)
         if request.observer is not None:
             request.observer.on_block(block)
         if request.rules.strip_reasoning and block.find(b'"reasoning_content"') >= 0:

@@ -52,7 +52,7 @@ class UpstreamResponse:
     __slots__ = (
         "status", "headers", "_conn", "_owner", "_parser", "_no_body", "_pieces", "_buffered", "_head_done",
         "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter", "_deadline",
-        "_first_pending", "_keep_conn",
+        "_first_pending", "_keep_conn", "_loop",
     )
 
     def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool, keep_conn: bool = False) -> None:
@@ -61,6 +61,8 @@ class UpstreamResponse:
         self.headers: dict[str, str] = {}
         self._conn: _Connection | None = conn
         self._owner = owner
+        # the connection's loop: asyncio.get_running_loop() costs a getpid() system call on CPython 3.11
+        self._loop: asyncio.AbstractEventLoop = conn.loop or asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._no_body = no_body  # HEAD: llhttp cannot be told, so the head alone ends the message
         self._pieces: list[bytes] = []
@@ -162,7 +164,7 @@ class UpstreamResponse:
         """Send the request and wait for the response head."""
         conn = self._conn
         conn.response = self
-        self._deadline = asyncio.get_running_loop().time() + self._owner.first_byte_timeout_s
+        self._deadline = self._loop.time() + self._owner.first_byte_timeout_s
         if conn.dead:  # died between the pool and here: same as a stale keep-alive
             self._lost()
         else:
@@ -195,10 +197,10 @@ class UpstreamResponse:
         return data
 
     async def _wait_first(self) -> None:
-        await self._wait(self._deadline - asyncio.get_running_loop().time(), self._first_byte_error)
+        await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
 
     async def _wait(self, timeout_s: float, make_error: Callable[[], BackendError]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
         timer = loop.call_later(timeout_s, _expire, waiter, make_error)
         try:
@@ -251,10 +253,11 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One TCP connection: hands received bytes to the response in flight; frees its pool slot once when it dies."""
 
-    __slots__ = ("transport", "response", "reused", "checked", "dead", "_pool", "_paused")
+    __slots__ = ("transport", "response", "reused", "checked", "dead", "loop", "_pool", "_paused")
 
     def __init__(self, pool: _Pool) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None   # the loop it runs on, once connected
         self.response: UpstreamResponse | None = None
         self.reused = False
         self.checked = False
@@ -264,6 +267,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None:  # small requests and SSE events must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

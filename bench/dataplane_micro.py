@@ -1,7 +1,14 @@
 """CPU per request of the gateway's own work on the hot path (parse, auth, route, sampling, metrics,
-headers, relay of a canned reply), in process, with the upstream transport replaced by canned bytes.
+headers, access log, relay of a canned reply), in process, with the upstream transport replaced by canned bytes.
 
-    python bench/dataplane_micro.py [--requests 20000] [--stream] [--profile]
+    python bench/dataplane_micro.py [--requests 20000] [--stream] [--profile] [--bare]
+
+Every per-request feature is on, as `serve` runs by default: a client key with rpm/tpm limits, the default
+metrics and sampling policy, the request-id and x-kimi-* headers, and the JSON access log (its writer thread
+writes to /dev/null). `--bare` is the older setup: an open gateway, no access log.
+After each request the loop runs once (as under a server, where every request is a task of its own), so the
+request's hang-up watcher runs and ends inside the measured loop instead of piling up as pending tasks (which
+made the cyclic GC, not the gateway, a third of the figure).
 
 --stream relays a canned 32-event stream in SGLang's exact shape (`"usage":null` on every chunk, then the
 usage chunk the gateway asked for and hides) instead of a JSON reply.
@@ -14,16 +21,24 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import logging
+import os
 import pstats
+import sys
 import tempfile
 import time
 
 import orjson
 
-from backends.config import OutlierConfig, RetryBudgetConfig
+# this checkout's packages, not whichever the venv installed (python bench/x.py puts bench/ first, not the root)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backends.config import OutlierConfig, RetryBudgetConfig  # noqa: E402
 from backends.llamacpp import LlamaCppDriver
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.logs import configure_logging
+from gateway.telemetry_config import LoggingConfig
 
 REPLY = orjson.dumps({"id": "x", "object": "chat.completion", "model": "up", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}],
@@ -32,6 +47,33 @@ BODY = orjson.dumps({"model": "kimi", "messages": [{"role": "user", "content": "
                      "max_tokens": 16})
 STREAM_BODY = orjson.dumps({**orjson.loads(BODY), "stream": True})
 AB_BODY = orjson.dumps({**orjson.loads(BODY), "model": "ab", "user": "user-42"})
+KEY = "sk-bench-key"
+os.environ.setdefault("KIMI_BENCH_KEY", KEY)
+
+
+def full_config() -> dict:
+    """Every per-request feature on: a client key with limits (never reached), metrics, sampling, headers."""
+    return {"state_dir": tempfile.mkdtemp(),
+            "auth": {"client_keys": [{"name": "bench", "key_env": "KIMI_BENCH_KEY", "models": ["*"],
+                                      "rpm": 10_000_000, "tpm": 1_000_000_000}]},
+            "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+            "routes": [{"name": "kimi", "targets": ["up"]}]}
+
+
+def access_log(on: bool = True, flush_s: float | None = None) -> None:
+    """The default logging of `serve` (JSON lines, access log on), written to /dev/null; off: no handler.
+    `flush_s`: how often the writer thread wakes (bench/instr_guard.py stretches it as valgrind stretches time)."""
+    root = logging.getLogger()
+    if not on:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(logging.WARNING)
+        return
+    handler = configure_logging(LoggingConfig())
+    handler.stream = open(os.devnull, "w")
+    if flush_s is not None:
+        handler.FLUSH_S = flush_s
 
 
 def sglang_chunk(delta: dict, finish: str | None = None) -> bytes:
@@ -79,7 +121,7 @@ class CannedTransport:
         pass
 
 
-def build(stream: bool = False, config: dict | None = None, key: str = "x", slots: int | None = None,
+def build(stream: bool = False, config: dict | None = None, key: str = KEY, slots: int | None = None,
           body: bytes | None = None):
     """The app on canned upstream bytes, its scope, and a factory of one request's ASGI receive/send;
     `sent` collects what the app sent (bench/instr_guard.py drives the same requests under callgrind)."""
@@ -124,19 +166,28 @@ def experiment_config(requests: int) -> dict:
             "experiments": {"queue_size": requests + 1000}}
 
 
-async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False,
-              slots: int | None = None) -> float:
-    app, scope, exchange, sent = build(stream, experiment_config(requests) if experiment else None, slots=slots,
-                                       body=AB_BODY if experiment else None)
+async def one(app, scope, exchange) -> None:
+    """One request, then one turn of the loop (the tasks it started run, as they would under a server)."""
+    await app(scope, *exchange())
+    await asyncio.sleep(0)
 
+
+async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False,
+              slots: int | None = None, bare: bool = False) -> float:
+    """µs of CPU per request. `bare`: an open gateway, and logging left as the caller set it up."""
+    config = experiment_config(requests) if experiment else None if bare else full_config()
+    app, scope, exchange, sent = build(stream, config, slots=slots, body=AB_BODY if experiment else None)
+    if not bare:
+        access_log()
     for _ in range(500):  # warm up
-        await app(scope, *exchange())
+        await one(app, scope, exchange)
     sent.clear()
     gc.collect()
+    gc.freeze()   # as serve's lifespan does after start-up (gateway/app.py)
     gc.set_debug(gc.DEBUG_SAVEALL) if cycles else None
     start = time.process_time()
     for _ in range(requests):
-        await app(scope, *exchange())
+        await one(app, scope, exchange)
     spent = time.process_time() - start
     assert sent[0]["status"] == 200, sent[:2]
     if cycles:
@@ -155,6 +206,7 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="relay a 32-event SGLang stream per request")
     parser.add_argument("--experiment", action="store_true", help="a JSON request to an A/B experiment route")
     parser.add_argument("--max-concurrency", type=int, help="give the backend slots (the admission queue's path)")
+    parser.add_argument("--bare", action="store_true", help="an open gateway without the access log")
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
@@ -164,7 +216,7 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return
     import uvloop
-    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment, args.max_concurrency))
+    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment, args.max_concurrency, args.bare))
     what = "a 32-event stream" if args.stream else "a JSON reply"
     print(f"gateway work per request relaying {what} (no transport, no HTTP server): {cpu:.1f} µs CPU")
 

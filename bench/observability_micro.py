@@ -85,7 +85,7 @@ def run_variant(name: str, requests: int, stream: bool) -> float:
         original(self, state)
     dataplane.DataPlane.__init__ = init
     try:
-        return uvloop.run(dataplane_micro.run(requests, stream=stream))
+        return uvloop.run(dataplane_micro.run(requests, stream=stream, bare=True))
     finally:
         dataplane.DataPlane.__init__ = original
         if tracer is not None:

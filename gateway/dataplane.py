@@ -52,6 +52,7 @@ DEADLINE_HEADER = b"x-kimi-deadline-ms"
 PRIORITY_HEADER = b"x-kimi-priority"
 CLOSE = (b"connection", b"close")
 SERVER_TIMING = b"server-timing"
+SAMPLING_ENFORCED, SAMPLING_DEFAULT = (b"x-kimi-sampling", b"enforced"), (b"x-kimi-sampling", b"default")
 
 
 class ClientGone(Exception):
@@ -84,6 +85,8 @@ class DataPlane:
                         for path in (CHAT_PATH, COMPLETIONS_PATH)}
         self.admission = admission = state.config.admission
         self.queues = {name: self._queue(name, driver, admission) for name, driver in state.drivers.items()}
+        self.target_headers: dict[tuple[str, str | None], tuple] = {}   # x-kimi-backend/-adapter, encoded once
+        self.loop: asyncio.AbstractEventLoop | None = None   # the loop requests ran on last (DisconnectWatcher)
         self.active = 0  # data-plane requests in flight: the SIGTERM drain waits for them (gateway/shutdown.py)
 
     def _queue(self, name: str, driver, admission) -> AdmissionQueue:
@@ -117,7 +120,8 @@ class DataPlane:
             recorder.key = principal.name
             body = await read_body(receive, self.max_body)
             doc = parse_body(body)
-            watcher = DisconnectWatcher(receive)
+            watcher = DisconnectWatcher(receive, self.loop)
+            self.loop = watcher.loop
             code, usage = await self.serve(scope["path"], doc, len(body), principal, headers, request_id,
                                            recorder, extra, send)
         except ClientGone:
@@ -228,9 +232,13 @@ class DataPlane:
         return request, resolved, decision
 
     def response_headers(self, target, resolved, decision, request, recorder) -> list[tuple[bytes, bytes]]:
-        headers = [(b"x-kimi-backend", target.backend.encode()),
-                   (b"x-kimi-adapter", (target.adapter or "").encode()),
-                   (b"x-kimi-sampling", b"enforced" if decision.enforced else b"default")]
+        named = self.target_headers.get((target.backend, target.adapter))
+        if named is None:
+            if len(self.target_headers) >= 4096:   # routes changed many times: names that may be gone
+                self.target_headers.clear()
+            named = self.target_headers[(target.backend, target.adapter)] = (
+                (b"x-kimi-backend", target.backend.encode()), (b"x-kimi-adapter", (target.adapter or "").encode()))
+        headers = [*named, SAMPLING_ENFORCED if decision.enforced else SAMPLING_DEFAULT]
         if resolved.variant is not None:
             headers.append((VARIANT_HEADER, resolved.variant.encode()))
         if request.adjustments:
@@ -247,7 +255,8 @@ class DataPlane:
         unsupported: UnsupportedFeatureError | None = None
         failure: BackendError | None = None
         healthy = state.healthy
-        targets = sorted(route.targets, key=lambda t: not healthy.get(t.backend, True))
+        targets = route.targets if len(route.targets) == 1 else \
+            sorted(route.targets, key=lambda t: not healthy.get(t.backend, True))
         for index, target in enumerate(targets):
             driver = state.drivers[target.backend]
             # A driver may adapt these to its backend's rules; each target starts from the client's request.

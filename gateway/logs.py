@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
+import os
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ import orjson
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # LogRecord attributes that are not a caller's `extra=` fields.
+MILLISECONDS = tuple(f".{milli:03d}Z" for milli in range(1000))   # a timestamp's tail, formatted once
 STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id",
                                                                              "fields"}
 
@@ -43,7 +45,7 @@ class JsonFormatter(logging.Formatter):
         second = int(created)
         if second != self._second:  # strftime once a second, not once a line
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+        return self._stamp + MILLISECONDS[int((created - second) * 1000)]
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": self.timestamp(record.created), "level": record.levelname.lower(), "logger": record.name,
@@ -101,6 +103,27 @@ class BackgroundHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def sole_json_for(self, logger: logging.Logger) -> bool:
+        """A record of `logger` would reach this JSON handler alone, through no filter but the request id's: no
+        handler or filter anywhere else on its way, logging not reconfigured since configure_logging()."""
+        root = logging.root
+        filters = self.filters
+        return (self.formatter.__class__ is JsonFormatter and logger.parent is root and not logger.handlers
+                and not logger.filters and logger.propagate and len(root.handlers) == 1 and root.handlers[0] is self
+                and len(filters) == 1 and filters[0].__class__ is RequestIdFilter and self.level <= logging.INFO)
+
+    def write_json(self, logger: str, message: str, fields: dict) -> None:
+        """The line JsonFormatter writes for an INFO record of `logger` with these `fields`, without making
+        the record (LogRecord's constructor looks up the thread, the process and the caller's module: a few
+        µs per request for the access log). Only where sole_json_for() said so."""
+        line = {"ts": self.formatter.timestamp(time.time()), "level": "info", "logger": logger, "message": message}
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            line["request_id"] = request_id
+        line["pid"] = _pid
+        line.update(fields)
+        self.pending.append(orjson.dumps(line, default=str).decode())
+
     def _run(self) -> None:
         while not self._stop.wait(self.FLUSH_S):
             self._drain()
@@ -123,6 +146,15 @@ class BackgroundHandler(logging.Handler):
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=2)
         super().close()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+_pid = os.getpid()   # what LogRecord.process holds, without a getpid() per line
+os.register_at_fork(after_in_child=_forked)
 
 
 def configure_logging(config) -> logging.Handler:

@@ -5,7 +5,6 @@ Pure functions over the request dict: the table tests in tests/unit/policies cov
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Mapping
 
@@ -43,11 +42,21 @@ def profile_for(config: SamplingConfig, name: str | None, thinking: bool | None)
     return matching[0] if matching else profile.model_copy(update={"thinking": thinking})
 
 
-@lru_cache(maxsize=256)
+_values: dict[int, tuple[SamplingProfile, MappingProxyType]] = {}      # id(profile) -> (profile, its values)
+_decisions: dict[tuple[int, bool, str | None], SamplingDecision] = {}  # a default-mode decision without overrides
+
+
 def profile_values(profile: SamplingProfile) -> MappingProxyType:
-    """The values a profile sets, computed once per (frozen) profile and shared read-only."""
-    return MappingProxyType({field: getattr(profile, field) for field in PROFILE_FIELDS
-                             if getattr(profile, field) is not None})
+    """The values a profile sets, computed once per (frozen) profile and shared read-only. Looked up by the
+    profile's identity: hashing a pydantic model hashes all of its fields, per request."""
+    entry = _values.get(id(profile))
+    if entry is None or entry[0] is not profile:
+        if len(_values) >= 256:     # config reloads: profiles that may be gone
+            _values.clear()
+            _decisions.clear()
+        entry = _values[id(profile)] = (profile, MappingProxyType(
+            {field: getattr(profile, field) for field in PROFILE_FIELDS if getattr(profile, field) is not None}))
+    return entry[1]
 
 
 def apply_sampling_policy(body: dict, config: SamplingConfig, profile_name: str | None) -> SamplingDecision:
@@ -58,5 +67,11 @@ def apply_sampling_policy(body: dict, config: SamplingConfig, profile_name: str 
     if config.mode == "enforce":
         overrides = tuple(f for f, v in wanted.items() if f in body and body[f] != v)
         return SamplingDecision(thinking, wanted, True, overrides, effort)
-    values = {f: v for f, v in wanted.items() if f not in body} if any(f in body for f in wanted) else wanted
-    return SamplingDecision(thinking, values, False, (), effort)
+    if not wanted.keys().isdisjoint(body):
+        return SamplingDecision(thinking, {f: v for f, v in wanted.items() if f not in body}, False, (), effort)
+    # The common case (the client set none of the profile's fields): one shared decision per profile and mode.
+    key = (id(profile), thinking, effort)
+    decision = _decisions.get(key)
+    if decision is None or decision.values is not wanted:
+        decision = _decisions[key] = SamplingDecision(thinking, wanted, False, (), effort)
+    return decision

@@ -163,3 +163,60 @@ async def test_the_first_data_event_ends_the_first_byte_deadline_not_a_comment()
     reply = RelayReply(upstream, request(), backend="b")
     assert [block async for block in reply.events()][-1].endswith(b"[DONE]\n\n")
     assert upstream.first_event_at == 2
+
+
+# --- templates (backends/reply_shape.py TextTemplate): the same bytes as the full rewrite of every block ---------
+
+TEXTS = ["", " word", 'say \\"hi\\"', "back\\\\", "\\\\\\\"", 'chatcmpl-x \\"model\\": \\"up\\"', "\\u00e9t\\u00e9",
+         "data: [DONE] no", '\\"usage\\":null,', '\\"role\\":null', "\\\\\\\\", "é ü 漢字", ",", "}", '\\"']
+
+
+def sglang_event(rng, text: str, field: str) -> bytes:
+    delta = {"role": None, "content": None, "reasoning_content": None, "tool_calls": None}
+    delta[field] = "\x00"   # the text goes in raw (already escaped), after serialisation
+    doc = {"id": "chatcmpl-up1", "object": "chat.completion.chunk", "created": rng.choice([1, 17, 170]),
+           "model": rng.choice(["up", "up2"]), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": None, "matched_stop": None}],
+           "usage": None}
+    if rng.random() < 0.2:
+        doc["system_fingerprint"] = rng.choice(["b1-abc", "b2-def"])
+    return event(doc).replace(b'"\\u0000"', b'"' + text.encode() + b'"')
+
+
+def llamacpp_event(rng, text: str, field: str) -> bytes:
+    doc = {"choices": [{"finish_reason": None, "index": 0, "delta": {field: "\x00"}}], "created": 1764604800,
+           "id": "chatcmpl-abc", "model": "up", "system_fingerprint": "b1-0c1e570", "object": "chat.completion.chunk"}
+    return event(doc).replace(b'"\\u0000"', b'"' + text.encode() + b'"')
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_templated_blocks_are_the_full_rewrite(seed, monkeypatch):
+    """Random token streams (SGLang's and llama.cpp's shapes, text with escapes, quotes, field names and
+    backslashes, blocks of one or several events) relayed with templates and without: the same bytes."""
+    import random
+    rng = random.Random(seed)
+    make = sglang_event if seed % 2 else llamacpp_event
+    events = [make(rng, rng.choice(TEXTS), rng.choice(["content", "content", "reasoning_content"]))
+              for _ in range(60)]
+    usage = event({"id": "chatcmpl-up1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                   "choices": [], "usage": USAGE})
+    pieces, at = [], 0
+    while at < len(events):
+        take = rng.choice([1, 1, 1, 2, 3])
+        pieces.append(b"".join(events[at:at + take]))
+        at += take
+    pieces += [usage, done()]
+    monkeypatch.setattr("backends.openai_compat.time.time", lambda: 1764604800.5)
+    for fields in (dict(), dict(thinking=False), dict(rules=AgentRules(strip_reasoning=True)),
+                   dict(hide_usage_chunk=True)):
+        texts, replies = [], []
+        for templates in (True, False):
+            random.seed(7)   # the same completion id for both
+            reply = RelayReply(Upstream(pieces), request(**fields), backend="b", fix_block=fix_reasoning_stream)
+            if not templates:
+                reply._templates = 0
+            texts.append(b"".join([block async for block in reply.events()]))
+            replies.append(reply)
+        assert texts[0] == texts[1], fields
+        assert replies[0].usage == replies[1].usage == USAGE
+        assert replies[0]._template is not None and replies[1]._template is None   # templates were used

@@ -1,6 +1,8 @@
 """The app with scripted fake drivers, failing in the ways issue 14 names: a stream that fails after its first
 byte (whatever raised), first-byte timeouts and account errors (never retried on the same backend), broken
 backend bodies (502, never the client's "could not parse")."""
+import asyncio
+
 import orjson
 import pytest
 
@@ -12,8 +14,11 @@ from backends.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
 )
-from tests.emulators.fake_driver import FakeDriver, Step
-from tests.unit.gateway.test_dataplane import CHAT, make_client, post, state_dir  # noqa: F401 (fixture)
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from tests.app_client import running
+from tests.emulators.fake_driver import FakeDriver, FakeReply, Step
+from tests.unit.gateway.test_dataplane import CHAT, CONFIG, make_client, post, state_dir  # noqa: F401 (fixture)
 
 STREAM = {**CHAT, "stream": True}
 
@@ -116,3 +121,51 @@ def test_every_backend_error_kind_has_a_client_status():
     assert from_backend_error(BackendAccountError("x")).status_code == 503
     assert from_backend_error(BackendFirstByteTimeoutError("x")).status_code == 504
     assert from_backend_error(BackendError("x")).status_code == 503
+
+
+class StalledReply(FakeReply):
+    """A stream that sends its first event, then nothing: the backend is still generating."""
+
+    async def events(self):
+        yield self.step.events[0]
+        await asyncio.Event().wait()
+
+
+class StallingDriver(FakeDriver):
+    async def send(self, request):
+        reply = StalledReply(Step(), request.model)
+        self.requests.append(request)
+        self.replies.append(reply)
+        return reply
+
+
+@pytest.mark.parametrize("hang_up_after_s", [0.0, 0.2])   # before and after the watch starts (WATCH_AFTER_S)
+async def test_a_client_that_hangs_up_aborts_the_upstream_and_counts_499(hang_up_after_s):
+    one = StallingDriver("one")
+    app = create_app(GatewayConfig.model_validate(CONFIG), drivers={"one": one, "two": FakeDriver("two")})
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
+        (b"content-type", b"application/json")], "query_string": b"", "server": ("127.0.0.1", 8080)}
+    messages = [{"type": "http.request", "body": orjson.dumps(STREAM), "more_body": False}]
+    first_event, hung_up, sent = asyncio.Event(), asyncio.Event(), []
+
+    async def receive():   # the body; then, once the client hangs up, `http.disconnect`
+        if messages:
+            return messages.pop()
+        await hung_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            first_event.set()
+
+    async with running(app) as client:
+        serving = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(first_event.wait(), 5)
+        await asyncio.sleep(hang_up_after_s)
+        hung_up.set()
+        await asyncio.wait_for(serving, 5)   # the request's task ends: not left streaming to nobody
+        counted = await requests_counted(client)
+    assert one.replies[0].closed   # the upstream stream was closed (its connection is released)
+    assert counted == {"499": 1}
+    assert [m for m in sent if m["type"] == "http.response.body"][-1].get("more_body")   # no end was sent

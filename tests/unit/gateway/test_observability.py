@@ -279,3 +279,68 @@ def test_configure_logging_replaces_handlers_and_switches_the_access_log():
         logging.getLogger("kimi_gateway.access").disabled = False
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_the_access_line_written_without_a_record_is_the_formatted_one():
+    """configure_logging's JSON handler alone: the access line skips the LogRecord, and reads exactly as the
+    JsonFormatter writes the record; another handler on the way sends it back through the record."""
+    from types import SimpleNamespace
+
+    from gateway.access_log import write_access_line
+    from gateway.logs import REQUEST_ID, configure_logging
+    from gateway.telemetry_config import LoggingConfig
+
+    recorder = SimpleNamespace(usage={"prompt_tokens": 3, "completion_tokens": 2}, route="kimi", version="", adapter="a",
+                               variant=None, backend="one", code=200, ttft_s=None, duration_s=0.0123456,
+                               upstream_s=0.01, overhead_s=0.0023456)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    token = REQUEST_ID.set("req-7")
+    try:
+        handler = configure_logging(LoggingConfig())
+        handler.stream = io.StringIO()
+        assert handler.sole_json_for(logging.getLogger("kimi_gateway.access"))
+        write_access_line(recorder, "/v1/chat/completions", "bench", False, {"messages": [1]}, True)
+        direct = handler.pending[-1]
+        other = logging.NullHandler()
+        root.addHandler(other)     # now a record must be made: it goes through the formatter
+        assert not handler.sole_json_for(logging.getLogger("kimi_gateway.access"))
+        write_access_line(recorder, "/v1/chat/completions", "bench", False, {"messages": [1]}, True)
+        formatted = handler.pending[-1]
+        root.removeHandler(other)
+        handler.close()
+    finally:
+        REQUEST_ID.reset(token)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    direct, formatted = orjson.loads(direct), orjson.loads(formatted)
+    assert direct.pop("ts")[:16] == formatted.pop("ts")[:16]
+    assert direct == formatted and list(direct) == list(formatted)
+    assert direct["request_id"] == "req-7" and direct["adapter"] == "a" and direct["prompt"] == [1]
+
+
+def test_direct_metric_writes_expose_what_the_children_methods_do():
+    """Labeled.add/observe (the per-request writes) against prometheus_client's own inc/dec/observe: the same
+    exposition, bucket edges, +Inf and NaN included."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from gateway.metrics import Labeled
+
+    def collectors():
+        registry = CollectorRegistry()
+        return registry, (Counter("c", "c", ["a"], registry=registry), Gauge("g", "g", ["a"], registry=registry),
+                          Histogram("h", "h", ["a"], buckets=(0.1, 1, 5), registry=registry))
+    own, (counter, gauge, histogram) = collectors()
+    theirs, (counter2, gauge2, histogram2) = collectors()
+    counter, gauge, histogram = Labeled(counter), Labeled(gauge), Labeled(histogram)
+    for label, amount in [("x", 1), ("x", 3), ("y", 0.5)]:
+        counter.add((label,), amount)
+        counter2.labels(label).inc(amount)
+    gauge.add(("x",))
+    gauge.add(("x",))
+    gauge.add(("x",), -1.0)
+    gauge2.labels("x").inc()
+    for amount in (0.0, 0.1, 0.10001, 1, 4.99, 5, 7, 1e9, float("nan"), -2):
+        histogram.observe(("x",), amount)
+        histogram2.labels("x").observe(amount)
+    assert generate_latest(own) == generate_latest(theirs)
