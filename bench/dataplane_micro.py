@@ -24,14 +24,13 @@ import gc
 import logging
 import os
 import pstats
-import sys
 import tempfile
 import time
 
 import orjson
 
-# this checkout's packages, not whichever the venv installed (python bench/x.py puts bench/ first, not the root)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkout  # noqa: E402
+checkout.use()  # this checkout's packages, not the venv's installed ones
 
 from backends.config import OutlierConfig, RetryBudgetConfig  # noqa: E402
 from backends.llamacpp import LlamaCppDriver

@@ -15,6 +15,8 @@ import time
 import timeit
 from pathlib import Path
 
+import checkout
+checkout.use()  # this checkout's packages, not the venv's installed ones
 from backends.base import BackendRequest
 from gateway.experiments.config import ExperimentConfig, ExperimentsConfig
 from gateway.experiments.facts import FactLog

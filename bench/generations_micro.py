@@ -16,6 +16,8 @@ import timeit
 
 import orjson
 
+import checkout
+checkout.use()  # this checkout's packages, not the venv's installed ones
 from backends.cut_tool_calls import CutCallGuard, fix_cut_document
 from backends.generations import generation, normalise_history, reasoning_alias_block
 from backends.hosted_models import HostedCatalog

@@ -18,6 +18,8 @@ import uuid
 
 import redis
 
+import checkout
+checkout.use()  # this checkout's packages, not the venv's installed ones
 from gateway.auth import Principal
 from gateway.metrics import FleetRecorder, Metrics
 from gateway.policies.ratelimit import RateLimiter

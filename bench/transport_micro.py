@@ -13,6 +13,8 @@ import time
 
 import httptools
 
+import checkout
+checkout.use()  # this checkout's packages, not the venv's installed ones
 from backends.httpx_transport import HttpxTransport
 from backends.transport import LeanTransport
 
