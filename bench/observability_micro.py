@@ -130,7 +130,8 @@ def components() -> None:
     registry = metrics.Metrics()
     usage = {"prompt_tokens": 9, "completion_tokens": 30, "total_tokens": 39}
 
-    def json_request() -> None:
+    def forwarded() -> metrics.RequestRecorder:
+        """What a request records up to its response head."""
         recorder = metrics.RequestRecorder(registry)
         recorder.route = "kimi"
         recorder.sampled(())
@@ -138,16 +139,13 @@ def components() -> None:
         recorder.upstream_started()
         recorder.upstream_done()
         recorder.server_timing()
-        recorder.finished(200, usage)
+        return recorder
+
+    def json_request() -> None:
+        forwarded().finished(200, usage)
 
     def stream_request() -> None:
-        recorder = metrics.RequestRecorder(registry)
-        recorder.route = "kimi"
-        recorder.sampled(())
-        recorder.routed("kimi", None, "up", None)
-        recorder.upstream_started()
-        recorder.upstream_done()
-        recorder.server_timing()
+        recorder = forwarded()
         recorder.first_event()
         for _ in range(32):
             recorder.event()
