@@ -16,7 +16,8 @@ What it keeps of uvicorn's behaviour (tests/unit/gateway/test_http_server.py che
   after its first byte gets 408 and close; a body with no bytes for `body_timeout_s` closes the connection
   (the app sees `http.disconnect`);
 - a client that hangs up: the app's receive() answers `http.disconnect` (and does so by itself once the
-  response is complete), further sends are dropped;
+  response is complete), further sends are dropped; and, without a receive() waiting for it, a callback the app
+  registered through the scope's `kimi.disconnect` extension is called (DISCONNECT_EXTENSION below);
 - lifespan startup and shutdown; on stop, listeners close, idle connections close, the others close after
   their response, and whatever still runs after `grace_s` is cancelled; the `date` header, once a second.
 No websockets and no TLS: the gateway serves neither (a TLS-terminating proxy goes in front).
@@ -51,6 +52,10 @@ def _status_line(code: int) -> bytes:
 STATUS = {code: _status_line(code) for code in range(100, 600)}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT = {"type": "http.disconnect"}
+# scope["extensions"][DISCONNECT_EXTENSION](callback): `callback()` is called once, from the event loop, when the
+# client's connection is lost before the response is complete (at once if it already is). An app that needs to
+# know of a hang-up while it does not read (the gateway's DisconnectWatcher) needs no task waiting on receive().
+DISCONNECT_EXTENSION = "kimi.disconnect"
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 IDLE, HEAD, BODY, APP = range(4)   # what a connection waits for; the first three have a timeout
 
@@ -112,6 +117,9 @@ class Connection(asyncio.Protocol):
         if exchange is not None and not exchange.complete:
             exchange.disconnected = True
             exchange.wake()
+            if exchange.on_lost is not None:
+                on_lost, exchange.on_lost = exchange.on_lost, None
+                on_lost()
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         self.write_paused = False
@@ -207,6 +215,7 @@ class Connection(asyncio.Protocol):
         if server.state:
             scope["state"] = server.state.copy()
         exchange = Exchange(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect)
+        scope["extensions"] = {DISCONNECT_EXTENSION: exchange.on_disconnect}
         self.phase, self.since = BODY, server.now
         current = self.exchange
         if current is None or current.complete:
@@ -284,7 +293,8 @@ class Exchange:
     """One request and its response: the ASGI receive() and send() of the app's call."""
 
     __slots__ = ("conn", "transport", "scope", "keep_alive", "expect", "body", "buffered", "more_body", "delivered",
-                 "waiter", "disconnected", "started", "complete", "head", "chunked", "remaining", "no_body")
+                 "waiter", "disconnected", "started", "complete", "head", "chunked", "remaining", "no_body", "on_lost",
+                 "task")
 
     def __init__(self, conn: Connection, scope: dict, keep_alive: bool, expect: bool) -> None:
         self.conn, self.transport, self.scope = conn, conn.transport, scope
@@ -299,12 +309,22 @@ class Exchange:
         self.chunked = False
         self.remaining = 0
         self.no_body = scope["method"] == "HEAD"
+        self.on_lost = None
+
+    def on_disconnect(self, callback) -> None:
+        """The `kimi.disconnect` extension: `callback()` once the client is gone before the response is complete."""
+        if self.disconnected and not self.complete:
+            callback()
+        elif not self.complete:
+            self.on_lost = callback
 
     def start(self) -> None:
         conn = self.conn
-        task = conn.loop.create_task(self.run(conn.server.app))
-        conn.server.tasks.add(task)
-        task.add_done_callback(conn.server.tasks.discard)
+        # the scope goes to the app's task alone: the exchange keeping it would make a reference cycle through
+        # the scope's kimi.disconnect (a bound method of this exchange), left to the cyclic GC every request
+        scope, self.scope = self.scope, None
+        self.task = task = conn.loop.create_task(self.run(conn.server.app, scope))
+        conn.server.tasks.add(task)   # run() takes it out as it ends (cheaper than a done callback)
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -313,10 +333,11 @@ class Exchange:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def run(self, app) -> None:
+    async def run(self, app, scope: dict) -> None:
         try:
-            await app(self.scope, self.receive, self.send)
+            await app(scope, self.receive, self.send)
         except BaseException as exc:
+            self.conn.server.tasks.discard(self.task)
             if isinstance(exc, asyncio.CancelledError):   # the client left, or the server stopped and cut it
                 if not self.complete:
                     self.transport.close()
@@ -332,6 +353,7 @@ class Exchange:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         else:
+            self.conn.server.tasks.discard(self.task)
             if not self.complete and not self.disconnected:
                 if not self.started:
                     log.error("the ASGI app returned without starting its response")
@@ -403,6 +425,7 @@ class Exchange:
             if self.remaining and not self.no_body:
                 raise RuntimeError("response body shorter than its content-length")
             self.complete = True
+            self.on_lost = None
             self.wake()
             conn.finished(self)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import uvloop
 
-from gateway.http_server import Server, ServerLimits
+from gateway.http_server import DISCONNECT_EXTENSION, Server, ServerLimits
 
 BODY_LIMIT = 1000
 
@@ -70,6 +70,23 @@ class App:
             message = await receive()
             self.events.append(message["type"])
             return
+        if path == "/watch":   # a stream that does not read: the hang-up arrives through the kimi.disconnect callback
+            gone = asyncio.Event()
+            scope["extensions"][DISCONNECT_EXTENSION](lambda: (self.events.append("callback"), gone.set()))
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            await gone.wait()
+            self.events.append("watch ended")
+            return
+        if path == "/watch-late":   # registers only after the client is gone: called at once
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            self.events.append((await receive())["type"])
+            scope["extensions"][DISCONNECT_EXTENSION](lambda: self.events.append("late callback"))
+            return
+        if path == "/watch-done":   # a complete response: a hang-up afterwards calls nothing
+            scope["extensions"][DISCONNECT_EXTENSION](lambda: self.events.append("callback after the end"))
+            return await reply(send, 200, b"done")
         if path == "/inject":
             return await reply(send, 200, b"x", [(b"x-evil", b"a\r\nset-cookie: b")])
         answer = json.dumps({"method": scope["method"], "path": path, "query": scope["query_string"].decode(),
@@ -348,6 +365,48 @@ def test_client_gone_mid_stream_reaches_the_app_as_disconnect(running):
     while "http.disconnect" not in running.app.events and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "http.disconnect" in running.app.events
+
+
+def wait_for_event(running, event: str, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while event not in running.app.events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return event in running.app.events
+
+
+def test_client_gone_mid_stream_calls_the_disconnect_callback_without_a_receive(running):
+    """The kimi.disconnect extension: the app learns of the hang-up with no task waiting on receive()."""
+    sock = running.connect()
+    sock.sendall(request("/watch"))
+    reader = Reader(sock)
+    reader.response(head_only=True)
+    while b"first" not in reader.buf:
+        assert reader.fill()
+    sock.close()
+    assert wait_for_event(running, "watch ended")
+    assert running.app.events.count("callback") == 1
+
+
+def test_disconnect_callback_registered_after_the_hang_up_is_called_at_once(running):
+    sock = running.connect()
+    sock.sendall(request("/watch-late"))
+    reader = Reader(sock)
+    reader.response(head_only=True)
+    while b"first" not in reader.buf:
+        assert reader.fill()
+    sock.close()
+    assert wait_for_event(running, "late callback")
+    assert running.app.events[-2:] == ["http.disconnect", "late callback"]
+
+
+def test_disconnect_callback_is_not_called_after_a_complete_response(running):
+    with running.connect() as sock:
+        sock.sendall(request("/watch-done"))
+        assert Reader(sock).response()[2] == b"done"
+    with running.connect() as sock:   # the server has read the first close by the time it answers this
+        sock.sendall(request("/echo"))
+        assert Reader(sock).response()[0] == 200
+    assert not wait_for_event(running, "callback after the end", within=0.3)
 
 
 def test_app_exception_gives_500(running):
