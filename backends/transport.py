@@ -50,15 +50,18 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "status", "headers", "_conn", "_owner", "_parser", "_no_body", "_pieces", "_buffered", "_head_done",
-        "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter", "_deadline",
-        "_first_pending", "_keep_conn", "_loop",
+        "status", "_headers", "_raw_headers", "_conn", "_owner", "_parser", "_no_body", "_pieces",
+        "_buffered", "_head_done", "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter",
+        "_deadline", "_first_pending", "_keep_conn", "_loop",
     )
 
     def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool, keep_conn: bool = False) -> None:
         self._keep_conn = keep_conn  # at its end the connection stays with the caller (a connection check)
         self.status = 0
-        self.headers: dict[str, str] = {}
+        # the head as it came (name, value, name, value, ...): `headers` decodes it when someone asks (an error, a
+        # stream's content type), not for every JSON reply
+        self._raw_headers: list[bytes] = []
+        self._headers: dict[str, str] | None = None
         self._conn: _Connection | None = conn
         self._owner = owner
         # the connection's loop: asyncio.get_running_loop() costs a getpid() system call on CPython 3.11
@@ -74,8 +77,25 @@ class UpstreamResponse:
         self._deadline = 0.0  # loop time at which the first-byte budget runs out
         self._first_pending = True
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lower-cased names; a repeated header's values joined with ", "."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            raw = self._raw_headers
+            for index in range(0, len(raw), 2):
+                key = raw[index].decode("latin-1").lower()
+                text = raw[index + 1].decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return headers
+
     async def read(self) -> bytes:
         """The whole body (chunked decoding done); consumes it."""
+        if self._done and self._error is None:   # all here already (a small reply comes with its head)
+            pieces, self._pieces = self._pieces, []
+            self._abandon()
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         parts = []
         try:
             while (piece := await self._next_piece()) is not None:
@@ -103,23 +123,23 @@ class UpstreamResponse:
     # httptools callbacks, called inside feed_data
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        headers = self.headers
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self._raw_headers += (name, value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: an interim head we never asked for; the real one follows
-            self.headers = {}
+            self._raw_headers = []
             return
         self.status = status
         self._head_done = True
-        self._keep_alive = self._parser.should_keep_alive()
+        # llhttp says keep-alive only for a message it can frame (content-length or chunked), so only a response
+        # that ends its connection needs its headers read here
+        self._keep_alive = keep_alive = self._parser.should_keep_alive()
         if self._no_body:
             self._done = True
-        elif status not in (204, 304) and "content-length" not in self.headers:
-            self._until_close = "chunked" not in self.headers.get("transfer-encoding", "")
+        elif not keep_alive and status not in (204, 304):
+            headers = self.headers
+            self._until_close = "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -173,7 +193,7 @@ class UpstreamResponse:
             while not self._head_done:
                 if self._error is not None:
                     raise self._error
-                await self._wait_first()
+                await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
         except BaseException:
             self._abandon()
             raise
@@ -185,7 +205,7 @@ class UpstreamResponse:
             if self._error is not None:
                 raise self._error
             if self._first_pending:
-                await self._wait_first()
+                await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
             else:
                 await self._wait(self._owner.idle_timeout_s, self._idle_error)
         pieces = self._pieces
@@ -195,9 +215,6 @@ class UpstreamResponse:
         if self._conn is not None:
             self._conn.resume()
         return data
-
-    async def _wait_first(self) -> None:
-        await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
 
     async def _wait(self, timeout_s: float, make_error: Callable[[], BackendError]) -> None:
         loop = self._loop
@@ -340,6 +357,12 @@ class _Pool:
         if conn is None:
             return await self._open_connection()
         return conn if not conn.dead else await self.acquire(fresh)
+
+    def take_idle(self) -> _Connection | None:
+        """The warmest idle connection, without a coroutine (the common case); None: acquire() it."""
+        if self._idle and not self.closed:
+            return self._idle.pop()
+        return None
 
     def release(self, conn: _Connection) -> None:
         """A connection whose response ended cleanly: to the longest waiter, else idle."""
@@ -520,7 +543,7 @@ class LeanTransport:
         head = self._encode_head(method, path, body, headers) if build is None else b""
         fresh, checks = False, 0
         while True:
-            conn = await pool.acquire(fresh)
+            conn = (None if fresh else pool.take_idle()) or await pool.acquire(fresh)
             if self.check_path is not None and not conn.checked and pool is self._pool:
                 conn.checked = True
                 checks += 1
