@@ -11,7 +11,8 @@ What it keeps of uvicorn's behaviour (tests/unit/gateway/test_http_server.py che
   pauses until the app asks for more (a large upload is never buffered whole here: the app's limit, 413, holds);
 - responses with content-length, or chunked when the app gives none; HEAD writes no body;
 - `expect: 100-continue` answered when the app first reads the body (not when it refuses before reading);
-- malformed requests: 400 and close; a request head over `max_head_bytes`: 431 and close;
+- malformed requests: 400 and close; a request head over `max_head_bytes`: 431 and close; a body that turns
+  malformed while the app reads it: 400 with an OpenAI-shaped JSON error unless the response began, then close;
 - timeouts: an idle keep-alive connection closes after `keepalive_s`; a head not complete `head_timeout_s`
   after its first byte gets 408 and close; a body with no bytes for `body_timeout_s` closes the connection
   (the app sees `http.disconnect`);
@@ -34,6 +35,8 @@ from email.utils import formatdate
 from urllib.parse import unquote
 
 import httptools
+
+from gateway.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,13 @@ class HeadTooLarge(Exception):
 def plain_response(code: int, text: str) -> bytes:
     body = text.encode()
     return (STATUS[code] + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def json_error_response(code: int, message: str) -> bytes:
+    """An OpenAI-shaped error (gateway/errors.py) for a request the app can no longer answer, then close."""
+    body = error_body(message, "invalid_request_error")
+    return (STATUS[code] + b"content-type: application/json\r\nconnection: close\r\n"
             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
@@ -161,7 +171,13 @@ class Connection(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is not None and not exchange.complete and exchange.more_body and not self.pipeline:
-            self.transport.close()   # its own body is broken: the app, waiting for the rest, sees a disconnect
+            # its own body is broken: answered here when the app has not begun its response (the app, waiting for
+            # the rest, sees a disconnect and its sends are dropped), then the connection closes
+            if not exchange.started:
+                self.transport.write(json_error_response(code, text))
+            exchange.disconnected = True
+            exchange.wake()
+            self.transport.close()
             return
         if exchange is not None and not exchange.complete:
             exchange.keep_alive = False
