@@ -38,6 +38,46 @@ def _expire(waiter: asyncio.Future, make_error: Callable[[], BackendError]) -> N
         waiter.set_exception(make_error())
 
 
+class _Deadlines:
+    """The response waits of one transport and when each runs out, checked by one timer that runs while any is
+    pending, every `period_s` (a tenth of the shorter timeout, 10 ms to 1 s): a timer armed and cancelled per
+    request cost more than parsing the response. A wait therefore ends up to `period_s` after its deadline."""
+
+    __slots__ = ("pending", "period_s", "_loop", "_timer")
+
+    def __init__(self, period_s: float) -> None:
+        self.pending: dict[asyncio.Future, tuple[float, Callable[[], BackendError]]] = {}
+        self.period_s = period_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, waiter: asyncio.Future, deadline: float, make_error: Callable[[], BackendError],
+              loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        """Watched here, or (a wait on another loop than the sweeping one) by a timer of its own, returned."""
+        if loop is not self._loop and self._timer is not None:
+            if not self._loop.is_closed():
+                return loop.call_at(deadline, _expire, waiter, make_error)
+            self.pending.clear()   # (what a closed loop left behind)
+            self._timer = None
+        if self._timer is None:
+            self._loop = loop
+            self._timer = loop.call_later(self.period_s, self._sweep)
+        self.pending[waiter] = (deadline, make_error)
+        return None
+
+    def _sweep(self) -> None:
+        pending = self.pending
+        if not pending:
+            self._timer = None
+            return
+        now = self._loop.time()
+        for waiter, (deadline, make_error) in list(pending.items()):
+            if deadline <= now:
+                del pending[waiter]
+                _expire(waiter, make_error)
+        self._timer = self._loop.call_later(self.period_s, self._sweep)   # (it stops once nothing is pending)
+
+
 class UpstreamResponse:
     """One response: status and headers once the head arrived, then the body as pieces.
 
@@ -193,7 +233,7 @@ class UpstreamResponse:
             while not self._head_done:
                 if self._error is not None:
                     raise self._error
-                await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
+                await self._wait(self._deadline, self._first_byte_error)
         except BaseException:
             self._abandon()
             raise
@@ -205,9 +245,9 @@ class UpstreamResponse:
             if self._error is not None:
                 raise self._error
             if self._first_pending:
-                await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
+                await self._wait(self._deadline, self._first_byte_error)
             else:
-                await self._wait(self._owner.idle_timeout_s, self._idle_error)
+                await self._wait(self._loop.time() + self._owner.idle_timeout_s, self._idle_error)
         pieces = self._pieces
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
@@ -216,14 +256,19 @@ class UpstreamResponse:
             self._conn.resume()
         return data
 
-    async def _wait(self, timeout_s: float, make_error: Callable[[], BackendError]) -> None:
+    async def _wait(self, deadline: float, make_error: Callable[[], BackendError]) -> None:
+        """Until the connection has news for this response, or `deadline` (loop time) passes."""
         loop = self._loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, waiter, make_error)
+        deadlines = self._owner._deadlines
+        timer = deadlines.watch(waiter, deadline, make_error, loop)
         try:
             await waiter
         finally:
-            timer.cancel()
+            if timer is None:
+                deadlines.pending.pop(waiter, None)
+            else:
+                timer.cancel()
             self._waiter = None
 
     def _first_byte_error(self) -> BackendError:
@@ -516,6 +561,7 @@ class LeanTransport:
         self._default_block = self._encode_defaults(frozenset())
         self._pool = _Pool(self._connect, max_connections, connect_timeout_s, backend)
         self._probe_pool = _Pool(self._connect, 1, connect_timeout_s, backend)
+        self._deadlines = _Deadlines(min(1.0, max(0.01, min(first_byte_timeout_s, idle_timeout_s) / 10)))
 
     async def request(
         self, method: str, path: str, body: bytes | Callable[[], bytes] = b"",

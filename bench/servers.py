@@ -429,7 +429,7 @@ def run_instr(args) -> dict:
                     print(f"[servers] callgrind {app} {server}: {result['per_request']:,} instructions/request "
                           f"({result['non200']} non-200, {result['seconds']} s)", flush=True)
                 if not args.no_strace:
-                    result = count_syscalls(runs, server, app, args.strace_requests)
+                    result = count_syscalls(runs, server, app, args.strace_requests, args.strace_connections)
                     results["syscalls"].setdefault(app, {})[server] = result
                     print(f"[servers] strace {app} {server}: {result['per_request']} system calls/request "
                           f"{result['calls']}", flush=True)
@@ -438,9 +438,10 @@ def run_instr(args) -> dict:
     return results
 
 
-def count_syscalls(runs: Runs, server: str, app: str, requests: int) -> dict:
-    """System calls per request of the server's process tree (its upstream side included), over `requests`
-    requests sent one after another on one keep-alive connection, strace attached only for that window."""
+def count_syscalls(runs: Runs, server: str, app: str, requests: int, connections: int = 1) -> dict:
+    """System calls per request of the server's process tree (its upstream side included), strace attached only
+    for the window: `requests` requests one after another on one keep-alive connection, or with `connections` > 1,
+    wrk at that many connections for 3 s (where one epoll wake-up can serve several requests)."""
     port = runs.h.free_port()
     proc = runs.start_server(server, app, port, pin=False)
     out = runs.work / f"strace.{server}.{app}.txt"
@@ -453,7 +454,11 @@ def count_syscalls(runs: Runs, server: str, app: str, requests: int) -> dict:
             argv = ["strace", "-f", "-c", "-o", str(out)] + [arg for pid in pids for arg in ("-p", str(pid))]
             tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(1.0)   # strace attaches (it says so on stderr, but only after the first call)
-            statuses = [exchange(sock, request) for _ in range(requests)]
+            if connections > 1:
+                result = runs.bench.wrk(f"http://127.0.0.1:{port}/v1/chat/completions", connections, 3, timeout_s=30)
+                requests, statuses = result["requests"], [200] * result["ok"] + [0] * result["non2xx"]
+            else:
+                statuses = [exchange(sock, request) for _ in range(requests)]
             tracer.send_signal(2)   # SIGINT: strace detaches and writes its table
             tracer.wait(30)
         calls = {}
@@ -627,6 +632,7 @@ def main() -> int:
     instr.add_argument("--apps", default="forward,gateway")
     instr.add_argument("--no-strace", action="store_true")
     instr.add_argument("--strace-requests", type=int, default=2000)
+    instr.add_argument("--strace-connections", type=int, default=1, help="> 1: wrk at this many connections")
     for each in (cost, instr):
         each.add_argument("--no-callgrind", action="store_true")
         each.add_argument("--callgrind-requests", type=int, default=300)
