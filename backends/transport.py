@@ -559,6 +559,8 @@ class LeanTransport:
         for name, value in (default_headers or {}).items():
             self._defaults[name.lower()] = (name, value)
         self._default_block = self._encode_defaults(frozenset())
+        self._default_type = "content-type" in self._defaults
+        self._lines: dict[tuple[str, str], bytes] = {}
         self._pool = _Pool(self._connect, max_connections, connect_timeout_s, backend)
         self._probe_pool = _Pool(self._connect, 1, connect_timeout_s, backend)
         self._deadlines = _Deadlines(min(1.0, max(0.01, min(first_byte_timeout_s, idle_timeout_s) / 10)))
@@ -689,33 +691,40 @@ class LeanTransport:
     def _encode_head(self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None) -> bytes:
         block = self._default_block
         extra = ""
-        has_type = "content-type" in self._defaults
+        has_type = self._default_type
         if headers:
-            extra, names = _encode_headers(headers)
-            has_type = has_type or "content-type" in names
-            overridden = names & self._defaults.keys()
-            if overridden:  # rare: rebuild the default block without them
+            defaults = self._defaults
+            overridden = None
+            for name, value in headers.items():
+                key = name.lower()
+                if key in defaults:  # rare: the default block is rebuilt without it
+                    overridden = {key} if overridden is None else overridden | {key}
+                elif key == "content-type":
+                    has_type = True
+                extra += f"{name}: {value}\r\n"
+            # one line per header: a CR or LF inside a name or value would smuggle a header or a request
+            if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
+                raise ValueError("line break in a header")
+            if overridden is not None:
                 block = self._encode_defaults(overridden)
         if body or method in _BODY_METHODS:
             extra += f"Content-Length: {len(body)}\r\n"
         if body and not has_type:
             extra += "Content-Type: application/json\r\n"
+        line = self._lines.get((method, path))
+        if line is None:
+            line = self._request_line(method, path)
+        return b"".join((line, block, extra.encode("latin-1"), b"\r\n"))
+
+    def _request_line(self, method: str, path: str) -> bytes:
+        """`METHOD /prefix/path HTTP/1.1`, kept for the paths a backend is sent (a handful)."""
         if " " in path or "\n" in path or "\r" in path:
             raise ValueError("space or line break in the path")
-        line = f"{method} {self._prefix}{path} HTTP/1.1\r\n"
-        return b"".join((line.encode("ascii"), block, extra.encode("latin-1"), b"\r\n"))
+        line = f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("ascii")
+        if len(self._lines) < 64:
+            self._lines[(method, path)] = line
+        return line
 
     def _encode_defaults(self, skip: frozenset[str] | set[str]) -> bytes:
         lines = [f"{name}: {value}\r\n" for key, (name, value) in self._defaults.items() if key not in skip]
         return "".join(lines).encode("latin-1")
-
-
-def _encode_headers(headers: Mapping[str, str]) -> tuple[str, set[str]]:
-    text = ""
-    names = set()
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError("line break in a header")  # would smuggle a header or a request
-        text += f"{name}: {value}\r\n"
-        names.add(name.lower())
-    return text, names
