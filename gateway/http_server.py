@@ -60,6 +60,7 @@ DISCONNECT = {"type": "http.disconnect"}
 # know of a hang-up while it does not read (the gateway's DisconnectWatcher) needs no task waiting on receive().
 DISCONNECT_EXTENSION = "kimi.disconnect"
 ASGI = {"version": "3.0", "spec_version": "2.3"}
+METHODS = {name.encode(): name for name in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE")}
 IDLE, HEAD, BODY, APP = range(4)   # what a connection waits for; the first three have a timeout
 
 
@@ -92,7 +93,7 @@ def json_error_response(code: int, message: str) -> bytes:
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, runs one Exchange (the app's request) at a time."""
 
-    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_size", "expect",
+    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_size", "max_head", "expect",
                  "exchange", "pipeline", "reading", "write_paused", "drained", "phase", "since", "upgrade")
 
     def __init__(self, server: "Server") -> None:
@@ -108,6 +109,7 @@ class Connection(asyncio.Protocol):
         self.drained: asyncio.Future | None = None
         self.phase, self.since = IDLE, server.now
         self.url, self.headers, self.head_size, self.expect, self.upgrade = b"", [], 0, False, False
+        self.max_head = server.limits.max_head_bytes
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -197,13 +199,13 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size += len(url)
-        if self.head_size > self.server.limits.max_head_bytes:
+        self.head_size = size = self.head_size + len(url)
+        if size > self.max_head:
             raise HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.server.limits.max_head_bytes:
+        self.head_size = size = self.head_size + len(name) + len(value) + 4
+        if size > self.max_head:
             raise HeadTooLarge
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
@@ -225,7 +227,9 @@ class Connection(asyncio.Protocol):
             path = unquote(path)
         version = parser.get_http_version()
         server = self.server
-        scope = {"type": "http", "asgi": ASGI, "http_version": version, "method": parser.get_method().decode("ascii"),
+        method = parser.get_method()
+        method = METHODS.get(method) or method.decode("ascii")
+        scope = {"type": "http", "asgi": ASGI, "http_version": version, "method": method,
                  "scheme": "http", "path": path, "raw_path": raw_path, "query_string": query, "root_path": "",
                  "headers": self.headers, "client": self.client, "server": server.sockname}
         if server.state:
@@ -449,15 +453,17 @@ class Exchange:
         parts = [STATUS[status], self.conn.server.date]
         length, lines = None, 3   # the status line, `date`, the blank line
         for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                length = int(value)
-            elif lowered == b"connection":
-                if b"close" in value.lower():
-                    self.keep_alive = False
-            elif lowered == b"transfer-encoding":
-                if value.lower() == b"chunked":
-                    length = -1
+            size = len(name)
+            if size == 14 or size == 10 or size == 17:   # only these names can be the three read here
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    length = int(value)
+                elif lowered == b"connection":
+                    if b"close" in value.lower():
+                        self.keep_alive = False
+                elif lowered == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        length = -1
             parts += (name, b": ", value, b"\r\n")
             lines += 1
         if not self.keep_alive:
