@@ -38,6 +38,46 @@ def _expire(waiter: asyncio.Future, make_error: Callable[[], BackendError]) -> N
         waiter.set_exception(make_error())
 
 
+class _Deadlines:
+    """The response waits of one transport and when each runs out, checked by one timer that runs while any is
+    pending, every `period_s` (a tenth of the shorter timeout, 10 ms to 1 s): a timer armed and cancelled per
+    request cost more than parsing the response. A wait therefore ends up to `period_s` after its deadline."""
+
+    __slots__ = ("pending", "period_s", "_loop", "_timer")
+
+    def __init__(self, period_s: float) -> None:
+        self.pending: dict[asyncio.Future, tuple[float, Callable[[], BackendError]]] = {}
+        self.period_s = period_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, waiter: asyncio.Future, deadline: float, make_error: Callable[[], BackendError],
+              loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        """Watched here, or (a wait on another loop than the sweeping one) by a timer of its own, returned."""
+        if loop is not self._loop and self._timer is not None:
+            if not self._loop.is_closed():
+                return loop.call_at(deadline, _expire, waiter, make_error)
+            self.pending.clear()   # (what a closed loop left behind)
+            self._timer = None
+        if self._timer is None:
+            self._loop = loop
+            self._timer = loop.call_later(self.period_s, self._sweep)
+        self.pending[waiter] = (deadline, make_error)
+        return None
+
+    def _sweep(self) -> None:
+        pending = self.pending
+        if not pending:
+            self._timer = None
+            return
+        now = self._loop.time()
+        for waiter, (deadline, make_error) in list(pending.items()):
+            if deadline <= now:
+                del pending[waiter]
+                _expire(waiter, make_error)
+        self._timer = self._loop.call_later(self.period_s, self._sweep)   # (it stops once nothing is pending)
+
+
 class UpstreamResponse:
     """One response: status and headers once the head arrived, then the body as pieces.
 
@@ -50,15 +90,18 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "status", "headers", "_conn", "_owner", "_parser", "_no_body", "_pieces", "_buffered", "_head_done",
-        "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter", "_deadline",
-        "_first_pending", "_keep_conn", "_loop",
+        "status", "_headers", "_raw_headers", "_conn", "_owner", "_parser", "_no_body", "_pieces",
+        "_buffered", "_head_done", "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter",
+        "_deadline", "_first_pending", "_keep_conn", "_loop",
     )
 
     def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool, keep_conn: bool = False) -> None:
         self._keep_conn = keep_conn  # at its end the connection stays with the caller (a connection check)
         self.status = 0
-        self.headers: dict[str, str] = {}
+        # the head as it came (name, value, name, value, ...): `headers` decodes it when someone asks (an error, a
+        # stream's content type), not for every JSON reply
+        self._raw_headers: list[bytes] = []
+        self._headers: dict[str, str] | None = None
         self._conn: _Connection | None = conn
         self._owner = owner
         # the connection's loop: asyncio.get_running_loop() costs a getpid() system call on CPython 3.11
@@ -74,8 +117,25 @@ class UpstreamResponse:
         self._deadline = 0.0  # loop time at which the first-byte budget runs out
         self._first_pending = True
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lower-cased names; a repeated header's values joined with ", "."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            raw = self._raw_headers
+            for index in range(0, len(raw), 2):
+                key = raw[index].decode("latin-1").lower()
+                text = raw[index + 1].decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return headers
+
     async def read(self) -> bytes:
         """The whole body (chunked decoding done); consumes it."""
+        if self._done and self._error is None:   # all here already (a small reply comes with its head)
+            pieces, self._pieces = self._pieces, []
+            self._abandon()
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         parts = []
         try:
             while (piece := await self._next_piece()) is not None:
@@ -103,23 +163,23 @@ class UpstreamResponse:
     # httptools callbacks, called inside feed_data
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        headers = self.headers
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self._raw_headers += (name, value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: an interim head we never asked for; the real one follows
-            self.headers = {}
+            self._raw_headers = []
             return
         self.status = status
         self._head_done = True
-        self._keep_alive = self._parser.should_keep_alive()
+        # llhttp says keep-alive only for a message it can frame (content-length or chunked), so only a response
+        # that ends its connection needs its headers read here
+        self._keep_alive = keep_alive = self._parser.should_keep_alive()
         if self._no_body:
             self._done = True
-        elif status not in (204, 304) and "content-length" not in self.headers:
-            self._until_close = "chunked" not in self.headers.get("transfer-encoding", "")
+        elif not keep_alive and status not in (204, 304):
+            headers = self.headers
+            self._until_close = "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -173,7 +233,7 @@ class UpstreamResponse:
             while not self._head_done:
                 if self._error is not None:
                     raise self._error
-                await self._wait_first()
+                await self._wait(self._deadline, self._first_byte_error)
         except BaseException:
             self._abandon()
             raise
@@ -185,9 +245,9 @@ class UpstreamResponse:
             if self._error is not None:
                 raise self._error
             if self._first_pending:
-                await self._wait_first()
+                await self._wait(self._deadline, self._first_byte_error)
             else:
-                await self._wait(self._owner.idle_timeout_s, self._idle_error)
+                await self._wait(self._loop.time() + self._owner.idle_timeout_s, self._idle_error)
         pieces = self._pieces
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
@@ -196,17 +256,19 @@ class UpstreamResponse:
             self._conn.resume()
         return data
 
-    async def _wait_first(self) -> None:
-        await self._wait(self._deadline - self._loop.time(), self._first_byte_error)
-
-    async def _wait(self, timeout_s: float, make_error: Callable[[], BackendError]) -> None:
+    async def _wait(self, deadline: float, make_error: Callable[[], BackendError]) -> None:
+        """Until the connection has news for this response, or `deadline` (loop time) passes."""
         loop = self._loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, waiter, make_error)
+        deadlines = self._owner._deadlines
+        timer = deadlines.watch(waiter, deadline, make_error, loop)
         try:
             await waiter
         finally:
-            timer.cancel()
+            if timer is None:
+                deadlines.pending.pop(waiter, None)
+            else:
+                timer.cancel()
             self._waiter = None
 
     def _first_byte_error(self) -> BackendError:
@@ -340,6 +402,12 @@ class _Pool:
         if conn is None:
             return await self._open_connection()
         return conn if not conn.dead else await self.acquire(fresh)
+
+    def take_idle(self) -> _Connection | None:
+        """The warmest idle connection, without a coroutine (the common case); None: acquire() it."""
+        if self._idle and not self.closed:
+            return self._idle.pop()
+        return None
 
     def release(self, conn: _Connection) -> None:
         """A connection whose response ended cleanly: to the longest waiter, else idle."""
@@ -491,8 +559,11 @@ class LeanTransport:
         for name, value in (default_headers or {}).items():
             self._defaults[name.lower()] = (name, value)
         self._default_block = self._encode_defaults(frozenset())
+        self._default_type = "content-type" in self._defaults
+        self._lines: dict[tuple[str, str], bytes] = {}
         self._pool = _Pool(self._connect, max_connections, connect_timeout_s, backend)
         self._probe_pool = _Pool(self._connect, 1, connect_timeout_s, backend)
+        self._deadlines = _Deadlines(min(1.0, max(0.01, min(first_byte_timeout_s, idle_timeout_s) / 10)))
 
     async def request(
         self, method: str, path: str, body: bytes | Callable[[], bytes] = b"",
@@ -520,7 +591,7 @@ class LeanTransport:
         head = self._encode_head(method, path, body, headers) if build is None else b""
         fresh, checks = False, 0
         while True:
-            conn = await pool.acquire(fresh)
+            conn = (None if fresh else pool.take_idle()) or await pool.acquire(fresh)
             if self.check_path is not None and not conn.checked and pool is self._pool:
                 conn.checked = True
                 checks += 1
@@ -620,33 +691,40 @@ class LeanTransport:
     def _encode_head(self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None) -> bytes:
         block = self._default_block
         extra = ""
-        has_type = "content-type" in self._defaults
+        has_type = self._default_type
         if headers:
-            extra, names = _encode_headers(headers)
-            has_type = has_type or "content-type" in names
-            overridden = names & self._defaults.keys()
-            if overridden:  # rare: rebuild the default block without them
+            defaults = self._defaults
+            overridden = None
+            for name, value in headers.items():
+                key = name.lower()
+                if key in defaults:  # rare: the default block is rebuilt without it
+                    overridden = {key} if overridden is None else overridden | {key}
+                elif key == "content-type":
+                    has_type = True
+                extra += f"{name}: {value}\r\n"
+            # one line per header: a CR or LF inside a name or value would smuggle a header or a request
+            if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
+                raise ValueError("line break in a header")
+            if overridden is not None:
                 block = self._encode_defaults(overridden)
         if body or method in _BODY_METHODS:
             extra += f"Content-Length: {len(body)}\r\n"
         if body and not has_type:
             extra += "Content-Type: application/json\r\n"
+        line = self._lines.get((method, path))
+        if line is None:
+            line = self._request_line(method, path)
+        return b"".join((line, block, extra.encode("latin-1"), b"\r\n"))
+
+    def _request_line(self, method: str, path: str) -> bytes:
+        """`METHOD /prefix/path HTTP/1.1`, kept for the paths a backend is sent (a handful)."""
         if " " in path or "\n" in path or "\r" in path:
             raise ValueError("space or line break in the path")
-        line = f"{method} {self._prefix}{path} HTTP/1.1\r\n"
-        return b"".join((line.encode("ascii"), block, extra.encode("latin-1"), b"\r\n"))
+        line = f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("ascii")
+        if len(self._lines) < 64:
+            self._lines[(method, path)] = line
+        return line
 
     def _encode_defaults(self, skip: frozenset[str] | set[str]) -> bytes:
         lines = [f"{name}: {value}\r\n" for key, (name, value) in self._defaults.items() if key not in skip]
         return "".join(lines).encode("latin-1")
-
-
-def _encode_headers(headers: Mapping[str, str]) -> tuple[str, set[str]]:
-    text = ""
-    names = set()
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError("line break in a header")  # would smuggle a header or a request
-        text += f"{name}: {value}\r\n"
-        names.add(name.lower())
-    return text, names

@@ -131,8 +131,10 @@ def build(stream: bool = False, config: dict | None = None, key: str = KEY, slot
     if slots is not None:  # the admission queue's uncontended path: a slot leased and released per request
         driver.configure_traffic(slots, OutlierConfig(), RetryBudgetConfig())
     app = create_app(config, drivers={"up": driver})
+    # the lean server's hang-up callback (gateway/http_server.py): registered per request, never called here
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [
-        (b"content-type", b"application/json"), (b"authorization", b"Bearer " + key.encode())]}
+        (b"content-type", b"application/json"), (b"authorization", b"Bearer " + key.encode())],
+        "extensions": {"kimi.disconnect": lambda callback: None}}
     sent = []
 
     def exchange():

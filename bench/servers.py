@@ -77,6 +77,51 @@ async def watched_app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": REPLY})
 
 
+class ForwardApp:
+    """The floor (issue 22): a bare Python forwarder, our server under it and our upstream client in it, and no
+    gateway logic: the request body goes to the upstream as it came in, the reply comes back as JSON with a
+    content-length. What the gateway costs above this is its own per-request work."""
+
+    JSON = (b"content-type", b"application/json")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.transport = None
+
+    @classmethod
+    def from_env(cls) -> "ForwardApp":   # granian's factory target
+        return cls(os.environ["KIMI_BENCH_UPSTREAM"])
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        reply = await self.transport.request(scope["method"], scope["path"], body)
+        data = await reply.read()
+        await send({"type": "http.response.start", "status": reply.status,   # a JSON reply, as the gateway answers
+                    "headers": [self.JSON, (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def lifespan(self, receive, send) -> None:
+        from backends.transport import LeanTransport
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.transport = LeanTransport(self.upstream, max_connections=256, backend="floor")
+            else:
+                await self.transport.aclose()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+
+
 def gateway_factory():
     """granian's factory target: the gateway's app on the config in $KIMI_BENCH_GATEWAY_CONFIG."""
     from gateway.app import create_app
@@ -92,14 +137,18 @@ def serve(args) -> None:
     if args.server == "granian":
         from granian import Granian
 
-        target, factory = ("servers:gateway_factory", True) if args.app == "gateway" else (f"servers:{args.app}_app", False)
+        target, factory = {"gateway": ("servers:gateway_factory", True), "forward": ("servers:ForwardApp.from_env", True)
+                           }.get(args.app, (f"servers:{args.app}_app", False))
         Granian(target, address="127.0.0.1", port=args.port, interface="asgi", workers=1, runtime_threads=1,
                 loop="uvloop", http="1", factory=factory, log_access=False, websockets=False).serve()
         return
     import uvloop
 
     from gateway.server import make_server, serve_all
-    app = watched_app if args.app == "watched" else trivial_app
+    if args.app == "forward":
+        app = ForwardApp(args.upstream or os.environ["KIMI_BENCH_UPSTREAM"])
+    else:
+        app = watched_app if args.app == "watched" else trivial_app
     uvloop.run(serve_all([make_server(app, "127.0.0.1", args.port, True, args.server)]))
 
 
@@ -121,7 +170,7 @@ class Runs:
         self.h = harness
         self.args = args
         ns = argparse.Namespace(quick=True, litellm_python=None, skip_litellm=True, litellm_unavailable=None,
-                                litellm_bin=None, envoy_bin=args.envoy_bin, envoy_unavailable=None, smg_bin=None,
+                                litellm_bin=None, envoy_bin=getattr(args, "envoy_bin", None), envoy_unavailable=None, smg_bin=None,
                                 smg_unavailable=None, skip_peers=False)
         self.bench = harness.Bench(ns)
         self.bench.reasons[harness.SMG] = "not in this run"
@@ -161,6 +210,7 @@ class Runs:
         h = self.h
         env = h.gateway_env()
         env["KIMI_BENCH_GATEWAY_CONFIG"] = str(self.config)
+        env["KIMI_BENCH_UPSTREAM"] = f"http://127.0.0.1:{self.bench.ports['nginx']}"
         if server == "granian":
             env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + granian_path() + os.pathsep + str(HERE)
         if app == "gateway" and server != "granian":
@@ -364,6 +414,66 @@ def run_cost(args) -> dict:
     return results
 
 
+def run_instr(args) -> dict:
+    """Instructions (callgrind) and system calls (strace) per request of each app on each server, nginx upstream:
+    no wrk and no clock in the figures, so it can run on a busy machine."""
+    runs = Runs(args)
+    results: dict = {"callgrind": {}, "syscalls": {}}
+    try:
+        runs.start_upstreams()
+        for app in args.apps.split(","):
+            for server in args.servers.split(","):
+                if not args.no_callgrind:
+                    result = count_instructions(runs, server, app, args.callgrind_requests)
+                    results["callgrind"].setdefault(app, {})[server] = result
+                    print(f"[servers] callgrind {app} {server}: {result['per_request']:,} instructions/request "
+                          f"({result['non200']} non-200, {result['seconds']} s)", flush=True)
+                if not args.no_strace:
+                    result = count_syscalls(runs, server, app, args.strace_requests, args.strace_connections)
+                    results["syscalls"].setdefault(app, {})[server] = result
+                    print(f"[servers] strace {app} {server}: {result['per_request']} system calls/request "
+                          f"{result['calls']}", flush=True)
+    finally:
+        runs.bench.stop()
+    return results
+
+
+def count_syscalls(runs: Runs, server: str, app: str, requests: int, connections: int = 1) -> dict:
+    """System calls per request of the server's process tree (its upstream side included), strace attached only
+    for the window: `requests` requests one after another on one keep-alive connection, or with `connections` > 1,
+    wrk at that many connections for 3 s (where one epoll wake-up can serve several requests)."""
+    port = runs.h.free_port()
+    proc = runs.start_server(server, app, port, pin=False)
+    out = runs.work / f"strace.{server}.{app}.txt"
+    try:
+        request = request_bytes(runs.h.CHAT_BODY.encode())
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            for _ in range(200):   # warm-up: the upstream pool, lazy imports
+                exchange(sock, request)
+            pids = runs.h.process_tree(proc.pid)
+            argv = ["strace", "-f", "-c", "-o", str(out)] + [arg for pid in pids for arg in ("-p", str(pid))]
+            tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)   # strace attaches (it says so on stderr, but only after the first call)
+            if connections > 1:
+                result = runs.bench.wrk(f"http://127.0.0.1:{port}/v1/chat/completions", connections, 3, timeout_s=30)
+                requests, statuses = result["requests"], [200] * result["ok"] + [0] * result["non2xx"]
+            else:
+                statuses = [exchange(sock, request) for _ in range(requests)]
+            tracer.send_signal(2)   # SIGINT: strace detaches and writes its table
+            tracer.wait(30)
+        calls = {}
+        for line in out.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] not in ("total", "syscall") and fields[3].isdigit():
+                calls[fields[-1]] = int(fields[3])
+        per = {name: round(count / requests, 2) for name, count in sorted(calls.items(), key=lambda kv: -kv[1])
+               if count / requests >= 0.01}
+        return {"requests": requests, "non200": sum(s != 200 for s in statuses),
+                "per_request": round(sum(calls.values()) / requests, 2), "calls": per}
+    finally:
+        runs.stop(proc)
+
+
 def big_bodies(work: Path) -> dict[str, Path]:
     """The two request bodies of the size figures: a 1 MB user message, and a request with 100 tools."""
     content = ("lorem ipsum dolor sit amet " * 40000)[:1_000_000]
@@ -505,28 +615,37 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("serve")
     one.add_argument("--server", choices=("lean", "uvicorn", "granian"), required=True)
-    one.add_argument("--app", choices=("trivial", "watched", "gateway"), required=True)
+    one.add_argument("--app", choices=("trivial", "watched", "forward", "gateway"), required=True)
     one.add_argument("--port", type=int, required=True)
+    one.add_argument("--upstream", help="forward: the upstream's base URL (else $KIMI_BENCH_UPSTREAM)")
     cost = sub.add_parser("cost")
     scaling = sub.add_parser("scaling")
-    for each in (cost, scaling):
+    instr = sub.add_parser("instr")
+    for each in (cost, scaling, instr):
         each.add_argument("--rounds", type=int, default=3)
         each.add_argument("--duration", type=int, default=8)
-        each.add_argument("--envoy-bin", required=True)
+        each.add_argument("--envoy-bin", required=each is not instr)
         each.add_argument("--out", help="write the results as JSON here")
     cost.add_argument("--servers", default="lean,uvicorn,granian")
     cost.add_argument("--apps", default="trivial,gateway")
-    cost.add_argument("--no-callgrind", action="store_true")
-    cost.add_argument("--callgrind-requests", type=int, default=300)
+    instr.add_argument("--servers", default="lean")
+    instr.add_argument("--apps", default="forward,gateway")
+    instr.add_argument("--no-strace", action="store_true")
+    instr.add_argument("--strace-requests", type=int, default=2000)
+    instr.add_argument("--strace-connections", type=int, default=1, help="> 1: wrk at this many connections")
+    for each in (cost, instr):
+        each.add_argument("--no-callgrind", action="store_true")
+        each.add_argument("--callgrind-requests", type=int, default=300)
     args = parser.parse_args()
     if args.command == "serve":
         serve(args)
         return 0
-    results = run_cost(args) if args.command == "cost" else run_scaling(args)
+    results = {"cost": run_cost, "scaling": run_scaling, "instr": run_instr}[args.command](args)
     text = json.dumps(results, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)
-    print(summary(results))
+    if args.command != "instr":
+        print(summary(results))
     return 0
 
 

@@ -120,7 +120,7 @@ class DataPlane:
             recorder.key = principal.name
             body = await read_body(receive, self.max_body)
             doc = parse_body(body)
-            watcher = DisconnectWatcher(receive, self.loop)
+            watcher = DisconnectWatcher(receive, self.loop, scope)
             self.loop = watcher.loop
             code, usage = await self.serve(scope["path"], doc, len(body), principal, headers, request_id,
                                            recorder, extra, send)

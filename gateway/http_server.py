@@ -11,12 +11,14 @@ What it keeps of uvicorn's behaviour (tests/unit/gateway/test_http_server.py che
   pauses until the app asks for more (a large upload is never buffered whole here: the app's limit, 413, holds);
 - responses with content-length, or chunked when the app gives none; HEAD writes no body;
 - `expect: 100-continue` answered when the app first reads the body (not when it refuses before reading);
-- malformed requests: 400 and close; a request head over `max_head_bytes`: 431 and close;
+- malformed requests: 400 and close; a request head over `max_head_bytes`: 431 and close; a body that turns
+  malformed while the app reads it: 400 with an OpenAI-shaped JSON error unless the response began, then close;
 - timeouts: an idle keep-alive connection closes after `keepalive_s`; a head not complete `head_timeout_s`
   after its first byte gets 408 and close; a body with no bytes for `body_timeout_s` closes the connection
   (the app sees `http.disconnect`);
 - a client that hangs up: the app's receive() answers `http.disconnect` (and does so by itself once the
-  response is complete), further sends are dropped;
+  response is complete), further sends are dropped; and, without a receive() waiting for it, a callback the app
+  registered through the scope's `kimi.disconnect` extension is called (DISCONNECT_EXTENSION below);
 - lifespan startup and shutdown; on stop, listeners close, idle connections close, the others close after
   their response, and whatever still runs after `grace_s` is cancelled; the `date` header, once a second.
 No websockets and no TLS: the gateway serves neither (a TLS-terminating proxy goes in front).
@@ -33,6 +35,8 @@ from email.utils import formatdate
 from urllib.parse import unquote
 
 import httptools
+
+from gateway.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,12 @@ def _status_line(code: int) -> bytes:
 STATUS = {code: _status_line(code) for code in range(100, 600)}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT = {"type": "http.disconnect"}
+# scope["extensions"][DISCONNECT_EXTENSION](callback): `callback()` is called once, from the event loop, when the
+# client's connection is lost before the response is complete (at once if it already is). An app that needs to
+# know of a hang-up while it does not read (the gateway's DisconnectWatcher) needs no task waiting on receive().
+DISCONNECT_EXTENSION = "kimi.disconnect"
 ASGI = {"version": "3.0", "spec_version": "2.3"}
+METHODS = {name.encode(): name for name in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE")}
 IDLE, HEAD, BODY, APP = range(4)   # what a connection waits for; the first three have a timeout
 
 
@@ -74,10 +83,17 @@ def plain_response(code: int, text: str) -> bytes:
             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+def json_error_response(code: int, message: str) -> bytes:
+    """An OpenAI-shaped error (gateway/errors.py) for a request the app can no longer answer, then close."""
+    body = error_body(message, "invalid_request_error")
+    return (STATUS[code] + b"content-type: application/json\r\nconnection: close\r\n"
+            + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, runs one Exchange (the app's request) at a time."""
 
-    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_size", "expect",
+    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_size", "max_head", "expect",
                  "exchange", "pipeline", "reading", "write_paused", "drained", "phase", "since", "upgrade")
 
     def __init__(self, server: "Server") -> None:
@@ -93,6 +109,7 @@ class Connection(asyncio.Protocol):
         self.drained: asyncio.Future | None = None
         self.phase, self.since = IDLE, server.now
         self.url, self.headers, self.head_size, self.expect, self.upgrade = b"", [], 0, False, False
+        self.max_head = server.limits.max_head_bytes
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -112,6 +129,9 @@ class Connection(asyncio.Protocol):
         if exchange is not None and not exchange.complete:
             exchange.disconnected = True
             exchange.wake()
+            if exchange.on_lost is not None:
+                on_lost, exchange.on_lost = exchange.on_lost, None
+                on_lost()
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         self.write_paused = False
@@ -153,7 +173,13 @@ class Connection(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is not None and not exchange.complete and exchange.more_body and not self.pipeline:
-            self.transport.close()   # its own body is broken: the app, waiting for the rest, sees a disconnect
+            # its own body is broken: answered here when the app has not begun its response (the app, waiting for
+            # the rest, sees a disconnect and its sends are dropped), then the connection closes
+            if not exchange.started:
+                self.transport.write(json_error_response(code, text))
+            exchange.disconnected = True
+            exchange.wake()
+            self.transport.close()
             return
         if exchange is not None and not exchange.complete:
             exchange.keep_alive = False
@@ -173,13 +199,13 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size += len(url)
-        if self.head_size > self.server.limits.max_head_bytes:
+        self.head_size = size = self.head_size + len(url)
+        if size > self.max_head:
             raise HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.server.limits.max_head_bytes:
+        self.head_size = size = self.head_size + len(name) + len(value) + 4
+        if size > self.max_head:
             raise HeadTooLarge
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
@@ -201,12 +227,15 @@ class Connection(asyncio.Protocol):
             path = unquote(path)
         version = parser.get_http_version()
         server = self.server
-        scope = {"type": "http", "asgi": ASGI, "http_version": version, "method": parser.get_method().decode("ascii"),
+        method = parser.get_method()
+        method = METHODS.get(method) or method.decode("ascii")
+        scope = {"type": "http", "asgi": ASGI, "http_version": version, "method": method,
                  "scheme": "http", "path": path, "raw_path": raw_path, "query_string": query, "root_path": "",
                  "headers": self.headers, "client": self.client, "server": server.sockname}
         if server.state:
             scope["state"] = server.state.copy()
         exchange = Exchange(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect)
+        scope["extensions"] = {DISCONNECT_EXTENSION: exchange.on_disconnect}
         self.phase, self.since = BODY, server.now
         current = self.exchange
         if current is None or current.complete:
@@ -284,7 +313,8 @@ class Exchange:
     """One request and its response: the ASGI receive() and send() of the app's call."""
 
     __slots__ = ("conn", "transport", "scope", "keep_alive", "expect", "body", "buffered", "more_body", "delivered",
-                 "waiter", "disconnected", "started", "complete", "head", "chunked", "remaining", "no_body")
+                 "waiter", "disconnected", "started", "complete", "head", "chunked", "remaining", "no_body", "on_lost",
+                 "task")
 
     def __init__(self, conn: Connection, scope: dict, keep_alive: bool, expect: bool) -> None:
         self.conn, self.transport, self.scope = conn, conn.transport, scope
@@ -299,12 +329,22 @@ class Exchange:
         self.chunked = False
         self.remaining = 0
         self.no_body = scope["method"] == "HEAD"
+        self.on_lost = None
+
+    def on_disconnect(self, callback) -> None:
+        """The `kimi.disconnect` extension: `callback()` once the client is gone before the response is complete."""
+        if self.disconnected and not self.complete:
+            callback()
+        elif not self.complete:
+            self.on_lost = callback
 
     def start(self) -> None:
         conn = self.conn
-        task = conn.loop.create_task(self.run(conn.server.app))
-        conn.server.tasks.add(task)
-        task.add_done_callback(conn.server.tasks.discard)
+        # the scope goes to the app's task alone: the exchange keeping it would make a reference cycle through
+        # the scope's kimi.disconnect (a bound method of this exchange), left to the cyclic GC every request
+        scope, self.scope = self.scope, None
+        self.task = task = conn.loop.create_task(self.run(conn.server.app, scope))
+        conn.server.tasks.add(task)   # run() takes it out as it ends (cheaper than a done callback)
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -313,10 +353,11 @@ class Exchange:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def run(self, app) -> None:
+    async def run(self, app, scope: dict) -> None:
         try:
-            await app(self.scope, self.receive, self.send)
+            await app(scope, self.receive, self.send)
         except BaseException as exc:
+            self.conn.server.tasks.discard(self.task)
             if isinstance(exc, asyncio.CancelledError):   # the client left, or the server stopped and cut it
                 if not self.complete:
                     self.transport.close()
@@ -332,6 +373,7 @@ class Exchange:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         else:
+            self.conn.server.tasks.discard(self.task)
             if not self.complete and not self.disconnected:
                 if not self.started:
                     log.error("the ASGI app returned without starting its response")
@@ -403,6 +445,7 @@ class Exchange:
             if self.remaining and not self.no_body:
                 raise RuntimeError("response body shorter than its content-length")
             self.complete = True
+            self.on_lost = None
             self.wake()
             conn.finished(self)
 
@@ -410,15 +453,17 @@ class Exchange:
         parts = [STATUS[status], self.conn.server.date]
         length, lines = None, 3   # the status line, `date`, the blank line
         for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                length = int(value)
-            elif lowered == b"connection":
-                if b"close" in value.lower():
-                    self.keep_alive = False
-            elif lowered == b"transfer-encoding":
-                if value.lower() == b"chunked":
-                    length = -1
+            size = len(name)
+            if size == 14 or size == 10 or size == 17:   # only these names can be the three read here
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    length = int(value)
+                elif lowered == b"connection":
+                    if b"close" in value.lower():
+                        self.keep_alive = False
+                elif lowered == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        length = -1
             parts += (name, b": ", value, b"\r\n")
             lines += 1
         if not self.keep_alive:

@@ -13,6 +13,7 @@ import logging
 from backends.errors import BackendError, BackendTimeoutError
 from backends.openai_compat import StreamErrorEvent
 from gateway.errors import InternalError, error_body, scrub
+from gateway.http_server import DISCONNECT_EXTENSION
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -92,22 +93,25 @@ async def relay_stream(send, first: bytes, events, reply, recorder, extra: list[
     return code
 
 
-WATCH_AFTER_S = 0.025   # how long a request runs before its hang-up watch starts
+WATCH_AFTER_S = 0.025   # how long a request runs before its hang-up watch starts (under a server without the extension)
 
 
 class DisconnectWatcher:
     """Cancels the request's task when the client hangs up, so the upstream request is aborted at once.
 
-    The watch is a task of its own (ASGI says a hang-up only through receive()), started once the request has
-    run for WATCH_AFTER_S: a request answered sooner (most non-streaming ones behind a fast backend) costs a
-    timer instead of a task, and a longer one (a generation, a stream) is aborted at most that much later.
-    Once the response is complete the server's receive() answers `http.disconnect` by itself, so the watch
+    Under the gateway's own server (gateway/http_server.py) the server says so itself: the watcher registers a
+    callback through the scope's `kimi.disconnect` extension, and the per-request cost is that one call.
+    Elsewhere (uvicorn) ASGI says a hang-up only through receive(), so the watch is a task of its own, started once
+    the request has run for WATCH_AFTER_S: a request answered sooner (most non-streaming ones behind a fast backend)
+    costs a timer instead of a task, and a longer one (a generation, a stream) is aborted at most that much later.
+    Once the response is complete the server's receive() answers `http.disconnect` by itself, so that watch
     ends on its own then: cancelling it instead would leave a traceback cycle per request for the GC.
     """
 
     __slots__ = ("disconnected", "done", "loop", "_receive", "_task", "_timer")
 
-    def __init__(self, receive, loop: asyncio.AbstractEventLoop | None = None, after_s: float = WATCH_AFTER_S) -> None:
+    def __init__(self, receive, loop: asyncio.AbstractEventLoop | None = None, scope: dict | None = None,
+                 after_s: float = WATCH_AFTER_S) -> None:
         """`loop`: the loop the previous request ran on, if any: its current task is this request's when it is
         the running loop (asyncio.get_running_loop() costs a getpid() system call on CPython 3.11)."""
         self.disconnected = False
@@ -118,7 +122,18 @@ class DisconnectWatcher:
             task = asyncio.current_task()
         self._task = task
         self.loop = loop = task.get_loop()
-        self._timer = loop.call_later(after_s, self._start)
+        extensions = scope.get("extensions") if scope is not None else None
+        register = extensions.get(DISCONNECT_EXTENSION) if extensions else None
+        if register is not None:
+            self._timer = None
+            register(self._hung_up)
+        else:
+            self._timer = loop.call_later(after_s, self._start)
+
+    def _hung_up(self) -> None:
+        if not self.done:
+            self.disconnected = True
+            self._task.cancel()
 
     def _start(self) -> None:
         self._timer = None
@@ -138,6 +153,7 @@ class DisconnectWatcher:
     def stop(self) -> None:
         """The response is complete (or the request failed): nothing left to cancel."""
         self.done = True
+        self._task = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -13,7 +13,7 @@ import time
 import pytest
 import uvloop
 
-from gateway.http_server import Server, ServerLimits
+from gateway.http_server import DISCONNECT_EXTENSION, Server, ServerLimits
 
 BODY_LIMIT = 1000
 
@@ -43,6 +43,15 @@ class App:
                     return await reply(send, 413, b"too large", [(b"connection", b"close")])
                 if not message.get("more_body"):
                     return await reply(send, 200, b"ok")
+        if path == "/early":   # begins its response, then reads the body
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"started", "more_body": True})
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                    break
+            self.events.append("early: " + message["type"])
+            return
         if path == "/refuse":   # answers before reading the body (the gateway's 401)
             return await reply(send, 401, b"no")
         body, chunks = b"", 0
@@ -70,6 +79,23 @@ class App:
             message = await receive()
             self.events.append(message["type"])
             return
+        if path == "/watch":   # a stream that does not read: the hang-up arrives through the kimi.disconnect callback
+            gone = asyncio.Event()
+            scope["extensions"][DISCONNECT_EXTENSION](lambda: (self.events.append("callback"), gone.set()))
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            await gone.wait()
+            self.events.append("watch ended")
+            return
+        if path == "/watch-late":   # registers only after the client is gone: called at once
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            self.events.append((await receive())["type"])
+            scope["extensions"][DISCONNECT_EXTENSION](lambda: self.events.append("late callback"))
+            return
+        if path == "/watch-done":   # a complete response: a hang-up afterwards calls nothing
+            scope["extensions"][DISCONNECT_EXTENSION](lambda: self.events.append("callback after the end"))
+            return await reply(send, 200, b"done")
         if path == "/inject":
             return await reply(send, 200, b"x", [(b"x-evil", b"a\r\nset-cookie: b")])
         answer = json.dumps({"method": scope["method"], "path": path, "query": scope["query_string"].decode(),
@@ -350,6 +376,48 @@ def test_client_gone_mid_stream_reaches_the_app_as_disconnect(running):
     assert "http.disconnect" in running.app.events
 
 
+def wait_for_event(running, event: str, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while event not in running.app.events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return event in running.app.events
+
+
+def test_client_gone_mid_stream_calls_the_disconnect_callback_without_a_receive(running):
+    """The kimi.disconnect extension: the app learns of the hang-up with no task waiting on receive()."""
+    sock = running.connect()
+    sock.sendall(request("/watch"))
+    reader = Reader(sock)
+    reader.response(head_only=True)
+    while b"first" not in reader.buf:
+        assert reader.fill()
+    sock.close()
+    assert wait_for_event(running, "watch ended")
+    assert running.app.events.count("callback") == 1
+
+
+def test_disconnect_callback_registered_after_the_hang_up_is_called_at_once(running):
+    sock = running.connect()
+    sock.sendall(request("/watch-late"))
+    reader = Reader(sock)
+    reader.response(head_only=True)
+    while b"first" not in reader.buf:
+        assert reader.fill()
+    sock.close()
+    assert wait_for_event(running, "late callback")
+    assert running.app.events[-2:] == ["http.disconnect", "late callback"]
+
+
+def test_disconnect_callback_is_not_called_after_a_complete_response(running):
+    with running.connect() as sock:
+        sock.sendall(request("/watch-done"))
+        assert Reader(sock).response()[2] == b"done"
+    with running.connect() as sock:   # the server has read the first close by the time it answers this
+        sock.sendall(request("/echo"))
+        assert Reader(sock).response()[0] == 200
+    assert not wait_for_event(running, "callback after the end", within=0.3)
+
+
 def test_app_exception_gives_500(running):
     assert answered_then_closed(running, request("/boom"))[0] == 500
 
@@ -393,14 +461,36 @@ def test_upgrade_request_is_answered_as_plain_http_then_closed(running):
     assert status == 200 and headers["connection"] == "close"
 
 
-def test_broken_chunked_body_cuts_the_connection_and_the_app_sees_the_disconnect(running):
+@pytest.mark.parametrize("app_read_first_chunk", [False, True])
+def test_broken_chunked_body_gets_a_json_400_and_close_and_the_app_sees_the_disconnect(running, app_read_first_chunk):
+    """A chunked body that turns malformed after the app began reading it: no response has started, so the
+    client gets a 400 with an OpenAI-shaped error (not a bare close); the app sees `http.disconnect`."""
     with running.connect() as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
-        assert Reader(sock).closed()
-    deadline = time.monotonic() + 5
-    while "disconnect-early" not in running.app.events and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "disconnect-early" in running.app.events
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        if app_read_first_chunk:
+            time.sleep(0.2)   # (whether the app has read the first chunk or not, the answer is the same)
+        sock.sendall(b"ZZZ\r\n")
+        reader = Reader(sock)
+        status, headers, body = reader.response()
+        assert reader.closed()
+    assert status == 400 and headers["connection"] == "close" and headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and set(error) == {"message", "type", "param",
+                                                                                           "code"}
+    assert wait_for_event(running, "disconnect-early")
+    assert running.app.bodies == []   # the app answered nothing of its own
+
+
+def test_broken_chunked_body_after_the_response_began_cuts_the_connection(running):
+    """An app that began its response before the body was read: a broken body can only close the connection."""
+    with running.connect() as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        reader = Reader(sock)
+        status, headers, _ = reader.response(head_only=True)
+        sock.sendall(b"ZZZ\r\n")
+        assert reader.closed()
+    assert status == 200 and b"HTTP/1.1 400" not in reader.buf
+    assert wait_for_event(running, "early: http.disconnect")
 
 
 @pytest.mark.parametrize("http", ["lean", "uvicorn"])
