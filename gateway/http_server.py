@@ -77,15 +77,11 @@ class HeadTooLarge(Exception):
     pass
 
 
-def plain_response(code: int, text: str) -> bytes:
-    body = text.encode()
-    return (STATUS[code] + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-            + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
 def json_error_response(code: int, message: str) -> bytes:
-    """An OpenAI-shaped error (gateway/errors.py) for a request the app can no longer answer, then close."""
-    body = error_body(message, "invalid_request_error")
+    """An OpenAI-shaped error (gateway/errors.py) for what the server answers itself (a request it cannot parse, a
+    head too large or too slow, an app that failed before its response), then close: clients parse every error
+    body as JSON, these included."""
+    body = error_body(message, "server_error" if code >= 500 else "invalid_request_error")
     return (STATUS[code] + b"content-type: application/json\r\nconnection: close\r\n"
             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
@@ -187,7 +183,7 @@ class Connection(asyncio.Protocol):
                 self.pipeline.clear()
             self.pause_reading()
             return
-        self.transport.write(plain_response(code, text))
+        self.transport.write(json_error_response(code, text))
         self.transport.close()
 
     # ---------------------------------------------------------------- parser callbacks
@@ -365,7 +361,7 @@ class Exchange:
             log.error("exception in the ASGI app", exc_info=exc)
             if not self.started and not self.disconnected:
                 self.keep_alive = False
-                self.transport.write(plain_response(500, "Internal Server Error"))
+                self.transport.write(json_error_response(500, "Internal Server Error"))
                 self.complete = True
                 self.transport.close()
             elif not self.complete:
@@ -377,7 +373,7 @@ class Exchange:
             if not self.complete and not self.disconnected:
                 if not self.started:
                     log.error("the ASGI app returned without starting its response")
-                    self.transport.write(plain_response(500, "Internal Server Error"))
+                    self.transport.write(json_error_response(500, "Internal Server Error"))
                 else:
                     log.error("the ASGI app returned without completing its response")
                 self.complete = True

@@ -260,9 +260,18 @@ def test_chunked_response_without_content_length(running):
         assert json.loads(reader.response()[2])["length"] == 5
 
 
+def openai_error(headers: dict, body: bytes, error_type: str) -> dict:
+    """What the server answers itself is an OpenAI-shaped JSON error, like every error of the app."""
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["type"] == error_type and error["message"] and set(error) == {"message", "type", "param", "code"}
+    return error
+
+
 def test_malformed_request_gets_400_and_close(running):
-    status, headers, _ = answered_then_closed(running, b"THIS IS NOT HTTP\r\n\r\n")
+    status, headers, body = answered_then_closed(running, b"THIS IS NOT HTTP\r\n\r\n")
     assert status == 400 and headers["connection"] == "close"
+    openai_error(headers, body, "invalid_request_error")
 
 
 def test_bad_content_length_gets_400(running):
@@ -272,7 +281,9 @@ def test_bad_content_length_gets_400(running):
 
 
 def test_oversized_head_gets_431_and_close(running):
-    assert answered_then_closed(running, request("/echo", extra="x-big: " + "a" * 5000 + "\r\n"))[0] == 431
+    status, headers, body = answered_then_closed(running, request("/echo", extra="x-big: " + "a" * 5000 + "\r\n"))
+    assert status == 431
+    openai_error(headers, body, "invalid_request_error")
 
 
 def test_oversized_body_gets_the_apps_413_and_close(running):
@@ -347,7 +358,9 @@ def test_slow_head_gets_408(running):
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\n")   # and nothing more
         reader = Reader(sock)
         sock.settimeout(5)
-        assert reader.response()[0] == 408
+        status, headers, body = reader.response()
+        assert status == 408
+        openai_error(headers, body, "invalid_request_error")
         assert reader.closed()
 
 
@@ -419,7 +432,9 @@ def test_disconnect_callback_is_not_called_after_a_complete_response(running):
 
 
 def test_app_exception_gives_500(running):
-    assert answered_then_closed(running, request("/boom"))[0] == 500
+    status, headers, body = answered_then_closed(running, request("/boom"))
+    assert status == 500
+    openai_error(headers, body, "server_error")
 
 
 def test_header_injection_from_the_app_is_refused(running):
