@@ -182,6 +182,15 @@ class RelayReply:
         upstream, waiting_first = self._upstream, True
         try:
             async for piece in upstream.iter_bytes():
+                # One read, one token event that a template covers: most of a stream (TextTemplate.event says
+                # why it cannot be [DONE] or an error event).
+                template = self._template
+                if template is not None and not buffer and not waiting_first:
+                    rewritten = template.event(piece)
+                    if rewritten is not None:
+                        self._templates = TEMPLATE_TRIES
+                        yield rewritten
+                        continue
                 buffer += piece
                 cut = buffer.rfind(EVENT_END)
                 if cut < 0:

@@ -170,7 +170,8 @@ class ReplyShape:
             block = map_fingerprints(block)
         # SGLang writes every unset field as null. The regex costs 10-20 µs a block, so it runs only where one of
         # its three keys is there: llama.cpp's `"finish_reason":null` on every token no longer triggers it.
-        if (block.find(b'":null') >= 0 or block.find(b'": null') >= 0) and NULL_ONLY_KEY.search(block) is not None:
+        if (block.find(b'":null') >= 0 or block.find(b'": null') >= 0) and (
+                block.find(b'"usage":null') >= 0 or NULL_ONLY_KEY.search(block) is not None):   # SGLang's, then any
             block = NULL_ONLY_FIELD.sub(b"", block)
         return block
 
@@ -282,11 +283,11 @@ class TextTemplate:
     with the template's raw head and tail is rewritten to its rewritten head + the same text + its rewritten tail,
     by two prefix comparisons instead of a dozen scans and a regex (issue 22: the relay's per-event cost)."""
 
-    __slots__ = ("head", "tail", "new_head", "new_tail", "_cut")
+    __slots__ = ("head", "tail", "new_head", "new_tail", "_head_size", "_tail_size")
 
     def __init__(self, head: bytes, tail: bytes, new_head: bytes, new_tail: bytes) -> None:
         self.head, self.tail, self.new_head, self.new_tail = head, tail, new_head, new_tail
-        self._cut = len(head) + len(tail)
+        self._head_size, self._tail_size = len(head), len(tail)
 
     @classmethod
     def of(cls, raw: bytes, rewritten: bytes) -> TextTemplate | None:
@@ -296,9 +297,24 @@ class TextTemplate:
             return None
         start, end = span
         found = text_span(rewritten)
-        if found is None or rewritten[found[0]:found[1]] != raw[start:end]:
-            return None
+        if found is None or rewritten[found[0]:found[1]] != raw[start:end] or raw.startswith(b'"error"', end):
+            return None   # (a text that ends `data: {` would make that tail an error event: see event())
         return cls(raw[:start], raw[end:], rewritten[:found[0]], rewritten[found[1]:])
+
+    def event(self, block: bytes) -> bytes | None:
+        """apply() of a block that is one event whose text holds no quote, no backslash at its end and no raw
+        newline (a token, nearly always), by comparisons alone; None for any other block (apply() decides).
+        Such a block is neither `[DONE]` nor an error event, which the relay then need not look for: the text
+        holds no `"` and no newline, which both markers need, and the head and tail are from a block that was
+        neither (one whose tail starts `"error"`, which a text ending `data: {` would complete, makes none)."""
+        end = len(block) - self._tail_size
+        size = self._head_size
+        if end < size or block[end - 1] == 92 or block[:size] != self.head or block[end:] != self.tail:
+            return None
+        text = block[size:end]
+        if text.translate(None, b'"\n') != text:
+            return None
+        return self.new_head + text + self.new_tail
 
     def apply(self, block: bytes) -> bytes | None:
         """The rewrite of a block whose events all have this head and tail around one string's text (a TCP read

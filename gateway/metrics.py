@@ -354,8 +354,9 @@ class RequestRecorder:
         if self.variant is not None:
             self._metrics.experiment_ttft.observe((self.route, self.variant), ttft)
 
-    def event(self) -> None:
-        self._events += 1
+    def events(self, count: int) -> None:
+        """`count` more streamed events after the first (the relay counts them and says so once)."""
+        self._events += count
 
     def finished(self, code: int, usage: dict | None = None) -> None:
         metrics, now = self._metrics, time.perf_counter()
