@@ -344,3 +344,54 @@ def test_direct_metric_writes_expose_what_the_children_methods_do():
         histogram.observe(("x",), amount)
         histogram2.labels("x").observe(amount)
     assert generate_latest(own) == generate_latest(theirs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_access_line_as_text_is_the_line_orjson_writes(seed, monkeypatch):
+    """access_json() + write_json_text() (the access line's path) against access_fields() + write_json(): the same
+    line, byte for byte, for random recorders: None, odd token counts from a backend, names with quotes and
+    non-ASCII, request ids that need escapes, durations from a microsecond to days."""
+    from types import SimpleNamespace
+
+    from gateway import logs
+    from gateway.access_log import access_fields, access_json
+    from gateway.logs import REQUEST_ID, BackgroundHandler, JsonFormatter
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(logs.time, "time", lambda: 1764604800.123)
+    handler = BackgroundHandler(io.StringIO())
+    handler.setFormatter(JsonFormatter())
+    handler.close()   # the writer stopped: the lines stay in `pending`, compared there
+    names = [None, "", "kimi", "k2@1a2b3c4d", 'a"b', "back\\slash", "é漢", "tab\there", "\x7f"]
+    seconds = [None, 0.0, 1e-7, 0.0000015, 0.0123456, 3.5, 86400.123456789, 1e13, -0.0004]
+    counts = [None, 0, 7, 2 ** 40, 2 ** 70, -3, 1.5, "12", True, [1], {"a": 1}]
+    try:
+        for _ in range(2000):
+            recorder = SimpleNamespace(
+                usage=rng.choice([None, {}, {"prompt_tokens": rng.choice(counts), "completion_tokens": rng.choice(counts)}]),
+                route=rng.choice(names) or "", version=rng.choice(names) or "", adapter=rng.choice(names),
+                variant=rng.choice(names), backend=rng.choice(names) or "", code=rng.choice([200, 499, 502]),
+                ttft_s=rng.choice(seconds), duration_s=rng.choice(seconds), upstream_s=rng.choice(seconds[1:]),
+                overhead_s=rng.choice(seconds))
+            path, client, stream = rng.choice(["/v1/chat/completions", "/v1/completions"]), rng.choice(names), \
+                rng.choice([True, False])
+            token = REQUEST_ID.set(rng.choice([None, "0f1e2d3c4b5a69788796a5b4", "req-7", 'q"x', "ü"]))
+            try:
+                try:
+                    handler.write_json("kimi_gateway.access", "request", access_fields(recorder, path, client, stream, None))
+                except (TypeError, orjson.JSONEncodeError) as exc:   # a count orjson refuses: refused the same way,
+                    try:                                                # or left to the fields' dict, which refuses it
+                        assert access_json(recorder, path, client, stream) is None
+                    except type(exc):
+                        pass
+                    continue
+                text = access_json(recorder, path, client, stream)
+                if text is None:   # an odd token count: the fields' dict is written (write_json, as above)
+                    assert any(count.__class__ is not int for count in (recorder.usage or {}).values())
+                    continue
+                handler.write_json_text('"kimi_gateway.access"', '"request"', text)
+            finally:
+                REQUEST_ID.reset(token)
+            assert handler.pending[-1] == handler.pending[-2], recorder
+    finally:
+        handler.pending.clear()
