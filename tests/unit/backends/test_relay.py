@@ -302,3 +302,31 @@ def test_a_template_covers_one_plain_token_event_and_nothing_else():
                   raw.replace(b'"a"', b'"a\ndata: [DONE]"'), raw.replace(b'"model"', b'"mode1"')):
         assert template.event(other) is None, other
     assert TextTemplate.of(raw.replace(b'"a"}', b'"a"error"}'), raw) is None
+
+
+@pytest.mark.parametrize("doc", [
+    {"usage": USAGE, "choices": [{"index": 0, "usage": {"prompt_tokens": 1}}, {"usage": None}]},
+    {"usage": None, "choices": [{"index": 0}, {"usage": {}}, {"usage": USAGE}, {"usage": {"prompt_tokens": 1}}]},
+    {"usage": {}, "choices": [{"usage": USAGE}]},
+    {"choices": [{"index": 0}]}, {"choices": []}, {"choices": None}, {"choices": "abc"}, {"choices": {"usage": 1}},
+    {"usage": USAGE}, {},
+])
+def test_take_usage_is_usage_of_then_strip_choice_usage(doc):
+    import copy
+
+    from backends.openai_compat import strip_choice_usage, take_usage, usage_of
+    expected = copy.deepcopy(doc)
+    usage = usage_of(expected)
+    strip_choice_usage(expected.get("choices"))
+    assert take_usage(doc) == usage and doc == expected
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(thinking=False), dict(rules=AgentRules(strip_reasoning=True)),
+                                    dict(body={"tools": [{"type": "function"}]}), dict(hide_usage_chunk=True)])
+def test_done_alone_is_what_the_full_rewrite_makes_of_it(fields):
+    """The relay passes a block that is `data: [DONE]` alone as it is: every rewrite leaves it so."""
+    from backends.openai_compat import DONE_EVENT
+    reply = RelayReply(Upstream([]), request(**fields), backend="b", stream_error=stream_error,
+                       fix_block=fix_reasoning_stream)
+    reply._rewrite(llamacpp_event(__import__("random").Random(0), "x", "content"))
+    assert reply._rewrite(DONE_EVENT) == DONE_EVENT
