@@ -395,3 +395,63 @@ def test_the_access_line_as_text_is_the_line_orjson_writes(seed, monkeypatch):
             assert handler.pending[-1] == handler.pending[-2], recorder
     finally:
         handler.pending.clear()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_recorder_series_expose_what_labels_writes_expose(seed, monkeypatch):
+    """RequestRecorder writes through per-combination series (Metrics.series) bound once: the exposition is what
+    the same requests give written by prometheus_client's labels(…).inc()/observe(), and no series more (one is
+    made at its first write: random requests, JSON and streams, fallbacks, answers without a route, odd usage)."""
+    from prometheus_client import generate_latest
+
+    from gateway import metrics as metrics_module
+    from gateway.metrics import Metrics, RequestRecorder
+
+    rng = random.Random(seed)
+    clock, now = iter(range(10 ** 6)), [0.0]
+
+    def perf_counter() -> float:
+        now[0] = next(clock) * 0.0137
+        return now[0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", perf_counter)
+    ours, reference = Metrics(), Metrics()
+    ref = {name: getattr(reference, name).collector for name in
+           ("requests", "in_flight", "duration", "ttft", "overhead", "inter_token", "tokens")}
+    for _ in range(300):
+        recorder = RequestRecorder(ours)
+        route, adapter, backend = rng.choice(["kimi", "k2"]), rng.choice([None, "a1"]), rng.choice(["up", "b2"])
+        version = rng.choice([None, "a1@12345678"]) if adapter else None
+        code = rng.choice([200, 200, 502, 499])
+        usage = rng.choice([None, {}, {"prompt_tokens": rng.randint(0, 9), "completion_tokens": rng.randint(0, 40)},
+                            {"prompt_tokens": "7", "completion_tokens": 2.0}])
+        routed, stream, fallback = rng.random() < 0.85, rng.random() < 0.5, rng.random() < 0.2
+        if routed:
+            if fallback:   # routed twice
+                recorder.routed(route, None, "other")
+                ref["in_flight"].labels("other").inc(0)
+            recorder.routed(route, adapter, backend, version)
+            if stream:
+                recorder.first_event()
+                recorder.events(rng.randint(0, 5))
+        else:
+            recorder.route = rng.choice(["", route])
+        recorder.finished(code, usage)
+        # what the recorder's writes were, through prometheus_client's own methods
+        labels = (recorder.route, recorder.adapter, recorder.version, recorder.backend, str(code))
+        ref["requests"].labels(*labels).inc()
+        if routed:
+            ref["in_flight"].labels(backend).inc(0)
+            ref["duration"].labels(route, backend).observe(recorder.duration_s)
+            ref["overhead"].labels(route).observe(max(recorder.overhead_s, 0.0))
+            if stream:
+                ref["ttft"].labels(route, backend).observe(recorder.ttft_s)
+                completion = (usage or {}).get("completion_tokens")
+                gaps = completion - 1 if isinstance(completion, int) and completion > 1 else recorder._events
+                if gaps > 0 and recorder._events > 0:
+                    ref["inter_token"].labels(backend).observe((now[0] - recorder._first) / gaps)
+        if usage:
+            for kind in ("prompt", "completion"):
+                count = usage.get(f"{kind}_tokens")
+                if isinstance(count, int) and count > 0:
+                    ref["tokens"].labels(recorder.route, recorder.adapter, kind).inc(count)
+    assert generate_latest(ours.registry) == generate_latest(reference.registry)
