@@ -45,6 +45,7 @@ MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
 DONE = b"data: [DONE]"
 DONE_LINE = b"\n" + DONE   # [DONE] as a line of its own: a token's text may say `data: [DONE]`, never with a raw newline
 EVENT_END = b"\n\n"
+DONE_EVENT = DONE + EVENT_END
 MAX_ERROR_BODY = 64 * 1024
 REQUEST_ID = "x-request-id"
 
@@ -77,6 +78,18 @@ USAGE_KEY = b'"usage"'
 def has_usage_object(data: bytes) -> bool:
     """A usage object, not SGLang's `"usage":null` on every chunk: three substring scans, no parsing."""
     return data.find(USAGE_KEY) >= 0 and (data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0)
+
+
+def take_usage(doc: dict) -> dict | None:
+    """usage_of(doc), with usage removed from inside choices (strip_choice_usage), in one pass over them."""
+    usage = doc.get("usage") or None
+    choices = doc.get("choices")
+    for choice in choices if choices.__class__ is list else ():
+        if choice.__class__ is dict:
+            found = choice.pop("usage", None)
+            if found and usage is None:
+                usage = found
+    return usage
 
 
 def strip_choice_usage(choices: object) -> bool:
@@ -121,6 +134,10 @@ class RelayReply:
     that came before prefill does not count as the first byte.
     """
 
+    __slots__ = ("status", "_release", "_failed_early", "usage", "_upstream", "_request", "_models", "_backend",
+                 "_stream_error", "_fix_document", "_fix_block", "_usage_shown", "_usage_head", "shape", "_cut_guard",
+                 "_templates", "_template")
+
     def __init__(self, upstream: UpstreamResponse, request: BackendRequest, *, backend: str,
                  stream_error: Callable[[bytes], StreamErrorEvent] | None = None,
                  fix_document: Callable[[dict, BackendRequest], None] | None = None,
@@ -164,9 +181,8 @@ class RelayReply:
         request = self._request
         doc["model"] = request.model
         self.shape.document(doc)
-        self.usage = usage_of(doc)
-        strip_choice_usage(doc.get("choices"))  # top-level usage is the OpenAI contract; a copy in a choice is not
-        reasoning_alias_document(doc)           # `reasoning` (vLLM's name) reaches clients as reasoning_content
+        self.usage = take_usage(doc)   # top-level usage is the OpenAI contract; a copy in a choice is not
+        reasoning_alias_document(doc)  # `reasoning` (vLLM's name) reaches clients as reasoning_content
         if self._fix_document is not None:
             self._fix_document(doc, request)
         if "tools" in request.body:
@@ -182,6 +198,15 @@ class RelayReply:
         upstream, waiting_first = self._upstream, True
         try:
             async for piece in upstream.iter_bytes():
+                # One read, one token event that a template covers: most of a stream (TextTemplate.event says
+                # why it cannot be [DONE] or an error event).
+                template = self._template
+                if template is not None and not buffer and not waiting_first:
+                    rewritten = template.event(piece)
+                    if rewritten is not None:
+                        self._templates = TEMPLATE_TRIES
+                        yield rewritten
+                        continue
                 buffer += piece
                 cut = buffer.rfind(EVENT_END)
                 if cut < 0:
@@ -197,7 +222,8 @@ class RelayReply:
                     raise self._stream_error(block[error_at:].split(EVENT_END, 1)[0])
                 # bytes.find, not `in`: see backends/reply_shape.py
                 done = block.startswith(DONE) or block.find(DONE_LINE) >= 0
-                block = self._rewrite(block)
+                if not done or block != DONE_EVENT or self._request.observer is not None:
+                    block = self._rewrite(block)   # (`data: [DONE]` alone holds no field that a rewrite acts on)
                 if done and self._owes_usage_chunk():
                     block = block.replace(DONE + EVENT_END, self._stand_in_usage_chunk() + DONE + EVENT_END, 1)
                 if block:

@@ -36,8 +36,13 @@ from backends.protocol import CHAT_PATH
 ID_FIELD = re.compile(rb'"id":\s*"(?:chatcmpl|cmpl)-[^"\\]*"')
 CREATED_FIELD = re.compile(rb'"created":\s*\d+')
 FINGERPRINT_FIELD = re.compile(rb'"system_fingerprint":\s*"(?:[^"\\]|\\.)*"')
-TIMINGS_FIELD = re.compile(rb',?\s*"timings":\s*\{[^{}]*\}')
-NULL_DETAILS_FIELD = re.compile(rb',?\s*"(?:prompt|completion)_tokens_details":\s*null')
+# `timings` and null usage details are cut by cut_timings() and cut_null_details(): exactly what a regex sub of
+# `,?\s*"timings":\s*\{[^{}]*\}` and `,?\s*"(?:prompt|completion)_tokens_details":\s*null` does (tested against
+# them), found from their keys (sre tries a pattern with no literal prefix at every byte: 120,000 and 190,000
+# instructions on llama.cpp's usage chunk; these, a few thousand).
+TIMINGS_KEY = b'"timings":'
+DETAILS_KEY = b'_tokens_details":'
+SPACE = frozenset(b" \t\n\r\f\v")   # what `\s` matches in a bytes pattern
 _fingerprints: dict[bytes, bytes] = {}   # a backend's raw field -> ours; as many entries as backend builds
 _NEVER = b'"system_fingerprint":"\x00"'  # JSON text never holds a raw NUL
 _last_fingerprint = (_NEVER, _NEVER)     # the pair seen last: a stream repeats it in every chunk
@@ -112,6 +117,7 @@ class SameField:
 # Fields OpenAI's schemas allow to be absent but not null (usage on a completion chunk, role and tool_calls in a
 # delta). A string value cannot contain `"usage":null` unescaped, so this never touches content.
 NULL_ONLY_FIELD = re.compile(rb',\s*"(?:usage|tool_calls|role)":\s*null(?=\s*[,}])|"(?:usage|tool_calls|role)":\s*null\s*,\s*')
+NULL_ONLY_KEY = re.compile(rb'"(?:usage|tool_calls|role)":\s*null')   # in every match of it: a quarter of its cost
 # `sub in block` is not used on the stream path: CPython 3.11's bytes.__contains__ first tries the operand as an
 # integer and formats, then clears, a TypeError (about 1,600 instructions); bytes.find does not. (Removing the
 # null fields by bytes.replace of their compact forms was tried: its many scans cost more than the one regex.)
@@ -165,7 +171,7 @@ class ReplyShape:
         # SGLang writes every unset field as null. The regex costs 10-20 µs a block, so it runs only where one of
         # its three keys is there: llama.cpp's `"finish_reason":null` on every token no longer triggers it.
         if (block.find(b'":null') >= 0 or block.find(b'": null') >= 0) and (
-                block.find(b'"usage":') >= 0 or block.find(b'"tool_calls":') >= 0 or block.find(b'"role":') >= 0):
+                block.find(b'"usage":null') >= 0 or NULL_ONLY_KEY.search(block) is not None):   # SGLang's, then any
             block = NULL_ONLY_FIELD.sub(b"", block)
         return block
 
@@ -173,11 +179,70 @@ class ReplyShape:
     def usage_block(block: bytes) -> bytes:
         """Blocks with usage only (the caller looked): llama.cpp's `timings` rides on its last chunk, which
         always carries usage since the gateway always asks for stream usage; SGLang's null details are usage's."""
-        if block.find(b'"timings"') >= 0:
-            block = TIMINGS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
-        if block.find(b'_tokens_details":') >= 0:
-            block = NULL_DETAILS_FIELD.sub(b"", block).replace(b'{,"', b'{"')
+        if block.find(TIMINGS_KEY) >= 0:
+            block = cut_timings(block).replace(b'{,"', b'{"')
+        if block.find(DETAILS_KEY) >= 0:
+            block = cut_null_details(block).replace(b'{,"', b'{"')
         return block
+
+
+def field_start(block: bytes, at: int, start: int) -> int:
+    """Where the comma and spaces before a field at `start` begin (`,?\\s*`), as in a regex's leftmost match
+    that may not start before `at` (the end of the previous match)."""
+    while start > at and block[start - 1] in SPACE:
+        start -= 1
+    if start > at and block[start - 1] == 44:   # ','
+        start -= 1
+    return start
+
+
+def cut_timings(block: bytes) -> bytes:
+    """Every `"timings":{…}` (an object with no object inside), with the comma and spaces before it, cut."""
+    pieces, at, size, find = [], 0, len(block), block.find
+    key = find(TIMINGS_KEY)
+    while key >= 0:
+        value = key + len(TIMINGS_KEY)
+        while value < size and block[value] in SPACE:
+            value += 1
+        if value < size and block[value] == 123:   # '{'
+            close = find(b"}", value + 1)
+            if close >= 0 and find(b"{", value + 1, close) < 0:
+                pieces.append(block[at:field_start(block, at, key)])
+                at = close + 1
+                key = find(TIMINGS_KEY, at)
+                continue
+        key = find(TIMINGS_KEY, key + 1)
+    if not pieces:
+        return block
+    pieces.append(block[at:])
+    return b"".join(pieces)
+
+
+def cut_null_details(block: bytes) -> bytes:
+    """Every `"prompt_tokens_details":null` and `"completion_tokens_details":null`, with the comma and spaces
+    before it, cut (like the regex, a value that only starts with `null` counts)."""
+    pieces, at, size, find = [], 0, len(block), block.find
+    key = find(DETAILS_KEY)
+    while key >= 0:
+        if key >= 7 and block[key - 7:key] == b'"prompt':
+            start = key - 7
+        elif key >= 11 and block[key - 11:key] == b'"completion':
+            start = key - 11
+        else:
+            start = -1
+        value = key + len(DETAILS_KEY)
+        while value < size and block[value] in SPACE:
+            value += 1
+        if start >= at and block.startswith(b"null", value):
+            pieces.append(block[at:field_start(block, at, start)])
+            at = value + 4
+            key = find(DETAILS_KEY, at)
+            continue
+        key = find(DETAILS_KEY, key + 1)
+    if not pieces:
+        return block
+    pieces.append(block[at:])
+    return b"".join(pieces)
 
 
 # --- stream events that differ only in their text ---------------------------------------------------------
@@ -218,11 +283,11 @@ class TextTemplate:
     with the template's raw head and tail is rewritten to its rewritten head + the same text + its rewritten tail,
     by two prefix comparisons instead of a dozen scans and a regex (issue 22: the relay's per-event cost)."""
 
-    __slots__ = ("head", "tail", "new_head", "new_tail", "_cut")
+    __slots__ = ("head", "tail", "new_head", "new_tail", "_head_size", "_tail_size")
 
     def __init__(self, head: bytes, tail: bytes, new_head: bytes, new_tail: bytes) -> None:
         self.head, self.tail, self.new_head, self.new_tail = head, tail, new_head, new_tail
-        self._cut = len(head) + len(tail)
+        self._head_size, self._tail_size = len(head), len(tail)
 
     @classmethod
     def of(cls, raw: bytes, rewritten: bytes) -> TextTemplate | None:
@@ -232,9 +297,24 @@ class TextTemplate:
             return None
         start, end = span
         found = text_span(rewritten)
-        if found is None or rewritten[found[0]:found[1]] != raw[start:end]:
-            return None
+        if found is None or rewritten[found[0]:found[1]] != raw[start:end] or raw.startswith(b'"error"', end):
+            return None   # (a text that ends `data: {` would make that tail an error event: see event())
         return cls(raw[:start], raw[end:], rewritten[:found[0]], rewritten[found[1]:])
+
+    def event(self, block: bytes) -> bytes | None:
+        """apply() of a block that is one event whose text holds no quote, no backslash at its end and no raw
+        newline (a token, nearly always), by comparisons alone; None for any other block (apply() decides).
+        Such a block is neither `[DONE]` nor an error event, which the relay then need not look for: the text
+        holds no `"` and no newline, which both markers need, and the head and tail are from a block that was
+        neither (one whose tail starts `"error"`, which a text ending `data: {` would complete, makes none)."""
+        end = len(block) - self._tail_size
+        size = self._head_size
+        if end < size or block[end - 1] == 92 or block[:size] != self.head or block[end:] != self.tail:
+            return None
+        text = block[size:end]
+        if text.translate(None, b'"\n') != text:
+            return None
+        return self.new_head + text + self.new_tail
 
     def apply(self, block: bytes) -> bytes | None:
         """The rewrite of a block whose events all have this head and tail around one string's text (a TCP read

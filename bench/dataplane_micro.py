@@ -11,7 +11,9 @@ request's hang-up watcher runs and ends inside the measured loop instead of pili
 made the cyclic GC, not the gateway, a third of the figure).
 
 --stream relays a canned 32-event stream in SGLang's exact shape (`"usage":null` on every chunk, then the
-usage chunk the gateway asked for and hides) instead of a JSON reply.
+usage chunk the gateway asked for and hides) instead of a JSON reply. --llamacpp relays llama.cpp's stream (its field
+order, build fingerprint, `timings` on the usage chunk), paced: a turn of the event loop before each event, as a GPU
+server's one-token writes arrive, so the relay's per-read cost (every await and call per event) is in the figure.
 
 reference/hot-path.md budgets this at about 80 µs to stay ahead of a Rust router.
 """
@@ -91,17 +93,44 @@ STREAM_PIECES = ([sglang_chunk({"role": "assistant", "content": ""})]
                     b"data: [DONE]\n\n"])
 
 
+def llamacpp_chunk(choices: bytes, tail: bytes = b"") -> bytes:
+    """A chunk in llama-server's own field order (reference/llamacpp.md); `tail`: the last chunk's usage and timings."""
+    return (b'data: {"choices":' + choices + b',"created":1764604800,"id":"chatcmpl-Jq3xV1bYk9Rm2TzLw8Pc0dHn",'
+            b'"model":"kimi-k2.gguf","system_fingerprint":"b7120-0c1e570","object":"chat.completion.chunk"'
+            + tail + b"}\n\n")
+
+
+# llama.cpp's stream as a GPU server writes it, one token per write: paced, each piece comes after a turn of the
+# event loop, so every event resumes the relay from the loop as a socket's read does (the per-read cost).
+LLAMACPP_PIECES = ([llamacpp_chunk(b'[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}]')]
+                   + [llamacpp_chunk(b'[{"finish_reason":null,"index":0,"delta":{"content":" word%d"}}]' % i)
+                      for i in range(30)]
+                   + [llamacpp_chunk(b'[{"finish_reason":"stop","index":0,"delta":{}}]'),
+                      llamacpp_chunk(b"[]", b',"usage":{"completion_tokens":30,"prompt_tokens":9,"total_tokens":39,'
+                                     b'"prompt_tokens_details":{"cached_tokens":0}},"timings":{"cache_n":0,"prompt_n":9,'
+                                     b'"prompt_ms":4.1,"prompt_per_token_ms":0.45,"prompt_per_second":2195.1,'
+                                     b'"predicted_n":30,"predicted_ms":150.2,"predicted_per_token_ms":5.0,'
+                                     b'"predicted_per_second":199.7}'),
+                      b"data: [DONE]\n\n"])
+
+
 class CannedResponse:
     status = 200
 
-    def __init__(self, stream: bool) -> None:
+    def __init__(self, stream: bool, pieces: list[bytes] | None = None, paced: bool = False) -> None:
         self.headers = {"content-type": "text/event-stream" if stream else "application/json"}
+        self.pieces, self.paced = pieces if pieces is not None else STREAM_PIECES, paced
 
     async def read(self) -> bytes:
         return REPLY
 
     async def iter_bytes(self):
-        for piece in STREAM_PIECES:
+        if not self.paced:
+            for piece in self.pieces:
+                yield piece
+            return
+        for piece in self.pieces:
+            await asyncio.sleep(0)   # a turn of the loop before each piece, as a socket's read wakes the relay
             yield piece
 
     def first_event_received(self) -> None:
@@ -112,22 +141,26 @@ class CannedResponse:
 
 
 class CannedTransport:
+    def __init__(self, pieces: list[bytes] | None = None, paced: bool = False) -> None:
+        self.pieces, self.paced = pieces, paced
+
     async def request(self, method, path, body=b"", headers=None):
         body = body() if callable(body) else body  # llama.cpp builds its body on the connection
-        return CannedResponse(b'"stream":true' in body)
+        return CannedResponse(b'"stream":true' in body, self.pieces, self.paced)
 
     async def aclose(self) -> None:
         pass
 
 
 def build(stream: bool = False, config: dict | None = None, key: str = KEY, slots: int | None = None,
-          body: bytes | None = None):
+          body: bytes | None = None, llamacpp: bool = False):
     """The app on canned upstream bytes, its scope, and a factory of one request's ASGI receive/send;
-    `sent` collects what the app sent (bench/instr_guard.py drives the same requests under callgrind)."""
+    `sent` collects what the app sent (bench/instr_guard.py drives the same requests under callgrind).
+    `llamacpp`: the stream is llama.cpp's, paced (LLAMACPP_PIECES), instead of SGLang's."""
     config = GatewayConfig.model_validate(config or {
         "state_dir": tempfile.mkdtemp(), "backends": [{"name": "up", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
         "routes": [{"name": "kimi", "targets": ["up"]}]})
-    driver = LlamaCppDriver("up", [CannedTransport()])
+    driver = LlamaCppDriver("up", [CannedTransport(LLAMACPP_PIECES, paced=True) if llamacpp else CannedTransport()])
     if slots is not None:  # the admission queue's uncontended path: a slot leased and released per request
         driver.configure_traffic(slots, OutlierConfig(), RetryBudgetConfig())
     app = create_app(config, drivers={"up": driver})
@@ -174,10 +207,11 @@ async def one(app, scope, exchange) -> None:
 
 
 async def run(requests: int, cycles: bool = False, stream: bool = False, experiment: bool = False,
-              slots: int | None = None, bare: bool = False) -> float:
+              slots: int | None = None, bare: bool = False, llamacpp: bool = False) -> float:
     """µs of CPU per request. `bare`: an open gateway, and logging left as the caller set it up."""
     config = experiment_config(requests) if experiment else None if bare else full_config()
-    app, scope, exchange, sent = build(stream, config, slots=slots, body=AB_BODY if experiment else None)
+    app, scope, exchange, sent = build(stream or llamacpp, config, slots=slots, body=AB_BODY if experiment else None,
+                                       llamacpp=llamacpp)
     if not bare:
         access_log()
     for _ in range(500):  # warm up
@@ -205,6 +239,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cycles", action="store_true", help="count objects only the cyclic GC frees")
     parser.add_argument("--stream", action="store_true", help="relay a 32-event SGLang stream per request")
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="relay a 33-event llama.cpp stream per request, paced: one event per loop turn")
     parser.add_argument("--experiment", action="store_true", help="a JSON request to an A/B experiment route")
     parser.add_argument("--max-concurrency", type=int, help="give the backend slots (the admission queue's path)")
     parser.add_argument("--bare", action="store_true", help="an open gateway without the access log")
@@ -212,13 +248,14 @@ def main() -> None:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        asyncio.run(run(args.requests, stream=args.stream))
+        asyncio.run(run(args.requests, stream=args.stream, llamacpp=args.llamacpp))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return
     import uvloop
-    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment, args.max_concurrency, args.bare))
-    what = "a 32-event stream" if args.stream else "a JSON reply"
+    cpu = uvloop.run(run(args.requests, args.cycles, args.stream, args.experiment, args.max_concurrency, args.bare,
+                         args.llamacpp))
+    what = "a paced 33-event llama.cpp stream" if args.llamacpp else "a 32-event stream" if args.stream else "a JSON reply"
     print(f"gateway work per request relaying {what} (no transport, no HTTP server): {cpu:.1f} µs CPU")
 
 

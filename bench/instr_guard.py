@@ -11,8 +11,9 @@ work shows up in review as a number. It is not a test-suite assertion and never 
 
 What is counted: bench/dataplane_micro.py's in-process requests (no sockets, no HTTP server: the gateway's own
 work), on a config with every per-request feature on: a client key with rpm/tpm limits, the default metrics,
-the default sampling policy, the request-id and x-kimi-* headers. Two kinds: a chat completion with a JSON
-reply, and a streamed one (32 SGLang-shaped events). Only the measured loop is counted: valgrind starts with
+the default sampling policy, the request-id and x-kimi-* headers. Three kinds: a chat completion with a JSON
+reply, a streamed one (32 SGLang-shaped events), and `stream-llamacpp` (33 llama.cpp-shaped events, paced: a turn of
+the loop before each, so each event is its own read, as from a GPU server writing one token at a time). Only the measured loop is counted: valgrind starts with
 instrumentation off (start-up and imports run at near-native speed), a warm-up runs, then callgrind_control
 switches instrumentation on and zeroes the counters, N requests run, and a dump is taken before exit.
 """
@@ -31,7 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUDGET = HERE / "instr_budget.json"
-KINDS = {"json": dict(stream=False, requests=200), "stream": dict(stream=True, requests=60)}
+KINDS = {"json": dict(stream=False, requests=200), "stream": dict(stream=True, requests=60),
+         "stream-llamacpp": dict(stream=True, llamacpp=True, requests=60)}
 WARMUP = 300
 TOLERANCE = 0.03   # over budget by more than this: fail (runs of the same code spread by up to 2%: README)
 
@@ -58,7 +60,8 @@ async def inner(kind: str, requests: int) -> None:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import dataplane_micro
-    app, scope, exchange, sent = dataplane_micro.build(KINDS[kind]["stream"], config=dataplane_micro.full_config())
+    app, scope, exchange, sent = dataplane_micro.build(KINDS[kind]["stream"], config=dataplane_micro.full_config(),
+                                                       llamacpp=KINDS[kind].get("llamacpp", False))
     # The log writer wakes every 50 ms of wall time: under valgrind (about 50x slower) that would be 50x more
     # wake-ups per request than in a server, and a count that follows the machine's load.
     dataplane_micro.access_log(flush_s=2.5)
@@ -114,7 +117,7 @@ def main() -> int:
     parser.add_argument("--inner", choices=sorted(KINDS))
     parser.add_argument("--requests", type=int)
     parser.add_argument("--update", action="store_true", help="write the measured figures as the budget")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="which to measure: json,stream")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="which to measure: json,stream,stream-llamacpp")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--keep", help="keep the callgrind dumps in this folder (callgrind_annotate reads them)")
     args = parser.parse_args()

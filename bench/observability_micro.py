@@ -147,8 +147,7 @@ def components() -> None:
     def stream_request() -> None:
         recorder = forwarded()
         recorder.first_event()
-        for _ in range(32):
-            recorder.event()
+        recorder.events(32)
         recorder.finished(200, usage)
 
     done = metrics.RequestRecorder(registry)

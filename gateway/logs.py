@@ -124,6 +124,19 @@ class BackgroundHandler(logging.Handler):
         line.update(fields)
         self.pending.append(orjson.dumps(line, default=str).decode())
 
+    def write_json_text(self, logger: str, message: str, fields: str) -> None:
+        """write_json() with the logger, message and fields already JSON text (`fields`: `,"key":value…`), for
+        the access line (gateway/access_log.py access_json): the same line, without a dict to build and dump."""
+        request_id = REQUEST_ID.get()
+        if request_id is None:
+            request_id = ""
+        elif request_id.isalnum() and request_id.isascii():   # the ids request_id_of() makes need no escapes
+            request_id = f',"request_id":"{request_id}"'
+        else:
+            request_id = ',"request_id":' + orjson.dumps(request_id, default=str).decode()
+        self.pending.append(f'{{"ts":"{self.formatter.timestamp(time.time())}","level":"info","logger":{logger},'
+                            f'"message":{message}{request_id},"pid":{_pid}{fields}}}')
+
     def _run(self) -> None:
         while not self._stop.wait(self.FLUSH_S):
             self._drain()

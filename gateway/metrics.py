@@ -41,11 +41,11 @@ class Labeled:
     """A collector whose labelled children are looked up once: prometheus_client's labels() costs a few
     µs per call. Labels are config names, so the cache is as bounded as the metric's cardinality.
 
-    add() and observe() are the per-request writes (RequestRecorder): they go to the child's value itself,
-    without the child's checks and lock (`inc()` and `observe()` cost 4,500 and 8,500 instructions; these a
-    few hundred). Every data-plane metric is written by the event loop's thread alone, and /metrics reads a
-    float that one store replaces, so the lock guards nothing there. With `--workers` (values in files shared
-    between processes) they call the child's own methods."""
+    add() and observe() are the per-request writes (RequestRecorder, through cells: add_to() and observe_in()):
+    they go to the child's value itself, without the child's checks and lock (`inc()` and `observe()` cost 4,500
+    and 8,500 instructions; these a few hundred). Every data-plane metric is written by the event loop's thread
+    alone, and /metrics reads a float that one store replaces, so the lock guards nothing there. With `--workers`
+    (values in files shared between processes) they call the child's own methods."""
 
     __slots__ = ("collector", "_children", "_cells")
 
@@ -60,31 +60,82 @@ class Labeled:
             child = self._children[values] = self.collector.labels(*values)
         return child
 
-    def add(self, values: tuple[str, ...], amount: float = 1.0) -> None:
-        """labels(*values).inc(amount) of a counter or gauge (a negative amount: a gauge's dec())."""
+    def cell(self, values: tuple[str, ...]):
+        """The value a counter's or gauge's child keeps (add_to() writes it); the child is made if new."""
         cell = self._cells.get(values)
         if cell is None:
             cell = self._cells[values] = self.labels(*values)._value
-        if cell.__class__ is MutexValue:
-            cell._value += amount
-        else:
-            cell.inc(amount)
+        return cell
 
-    def observe(self, values: tuple[str, ...], amount: float) -> None:
-        """labels(*values).observe(amount) of a histogram."""
+    def histogram_cell(self, values: tuple[str, ...]) -> tuple:
+        """A histogram child's sum, buckets and bounds (observe_in() writes them); the child is made if new."""
         cell = self._cells.get(values)
         if cell is None:
             child = self.labels(*values)
             cell = self._cells[values] = (child._sum, child._buckets, tuple(child._upper_bounds),
-                                          child._sum.__class__ is MutexValue)
-        total, buckets, bounds, direct = cell
-        if not direct or amount != amount:   # shared files, or NaN (no bucket counts it): the child's way
-            self._children[values].observe(amount)
-        elif (index := bisect_left(bounds, amount)) < len(bounds):   # the first bucket with amount <= bound
-            total._value += amount
-            buckets[index]._value += 1.0
-        else:
-            total._value += amount
+                                          child._sum.__class__ is MutexValue, child)
+        return cell
+
+    def add(self, values: tuple[str, ...], amount: float = 1.0) -> None:
+        """labels(*values).inc(amount) of a counter or gauge (a negative amount: a gauge's dec())."""
+        add_to(self.cell(values), amount)
+
+    def observe(self, values: tuple[str, ...], amount: float) -> None:
+        """labels(*values).observe(amount) of a histogram."""
+        observe_in(self.histogram_cell(values), amount)
+
+
+def add_to(cell, amount: float = 1.0) -> None:
+    if cell.__class__ is MutexValue:
+        cell._value += amount
+    else:
+        cell.inc(amount)
+
+
+def observe_in(cell: tuple, amount: float) -> None:
+    total, buckets, bounds, direct, child = cell
+    if not direct or amount != amount:   # shared files, or NaN (no bucket counts it): the child's way
+        child.observe(amount)
+    elif (index := bisect_left(bounds, amount)) < len(bounds):   # the first bucket with amount <= bound
+        total._value += amount
+        buckets[index]._value += 1.0
+    else:
+        total._value += amount
+
+
+class Series:
+    """The per-request series of one route, adapter version and backend (RequestRecorder), found once per
+    combination (Metrics.series) instead of by their labels at every write. Each is made on its first write,
+    as labels() would make it then: the exposition is the same."""
+
+    __slots__ = ("_metrics", "_labels", "codes", "in_flight", "duration", "ttft", "overhead", "inter_token",
+                 "prompt", "completion")
+
+    def __init__(self, metrics: Metrics, route: str, adapter: str, version: str, backend: str) -> None:
+        self._metrics, self._labels = metrics, (route, adapter, version, backend)
+        self.codes: dict[int, object] = {}   # status -> the requests counter's cell
+        self.in_flight = self.duration = self.ttft = self.overhead = self.inter_token = None
+        self.prompt = self.completion = None
+
+    def requests(self, code: int):
+        cell = self.codes[code] = self._metrics.requests.cell((*self._labels, str(code)))
+        return cell
+
+    def bind(self, name: str):
+        """The cell of one of the slots above, made now (the first write to it)."""
+        metrics, (route, adapter, _, backend) = self._metrics, self._labels
+        if name == "in_flight":
+            cell = metrics.in_flight.cell((backend,))
+        elif name == "inter_token":
+            cell = metrics.inter_token.histogram_cell((backend,))
+        elif name == "overhead":
+            cell = metrics.overhead.histogram_cell((route,))
+        elif name in ("prompt", "completion"):
+            cell = metrics.tokens.cell((route, adapter, name))
+        else:   # duration, ttft
+            cell = getattr(metrics, name).histogram_cell((route, backend))
+        setattr(self, name, cell)
+        return cell
 
 
 class Metrics:
@@ -92,6 +143,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._series: dict[tuple[str, str, str, str], Series] = {}
         c, g, h = self._counter, self._gauge, self._histogram
         # traffic
         self.requests = c("requests", "Requests answered, by the adapter version (name@hash8) that served them",
@@ -149,6 +201,15 @@ class Metrics:
         # a fleet's shared state
         self.shared_degraded = c("shared_degraded", "Requests served without the shared Redis (ratelimit: this "
                                  "replica's share; memory: local only)", "what")
+
+    def series(self, route: str, adapter: str, version: str, backend: str) -> Series:
+        key = (route, adapter, version, backend)
+        found = self._series.get(key)
+        if found is None:
+            if len(self._series) >= 4096:   # routes changed many times over: names that may be gone
+                self._series.clear()
+            found = self._series[key] = Series(self, route, adapter, version, backend)
+        return found
 
     def _counter(self, name: str, doc: str, *labels: str) -> Labeled:
         return Labeled(Counter(PREFIX + name, doc, labels, registry=self.registry))
@@ -280,12 +341,12 @@ class RequestRecorder:
     log (gateway/experiments/facts.py), `finished` also hands it the request's facts, and then starts `after`
     (shadow calls that wait for the answer to be done)."""
 
-    __slots__ = ("_metrics", "start", "_first", "_events", "route", "adapter", "version", "backend", "variant",
+    __slots__ = ("_metrics", "_series", "start", "_first", "_events", "route", "adapter", "version", "backend", "variant",
                  "upstream_s", "_upstream_start", "code", "usage", "ttft_s", "duration_s", "overhead_s",
                  "traceparent", "key", "request_id", "facts", "after")
 
     def __init__(self, metrics: Metrics, facts=None, request_id: str = "") -> None:
-        self._metrics = metrics
+        self._metrics, self._series = metrics, None
         self.facts, self.request_id, self.key, self.after = facts, request_id, "", None
         self.start = time.perf_counter()
         self._first = 0.0
@@ -302,9 +363,10 @@ class RequestRecorder:
 
     def routed(self, route: str, adapter: str | None, backend: str, version: str | None = None) -> None:
         if self.backend:
-            self._metrics.in_flight.add((self.backend,), -1.0)
+            add_to(self._series.in_flight, -1.0)
         self.route, self.adapter, self.version, self.backend = route, adapter or "", version or "", backend
-        self._metrics.in_flight.add((backend,))
+        self._series = series = self._metrics.series(route, self.adapter, self.version, backend)
+        add_to(series.in_flight or series.bind("in_flight"))
 
     def sampled(self, overrides) -> None:
         for param in overrides:
@@ -350,39 +412,54 @@ class RequestRecorder:
     def first_event(self) -> None:
         self._first = time.perf_counter()
         self.ttft_s = ttft = self._first - self.start
-        self._metrics.ttft.observe((self.route, self.backend), ttft)
+        series = self._series
+        if series is not None:
+            observe_in(series.ttft or series.bind("ttft"), ttft)
+        else:
+            self._metrics.ttft.observe((self.route, self.backend), ttft)
         if self.variant is not None:
             self._metrics.experiment_ttft.observe((self.route, self.variant), ttft)
 
-    def event(self) -> None:
-        self._events += 1
+    def events(self, count: int) -> None:
+        """`count` more streamed events after the first (the relay counts them and says so once)."""
+        self._events += count
 
     def finished(self, code: int, usage: dict | None = None) -> None:
         metrics, now = self._metrics, time.perf_counter()
         self.code, self.usage = code, usage
         self.duration_s = now - self.start
-        metrics.requests.add((self.route, self.adapter, self.version, self.backend, str(code)))
+        series = self._series   # bound by routed(): the series of the route, adapter version and backend
+        if series is None:
+            metrics.requests.add((self.route, self.adapter, self.version, self.backend, str(code)))
+        else:
+            add_to(series.codes.get(code) or series.requests(code))
         if self.variant is not None:
             metrics.experiment_requests.add((self.route, self.variant, str(code)))
         completion = usage.get("completion_tokens") if usage else None
-        if not self.backend:
+        if series is None:
             self.overhead_s = self.duration_s   # answered by the gateway alone (the log says so; no metric)
         else:
-            metrics.in_flight.add((self.backend,), -1.0)
-            metrics.duration.observe((self.route, self.backend), self.duration_s)
+            add_to(series.in_flight, -1.0)
+            observe_in(series.duration or series.bind("duration"), self.duration_s)
             self.overhead_s = self.duration_s - self.upstream_s - (now - self._first if self._first else 0.0)
-            metrics.overhead.observe((self.route,), max(self.overhead_s, 0.0))
+            observe_in(series.overhead or series.bind("overhead"), max(self.overhead_s, 0.0))
             # Per output token when the backend reported them (no chunk parsing: the usage chunk is read anyway);
             # else per streamed event, which is one token per event on SGLang and llama.cpp.
             gaps = completion - 1 if isinstance(completion, int) and completion > 1 else self._events
             if self._first and gaps > 0 and self._events > 0:
-                metrics.inter_token.observe((self.backend,), (now - self._first) / gaps)
+                observe_in(series.inter_token or series.bind("inter_token"), (now - self._first) / gaps)
         if usage:
             prompt = usage.get("prompt_tokens")
             if isinstance(prompt, int) and prompt > 0:
-                metrics.tokens.add((self.route, self.adapter, "prompt"), prompt)
+                if series is None:
+                    metrics.tokens.add((self.route, self.adapter, "prompt"), prompt)
+                else:
+                    add_to(series.prompt or series.bind("prompt"), prompt)
             if isinstance(completion, int) and completion > 0:
-                metrics.tokens.add((self.route, self.adapter, "completion"), completion)
+                if series is None:
+                    metrics.tokens.add((self.route, self.adapter, "completion"), completion)
+                else:
+                    add_to(series.completion or series.bind("completion"), completion)
         if self.facts is not None and self.route:
             first = self._first - self.start if self._first else self.duration_s
             self.facts.record(self.request_id, self.route, self.route if self.variant else None, self.variant,

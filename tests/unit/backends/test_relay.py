@@ -8,6 +8,7 @@ from backends.base import AgentRules, BackendRequest
 from backends.errors import BackendProtocolError
 from backends.llamacpp import fix_reasoning, fix_reasoning_stream
 from backends.openai_compat import RelayReply, has_usage_object
+from backends.reply_shape import TextTemplate
 
 
 class Upstream:
@@ -220,3 +221,112 @@ async def test_templated_blocks_are_the_full_rewrite(seed, monkeypatch):
         assert texts[0] == texts[1], fields
         assert replies[0].usage == replies[1].usage == USAGE
         assert replies[0]._template is not None and replies[1]._template is None   # templates were used
+
+
+# --- one token event per read (TextTemplate.event): the relay skips its [DONE] and error checks there --------
+
+# Texts a backend could put in a token, some of them broken JSON (a raw newline, a quote closing the string early),
+# which the fast path must hand back to the general one rather than relay differently.
+BROKEN_TEXTS = ["data: {", "x\ndata: [DONE]", "a\n", "\\", 'a"', "data: {\\\"error\\\":1}", "}\n\ndata: [DONE]"]
+ERROR_EVENT = b'data: {"error":{"message":"boom","code":400}}\n\n'
+TEMPLATE_EVENT = TextTemplate.event
+
+
+def stream_error(event: bytes):
+    from backends.openai_compat import StreamErrorEvent
+    return StreamErrorEvent(event.decode(), backend="b", status=400)
+
+
+async def relay_all(pieces, req, *, fast: bool, monkeypatch):
+    """What the client gets (and the error the stream ends with, if any), with the fast path on or off."""
+    original, used = TEMPLATE_EVENT, []
+
+    def event(self, block):
+        out = original(self, block) if fast else None
+        used.append(out is not None)
+        return out
+    monkeypatch.setattr(TextTemplate, "event", event)
+    reply = RelayReply(Upstream(pieces), req, backend="b", stream_error=stream_error, fix_block=fix_reasoning_stream)
+    out, error = [], None
+    try:
+        async for block in reply.events():
+            out.append(block)
+    except Exception as exc:   # noqa: BLE001 (compared, not hidden)
+        error = (type(exc).__name__, str(exc))
+    return out, error, reply.usage, any(used)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_one_event_reads_are_relayed_as_the_general_path_relays_them(seed, monkeypatch):
+    """Random streams in SGLang's and llama.cpp's shapes, mostly one event per read, with texts that hold quotes,
+    escapes, `data: [DONE]`, `data: {` and raw newlines, error events and [DONE] anywhere: the same blocks, the
+    same usage and the same ending with the fast path as without it."""
+    import random
+    rng = random.Random(seed)
+    make = sglang_event if seed % 2 else llamacpp_event
+    # the fields around the text mostly stay as they were (a fresh Random(0) picks them), as a backend's do
+    # broken texts after the first 20 events, so that a [DONE] in one does not end every stream before its tokens
+    events = [make(random.Random(0) if rng.random() < 0.9 else rng,
+                   rng.choice(BROKEN_TEXTS if i > 20 and rng.random() < 0.05 else TEXTS),
+                   rng.choice(["content", "content", "reasoning_content"])) for i in range(80)]
+    if rng.random() < 0.5:
+        events.insert(rng.randrange(40, 80), ERROR_EVENT)
+    if rng.random() < 0.5:   # a string closed early by `"error"`, then a text `data: {` that makes it an error event
+        at = rng.randrange(30, 80)
+        events[at:at] = [llamacpp_event(rng, text, "content").replace(b'"}', b'"error"}', 1) for text in ("x", "data: {")]
+    events += [event({"id": "chatcmpl-up1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                      "choices": [], "usage": USAGE}), done()]
+    pieces, at = [], 0
+    while at < len(events):
+        take = rng.choice([1, 1, 1, 1, 1, 2])
+        pieces.append(b"".join(events[at:at + take]))
+        at += take
+    monkeypatch.setattr("backends.openai_compat.time.time", lambda: 1764604800.5)
+    used = []
+    for fields in (dict(), dict(thinking=False), dict(hide_usage_chunk=True)):
+        results = []
+        for fast in (True, False):
+            random.seed(7)   # the same completion id for both
+            results.append(await relay_all(pieces, request(**fields), fast=fast, monkeypatch=monkeypatch))
+        assert results[0][:3] == results[1][:3], fields
+        assert not results[1][3]
+        used.append(results[0][3])
+    assert any(used)   # the fast path relayed blocks
+
+
+def test_a_template_covers_one_plain_token_event_and_nothing_else():
+    raw = b'data: {"choices":[{"delta":{"content":"a"}}],"model":"up"}\n\n'
+    template = TextTemplate.of(raw, raw.replace(b'"up"', b'"asked"'))
+    assert template.event(raw.replace(b'"a"', b'" b c"')) == raw.replace(b'"a"', b'" b c"').replace(b'"up"', b'"asked"')
+    for other in (raw + raw, raw[:-1], raw.replace(b'"a"', b'"a\\\\"'), raw.replace(b'"a"', b'"a\\"b"'),
+                  raw.replace(b'"a"', b'"a\ndata: [DONE]"'), raw.replace(b'"model"', b'"mode1"')):
+        assert template.event(other) is None, other
+    assert TextTemplate.of(raw.replace(b'"a"}', b'"a"error"}'), raw) is None
+
+
+@pytest.mark.parametrize("doc", [
+    {"usage": USAGE, "choices": [{"index": 0, "usage": {"prompt_tokens": 1}}, {"usage": None}]},
+    {"usage": None, "choices": [{"index": 0}, {"usage": {}}, {"usage": USAGE}, {"usage": {"prompt_tokens": 1}}]},
+    {"usage": {}, "choices": [{"usage": USAGE}]},
+    {"choices": [{"index": 0}]}, {"choices": []}, {"choices": None}, {"choices": "abc"}, {"choices": {"usage": 1}},
+    {"usage": USAGE}, {},
+])
+def test_take_usage_is_usage_of_then_strip_choice_usage(doc):
+    import copy
+
+    from backends.openai_compat import strip_choice_usage, take_usage, usage_of
+    expected = copy.deepcopy(doc)
+    usage = usage_of(expected)
+    strip_choice_usage(expected.get("choices"))
+    assert take_usage(doc) == usage and doc == expected
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(thinking=False), dict(rules=AgentRules(strip_reasoning=True)),
+                                    dict(body={"tools": [{"type": "function"}]}), dict(hide_usage_chunk=True)])
+def test_done_alone_is_what_the_full_rewrite_makes_of_it(fields):
+    """The relay passes a block that is `data: [DONE]` alone as it is: every rewrite leaves it so."""
+    from backends.openai_compat import DONE_EVENT
+    reply = RelayReply(Upstream([]), request(**fields), backend="b", stream_error=stream_error,
+                       fix_block=fix_reasoning_stream)
+    reply._rewrite(llamacpp_event(__import__("random").Random(0), "x", "content"))
+    assert reply._rewrite(DONE_EVENT) == DONE_EVENT

@@ -189,3 +189,30 @@ async def test_a_stream_keeps_one_id_created_and_model_through_the_fast_path():
     assert len(docs) == 11
     assert {(d["id"], d["created"], d["model"]) for d in docs} == {(reply.shape.id, reply.shape.created, "asked")}
 
+
+
+# cut_timings and cut_null_details replace these regexes' subs (which sre ran at every byte of a usage chunk).
+TIMINGS_REGEX = re.compile(rb',?\s*"timings":\s*\{[^{}]*\}')
+NULL_DETAILS_REGEX = re.compile(rb',?\s*"(?:prompt|completion)_tokens_details":\s*null')
+CUT_PARTS = [b",", b" ", b"\n", b"\t", b'"timings":', b"{", b"}", b'"a":1', b'"prompt', b'"completion',
+             b'_tokens_details":', b"null", b"nul", b"x", b'"', b",,", b'"prompt_tokens_details":', b'"timings": ',
+             b'{"n":1}', b'"completion_tokens_details": ', b'"usage":{']
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_usage_fields_are_cut_exactly_as_the_regexes_cut_them(seed):
+    import random
+    from backends.reply_shape import cut_null_details, cut_timings
+    rng = random.Random(seed)
+    for _ in range(20_000):
+        block = b"".join(rng.choice(CUT_PARTS) for _ in range(rng.randint(0, 16)))
+        assert cut_timings(block) == TIMINGS_REGEX.sub(b"", block), block
+        assert cut_null_details(block) == NULL_DETAILS_REGEX.sub(b"", block), block
+
+
+def test_llamacpp_usage_chunk_loses_timings_and_keeps_its_details():
+    raw = (b'data: {"choices":[],"created":1,"id":"chatcmpl-x","model":"m","object":"chat.completion.chunk",'
+           b'"usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":12,"prompt_tokens_details":'
+           b'{"cached_tokens":0}},"timings":{"cache_n":0,"prompt_n":9,"predicted_per_second":199.7}}\n\n')
+    assert ReplyShape.usage_block(raw) == TIMINGS_REGEX.sub(b"", raw) == raw.replace(
+        b',"timings":{"cache_n":0,"prompt_n":9,"predicted_per_second":199.7}', b"")

@@ -344,3 +344,114 @@ def test_direct_metric_writes_expose_what_the_children_methods_do():
         histogram.observe(("x",), amount)
         histogram2.labels("x").observe(amount)
     assert generate_latest(own) == generate_latest(theirs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_access_line_as_text_is_the_line_orjson_writes(seed, monkeypatch):
+    """access_json() + write_json_text() (the access line's path) against access_fields() + write_json(): the same
+    line, byte for byte, for random recorders: None, odd token counts from a backend, names with quotes and
+    non-ASCII, request ids that need escapes, durations from a microsecond to days."""
+    from types import SimpleNamespace
+
+    from gateway import logs
+    from gateway.access_log import access_fields, access_json
+    from gateway.logs import REQUEST_ID, BackgroundHandler, JsonFormatter
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(logs.time, "time", lambda: 1764604800.123)
+    handler = BackgroundHandler(io.StringIO())
+    handler.setFormatter(JsonFormatter())
+    handler.close()   # the writer stopped: the lines stay in `pending`, compared there
+    names = [None, "", "kimi", "k2@1a2b3c4d", 'a"b', "back\\slash", "é漢", "tab\there", "\x7f"]
+    seconds = [None, 0.0, 1e-7, 0.0000015, 0.0123456, 3.5, 86400.123456789, 1e13, -0.0004]
+    counts = [None, 0, 7, 2 ** 40, 2 ** 70, -3, 1.5, "12", True, [1], {"a": 1}]
+    try:
+        for _ in range(2000):
+            recorder = SimpleNamespace(
+                usage=rng.choice([None, {}, {"prompt_tokens": rng.choice(counts), "completion_tokens": rng.choice(counts)}]),
+                route=rng.choice(names) or "", version=rng.choice(names) or "", adapter=rng.choice(names),
+                variant=rng.choice(names), backend=rng.choice(names) or "", code=rng.choice([200, 499, 502]),
+                ttft_s=rng.choice(seconds), duration_s=rng.choice(seconds), upstream_s=rng.choice(seconds[1:]),
+                overhead_s=rng.choice(seconds))
+            path, client, stream = rng.choice(["/v1/chat/completions", "/v1/completions"]), rng.choice(names), \
+                rng.choice([True, False])
+            token = REQUEST_ID.set(rng.choice([None, "0f1e2d3c4b5a69788796a5b4", "req-7", 'q"x', "ü"]))
+            try:
+                try:
+                    handler.write_json("kimi_gateway.access", "request", access_fields(recorder, path, client, stream, None))
+                except (TypeError, orjson.JSONEncodeError) as exc:   # a count orjson refuses: refused the same way,
+                    try:                                                # or left to the fields' dict, which refuses it
+                        assert access_json(recorder, path, client, stream) is None
+                    except type(exc):
+                        pass
+                    continue
+                text = access_json(recorder, path, client, stream)
+                if text is None:   # an odd token count: the fields' dict is written (write_json, as above)
+                    assert any(count.__class__ is not int for count in (recorder.usage or {}).values())
+                    continue
+                handler.write_json_text('"kimi_gateway.access"', '"request"', text)
+            finally:
+                REQUEST_ID.reset(token)
+            assert handler.pending[-1] == handler.pending[-2], recorder
+    finally:
+        handler.pending.clear()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_recorder_series_expose_what_labels_writes_expose(seed, monkeypatch):
+    """RequestRecorder writes through per-combination series (Metrics.series) bound once: the exposition is what
+    the same requests give written by prometheus_client's labels(…).inc()/observe(), and no series more (one is
+    made at its first write: random requests, JSON and streams, fallbacks, answers without a route, odd usage)."""
+    from prometheus_client import generate_latest
+
+    from gateway import metrics as metrics_module
+    from gateway.metrics import Metrics, RequestRecorder
+
+    rng = random.Random(seed)
+    clock, now = iter(range(10 ** 6)), [0.0]
+
+    def perf_counter() -> float:
+        now[0] = next(clock) * 0.0137
+        return now[0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", perf_counter)
+    ours, reference = Metrics(), Metrics()
+    ref = {name: getattr(reference, name).collector for name in
+           ("requests", "in_flight", "duration", "ttft", "overhead", "inter_token", "tokens")}
+    for _ in range(300):
+        recorder = RequestRecorder(ours)
+        route, adapter, backend = rng.choice(["kimi", "k2"]), rng.choice([None, "a1"]), rng.choice(["up", "b2"])
+        version = rng.choice([None, "a1@12345678"]) if adapter else None
+        code = rng.choice([200, 200, 502, 499])
+        usage = rng.choice([None, {}, {"prompt_tokens": rng.randint(0, 9), "completion_tokens": rng.randint(0, 40)},
+                            {"prompt_tokens": "7", "completion_tokens": 2.0}])
+        routed, stream, fallback = rng.random() < 0.85, rng.random() < 0.5, rng.random() < 0.2
+        if routed:
+            if fallback:   # routed twice
+                recorder.routed(route, None, "other")
+                ref["in_flight"].labels("other").inc(0)
+            recorder.routed(route, adapter, backend, version)
+            if stream:
+                recorder.first_event()
+                recorder.events(rng.randint(0, 5))
+        else:
+            recorder.route = rng.choice(["", route])
+        recorder.finished(code, usage)
+        # what the recorder's writes were, through prometheus_client's own methods
+        labels = (recorder.route, recorder.adapter, recorder.version, recorder.backend, str(code))
+        ref["requests"].labels(*labels).inc()
+        if routed:
+            ref["in_flight"].labels(backend).inc(0)
+            ref["duration"].labels(route, backend).observe(recorder.duration_s)
+            ref["overhead"].labels(route).observe(max(recorder.overhead_s, 0.0))
+            if stream:
+                ref["ttft"].labels(route, backend).observe(recorder.ttft_s)
+                completion = (usage or {}).get("completion_tokens")
+                gaps = completion - 1 if isinstance(completion, int) and completion > 1 else recorder._events
+                if gaps > 0 and recorder._events > 0:
+                    ref["inter_token"].labels(backend).observe((now[0] - recorder._first) / gaps)
+        if usage:
+            for kind in ("prompt", "completion"):
+                count = usage.get(f"{kind}_tokens")
+                if isinstance(count, int) and count > 0:
+                    ref["tokens"].labels(recorder.route, recorder.adapter, kind).inc(count)
+    assert generate_latest(ours.registry) == generate_latest(reference.registry)
