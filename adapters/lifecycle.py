@@ -126,6 +126,7 @@ class AdapterLifecycle:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._heard = asyncio.Event()        # the store announced a change (or a reconnect)
+        self._mirroring = asyncio.Lock()     # one refresh at a time: an older snapshot never lands on a newer one
         self._mirror_task: asyncio.Task | None = None
         self._usable: Callable[[AdapterSpec], bool] = lambda spec: True
         for name, driver in drivers.items():
@@ -468,15 +469,19 @@ class AdapterLifecycle:
                 log.exception("applying the adapter store's changes failed")
 
     async def refresh(self) -> None:
-        """Mirror the store: records, versions, states; routes and what each backend replica may serve."""
-        while True:
-            writes = self.store.writes
-            adapters, versions, states = await self.store.snapshot()
-            if await self._convert_mirrored(adapters):
-                continue   # that took a while: read again
-            if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
-                break
-        self._apply(adapters, versions, states)
+        """Mirror the store: records, versions, states; routes and what each backend replica may serve. Refreshes
+        run one at a time (the mirror loop's and an operation's may overlap): one that read the store earlier
+        would otherwise apply its older snapshot last, and the replica would serve a past state until the next
+        notification (a version already retired elsewhere, reloaded by the reconcile loop)."""
+        async with self._mirroring:
+            while True:
+                writes = self.store.writes
+                adapters, versions, states = await self.store.snapshot()
+                if await self._convert_mirrored(adapters):
+                    continue   # that took a while: read again
+                if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
+                    break
+            self._apply(adapters, versions, states)
 
     async def _convert_mirrored(self, adapters: Sequence[AdapterRecord]) -> bool:
         """Active versions another replica registered: converted here too before they are mirrored (a shared
