@@ -1,4 +1,11 @@
-"""GatewayConfig: the strict, immutable YAML config (DESIGN.md "Config file") and load_config(path)."""
+"""GatewayConfig: the strict, immutable YAML config (DESIGN.md "Config file") and load_config(path).
+
+Strict means unknown keys are errors; scalars are read in pydantic's lax mode, on purpose. YAML already types
+every unquoted scalar (`30`, `0.5`, `true`), so lax mode only reads values someone quoted (`timeout_s: "30"`),
+which have one meaning, and config files written by templating tools that quote values keep loading. The admin
+API reads the same models strictly (gateway/control_body.py `strict_body`): there a string where a number
+belongs is a client's type bug, which a JSON API should report rather than guess around.
+"""
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ from adapters.store import StoreUnavailableError
 from adapters.models import AdapterSpec, SwapSpec
 from gateway.auth import bearer, match_key
 from gateway.config import check_adapter_references
+from gateway.control_body import strict_body
 from gateway.dependencies import StateDep
 from gateway.errors import (
     AuthenticationError,
@@ -52,7 +53,7 @@ async def show_adapter(name: str, state: StateDep) -> dict:
         raise to_gateway_error(exc) from exc
 
 
-@router.post("/adapters", status_code=201)
+@router.post("/adapters", status_code=201, dependencies=[strict_body(AdapterSpec)])
 async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
     try:
         check_adapter_references(spec, state.config, "adapter")
@@ -69,7 +70,7 @@ async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
         raise to_gateway_error(exc) from exc
 
 
-@router.post("/adapters/{name}/swap")
+@router.post("/adapters/{name}/swap", dependencies=[strict_body(SwapSpec)])
 async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
     if swap.source is None and swap.gguf is None:
         raise UnprocessableAdapterError("A swap needs the new version's `source` (PEFT dir) and/or `gguf`.")

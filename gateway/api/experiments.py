@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gateway.api.admin import LIFECYCLE_ERRORS, require_admin, swap_problem
 from gateway.auth import Principal, authenticate, bearer, match_key
 from gateway.config import RouteConfig
+from gateway.control_body import strict_body
 from gateway.dependencies import StateDep
 from gateway.errors import (
     ConflictError,
@@ -71,7 +72,7 @@ def check_still_served(name: str, after: RouteConfig | None, state: GatewayState
                             param="name")
 
 
-@admin_router.put("/routes/{name}")
+@admin_router.put("/routes/{name}", dependencies=[strict_body(RouteConfig)])
 async def put_route(name: str, route: RouteConfig, state: StateDep) -> dict:
     if route.name != name:
         raise InvalidRequestError(f"The body's name '{route.name}' is not the path's {quoted(name)}.", param="name")
@@ -120,7 +121,7 @@ class PromoteBody(BaseModel):
     variant: str | None = None    # default: the report's winner (409 while there is none)
 
 
-@admin_router.post("/experiments/{name}/promote")
+@admin_router.post("/experiments/{name}/promote", dependencies=[strict_body(PromoteBody)])
 async def promote(name: str, state: StateDep, body: PromoteBody | None = None) -> dict:
     lifecycle = state.lifecycle
 
