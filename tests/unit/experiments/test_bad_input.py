@@ -191,15 +191,15 @@ async def test_a_non_ascii_authorization_header_is_a_401(config):
 
 
 @pytest.mark.parametrize("method, path, allowed", [
-    ("POST", "/admin/routes/x", "DELETE, GET, PUT"),
-    ("PATCH", "/admin/routes/x", "DELETE, GET, PUT"),
+    ("POST", "/admin/routes/x", "DELETE, GET, HEAD, PUT"),
+    ("PATCH", "/admin/routes/x", "DELETE, GET, HEAD, PUT"),
     ("GET", "/v1/feedback", "POST"),
-    ("PUT", "/admin/adapters/v1", "DELETE, GET"),
+    ("PUT", "/admin/adapters/v1", "DELETE, GET, HEAD"),
     ("GET", "/admin/experiments/legal/promote", "POST"),
-    ("DELETE", "/admin/experiments/legal", "GET"),
+    ("DELETE", "/admin/experiments/legal", "GET, HEAD"),
     ("GET", "/v1/chat/completions", "POST"),
     ("PUT", "/v1/completions", "POST"),
-    ("POST", "/v1/models", "GET"),
+    ("POST", "/v1/models", "GET, HEAD"),
 ])
 async def test_a_wrong_method_is_a_405_with_every_allowed_method(config, method, path, allowed):
     async with app(config) as client:
