@@ -244,6 +244,7 @@ def builders(roots: tuple[Path, Path, Path], images: str = f"http://{IMAGE_IP}:1
 
 
 CONFIG_CASES = {
+    "missing-adapter-root": {"adapter_roots": ["/nonexistent/kgw-adapters"]},
     "inline-secret": {"auth": {"client_keys": [{"name": "a", "key_env": "sk-live-123"}]}},
     "inline-api-key": {"backends": [{"name": "h", "kind": "moonshot", "url": "https://api.moonshot.ai/v1",
                                      "api_key_env": "K", "api_key": "sk-live-123"}]},
