@@ -299,7 +299,7 @@ async def test_a_store_fault_behind_the_experiment_api_is_a_clean_5xx(config, fa
         transport = httpx.ASGITransport(app=gateway, raise_app_exceptions=False)   # as a server: answer, then log
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             store = gateway.state.experiments.store
-            store.put_route = store.delete_route = store.fact = broken
+            store.put_route = store.delete_route = store.change_route = store.fact = broken
             for method, path, body in [("PUT", "/admin/routes/x", {"name": "x", "targets": ["one"]}),
                                        ("DELETE", "/admin/routes/legal", None),
                                        ("POST", "/v1/feedback", {"request_id": "r", "score": 1})]:
