@@ -249,7 +249,7 @@ class AdapterLifecycle:
                 await self._bring_in(version, spec.backends)
             except BaseException:
                 await self.store.remove_adapter(spec.name)
-                del self.records[spec.name]
+                self.records.pop(spec.name, None)   # a refresh may have mirrored the removal already
                 raise
             await self._flip(version)
         self.events.adapter_operation("add", "ok")
@@ -289,7 +289,7 @@ class AdapterLifecycle:
             async with self._operation:
                 record = self._record(name)
                 await self.store.remove_adapter(name)
-                del self.records[name]
+                self.records.pop(name, None)   # the mirror loop may have applied the removal already (a fleet)
                 self._changed()
             if record.active is not None:
                 await self._propagated()

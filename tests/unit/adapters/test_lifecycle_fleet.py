@@ -198,3 +198,26 @@ async def test_a_refresh_never_applies_an_older_snapshot_over_a_newer_one(dsn, d
         go_on.set()
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_refresh_that_lands_while_a_remove_writes_does_not_break_the_remove(dsn, dirs):
+    """The mirror loop hears the remove's own notification and may apply the store's state (the adapter gone)
+    before the remove does its own bookkeeping: the remove must still finish, and the adapter be gone."""
+    root, paths = dirs
+    backend: dict = {}
+    (first, _), (second, second_driver) = [await replica(dsn, root, backend) for _ in range(2)]
+    remove_adapter = second.store.remove_adapter
+
+    async def remove_then_mirror(name: str) -> None:
+        await remove_adapter(name)
+        await second.refresh()      # what the mirror loop does on the notification, at the worst moment
+
+    second.store.remove_adapter = remove_then_mirror
+    try:
+        await first.register(AdapterSpec(name="legal", source=str(paths["v1"]), backends=("kt",)))
+        await until("the second replica has the adapter", lambda: second.names() == ["legal"], second.refresh)
+        await second.remove("legal")
+        assert second.names() == [] and second.active() == [] and second_driver.serving == {} and backend == {}
+    finally:
+        await first.aclose()
+        await second.aclose()
