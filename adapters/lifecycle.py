@@ -38,6 +38,7 @@ RECONCILE_INTERVAL_S = 5.0
 INTERRUPTED = "interrupted by a gateway restart"
 TAKEN_OVER = "interrupted: the gateway replica doing it stopped; rolled back by another"
 MIRROR_INTERVAL_S = 10.0      # a fleet replica re-reads the store at least this often, notified or not
+REREAD_S = 0.02              # a refresh that read while a write of ours was in flight reads again after this
 PROPAGATION_S = 1.0           # every replica applies a committed change within this; a swap waits it out
 OPERATION_WAIT_S = 60.0       # an admin operation waits this long for another replica's operation to end
 BACKEND_WAIT_S = 120.0        # backend work waits this long for another replica's (a drained restart)
@@ -479,8 +480,12 @@ class AdapterLifecycle:
                 adapters, versions, states = await self.store.snapshot()
                 if await self._convert_mirrored(adapters):
                     continue   # that took a while: read again
-                if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
+                # No write of ours began or ended during the read, and none was in flight (begun before the read,
+                # committed during or after it): then the snapshot holds every write of ours we have applied.
+                if self.store.writes == writes and not self.store.writing:
                     break
+                if self.store.writing:
+                    await asyncio.sleep(REREAD_S)   # a write of ours is in flight: read again once it is through
             self._apply(adapters, versions, states)
 
     async def _convert_mirrored(self, adapters: Sequence[AdapterRecord]) -> bool:

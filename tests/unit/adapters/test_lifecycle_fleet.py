@@ -221,3 +221,49 @@ async def test_a_refresh_that_lands_while_a_remove_writes_does_not_break_the_rem
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_snapshot_read_while_a_write_of_ours_commits_is_read_again(dsn, dirs):
+    """A replica's own flip is in flight (its transaction begun, not committed) when a refresh reads the store: the
+    refresh must not apply what it read (the adapter without its active version) once the flip is done."""
+    from contextlib import asynccontextmanager
+
+    root, paths = dirs
+    first, _ = await replica(dsn, root, {})
+    first._mirror_task.cancel()   # the refresh below plays its part, at the worst moment
+    flipping, commit, read, applied = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    transaction, snapshot = first.store._transaction, first.store.snapshot
+
+    @asynccontextmanager
+    async def held_transaction(notify=None, write=False):
+        async with transaction(notify, write) as conn:
+            yield conn
+            if notify is not None and notify.startswith("activate"):
+                flipping.set()
+                await commit.wait()
+
+    async def held_snapshot():
+        taken = await snapshot()
+        if PAUSED.get():
+            read.set()
+            await applied.wait()
+        return taken
+
+    first.store._transaction, first.store.snapshot = held_transaction, held_snapshot
+    try:
+        registering = asyncio.create_task(first.register(AdapterSpec(name="legal", source=str(paths["v1"]),
+                                                                     backends=("kt",))))
+        await flipping.wait()
+        context = contextvars.copy_context()
+        context.run(PAUSED.set, True)
+        refreshing = asyncio.create_task(first.refresh(), context=context)
+        await read.wait()          # it read the store while the flip was not committed
+        commit.set()
+        await registering          # the flip is committed and applied
+        applied.set()
+        await refreshing
+        assert [a.spec.name for a in first.active()] == ["legal"]
+    finally:
+        commit.set()
+        applied.set()
+        await first.aclose()
