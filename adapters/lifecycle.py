@@ -38,6 +38,7 @@ RECONCILE_INTERVAL_S = 5.0
 INTERRUPTED = "interrupted by a gateway restart"
 TAKEN_OVER = "interrupted: the gateway replica doing it stopped; rolled back by another"
 MIRROR_INTERVAL_S = 10.0      # a fleet replica re-reads the store at least this often, notified or not
+REREAD_S = 0.02              # a refresh that read while a write of ours was in flight reads again after this
 PROPAGATION_S = 1.0           # every replica applies a committed change within this; a swap waits it out
 OPERATION_WAIT_S = 60.0       # an admin operation waits this long for another replica's operation to end
 BACKEND_WAIT_S = 120.0        # backend work waits this long for another replica's (a drained restart)
@@ -126,6 +127,7 @@ class AdapterLifecycle:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._heard = asyncio.Event()        # the store announced a change (or a reconnect)
+        self._mirroring = asyncio.Lock()     # one refresh at a time: an older snapshot never lands on a newer one
         self._mirror_task: asyncio.Task | None = None
         self._usable: Callable[[AdapterSpec], bool] = lambda spec: True
         for name, driver in drivers.items():
@@ -248,7 +250,7 @@ class AdapterLifecycle:
                 await self._bring_in(version, spec.backends)
             except BaseException:
                 await self.store.remove_adapter(spec.name)
-                del self.records[spec.name]
+                self.records.pop(spec.name, None)   # a refresh may have mirrored the removal already
                 raise
             await self._flip(version)
         self.events.adapter_operation("add", "ok")
@@ -288,7 +290,7 @@ class AdapterLifecycle:
             async with self._operation:
                 record = self._record(name)
                 await self.store.remove_adapter(name)
-                del self.records[name]
+                self.records.pop(name, None)   # the mirror loop may have applied the removal already (a fleet)
                 self._changed()
             if record.active is not None:
                 await self._propagated()
@@ -468,15 +470,23 @@ class AdapterLifecycle:
                 log.exception("applying the adapter store's changes failed")
 
     async def refresh(self) -> None:
-        """Mirror the store: records, versions, states; routes and what each backend replica may serve."""
-        while True:
-            writes = self.store.writes
-            adapters, versions, states = await self.store.snapshot()
-            if await self._convert_mirrored(adapters):
-                continue   # that took a while: read again
-            if self.store.writes == writes:  # no write of ours overtook the read: the snapshot is not stale
-                break
-        self._apply(adapters, versions, states)
+        """Mirror the store: records, versions, states; routes and what each backend replica may serve. Refreshes
+        run one at a time (the mirror loop's and an operation's may overlap): one that read the store earlier
+        would otherwise apply its older snapshot last, and the replica would serve a past state until the next
+        notification (a version already retired elsewhere, reloaded by the reconcile loop)."""
+        async with self._mirroring:
+            while True:
+                writes = self.store.writes
+                adapters, versions, states = await self.store.snapshot()
+                if await self._convert_mirrored(adapters):
+                    continue   # that took a while: read again
+                # No write of ours began or ended during the read, and none was in flight (begun before the read,
+                # committed during or after it): then the snapshot holds every write of ours we have applied.
+                if self.store.writes == writes and not self.store.writing:
+                    break
+                if self.store.writing:
+                    await asyncio.sleep(REREAD_S)   # a write of ours is in flight: read again once it is through
+            self._apply(adapters, versions, states)
 
     async def _convert_mirrored(self, adapters: Sequence[AdapterRecord]) -> bool:
         """Active versions another replica registered: converted here too before they are mirrored (a shared

@@ -50,7 +50,8 @@ class AdapterStore(Protocol):
     async def states(self, name: str | None = None) -> list[ReplicaState]: ...
     async def snapshot(self) -> tuple[list[AdapterRecord], list[AdapterVersion], list[ReplicaState]]: ...
     async def watch(self, on_change: Callable[[], None]) -> None: ...   # other writers' changes, as they commit
-    writes: int   # writes this process started: a snapshot read while it moved may be stale
+    writes: int   # this process's writes, counted as each starts and as each ends: a snapshot read while it moved
+    writing: int  # ... may be stale, and so may one read while any of them was in flight (begun, not committed)
 
 
 SCHEMA = """
@@ -132,12 +133,18 @@ class SqliteFile:
         self.path = Path(state_dir) / self.filename
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
-        self.writes = 0                  # local writes started: lets a reader tell its snapshot may be stale
+        self.writes = 0                  # local writes, at start and at end: a reader can tell its snapshot may be
+        self.writing = 0                 # stale (AdapterStore.writes); and those in flight now
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
         self.writes += write
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._in_transaction, work)
+        self.writing += write
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._in_transaction, work)
+        finally:
+            self.writes += write
+            self.writing -= write
 
     def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._db:  # one transaction: committed whole or rolled back whole

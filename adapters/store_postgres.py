@@ -126,7 +126,8 @@ class PostgresPool:
     def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
-        self.writes = 0                  # local writes started: lets a reader tell its snapshot may be stale
+        self.writes = 0                  # local writes, at start and at end: a reader can tell its snapshot may be
+        self.writing = 0                 # stale (AdapterStore.writes); and those in flight now
         self._pool: asyncpg.Pool | None = None
         self._watch_task: asyncio.Task | None = None
 
@@ -155,7 +156,9 @@ class PostgresPool:
     @asynccontextmanager
     async def _transaction(self, notify: str | None = None, write: bool = False):
         """One transaction on a pooled connection; `notify` is announced on the channel when it commits."""
-        self.writes += write or notify is not None
+        counted = int(write or notify is not None)
+        self.writes += counted
+        self.writing += counted
         assert self._pool is not None, "the store is not open"
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
@@ -165,6 +168,9 @@ class PostgresPool:
                         await conn.execute("SELECT pg_notify($1, $2)", self.channel, notify)
         except UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+        finally:
+            self.writes += counted
+            self.writing -= counted
 
 
 class PostgresStore(PostgresPool):

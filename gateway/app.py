@@ -146,9 +146,21 @@ METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
 def allowed_methods(app: FastAPI, scope) -> str:
-    """The methods some route takes at this path (asked of the routes, however FastAPI nests routers)."""
-    return ", ".join(method for method in METHODS
-                     if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.router.routes))
+    """The methods some route takes at this path (asked of the routes, however FastAPI nests routers); HEAD
+    wherever GET is (`as_get`)."""
+    return ", ".join(method for method in METHODS if any(
+        route.matches({**scope, "method": "GET" if method == "HEAD" else method})[0] is Match.FULL
+        for route in app.router.routes))
+
+
+def as_get(scope, send):
+    """HEAD is answered as GET, without the body: the GET's status and headers (its content-length included)
+    reach the client, its body bytes do not (RFC 9110 9.3.2). The control plane's routes declare GET only."""
+    async def send_head(message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+    return {**scope, "method": "GET"}, send_head
 
 
 class GatewayApp:
@@ -192,6 +204,8 @@ class GatewayApp:
             path, on_admin = scope["path"], on_admin_listener(scope, self.state.config)
             if path not in self.shared_paths and on_admin != self._admin_side(path):
                 return await not_found(send)
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope, send = as_get(scope, send)
         return await self.checked_control(scope, receive, send)
 
     def _admin_side(self, path: str) -> bool:

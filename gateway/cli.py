@@ -7,7 +7,7 @@ import logging
 import sys
 
 from gateway.adapters_cli import add_commands as add_admin_commands
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, check_adapter_roots, load_config
 from gateway.conversion import add_commands as add_setup_commands
 from gateway.conversion import conversion_problems
 from gateway.experiments_cli import add_commands as add_experiment_commands
@@ -41,6 +41,10 @@ def load_checked(path: str) -> GatewayConfig:
     from gateway.state import base_model_dims
 
     config = load_config(path)
+    try:
+        check_adapter_roots(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     try:
         check_config_adapters(config.adapters, config.adapter_roots, base_model_dims(config),
                               {b.name: getattr(b, "max_lora_rank", None) for b in config.backends},

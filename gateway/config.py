@@ -1,4 +1,11 @@
-"""GatewayConfig: the strict, immutable YAML config (DESIGN.md "Config file") and load_config(path)."""
+"""GatewayConfig: the strict, immutable YAML config (DESIGN.md "Config file") and load_config(path).
+
+Strict means unknown keys are errors; scalars are read in pydantic's lax mode, on purpose. YAML already types
+every unquoted scalar (`30`, `0.5`, `true`), so lax mode only reads values someone quoted (`timeout_s: "30"`),
+which have one meaning, and config files written by templating tools that quote values keep loading. The admin
+API reads the same models strictly (gateway/control_body.py `strict_body`): there a string where a number
+belongs is a client's type bug, which a JSON API should report rather than guess around.
+"""
 from __future__ import annotations
 
 import os
@@ -277,6 +284,17 @@ def check_adapter_references(adapter: AdapterConfig, config: GatewayConfig, wher
             what = {"gguf": "a GGUF LoRA file, or `source` with conversion.llama_cpp_python set to convert it",
                     "source": "a PEFT dir"}[artifact]
             raise ValueError(f"{where}: backend {name!r} is {backend.kind}, so the adapter needs `{artifact}` ({what})")
+
+
+def check_adapter_roots(config: GatewayConfig) -> None:
+    """Each adapter root must be a directory here (`check` and `serve`, not every load: a config is also read
+    where its paths are not, to launch or to test it). A typo would otherwise surface later, as every adapter
+    under it refused for resolving "outside the adapter roots". Paths are taken as adapters/validation.py
+    takes them: relative to the working directory, `~` not expanded."""
+    for i, root in enumerate(config.adapter_roots):
+        path = Path(root)
+        if not path.is_dir():
+            raise ConfigError(f"adapter_roots[{i}]: {root} {'is not a directory' if path.exists() else 'does not exist'}")
 
 
 def _unique(what: str, names: list[str]) -> None:

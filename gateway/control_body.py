@@ -6,12 +6,19 @@ at the top, no key twice in one object, no NaN/Infinity (else 400, saying where)
 the last of two duplicate keys, read NaN as a number and buffer any size. Only requests that FastAPI routes
 to a handler are checked, so an unknown path stays a 404 and a wrong method a 405; and the caller's key is
 checked first (`authorize`), so a client without one gets its 401 and nothing of its body is read.
+
+Then each admin handler's body is read as its model in pydantic's strict JSON mode (`strict_body`): a number
+is a JSON number and a boolean a JSON boolean (`"timeout_s": "30"`, `"enabled": "no"` and `"weight": 50.0` for
+an integer are 422s naming the key path). The YAML config stays lax (gateway/config.py says why).
 """
 from __future__ import annotations
 
 import json
 from typing import Callable
 
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.routing import Match
 
 from gateway.dataplane import CLOSE, ClientGone, read_body, send_error
@@ -108,3 +115,20 @@ class ControlBodyCheck:
             return await receive()   # after the body: the client's disconnect, when it comes
 
         await self.app(scope, replay, send)
+
+
+def strict_body(model: type[BaseModel]):
+    """A handler's dependency: 422 unless its JSON body is `model` read strictly (no "30" for 30, no 1 for true),
+    through the app's one RequestValidationError handler (the key path in `message` and `param`). It runs before
+    FastAPI's own (lax) reading of the body, which then gives the same values. An empty body is FastAPI's to
+    judge (required, or a promote's optional body)."""
+    async def check(request: Request) -> None:
+        body = await request.body()
+        if not body:
+            return
+        try:
+            model.model_validate_json(body, strict=True)
+        except ValidationError as exc:
+            raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]) \
+                from None
+    return Depends(check)

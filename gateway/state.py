@@ -60,6 +60,7 @@ class GatewayState:
         self.lifecycle.on_routes_changed = self.rebuild_routes
         await self.shared.start()
         self.experiments.on_routes_changed = self.rebuild_routes
+        self.experiments.adapter_names = self.lifecycle.names   # what route changes are checked against
         await self.experiments.start()   # run-time routes first: the lifecycle's first rebuild uses them
         await self.lifecycle.start(self.config.adapters, lambda spec: usable(self.config, spec))
         self.fleet.routes_changed(self.config, self.lifecycle.active())

@@ -12,6 +12,7 @@ from adapters.store import StoreUnavailableError
 from adapters.models import AdapterSpec, SwapSpec
 from gateway.auth import bearer, match_key
 from gateway.config import check_adapter_references
+from gateway.control_body import strict_body
 from gateway.dependencies import StateDep
 from gateway.errors import (
     AuthenticationError,
@@ -52,24 +53,31 @@ async def show_adapter(name: str, state: StateDep) -> dict:
         raise to_gateway_error(exc) from exc
 
 
-@router.post("/adapters", status_code=201)
+@router.post("/adapters", status_code=201, dependencies=[strict_body(AdapterSpec)])
 async def add_adapter(spec: AdapterSpec, state: StateDep) -> dict:
     try:
         check_adapter_references(spec, state.config, "adapter")
     except ValueError as exc:
         state.lifecycle.events.adapter_operation("add", "invalid")
         raise UnprocessableAdapterError(str(exc)) from exc
-    if state.routes.get(spec.name) is not None and spec.name not in state.lifecycle.names():
-        raise ConflictError(f"'{spec.name}' is already a route name.")
+
+    def not_a_route(routes: list) -> None:
+        if spec.name in {route.name for route in routes}:
+            raise ConflictError(f"'{spec.name}' is already a route name.")
+
+    async def add() -> None:
+        # The name is claimed while it is checked and registered: no route change may take it meanwhile.
+        async with state.experiments.claiming(spec.name, not_a_route):
+            await state.lifecycle.register(spec)
     try:
-        await asyncio.shield(state.lifecycle.register(spec))  # an admin who hangs up does not cut it in half
+        await asyncio.shield(add())  # an admin who hangs up does not cut it in half
         return state.lifecycle.view(spec.name)
     except LIFECYCLE_ERRORS as exc:
         state.lifecycle.events.adapter_operation("add", "error")
         raise to_gateway_error(exc) from exc
 
 
-@router.post("/adapters/{name}/swap")
+@router.post("/adapters/{name}/swap", dependencies=[strict_body(SwapSpec)])
 async def swap_adapter(name: str, swap: SwapSpec, state: StateDep) -> dict:
     if swap.source is None and swap.gguf is None:
         raise UnprocessableAdapterError("A swap needs the new version's `source` (PEFT dir) and/or `gguf`.")
@@ -98,10 +106,18 @@ def swap_problem(view: dict, source: str | None, gguf: str | None, state: Gatewa
 
 @router.delete("/adapters/{name}", status_code=204)
 async def remove_adapter(name: str, state: StateDep) -> Response:
-    users = [route.name for route in state.routes.routes()
-             if route.experiment and (name in route.experiment.variants or name in route.experiment.shadow)]
+    users: list[str] = []
+
+    def in_use(routes: list) -> None:
+        users.extend(route.name for route in routes
+                     if route.experiment and (name in route.experiment.variants or name in route.experiment.shadow))
+
+    async def remove() -> None:
+        # Claimed from the check on: no experiment may take it as a variant while it goes.
+        async with state.experiments.claiming(name, in_use):
+            await state.lifecycle.remove(name, referenced_by=users)
     try:
-        await asyncio.shield(state.lifecycle.remove(name, referenced_by=users))
+        await asyncio.shield(remove())
     except LIFECYCLE_ERRORS as exc:
         raise to_gateway_error(exc) from exc
     return Response(status_code=204)

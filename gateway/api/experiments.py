@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.api.admin import LIFECYCLE_ERRORS, require_admin, swap_problem
 from gateway.auth import Principal, authenticate, bearer, match_key
-from gateway.config import RouteConfig
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.control_body import strict_body
 from gateway.dependencies import StateDep
 from gateway.errors import (
     ConflictError,
@@ -24,7 +25,7 @@ from gateway.errors import (
     quoted,
     to_gateway_error,
 )
-from gateway.experiments.service import ExperimentError, UnknownExperimentError
+from gateway.experiments.service import DROP, ExperimentError, RouteGraph, UnknownExperimentError
 from gateway.experiments.store import Feedback
 from gateway.metrics import ExperimentRecorder
 from gateway.state import GatewayState
@@ -35,62 +36,74 @@ admin_router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 feedback_router = APIRouter()
 
 
-def check_route(route: RouteConfig, state: GatewayState) -> None:
-    """What the config checks across keys, against what is registered now; ValueError names the key."""
-    backends = {b.name for b in state.config.backends}
-    adapters = set(state.lifecycle.names())
-    if route.name in adapters:
+def check_route(route: RouteConfig, graph: RouteGraph, config: GatewayConfig) -> None:
+    """What the config checks across keys, against the routes and adapters as they are now; ValueError names
+    the key. Pure: it runs inside the store's transaction (Experiments.change_route)."""
+    backends = {b.name for b in config.backends}
+    if route.name in graph.adapters or route.name in graph.claimed:
         raise ValueError(f"name: '{route.name}' is an adapter's own route; an adapter changes by swap")
-    if route.profile and route.profile not in state.config.sampling.profiles:
+    if route.profile and route.profile not in config.sampling.profiles:
         raise ValueError(f"profile: {quoted(route.profile)} is not a sampling profile")
     for j, name in enumerate(route.targets or ()):
         if name not in backends:
             raise ValueError(f"targets[{j}]: {name!r} is not a backend ({sorted(backends)})")
-    base_routes = {r.name for r in state.experiments.routes() if r.targets and r.name != route.name}
+    base_routes = {r.name for r in graph.routes if r.targets and r.name != route.name}
     for key in ("variants", "shadow"):
         for name in getattr(route.experiment, key) if route.experiment else {}:
             if name == route.name:
                 raise ValueError(f"experiment.{key}: {name!r} is this experiment itself")
-            if name not in adapters and name not in base_routes:
+            if name in graph.claimed:
+                raise ValueError(f"experiment.{key}: {name!r} is an adapter being added or removed; retry once "
+                                 "that is done")
+            if name not in graph.adapters and name not in base_routes:
                 raise ValueError(f"experiment.{key}: {name!r} is not an adapter or a base route")
 
 
-def experiments_using(name: str, state: GatewayState) -> list[str]:
-    """The experiment routes in force that send traffic (or shadow traffic) to the route `name`."""
-    return [r.name for r in state.experiments.routes()
+def experiments_using(name: str, routes: Iterable[RouteConfig]) -> list[str]:
+    """The experiment routes among `routes` that send traffic (or shadow traffic) to the route or adapter `name`."""
+    return [r.name for r in routes
             if r.experiment and r.name != name and (name in r.experiment.variants or name in r.experiment.shadow)]
 
 
-def check_still_served(name: str, after: RouteConfig | None, state: GatewayState) -> None:
+def check_still_served(name: str, after: RouteConfig | None, routes: Iterable[RouteConfig]) -> None:
     """A base route that experiments pick must stay a base route: 409 before the store changes."""
     if after is not None and after.targets:
         return
-    if users := experiments_using(name, state):
+    if users := experiments_using(name, routes):
         what = "removing it" if after is None else "making it an experiment"
         raise ConflictError(f"Route '{name}' is a variant of experiment(s) {users}; change them before {what}.",
                             param="name")
 
 
-@admin_router.put("/routes/{name}")
+@admin_router.put("/routes/{name}", dependencies=[strict_body(RouteConfig)])
 async def put_route(name: str, route: RouteConfig, state: StateDep) -> dict:
     if route.name != name:
         raise InvalidRequestError(f"The body's name '{route.name}' is not the path's {quoted(name)}.", param="name")
-    try:
-        check_route(route, state)
-    except ValueError as exc:
-        raise UnprocessableEntityError(f"Invalid route: {exc}", param=str(exc).split(":", 1)[0]) from exc
-    check_still_served(name, route, state)
-    await asyncio.shield(state.experiments.put_route(route))
+
+    def decide(graph: RouteGraph) -> RouteConfig:
+        try:
+            check_route(route, graph, state.config)
+        except ValueError as exc:
+            raise UnprocessableEntityError(f"Invalid route: {exc}", param=str(exc).split(":", 1)[0]) from exc
+        check_still_served(name, route, graph.routes)
+        return route
+
+    await asyncio.shield(state.experiments.change_route(name, decide))
     return route_view(state, name)
 
 
 @admin_router.delete("/routes/{name}", status_code=204)
 async def delete_route(name: str, state: StateDep) -> Response:
     """Drop the run-time version of a route: the config file's (if any) is in force again."""
-    if name in state.experiments.overrides:
-        check_still_served(name, next((r for r in state.config.routes if r.name == name), None), state)
-    if not await asyncio.shield(state.experiments.delete_route(name)):
-        raise NotFoundError(f"Route {quoted(name)} was not changed at run time.")
+    in_config = next((r for r in state.config.routes if r.name == name), None)
+
+    def decide(graph: RouteGraph) -> object:
+        if name not in graph.overridden:
+            raise NotFoundError(f"Route {quoted(name)} was not changed at run time.")
+        check_still_served(name, in_config, graph.routes)
+        return DROP
+
+    await asyncio.shield(state.experiments.change_route(name, decide))
     return Response(status_code=204)
 
 
@@ -120,7 +133,7 @@ class PromoteBody(BaseModel):
     variant: str | None = None    # default: the report's winner (409 while there is none)
 
 
-@admin_router.post("/experiments/{name}/promote")
+@admin_router.post("/experiments/{name}/promote", dependencies=[strict_body(PromoteBody)])
 async def promote(name: str, state: StateDep, body: PromoteBody | None = None) -> dict:
     lifecycle = state.lifecycle
 

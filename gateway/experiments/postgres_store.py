@@ -28,10 +28,20 @@ from gateway.experiments.sql import (
     SELECT_SHADOWS,
     row,
 )
-from gateway.experiments.store import ExperimentEvent, FactRow, Feedback, RequestFact, RouteOverride, ShadowCall
+from gateway.experiments.store import (
+    ExperimentEvent,
+    FactRow,
+    Feedback,
+    RequestFact,
+    RouteChange,
+    RouteOverride,
+    ShadowCall,
+    after,
+)
 
 log = logging.getLogger(__name__)
 CHANNEL = "kimi_gateway_routes"
+ROUTES_LOCK = 0x6B696D69_67770002   # pg_advisory_xact_lock key of checked route changes: "kimi" + "gw" + 2, fixed
 MIGRATION_TABLE = "experiment_schema_migration"
 
 # (version, statements): append only; a released migration never changes.
@@ -125,6 +135,26 @@ class PostgresExperimentStore(PostgresPool):
     async def delete_route(self, name: str) -> bool:
         async with self._transaction(notify=f"delete {name}") as conn:
             return await conn.fetchval("DELETE FROM route_override WHERE name = $1 RETURNING name", name) is not None
+
+    async def change_route(self, decide: Callable[[list[RouteOverride]], RouteChange | None]
+                           ) -> tuple[list[RouteOverride], RouteChange | None]:
+        """The advisory lock, held to the commit, makes every replica's checked changes take turns; the read
+        comes after it, so `decide` sees the change the previous holder committed."""
+        async with self._transaction(notify="change") as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ROUTES_LOCK)
+            stored = [RouteOverride(r["name"], json.loads(r["route"]), r["updated_at"])
+                      for r in await conn.fetch(SELECT_ROUTES)]
+            change = decide(stored)
+            if change is None:
+                return stored, None
+            if change.override is None:
+                await conn.execute("DELETE FROM route_override WHERE name = $1", change.name)
+            else:
+                await conn.execute(
+                    "INSERT INTO route_override (name, route, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) "
+                    "DO UPDATE SET route = EXCLUDED.route, updated_at = EXCLUDED.updated_at",
+                    change.name, json.dumps(change.override.route), change.override.updated_at)
+            return after(stored, change), change
 
     # --- facts, shadow calls, feedback --------------------------------------------------------------------
 

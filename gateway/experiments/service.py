@@ -5,14 +5,22 @@ Routes in force = the config's routes with the store's run-time changes applied 
 guard rollbacks, promotions); a change is written to the store first, then the route table is rebuilt
 (`on_routes_changed`). Other replicas pick changes up when a shared store announces them (`watch`), and
 at the latest within `sync_interval_s`.
+
+Every route change is checked and written as one (`change_route`): its check reads the routes as the store
+holds them, inside the store's exclusive transaction, so two changes (of this process, another worker's or
+another replica's) can never both pass a check that only one of them may pass (an experiment taking a base
+route as a variant while that route becomes an experiment itself). Adapters being added or removed are
+`claiming`ed under the same lock: meanwhile no route change may name them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import deque
-from typing import Callable, Mapping, Sequence
+from collections import Counter, deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -21,7 +29,14 @@ from gateway.errors import quoted
 from gateway.experiments import guard as guard_rule
 from gateway.experiments.allocation import thompson_weights
 from gateway.experiments.facts import FactLog
-from gateway.experiments.store import ExperimentEvent, ExperimentStore, FactRow, RequestFact, RouteOverride
+from gateway.experiments.store import (
+    ExperimentEvent,
+    ExperimentStore,
+    FactRow,
+    RequestFact,
+    RouteChange,
+    RouteOverride,
+)
 
 log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600.0
@@ -34,6 +49,41 @@ class ExperimentError(Exception):
 
 class UnknownExperimentError(ExperimentError):
     pass
+
+
+DROP = object()   # what a `change_route` decision returns to drop the route's run-time version
+
+
+@dataclass(frozen=True)
+class RouteGraph:
+    """What a route change is checked against, all read at one moment inside the change (`change_route`)."""
+    routes: tuple[RouteConfig, ...]     # in force: the config's, with the stored run-time versions applied
+    overridden: frozenset[str]          # routes that have a run-time version
+    adapters: frozenset[str]            # registered adapters (their own routes)
+    claimed: frozenset[str]             # adapters being added or removed: no route change may name them now
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+def usable_overrides(stored: Iterable[RouteOverride]) -> dict[str, RouteOverride]:
+    """The stored run-time routes this config can use; one it cannot (a backend since removed) is skipped, logged."""
+    usable = {}
+    for override in stored:
+        try:
+            RouteConfig.model_validate(override.route)
+        except ValidationError as exc:
+            log.error("route %s set at run time is not valid any more and is not used: %s", override.name, exc)
+            continue
+        usable[override.name] = override
+    return usable
+
+
+def in_force(config_routes: Sequence[RouteConfig], overrides: Mapping[str, RouteOverride]) -> list[RouteConfig]:
+    """The config's routes, each replaced by its run-time version; routes added at run time last."""
+    base = [RouteConfig.model_validate(overrides[r.name].route) if r.name in overrides else r for r in config_routes]
+    names = {r.name for r in config_routes}
+    return base + [RouteConfig.model_validate(o.route) for n, o in overrides.items() if n not in names]
 
 
 class Experiments:
@@ -52,6 +102,8 @@ class Experiments:
         self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._change = asyncio.Lock()       # one route change at a time (PUT, rollback, promotion, reload)
+        self._claims: Counter[str] = Counter()   # adapter names being added or removed (`claiming`)
+        self.adapter_names: Callable[[], Iterable[str]] = lambda: ()   # the registered adapters (the lifecycle's)
         self._wake = asyncio.Event()        # the store announced a route change: reload now
 
     # --- start and stop ---------------------------------------------------------------------------
@@ -75,14 +127,10 @@ class Experiments:
 
     async def _load_overrides(self) -> bool:
         """Read the run-time routes; True when they changed. One that this config cannot use is skipped, logged."""
-        overrides = {}
-        for override in await self.store.route_overrides():
-            try:
-                RouteConfig.model_validate(override.route)
-            except ValidationError as exc:
-                log.error("route %s set at run time is not valid any more and is not used: %s", override.name, exc)
-                continue
-            overrides[override.name] = override
+        return self._adopt(usable_overrides(await self.store.route_overrides()))
+
+    def _adopt(self, overrides: dict[str, RouteOverride]) -> bool:
+        """The run-time routes as read from the store; True when they changed."""
         before = {(n, o.updated_at) for n, o in self.overrides.items()}
         changed = {name for name, _ in before ^ {(n, o.updated_at) for n, o in overrides.items()}}
         self.overrides = overrides
@@ -114,10 +162,7 @@ class Experiments:
 
     def routes(self) -> list[RouteConfig]:
         """The config's routes, each replaced by its run-time version; routes added at run time last."""
-        base = [RouteConfig.model_validate(self.overrides[r.name].route) if r.name in self.overrides else r
-                for r in self.config.routes]
-        names = {r.name for r in self.config.routes}
-        return base + [RouteConfig.model_validate(o.route) for n, o in self.overrides.items() if n not in names]
+        return in_force(self.config.routes, self.overrides)
 
     def route(self, name: str) -> RouteConfig | None:
         return next((r for r in self.routes() if r.name == name), None)
@@ -131,30 +176,69 @@ class Experiments:
     def weights_in_force(self, route: RouteConfig) -> dict[str, float]:
         return dict(self.weights.get(route.name) or route.experiment.variants)
 
+    async def change_route(self, name: str, decide: Callable[[RouteGraph], RouteConfig | object | None],
+                           kind: str = "route", detail: str | None = None, variant: str | None = None
+                           ) -> RouteConfig | None:
+        """Check and write route `name` as one (module doc): `decide(graph)` returns its new run-time version, DROP
+        (back to the config file's) or None (no change), or raises (nothing written). It runs inside the store's
+        transaction (on the SQLite store's thread: it must only read the graph and immutable things). Returns the
+        route written."""
+        async with self._change:
+            adapters, claimed = frozenset(self.adapter_names()), frozenset(self._claims)
+
+            def checked(stored: list[RouteOverride]) -> RouteChange | None:
+                overrides = usable_overrides(stored)
+                decided = decide(RouteGraph(tuple(in_force(self.config.routes, overrides)),
+                                            frozenset(o.name for o in stored), adapters, claimed))
+                if decided is None:
+                    return None
+                if decided is DROP:
+                    return RouteChange(name, None)
+                return RouteChange(name, RouteOverride(name, decided.model_dump(mode="json"), time.time()))
+
+            stored, change = await self.store.change_route(checked)
+            self._adopt(usable_overrides(stored))     # with what other replicas changed, read in the same transaction
+            if change is None:
+                return None
+            self.weights.pop(name, None)
+            self._windows.pop(name, None)     # the guard counts afresh from this change
+            route = RouteConfig.model_validate(change.override.route) if change.override is not None else None
+            if route is not None and route.experiment is not None:
+                await self.store.add_event(ExperimentEvent(name, change.override.updated_at, kind, variant,
+                                                           detail or f"weights {route.experiment.variants}"))
+            self.on_routes_changed()
+            return route
+
     async def put_route(self, route: RouteConfig, kind: str = "route", detail: str | None = None,
                         variant: str | None = None) -> None:
-        async with self._change:
-            await self._put_route(route, kind, detail, variant)
-
-    async def _put_route(self, route: RouteConfig, kind: str, detail: str | None, variant: str | None) -> None:
-        override = RouteOverride(route.name, route.model_dump(mode="json"), time.time())
-        await self.store.put_route(override)
-        self.overrides[route.name] = override
-        self.weights.pop(route.name, None)
-        self._windows.pop(route.name, None)     # the guard counts afresh from this change
-        if route.experiment is not None:
-            await self.store.add_event(ExperimentEvent(route.name, override.updated_at, kind, variant,
-                                                       detail or f"weights {route.experiment.variants}"))
-        self.on_routes_changed()
+        """Write `route` as it is, unchecked."""
+        await self.change_route(route.name, lambda graph: route, kind, detail, variant)
 
     async def delete_route(self, name: str) -> bool:
+        """Drop the run-time version of `name`, unchecked; False when there was none."""
+        dropped = []
+
+        def decide(graph: RouteGraph) -> object | None:
+            if name not in graph.overridden:
+                return None
+            dropped.append(name)
+            return DROP
+        await self.change_route(name, decide)
+        return bool(dropped)
+
+    @asynccontextmanager
+    async def claiming(self, adapter: str, check: Callable[[list[RouteConfig]], None]):
+        """An adapter being added or removed: `check(routes in force)` and the claim are made under the route
+        lock, and while the claim lasts no route change may name the adapter (`RouteGraph.claimed`)."""
         async with self._change:
-            deleted = await self.store.delete_route(name)
-            self.overrides.pop(name, None)
-            self.weights.pop(name, None)
-            self._windows.pop(name, None)
-            self.on_routes_changed()
-            return deleted
+            check(self.routes())
+            self._claims[adapter] += 1
+        try:
+            yield
+        finally:
+            self._claims[adapter] -= 1
+            if not self._claims[adapter]:
+                del self._claims[adapter]
 
     def since(self, name: str) -> float:
         """Where the guard starts counting: the route's last run-time change (else everything retained)."""
@@ -215,18 +299,19 @@ class Experiments:
         return condemned
 
     async def rollback(self, name: str, candidate: str, verdict: guard_rule.Verdict) -> None:
-        async with self._change:
-            route = self.experiment(name)
+        def decide(graph: RouteGraph) -> RouteConfig | None:
+            route = graph.route(name)
+            if route is None or route.experiment is None or not route.experiment.variants.get(candidate):
+                return None     # another pass (or replica, or an admin) got there first
             variants = dict(route.experiment.variants)
-            if not variants.get(candidate):
-                return      # another pass (or replica) got there first
             control = route.experiment.control
             variants[control] += variants[candidate]     # its users go back to the control
             variants[candidate] = 0
-            changed = route.model_copy(update={"experiment": route.experiment.model_copy(update={"variants": variants})})
+            return route.model_copy(update={"experiment": route.experiment.model_copy(update={"variants": variants})})
+
+        if await self.change_route(name, decide, "rollback", verdict.detail, candidate) is not None:
             log.warning("canary guard: %s of experiment %s rolled back to weight 0: %s", candidate, name, verdict.detail)
             self.events.guard_event(name, candidate, verdict.reason)
-            await self._put_route(changed, "rollback", verdict.detail, candidate)
 
     # --- adaptive allocation --------------------------------------------------------------------
 
@@ -287,12 +372,22 @@ class Experiments:
         if winner != control:
             source = files(winner)
             await swap(control, source.get("source"), source.get("gguf"))
-        variants = {v: (100 if v == control else 0) for v in route.experiment.variants}
-        changed = route.model_copy(update={"experiment": route.experiment.model_copy(update={"variants": variants})})
+
+        def decide(graph: RouteGraph) -> RouteConfig:
+            """The weights of the route as it is now: a change made while the swap ran is kept, not overwritten."""
+            now = graph.route(name)
+            if now is None or now.experiment is None or now.experiment.control != control \
+                    or winner not in now.experiment.variants:
+                done = f"'{control}' serves {winner}'s files now, but " if winner != control else ""
+                raise ExperimentError(f"Experiment '{name}' was changed while it was being promoted: {done}its "
+                                      "weights were left as they are; look at it again.")
+            variants = {v: (100 if v == control else 0) for v in now.experiment.variants}
+            return now.model_copy(update={"experiment": now.experiment.model_copy(update={"variants": variants})})
+
         detail = (f"{winner} promoted: {control} now serves its files" if winner != control
                   else f"{control} kept: candidates set to weight 0")
+        await self.change_route(name, decide, "promote", detail, winner)
         self.events.promoted(name, winner)
-        await self.put_route(changed, "promote", detail, winner)
         return {"experiment": name, "promoted": winner, "control": control, "detail": detail}
 
 

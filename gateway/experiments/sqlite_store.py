@@ -15,7 +15,16 @@ from typing import Callable, Sequence
 from adapters.store import SqliteFile
 from gateway.experiments import sql
 from gateway.experiments.sql import for_sqlite, row
-from gateway.experiments.store import ExperimentEvent, FactRow, Feedback, RequestFact, RouteOverride, ShadowCall
+from gateway.experiments.store import (
+    ExperimentEvent,
+    FactRow,
+    Feedback,
+    RequestFact,
+    RouteChange,
+    RouteOverride,
+    ShadowCall,
+    after,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS route_override (
@@ -99,6 +108,25 @@ class SqliteExperimentStore(SqliteFile):
     async def delete_route(self, name: str) -> bool:
         return await self._run(lambda db: db.execute(
             "DELETE FROM route_override WHERE name = ?", (name,)).rowcount > 0)
+
+    async def change_route(self, decide: Callable[[list[RouteOverride]], RouteChange | None]
+                           ) -> tuple[list[RouteOverride], RouteChange | None]:
+        """BEGIN IMMEDIATE takes the file's write lock before the read: another worker process's change waits for
+        this one's commit (`decide` runs on the store's thread, so it must only read what it is given)."""
+        def work(db: sqlite3.Connection) -> tuple[list[RouteOverride], RouteChange | None]:
+            db.execute("BEGIN IMMEDIATE")
+            stored = [RouteOverride(name, json.loads(route), updated)
+                      for name, route, updated in db.execute(SELECT_ROUTES).fetchall()]
+            change = decide(stored)
+            if change is None:
+                return stored, None
+            if change.override is None:
+                db.execute("DELETE FROM route_override WHERE name = ?", (change.name,))
+            else:
+                db.execute("INSERT OR REPLACE INTO route_override (name, route, updated_at) VALUES (?, ?, ?)",
+                           (change.name, json.dumps(change.override.route), change.override.updated_at))
+            return after(stored, change), change
+        return await self._run(work)
 
     async def add_facts(self, facts: Sequence[RequestFact], shadows: Sequence[ShadowCall]) -> None:
         fact_rows, shadow_rows = [row(f) for f in facts], [row(s) for s in shadows]

@@ -2,7 +2,8 @@
 
 Four kinds of data, all keyed by names from the config or by request id:
 - route changes made at run time (`PUT /admin/routes/{name}`, the guard's rollbacks, promotions): the route
-  as in config, as JSON, with when it was set; they win over the config file until deleted;
+  as in config, as JSON, with when it was set; they win over the config file until deleted; each is checked
+  against the routes as stored and written in one exclusive transaction (`change_route`);
 - request facts: one per request the gateway served, written in batches off the hot path;
 - feedback: at most one per (request id, kind), kind being "score" or "label";
 - shadow calls and experiment events (guard rollbacks, promotions, weight changes), for the report.
@@ -78,6 +79,19 @@ class RouteOverride:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteChange:
+    """What `change_route` writes: the run-time version of route `name`, or (override None) its removal."""
+    name: str
+    override: RouteOverride | None
+
+
+def after(stored: Sequence[RouteOverride], change: RouteChange) -> list[RouteOverride]:
+    """The run-time routes once `change` is written (by name, as the stores list them)."""
+    kept = [o for o in stored if o.name != change.name]
+    return sorted([*kept, change.override] if change.override is not None else kept, key=lambda o: o.name)
+
+
+@dataclass(frozen=True, slots=True)
 class FactRow:
     """One experiment request with its feedback, for reports and the guard."""
     at: float
@@ -101,6 +115,11 @@ class ExperimentStore(Protocol):
     async def route_overrides(self) -> list[RouteOverride]: ...
     async def put_route(self, override: RouteOverride) -> None: ...
     async def delete_route(self, name: str) -> bool: ...                 # False: there was none
+    # A checked change, as one: `decide(the run-time routes as stored now)` returns the change to write (None:
+    # none), or raises, and then nothing is written. No other change_route, of any replica or worker process,
+    # runs between the read and the write. Returns the run-time routes after it, and the change made.
+    async def change_route(self, decide: Callable[[list[RouteOverride]], RouteChange | None]
+                           ) -> tuple[list[RouteOverride], RouteChange | None]: ...
 
     # request facts and shadow calls (batches from the background writer; one transaction each)
     async def add_facts(self, facts: Sequence[RequestFact], shadows: Sequence[ShadowCall]) -> None: ...

@@ -221,6 +221,8 @@ def builders(roots: tuple[Path, Path, Path], images: str = f"http://{IMAGE_IP}:1
         "admin-wrong-content-type": lambda: ("/admin/adapters", {**ADMIN, "content-type": "text/plain"}, b"{}"),
         "admin-oversized-body": lambda: ("/admin/adapters", ADMIN, orjson.dumps({"name": "x" * (2 * 1024 * 1024)})),
         "admin-wrong-method": lambda: ("/admin/backends", ADMIN, b"{}"),
+        "admin-number-as-string": lambda: ("/admin/routes/strict", ADMIN, orjson.dumps(
+            {"name": "strict", "targets": ["llama"], "timeout_s": "30"}), "PUT"),
         "admin-unknown-field": lambda: ("/admin/adapters", ADMIN, orjson.dumps(
             {"name": "extra", "gguf": str(gguf), "backends": ["llama"], "rank": 8})),
         "bad-offsets": lambda: adapter("offsets", bad_offsets(root, "offsets", ["a", 1]), gguf),
@@ -242,6 +244,7 @@ def builders(roots: tuple[Path, Path, Path], images: str = f"http://{IMAGE_IP}:1
 
 
 CONFIG_CASES = {
+    "missing-adapter-root": {"adapter_roots": ["/nonexistent/kgw-adapters"]},
     "inline-secret": {"auth": {"client_keys": [{"name": "a", "key_env": "sk-live-123"}]}},
     "inline-api-key": {"backends": [{"name": "h", "kind": "moonshot", "url": "https://api.moonshot.ai/v1",
                                      "api_key_env": "K", "api_key": "sk-live-123"}]},
@@ -258,20 +261,20 @@ def test_every_documented_case_has_a_test():
 @pytest.mark.parametrize("case, status, fragment", [row for row in rows() if row[0] not in CONFIG_CASES
                                                     and row[0] != "rate-limited"])
 def test_http_case(gateway, roots, image_host, case, status, fragment):
-    path, headers, body = builders(roots, image_host)[case]()
+    path, headers, body, *method = builders(roots, image_host)[case]()   # (method: POST, GET without a body)
     base = gateway.removesuffix("/v1")
     if body is None:
         response = httpx.get(base + path, headers=headers, timeout=30)
     else:
-        response = httpx.post(base + path, content=body, headers={"content-type": "application/json", **headers},
-                              timeout=30)
+        response = httpx.request(method[0] if method else "POST", base + path, content=body,
+                                 headers={"content-type": "application/json", **headers}, timeout=30)
     assert response.status_code == int(status), response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
     assert response.headers.get("x-request-id")  # the admin API's answers too
     if case == "admin-wrong-method":
-        assert response.headers["allow"] == "GET"
+        assert response.headers["allow"] == "GET, HEAD"
     if case.startswith("image-") and case != "image-no-vision":   # the param names the content part
         assert error["param"] == "messages[0].content[0].image_url" and error["type"] == "invalid_request_error"
 

@@ -53,6 +53,8 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     ({**BASE, "backends": [{**BASE["backends"][0], "launch": {"modle": "x.gguf"}}]},
      "backends[0].launch.modle: unknown key"),
     ({**BASE, "tracing": {"endpoint": "otel:4318"}}, "tracing.endpoint: expected an http(s) URL"),
+    ({**BASE, "adapter_roots": ["/nonexistent/kgw-adapter-root"]},
+     "adapter_roots[0]: /nonexistent/kgw-adapter-root does not exist"),
     ({**BASE, "routes": [BASE["routes"][0], {"name": "e", "experiment": {"variants": {"kimi": 10 ** 400}}}]},
      "routes[1].experiment.variants.kimi: Input should be less than or equal to 1000000"),
     ("backends:\n  - {name: one, kind: llamacpp, url: 'http://127.0.0.1:9'}\nroutes: []\nroutes: []\n",

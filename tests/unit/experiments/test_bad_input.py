@@ -72,6 +72,26 @@ BAD_BODIES = [
      "deadline_ms", "deadline_ms"),
     ("PUT", "/admin/routes/x", b'{"name": "x", "targets": ["one"], "profile": "' + b"p" * 100_000 + b'"}', A, 422,
      "is not a sampling profile", "profile"),
+    # The admin API reads numbers and booleans strictly: a string is not a number, 1 is not true, 50.0 not 50.
+    ("PUT", "/admin/routes/x", b'{"name": "x", "targets": ["one"], "timeout_s": "30"}', A, 422,
+     "timeout_s: Input should be a valid number", "timeout_s"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "targets": ["one"], "deadline_ms": "5000"}', A, 422,
+     "deadline_ms: Input should be a valid integer", "deadline_ms"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "experiment": {"variants": {"v1": "50", "v2": 50}}}', A, 422,
+     "experiment.variants.v1: Input should be a valid integer", "experiment.variants.v1"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "experiment": {"variants": {"v1": 50.0, "v2": 50}}}', A, 422,
+     "experiment.variants.v1: Input should be a valid integer", "experiment.variants.v1"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "experiment": {"variants": {"v1": 1}, "shadow": {"v2": "0.5"}}}', A,
+     422, "experiment.shadow.v2: Input should be a valid number", "experiment.shadow.v2"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "experiment": {"variants": {"v1": 1}, "guard": {"enabled": "no"}}}',
+     A, 422, "experiment.guard.enabled: Input should be a valid boolean", "experiment.guard.enabled"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "experiment": {"variants": {"v1": 1}, "guard": {"min_requests": "9"}}}',
+     A, 422, "experiment.guard.min_requests: Input should be a valid integer", "experiment.guard.min_requests"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "experiment": {"variants": {"v1": 1}, '
+     b'"allocation": {"mode": "thompson", "floor": "0.1"}}}', A, 422,
+     "experiment.allocation.floor: Input should be a valid number", "experiment.allocation.floor"),
+    ("PUT", "/admin/routes/x", b'{"name": "x", "targets": ["one"], "agent": {"strip_reasoning": 1}}', A, 422,
+     "agent.strip_reasoning: Input should be a valid boolean", "agent.strip_reasoning"),
     ("PUT", "/admin/routes/%C3%A9", '{"name": "é", "targets": ["one"]}'.encode(), A, 422, "name: String should match",
      "name"),
     ("PUT", "/admin/routes/" + "a" * 300, b'{"name": "' + b"a" * 300 + b'", "targets": ["one"]}', A, 422, "name:",
@@ -171,15 +191,15 @@ async def test_a_non_ascii_authorization_header_is_a_401(config):
 
 
 @pytest.mark.parametrize("method, path, allowed", [
-    ("POST", "/admin/routes/x", "DELETE, GET, PUT"),
-    ("PATCH", "/admin/routes/x", "DELETE, GET, PUT"),
+    ("POST", "/admin/routes/x", "DELETE, GET, HEAD, PUT"),
+    ("PATCH", "/admin/routes/x", "DELETE, GET, HEAD, PUT"),
     ("GET", "/v1/feedback", "POST"),
-    ("PUT", "/admin/adapters/v1", "DELETE, GET"),
+    ("PUT", "/admin/adapters/v1", "DELETE, GET, HEAD"),
     ("GET", "/admin/experiments/legal/promote", "POST"),
-    ("DELETE", "/admin/experiments/legal", "GET"),
+    ("DELETE", "/admin/experiments/legal", "GET, HEAD"),
     ("GET", "/v1/chat/completions", "POST"),
     ("PUT", "/v1/completions", "POST"),
-    ("POST", "/v1/models", "GET"),
+    ("POST", "/v1/models", "GET, HEAD"),
 ])
 async def test_a_wrong_method_is_a_405_with_every_allowed_method(config, method, path, allowed):
     async with app(config) as client:
@@ -279,7 +299,7 @@ async def test_a_store_fault_behind_the_experiment_api_is_a_clean_5xx(config, fa
         transport = httpx.ASGITransport(app=gateway, raise_app_exceptions=False)   # as a server: answer, then log
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             store = gateway.state.experiments.store
-            store.put_route = store.delete_route = store.fact = broken
+            store.put_route = store.delete_route = store.change_route = store.fact = broken
             for method, path, body in [("PUT", "/admin/routes/x", {"name": "x", "targets": ["one"]}),
                                        ("DELETE", "/admin/routes/legal", None),
                                        ("POST", "/v1/feedback", {"request_id": "r", "score": 1})]:

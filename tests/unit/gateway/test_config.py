@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.config import ConfigError, load_config
 
@@ -120,3 +121,25 @@ def test_more_wrong_keys_are_named(tmp_path, change, expected):
     with pytest.raises(ConfigError) as failure:
         load_config(write(tmp_path, MINIMAL.replace(*change)))
     assert expected in str(failure.value)
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_an_adapter_root_that_is_not_a_directory_stops_check_and_serve_on_one_line(tmp_path, capsys, kind):
+    """`serve` loads its config through `load_checked`, as `check` does (tests/integration/test_startup_errors.py
+    runs the real `serve`)."""
+    from gateway.cli import load_checked, main
+
+    present, root = tmp_path / "adapters", tmp_path / "no-such-dir"
+    present.mkdir()
+    if kind == "a file":
+        root.write_text("not a directory")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "adapter_roots": [str(present), str(root)],
+        "backends": [{"name": "llama", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+        "routes": [{"name": "kimi", "targets": ["llama"]}]}))
+    what = "does not exist" if kind == "missing" else "is not a directory"
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().err == f"error: {path}: adapter_roots[1]: {root} {what}\n"
+    with pytest.raises(ConfigError, match=f"^{path}: adapter_roots\\[1\\]: {root} {what}$"):
+        load_checked(str(path))
