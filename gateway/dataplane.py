@@ -11,7 +11,7 @@ from functools import partial
 
 import orjson
 
-from backends.base import BackendRequest
+from backends.base import BackendRequest, forwarded_request
 from backends.generations import normalise_history
 from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
@@ -33,7 +33,7 @@ from gateway.logs import REQUEST_ID
 from gateway.metrics import QueueRecorder, RequestRecorder
 from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
 from gateway.policies.content import ImagePolicy, check_limits
-from gateway.policies.retry import with_retries
+from gateway.policies.retry import retry_after, with_retries
 from gateway.policies.sampling import apply_sampling_policy
 from gateway.policies.tools import check_agent_fields
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
@@ -202,7 +202,9 @@ class DataPlane:
         principal.require(model)
         if principal.rpm or principal.tpm:
             await self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
-        resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
+        resolved = state.routes.plain(model)
+        if resolved is None:  # an experiment (or no such route): only then is its sticky key asked for
+            resolved = state.routes.resolve(model, partial(sticky_key, doc=doc, headers=headers, principal=principal))
         recorder.variant = resolved.variant
         route = resolved.route
         if has_images:
@@ -222,11 +224,11 @@ class DataPlane:
             priority_of(principal.priority, priority_header)
         deadline = None if deadline_header is None and route.timeout_s is None and route.deadline_ms is None else \
             deadline_of(deadline_header, route)
-        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
-                                 thinking=decision.thinking, sampling=decision.values, stream=stream,
-                                 has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                                 hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent,
-                                 effort=decision.effort, tenant=principal.name, priority=priority, deadline=deadline)
+        request = forwarded_request(path, doc, model, route.name, route.adapter, decision.thinking,
+                                    sampling=decision.values, stream=stream, has_images=has_images,
+                                    request_id=request_id, rules=route.rules, observer=observer,
+                                    hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent,
+                                    effort=decision.effort, tenant=principal.name, priority=priority, deadline=deadline)
         if resolved.variant is not None:
             recorder.after = state.shadows.pick(state.routes.get(model), request)
         return request, resolved, decision
@@ -300,8 +302,12 @@ class DataPlane:
             lease = await queue.wait(request.adapter, request.tenant, request.priority, request.deadline,
                                      head.keepalive if head is not None else None, self.admission.keepalive_s)
         request.lease = lease  # driver.send() takes it before anything else (no await in between)
-        if request.deadline is None:
-            return await self.send_with_retries(driver, request, route_name, target, recorder)
+        if request.deadline is None:  # send_with_retries, inline: the common case is one await deep
+            try:
+                return await open_reply(driver, request, target)
+            except BaseException as exc:
+                failure = exc
+            return await self.retry(failure, driver, request, route_name, target, recorder)
         try:
             async with asyncio.timeout_at(request.deadline):
                 return await self.send_with_retries(driver, request, route_name, target, recorder)
@@ -313,12 +319,22 @@ class DataPlane:
                                 recorder: RequestRecorder) -> Forwarded:
         """Retries before the first byte, within the backend's retry budget. A version swapped out while the
         request waited for its backend (a drained restart) is answered by the route's active version, never a 503."""
+        try:
+            return await open_reply(driver, request, target)
+        except BaseException as exc:
+            failure = exc
+        return await self.retry(failure, driver, request, route_name, target, recorder)
+
+    async def retry(self, failure: BaseException, driver, request: BackendRequest, route_name: str, target: Target,
+                    recorder: RequestRecorder) -> Forwarded:
+        """send_with_retries() once its first attempt failed with `failure`: that failure raised again when it
+        is not worth a retry, else the remaining attempts. Nothing here runs for a request that succeeds."""
         policy = self.retry_policies[target.backend]
         count = partial(count_retry, recorder, target.backend)
         budget = driver.retry_budget
         allow = budget.try_retry if budget is not None else None
         try:
-            return await with_retries(partial(open_reply, driver, request, target), policy, count, allow)
+            return await retry_after(failure, partial(open_reply, driver, request, target), policy, count, allow)
         except AdapterNotReadyError:
             current = self.swapped(route_name, target)
             if current is None:
@@ -407,6 +423,7 @@ def sticky_key(sticky_by: str, doc: dict, headers: dict, principal) -> str | Non
         value = headers.get(STICKY_HEADER)
         return value.decode("latin-1") if value else None
     return principal.name or None
+
 
 
 def parse_body(body: bytes):
