@@ -32,10 +32,9 @@ from gateway.errors import (
 from gateway.logs import REQUEST_ID
 from gateway.metrics import QueueRecorder, RequestRecorder
 from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
-from gateway.policies.content import ImagePolicy, check_limits
+from gateway.policies.content import ImagePolicy
 from gateway.policies.retry import retry_after, with_retries
 from gateway.policies.sampling import apply_sampling_policy
-from gateway.policies.tools import check_agent_fields
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import request_id_of
 from gateway.routing import Resolved, Target
@@ -104,7 +103,8 @@ class DataPlane:
         request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
         REQUEST_ID.set(request_id)  # on every log line written while serving it (gateway/logs.py)
         recorder = RequestRecorder(self.state.metrics, self.facts, request_id)
-        recorder.traceparent = incoming_traceparent(headers.get(TRACEPARENT))
+        traceparent = headers.get(TRACEPARENT)
+        recorder.traceparent = incoming_traceparent(traceparent) if traceparent is not None else None
         span = None
         if self.tracer is not None:
             span = self.tracer.start(scope["path"], recorder.traceparent)
@@ -187,17 +187,16 @@ class DataPlane:
             return code, reply.usage
         body = forwarded.first  # read in open_reply, where a failure could still be retried
         extra.append((SERVER_TIMING, recorder.server_timing()))
-        length = [(b"content-length", str(len(body)).encode())]  # not chunked: one framing, no terminator
-        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra + length})
+        headers = JSON_HEADERS + extra
+        headers.append((b"content-length", str(len(body)).encode()))  # not chunked: one framing, no terminator
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return 200, reply.usage
 
     async def admit(self, path, doc, size, principal, headers, request_id, recorder):
         """Every check and policy, in order; returns the BackendRequest to forward."""
         state = self.state
-        has_images = check_request(doc, path, self.allowed[path])
-        check_limits(doc, self.limits)
-        check_agent_fields(doc)
+        has_images = check_request(doc, path, self.allowed[path], self.limits)  # limits and agent fields too
         model = doc["model"]
         principal.require(model)
         if principal.rpm or principal.tpm:
@@ -216,9 +215,11 @@ class DataPlane:
             recorder.assigned(resolved.variant)
         stream = doc.get("stream", False)
         normalise_history(doc.get("messages"))  # `reasoning` -> `reasoning_content`, "" -> absent
-        if "tools" in doc and self.agents.shared:
-            await self.agents.prefetch(doc, principal.name)
-        observer = self.agents.prepare(doc, principal.name, recorder) if "tools" in doc else None
+        observer = None
+        if "tools" in doc:
+            if self.agents.shared:
+                await self.agents.prefetch(doc, principal.name)
+            observer = self.agents.prepare(doc, principal.name, recorder)
         priority_header, deadline_header = headers.get(PRIORITY_HEADER), headers.get(DEADLINE_HEADER)
         priority = PRIORITIES[principal.priority] if priority_header is None else \
             priority_of(principal.priority, priority_header)
