@@ -32,7 +32,7 @@ from gateway.errors import (
 from gateway.logs import REQUEST_ID
 from gateway.metrics import QueueRecorder, RequestRecorder
 from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
-from gateway.policies.content import ImagePolicy
+from gateway.policies.content import ImagePolicy, MessageLimits
 from gateway.policies.retry import retry_after, with_retries
 from gateway.policies.sampling import apply_sampling_policy
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
@@ -72,6 +72,8 @@ class DataPlane:
         self.state = state
         self.limits = limits = state.config.limits
         self.max_body = limits.max_body_bytes
+        self.message_limits = MessageLimits(limits.max_messages, limits.max_tokens)   # read per request
+        self.sampling = state.config.sampling
         self.rate_limiter = state.shared.limiter        # in process, or Redis for a fleet (gateway/shared.py)
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
         self.agents = AgentSupport(state.config.reasoning_memory, state.shared.memory)
@@ -196,7 +198,7 @@ class DataPlane:
     async def admit(self, path, doc, size, principal, headers, request_id, recorder):
         """Every check and policy, in order; returns the BackendRequest to forward."""
         state = self.state
-        has_images = check_request(doc, path, self.allowed[path], self.limits)  # limits and agent fields too
+        has_images = check_request(doc, path, self.allowed[path], self.message_limits)  # limits, agent fields too
         model = doc["model"]
         principal.require(model)
         if principal.rpm or principal.tpm:
@@ -208,7 +210,7 @@ class DataPlane:
         route = resolved.route
         if has_images:
             await self.images.apply(doc, route.image_urls or self.limits.image_urls)
-        decision = apply_sampling_policy(doc, state.config.sampling, route.profile)
+        decision = apply_sampling_policy(doc, self.sampling, route.profile)
         recorder.route = model
         recorder.sampled(decision.overrides)
         if resolved.variant is not None:
@@ -424,7 +426,6 @@ def sticky_key(sticky_by: str, doc: dict, headers: dict, principal) -> str | Non
         value = headers.get(STICKY_HEADER)
         return value.decode("latin-1") if value else None
     return principal.name or None
-
 
 
 def parse_body(body: bytes):

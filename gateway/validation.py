@@ -11,7 +11,7 @@ from __future__ import annotations
 from backends.protocol import CHAT_PATH
 from gateway.config import LimitsConfig
 from gateway.errors import InvalidRequestError
-from gateway.policies.content import check_limits
+from gateway.policies.content import MessageLimits, check_limits
 from gateway.policies.tools import AGENT_FIELDS, check_agent_fields
 
 DECIMAL, INTEGER, BOOLEAN, LOGIT_BIAS = "decimal", "integer", "boolean", "logit_bias"
@@ -78,7 +78,8 @@ def check_range(field: str, value, kind: str, low, high) -> None:
         raise _range_error(field, kind, value, high, above=True)
 
 
-def check_request(doc: object, path: str, allowed: frozenset[str] | None, limits: LimitsConfig | None = None) -> bool:
+def check_request(doc: object, path: str, allowed: frozenset[str] | None,
+                  limits: LimitsConfig | MessageLimits | None = None) -> bool:
     """Raise InvalidRequestError for a body no backend should see; return whether it carries images.
     `allowed` is the set of top-level fields accepted (None: forward unknown fields). With `limits`, also
     check_limits() and then check_agent_fields() (only when the body has one of their fields): one walk
