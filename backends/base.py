@@ -1,7 +1,8 @@
 """The BackendDriver contract: what the gateway hands a driver, and what it gets back.
 
 Lifecycle: the app's lifespan calls `start()` once (open transports, discover the server), then the data
-plane calls `check()` and `send()` per request, and the lifespan calls `aclose()` on shutdown.
+plane calls `check()` and then `send()` per request (send() does not check again: a request that check()
+refused is never sent), and the lifespan calls `aclose()` on shutdown.
 
 Adapters: the adapter lifecycle (adapters/lifecycle.py) owns every load and unload. It asks each replica
 what it has (`list_adapters`), loads and unloads there (never on the request path), probes a version
@@ -53,6 +54,27 @@ class BackendRequest:
     tenant: str = ""                # the client key's name: fair share in the admission queue
     priority: int = 1               # admission class: 0 high, 1 normal, 2 low
     deadline: float | None = None   # event-loop time by which the whole request must be done
+
+
+_new_request = object.__new__
+
+
+def forwarded_request(path: str, body: dict, model: str, route: str, adapter: str | None, thinking: bool, *,
+                      sampling: Mapping, stream: bool, has_images: bool, request_id: str, rules: AgentRules,
+                      hide_usage_chunk: bool, observer: object | None, effort: str | None,
+                      traceparent: str | None, tenant: str, priority: int, deadline: float | None) -> BackendRequest:
+    """BackendRequest(...) as the data plane builds one per request, every field given. A class called with
+    keywords goes through a dict of them (about 10k instructions for this one); a function called with as
+    many keywords does not, and the slots are set directly (tests/unit/backends/test_base.py checks that
+    every field is set, as the dataclass would set it)."""
+    request = _new_request(BackendRequest)
+    request.path, request.body, request.model, request.route = path, body, model, route
+    request.adapter, request.thinking, request.sampling, request.stream = adapter, thinking, sampling, stream
+    request.has_images, request.request_id, request.rules, request.adjustments = has_images, request_id, rules, []
+    request.hide_usage_chunk, request.observer, request.effort = hide_usage_chunk, observer, effort
+    request.traceparent, request.lease, request.avoid, request.tenant = traceparent, None, [], tenant
+    request.priority, request.deadline = priority, deadline
+    return request
 
 
 @dataclass(frozen=True, slots=True)

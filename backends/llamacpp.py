@@ -34,6 +34,7 @@ from backends.openai_compat import OpenAICompatDriver
 
 # OpenAI-style name -> llama-server's name for the same sampling knob.
 RENAMED_FIELDS = {"repetition_penalty": "repeat_penalty"}
+RENAMED = frozenset(RENAMED_FIELDS)
 # A template with these markers gets llama-server's dedicated Kimi K2 handler (llamacpp.md §9).
 KIMI_TEMPLATE_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -95,16 +96,18 @@ def lora_scales(adapter_ids: Sequence[int], selected: int | None) -> list[dict]:
 
 def to_llamacpp_body(request: BackendRequest, adapter_ids: Sequence[int], selected: int | None,
                      gen: Generation = generation("k2.5")) -> dict:
-    body = dict(request.body)
-    body.update(request.sampling)
-    drop_best_of(body)  # llama-server ignores best_of; check() refused one that means something
-    for name, native in RENAMED_FIELDS.items():
-        if name in body:
-            body[native] = body.pop(name)
-    kwargs = dict(body.get("chat_template_kwargs") or {})
-    kwargs.update(gen.template_kwargs(request.thinking))
+    sampling = request.sampling
+    body = {**request.body, **sampling} if sampling else request.body.copy()   # the client's stays as it came
+    if "best_of" in body:
+        drop_best_of(body)  # llama-server ignores best_of; check() refused one that means something
+    if not RENAMED.isdisjoint(body):
+        for name, native in RENAMED_FIELDS.items():
+            if name in body:
+                body[native] = body.pop(name)
     if request.path.endswith("chat/completions"):
-        body["chat_template_kwargs"] = kwargs
+        given = body.get("chat_template_kwargs")   # the client's other template variables, kept
+        kwargs = gen.template_kwargs(request.thinking)   # a new dict each call: the body's own
+        body["chat_template_kwargs"] = {**given, **kwargs} if given else kwargs
         if gen.effort_field and request.effort in EFFORT_TO_K3:
             body["reasoning_effort"] = EFFORT_TO_K3[request.effort]
     else:

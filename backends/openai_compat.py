@@ -398,12 +398,7 @@ class OpenAICompatDriver(ReplicaTraffic):
 
     async def send(self, request: BackendRequest) -> RelayReply:
         lease, request.lease = request.lease, None   # the queue's slot is ours now, whatever happens
-        try:
-            self.check(request)
-        except BaseException:
-            if lease is not None:
-                lease.release()
-            raise
+        # check() passed before send() was called (backends/base.py): not asked again per request
         if not request.avoid:
             self.retry_budget.requests += 1
         outliers = self.outliers

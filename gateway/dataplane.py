@@ -11,7 +11,7 @@ from functools import partial
 
 import orjson
 
-from backends.base import BackendRequest
+from backends.base import BackendRequest, forwarded_request
 from backends.generations import normalise_history
 from backends.errors import AdapterNotReadyError, BackendError, BackendRejectedError, UnsupportedFeatureError
 from backends.protocol import CHAT_PATH, COMPLETIONS_PATH, known_fields
@@ -32,10 +32,9 @@ from gateway.errors import (
 from gateway.logs import REQUEST_ID
 from gateway.metrics import QueueRecorder, RequestRecorder
 from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
-from gateway.policies.content import ImagePolicy, check_limits
-from gateway.policies.retry import with_retries
+from gateway.policies.content import ImagePolicy, MessageLimits
+from gateway.policies.retry import retry_after, with_retries
 from gateway.policies.sampling import apply_sampling_policy
-from gateway.policies.tools import check_agent_fields
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import request_id_of
 from gateway.routing import Resolved, Target
@@ -73,6 +72,8 @@ class DataPlane:
         self.state = state
         self.limits = limits = state.config.limits
         self.max_body = limits.max_body_bytes
+        self.message_limits = MessageLimits(limits.max_messages, limits.max_tokens)   # read per request
+        self.sampling = state.config.sampling
         self.rate_limiter = state.shared.limiter        # in process, or Redis for a fleet (gateway/shared.py)
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
         self.agents = AgentSupport(state.config.reasoning_memory, state.shared.memory)
@@ -104,7 +105,8 @@ class DataPlane:
         request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
         REQUEST_ID.set(request_id)  # on every log line written while serving it (gateway/logs.py)
         recorder = RequestRecorder(self.state.metrics, self.facts, request_id)
-        recorder.traceparent = incoming_traceparent(headers.get(TRACEPARENT))
+        traceparent = headers.get(TRACEPARENT)
+        recorder.traceparent = incoming_traceparent(traceparent) if traceparent is not None else None
         span = None
         if self.tracer is not None:
             span = self.tracer.start(scope["path"], recorder.traceparent)
@@ -187,46 +189,49 @@ class DataPlane:
             return code, reply.usage
         body = forwarded.first  # read in open_reply, where a failure could still be retried
         extra.append((SERVER_TIMING, recorder.server_timing()))
-        length = [(b"content-length", str(len(body)).encode())]  # not chunked: one framing, no terminator
-        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + extra + length})
+        headers = JSON_HEADERS + extra
+        headers.append((b"content-length", str(len(body)).encode()))  # not chunked: one framing, no terminator
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return 200, reply.usage
 
     async def admit(self, path, doc, size, principal, headers, request_id, recorder):
         """Every check and policy, in order; returns the BackendRequest to forward."""
         state = self.state
-        has_images = check_request(doc, path, self.allowed[path])
-        check_limits(doc, self.limits)
-        check_agent_fields(doc)
+        has_images = check_request(doc, path, self.allowed[path], self.message_limits)  # limits, agent fields too
         model = doc["model"]
         principal.require(model)
         if principal.rpm or principal.tpm:
             await self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
-        resolved = state.routes.resolve(model, lambda sticky_by: sticky_key(sticky_by, doc, headers, principal))
+        resolved = state.routes.plain(model)
+        if resolved is None:  # an experiment (or no such route): only then is its sticky key asked for
+            resolved = state.routes.resolve(model, partial(sticky_key, doc=doc, headers=headers, principal=principal))
         recorder.variant = resolved.variant
         route = resolved.route
         if has_images:
             await self.images.apply(doc, route.image_urls or self.limits.image_urls)
-        decision = apply_sampling_policy(doc, state.config.sampling, route.profile)
+        decision = apply_sampling_policy(doc, self.sampling, route.profile)
         recorder.route = model
         recorder.sampled(decision.overrides)
         if resolved.variant is not None:
             recorder.assigned(resolved.variant)
         stream = doc.get("stream", False)
         normalise_history(doc.get("messages"))  # `reasoning` -> `reasoning_content`, "" -> absent
-        if "tools" in doc and self.agents.shared:
-            await self.agents.prefetch(doc, principal.name)
-        observer = self.agents.prepare(doc, principal.name, recorder) if "tools" in doc else None
+        observer = None
+        if "tools" in doc:
+            if self.agents.shared:
+                await self.agents.prefetch(doc, principal.name)
+            observer = self.agents.prepare(doc, principal.name, recorder)
         priority_header, deadline_header = headers.get(PRIORITY_HEADER), headers.get(DEADLINE_HEADER)
         priority = PRIORITIES[principal.priority] if priority_header is None else \
             priority_of(principal.priority, priority_header)
         deadline = None if deadline_header is None and route.timeout_s is None and route.deadline_ms is None else \
             deadline_of(deadline_header, route)
-        request = BackendRequest(path=path, body=doc, model=model, route=route.name, adapter=route.adapter,
-                                 thinking=decision.thinking, sampling=decision.values, stream=stream,
-                                 has_images=has_images, request_id=request_id, rules=route.rules, observer=observer,
-                                 hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent,
-                                 effort=decision.effort, tenant=principal.name, priority=priority, deadline=deadline)
+        request = forwarded_request(path, doc, model, route.name, route.adapter, decision.thinking,
+                                    sampling=decision.values, stream=stream, has_images=has_images,
+                                    request_id=request_id, rules=route.rules, observer=observer,
+                                    hide_usage_chunk=stream and ask_for_usage(doc), traceparent=recorder.traceparent,
+                                    effort=decision.effort, tenant=principal.name, priority=priority, deadline=deadline)
         if resolved.variant is not None:
             recorder.after = state.shadows.pick(state.routes.get(model), request)
         return request, resolved, decision
@@ -300,8 +305,12 @@ class DataPlane:
             lease = await queue.wait(request.adapter, request.tenant, request.priority, request.deadline,
                                      head.keepalive if head is not None else None, self.admission.keepalive_s)
         request.lease = lease  # driver.send() takes it before anything else (no await in between)
-        if request.deadline is None:
-            return await self.send_with_retries(driver, request, route_name, target, recorder)
+        if request.deadline is None:  # send_with_retries, inline: the common case is one await deep
+            try:
+                return await open_reply(driver, request, target)
+            except BaseException as exc:
+                failure = exc
+            return await self.retry(failure, driver, request, route_name, target, recorder)
         try:
             async with asyncio.timeout_at(request.deadline):
                 return await self.send_with_retries(driver, request, route_name, target, recorder)
@@ -313,12 +322,22 @@ class DataPlane:
                                 recorder: RequestRecorder) -> Forwarded:
         """Retries before the first byte, within the backend's retry budget. A version swapped out while the
         request waited for its backend (a drained restart) is answered by the route's active version, never a 503."""
+        try:
+            return await open_reply(driver, request, target)
+        except BaseException as exc:
+            failure = exc
+        return await self.retry(failure, driver, request, route_name, target, recorder)
+
+    async def retry(self, failure: BaseException, driver, request: BackendRequest, route_name: str, target: Target,
+                    recorder: RequestRecorder) -> Forwarded:
+        """send_with_retries() once its first attempt failed with `failure`: that failure raised again when it
+        is not worth a retry, else the remaining attempts. Nothing here runs for a request that succeeds."""
         policy = self.retry_policies[target.backend]
         count = partial(count_retry, recorder, target.backend)
         budget = driver.retry_budget
         allow = budget.try_retry if budget is not None else None
         try:
-            return await with_retries(partial(open_reply, driver, request, target), policy, count, allow)
+            return await retry_after(failure, partial(open_reply, driver, request, target), policy, count, allow)
         except AdapterNotReadyError:
             current = self.swapped(route_name, target)
             if current is None:

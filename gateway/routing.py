@@ -71,6 +71,8 @@ class RouteTable:
                                                rules=rules, image_urls=route.image_urls, split=split,
                                                timeout_s=route.timeout_s, deadline_ms=route.deadline_ms)
         self._routes = routes_by_name
+        # A plain route resolves to itself: one Resolved per route, built here rather than per request.
+        self._plain = {name: Resolved(route, None) for name, route in routes_by_name.items() if route.experiment is None}
 
     def names(self) -> list[str]:
         return list(self._routes)
@@ -81,14 +83,19 @@ class RouteTable:
     def get(self, name: str) -> Route | None:
         return self._routes.get(name)
 
+    def plain(self, model: str) -> Resolved | None:
+        """A route that is not an experiment, resolved; None for an experiment or a name with no route."""
+        return self._plain.get(model)
+
     def resolve(self, model: str, sticky_key: Callable[[str], str | None] | None = None) -> Resolved:
         """`sticky_key(sticky_by)` gives an experiment's key (user, header or API key); it is asked only
         when `model` names an experiment."""
+        plain = self._plain.get(model)
+        if plain is not None:
+            return plain
         route = self._routes.get(model)
         if route is None:
             raise ModelNotFoundError(model)
-        if route.experiment is None:
-            return Resolved(route, None)
         key = sticky_key(route.experiment.sticky_by) if sticky_key is not None else None
         variant = route.split.pick(key)
         chosen = self._routes.get(variant)

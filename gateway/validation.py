@@ -9,7 +9,10 @@ and codes: `Invalid 'temperature': decimal above maximum value. Expected a value
 from __future__ import annotations
 
 from backends.protocol import CHAT_PATH
+from gateway.config import LimitsConfig
 from gateway.errors import InvalidRequestError
+from gateway.policies.content import MessageLimits, check_limits
+from gateway.policies.tools import AGENT_FIELDS, check_agent_fields
 
 DECIMAL, INTEGER, BOOLEAN, LOGIT_BIAS = "decimal", "integer", "boolean", "logit_bias"
 # field -> (kind, minimum, maximum): OpenAI's ranges; None = unbounded. Looked up per field the request has.
@@ -24,6 +27,7 @@ CHECKS = {
                 "logprobs": (BOOLEAN, None, None)},
     "completions": {**COMMON_CHECKS, "best_of": (INTEGER, 0, 20), "logprobs": (INTEGER, 0, 5)},
 }
+CHAT_CHECKS, COMPLETION_CHECKS = CHECKS[CHAT_PATH], CHECKS["completions"]
 LOGIT_BIAS_MAX_ENTRIES = 1024
 LOGIT_BIAS_LIMIT = 100
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -74,35 +78,51 @@ def check_range(field: str, value, kind: str, low, high) -> None:
         raise _range_error(field, kind, value, high, above=True)
 
 
-def check_request(doc: object, path: str, allowed: frozenset[str] | None) -> bool:
+def check_request(doc: object, path: str, allowed: frozenset[str] | None,
+                  limits: LimitsConfig | MessageLimits | None = None) -> bool:
     """Raise InvalidRequestError for a body no backend should see; return whether it carries images.
-    `allowed` is the set of top-level fields accepted (None: forward unknown fields)."""
+    `allowed` is the set of top-level fields accepted (None: forward unknown fields). With `limits`, also
+    check_limits() and then check_agent_fields() (only when the body has one of their fields): one walk
+    over the body for everything the data plane checks before routing, each refusal the same as alone."""
     if not isinstance(doc, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
-    unknown = doc.keys() - allowed if allowed is not None else ()
-    if unknown:
-        name = sorted(unknown)[0]
+    if allowed is not None and not allowed.issuperset(doc):
+        name = sorted(doc.keys() - allowed)[0]
         raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name)
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("you must provide a model parameter", param="model")
-    if not isinstance(doc.get("stream", False), bool):
-        raise _type_error("stream", "a boolean", doc["stream"])
+    stream = doc.get("stream", False)
+    if stream is not False and stream is not True:
+        raise _type_error("stream", "a boolean", stream)
     chat = path == CHAT_PATH
-    checks = CHECKS[CHAT_PATH if chat else "completions"]
+    checks = CHAT_CHECKS if chat else COMPLETION_CHECKS
     for field, value in doc.items():  # a request has a few fields: cheaper than a lookup per check
         spec = checks.get(field)
-        if spec is not None and value is not None:
-            check_field(field, value, *spec)
+        if spec is None or value is None:
+            continue
+        kind = spec[0]
+        # the common case inline: a number of the right type within range (anything else: check_field)
+        if type(value) is int and (kind is INTEGER or kind is DECIMAL) or type(value) is float and kind is DECIMAL:
+            low, high = spec[1], spec[2]
+            if (low is None or value >= low) and (high is None or value <= high):
+                continue
+        check_field(field, value, *spec)
     if chat:
-        return _check_messages(doc.get("messages"))
-    best_of = doc.get("best_of")
-    if best_of is not None and best_of < (doc.get("n") or 1):
-        raise InvalidRequestError("best_of must be greater than or equal to n.", param="best_of")
-    prompt = doc.get("prompt")
-    if not isinstance(prompt, (str, list)) or not prompt:
-        raise InvalidRequestError("'prompt' must be a non-empty string or list.", param="prompt")
-    return False
+        has_images = _check_messages(doc.get("messages"))
+    else:
+        best_of = doc.get("best_of")
+        if best_of is not None and best_of < (doc.get("n") or 1):
+            raise InvalidRequestError("best_of must be greater than or equal to n.", param="best_of")
+        prompt = doc.get("prompt")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise InvalidRequestError("'prompt' must be a non-empty string or list.", param="prompt")
+        has_images = False
+    if limits is not None:
+        check_limits(doc, limits)
+        if not AGENT_FIELDS.isdisjoint(doc):
+            check_agent_fields(doc)
+    return has_images
 
 
 def _check_logit_bias(bias: object) -> None:

@@ -24,9 +24,10 @@ class Bucket:
         self.level = float(per_minute)
         self.stamp = time.monotonic()
 
-    def wait_for(self, amount: float) -> float:
+    def wait_for(self, amount: float, now: float | None = None) -> float:
         """Seconds until `amount` fits (0 = it fits now); refills at capacity per minute."""
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.capacity / 60.0)
         self.stamp = now
         amount = min(amount, self.capacity)   # a request larger than the budget waits for a full bucket
@@ -42,6 +43,8 @@ class RateLimiter:
     def __init__(self, share: Callable[[], int] | None = None) -> None:
         self._buckets: dict[tuple[str, str, int], Bucket] = {}
         self._share = share
+        # id(principal) -> (principal, its requests bucket, its tokens bucket), when no share can change them
+        self._pairs: dict[int, tuple[Principal, Bucket | None, Bucket | None]] = {}
 
     def _bucket(self, principal: Principal, kind: str, per_minute: int) -> Bucket:
         if self._share is not None:
@@ -52,15 +55,28 @@ class RateLimiter:
             bucket = self._buckets[key] = Bucket(per_minute)
         return bucket
 
+    def _buckets_of(self, principal: Principal) -> tuple[Principal, Bucket | None, Bucket | None]:
+        requests = self._bucket(principal, "requests", principal.rpm) if principal.rpm else None
+        budget = self._bucket(principal, "tokens", principal.tpm) if principal.tpm else None
+        entry = (principal, requests, budget)
+        if self._share is None:   # fixed limits: the same buckets for this key until the config changes
+            if len(self._pairs) >= 4096:   # keys reloaded many times: principals that may be gone
+                self._pairs.clear()
+            self._pairs[id(principal)] = entry
+        return entry
+
     async def admit(self, principal: Principal, body_bytes: int, max_tokens: int | None) -> None:
         if principal.rpm is None and principal.tpm is None:
             return
         tokens = body_bytes // BYTES_PER_TOKEN + (max_tokens or DEFAULT_COMPLETION_CHARGE)
-        requests = self._bucket(principal, "requests", principal.rpm) if principal.rpm else None
-        budget = self._bucket(principal, "tokens", principal.tpm) if principal.tpm else None
-        if requests is not None and (wait := requests.wait_for(1)) > 0:
+        entry = self._pairs.get(id(principal))
+        if entry is None or entry[0] is not principal:
+            entry = self._buckets_of(principal)
+        _, requests, budget = entry
+        now = time.monotonic()
+        if requests is not None and (wait := requests.wait_for(1, now)) > 0:
             raise RateLimitedError("requests", wait)
-        if budget is not None and (wait := budget.wait_for(tokens)) > 0:
+        if budget is not None and (wait := budget.wait_for(tokens, now)) > 0:
             raise RateLimitedError("tokens", wait)
         if requests is not None:
             requests.take(1)

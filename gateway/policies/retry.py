@@ -42,10 +42,19 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryConfig,
     try:
         return await attempt()
     except BaseException as exc:
-        if policy.attempts <= 1 or not is_retryable(exc, policy) or (allow is not None and not allow()):
-            raise
-        on_retry(exc)
-        delay = exc.retry_after_s if isinstance(exc, BackendRateLimitedError) else FIRST_BACKOFF_S
+        failure = exc
+    return await retry_after(failure, attempt, policy, on_retry, allow)
+
+
+async def retry_after(failure: BaseException, attempt: Callable[[], Awaitable[T]], policy: RetryConfig,
+                      on_retry: Callable[[BaseException], None], allow: Callable[[], bool] | None = None) -> T:
+    """with_retries() once its first attempt failed with `failure`: the failure raised again when it is not
+    worth a retry, else the remaining attempts. A caller that makes the first attempt itself builds nothing
+    for a request that succeeds (the data plane's common case)."""
+    if policy.attempts <= 1 or not is_retryable(failure, policy) or (allow is not None and not allow()):
+        raise failure
+    on_retry(failure)
+    delay = failure.retry_after_s if isinstance(failure, BackendRateLimitedError) else FIRST_BACKOFF_S
     await asyncio.sleep(delay or FIRST_BACKOFF_S)
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts - 1),

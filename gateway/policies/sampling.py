@@ -43,6 +43,8 @@ def profile_for(config: SamplingConfig, name: str | None, thinking: bool | None)
 
 
 _values: dict[int, tuple[SamplingProfile, MappingProxyType]] = {}      # id(profile) -> (profile, its values)
+# (id(config), route profile, client switch) -> (config, profile, thinking, its values, enforce?)
+_plans: dict[tuple[int, str | None, bool | None], tuple] = {}
 _decisions: dict[tuple[int, bool, str | None], SamplingDecision] = {}  # a default-mode decision without overrides
 
 
@@ -59,12 +61,25 @@ def profile_values(profile: SamplingProfile) -> MappingProxyType:
     return entry[1]
 
 
+def plan(config: SamplingConfig, profile_name: str | None, switch: bool | None) -> tuple:
+    """What the policy does for a route's profile and a client's switch, read out of the frozen config once:
+    each read of a pydantic model's field costs about 1.5k instructions (its __getattr__ keeps the
+    interpreter from caching attribute lookups), several per request."""
+    entry = _plans.get((id(config), profile_name, switch))
+    if entry is not None and entry[0] is config:
+        return entry
+    profile = profile_for(config, profile_name, switch)
+    if len(_plans) >= 256:          # config reloads: configs that may be gone
+        _plans.clear()
+    entry = _plans[(id(config), profile_name, switch)] = (
+        config, profile, profile.thinking if switch is None else switch, profile_values(profile), config.mode == "enforce")
+    return entry
+
+
 def apply_sampling_policy(body: dict, config: SamplingConfig, profile_name: str | None) -> SamplingDecision:
     switch, effort = pop_reasoning_switch(body)
-    profile = profile_for(config, profile_name, switch)
-    thinking = profile.thinking if switch is None else switch
-    wanted = profile_values(profile)
-    if config.mode == "enforce":
+    _, profile, thinking, wanted, enforce = plan(config, profile_name, switch)
+    if enforce:
         overrides = tuple(f for f, v in wanted.items() if f in body and body[f] != v)
         return SamplingDecision(thinking, wanted, True, overrides, effort)
     if not wanted.keys().isdisjoint(body):

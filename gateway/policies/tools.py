@@ -6,6 +6,9 @@ from gateway.errors import InvalidRequestError
 
 TOOL_CHOICES = ("none", "auto", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# every field check_agent_fields() reads: a body with none of them passes it unread
+AGENT_FIELDS = frozenset({"functions", "function_call", "tools", "tool_choice", "parallel_tool_calls",
+                          "response_format"})
 
 
 def _bad(message: str, param: str) -> InvalidRequestError:
