@@ -50,7 +50,6 @@ def name_of(code) -> str:
 
 
 def client(port: int, kind: str, warmup: int, requests: int, pid: int) -> None:
-    import re
     import socket
     import time
 
