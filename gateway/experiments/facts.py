@@ -1,8 +1,8 @@
 """FactLog: request facts and shadow calls, written to the store off the hot path.
 
-The data plane's only cost is `record()`: one tuple appended to a bounded deque (about a microsecond). A
-background task drains the deque in batches, one store transaction each, every `flush_interval_s` or as soon
-as a batch is full. Past `queue_size` waiting facts (the store is slower than the traffic) new facts are
+The data plane's only cost is `record()`: one RequestFact (a tuple, the row as stored) appended to a bounded
+deque. A background task drains the deque in batches, one store transaction each, every `flush_interval_s` or as
+soon as a batch is full. Past `queue_size` waiting facts (the store is slower than the traffic) new facts are
 dropped and counted (`kimi_gateway_request_facts_dropped_total`), never waited for.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class FactLog:
         self.interval_s = config.flush_interval_s
         self.on_dropped = on_dropped
         self.on_batch = on_batch
-        self._facts: deque[tuple] = deque()
+        self._facts: deque[RequestFact] = deque()
         self._shadows: deque[ShadowCall] = deque()
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -49,8 +49,13 @@ class FactLog:
             self.dropped += 1
             self.on_dropped(1)
             return
-        self._facts.append((request_id, time.time(), route, experiment, variant, adapter, backend, key, status,
-                            latency_s, ttft_s, usage))
+        prompt = completion = None
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        # The row as the store writes it, built once here: the writer passes batches of them through as they are.
+        self._facts.append(RequestFact(request_id, time.time(), route, experiment, variant, adapter, backend, key,
+                                       status, latency_s, ttft_s, prompt if isinstance(prompt, int) else None,
+                                       completion if isinstance(completion, int) else None))
         if len(self._facts) == self.batch_size:
             self._wakeup.set()
 
@@ -94,7 +99,7 @@ class FactLog:
                 log.exception("writing request facts failed; %d waiting", len(self._facts))
 
     async def _write_batch(self) -> None:
-        facts = [as_fact(self._facts.popleft()) for _ in range(min(self.batch_size, len(self._facts)))]
+        facts = [self._facts.popleft() for _ in range(min(self.batch_size, len(self._facts)))]
         shadows = [self._shadows.popleft() for _ in range(min(self.batch_size, len(self._shadows)))]
         try:
             await self.store.add_facts(facts, shadows)
@@ -110,22 +115,8 @@ class FactLog:
         """A failed write goes back to the front, as far as the bound allows."""
         for fact in reversed(list(facts)):
             if len(self._facts) < self.limit:
-                self._facts.appendleft(astuple(fact))
+                self._facts.appendleft(fact)
         for call in reversed(list(shadows)):
             if len(self._shadows) < self.limit:
                 self._shadows.appendleft(call)
 
-
-def as_fact(row: tuple) -> RequestFact:
-    *head, usage = row
-    prompt = completion = None
-    if usage:
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return RequestFact(*head, prompt if isinstance(prompt, int) else None,
-                       completion if isinstance(completion, int) else None)
-
-
-def astuple(fact: RequestFact) -> tuple:
-    usage = {"prompt_tokens": fact.prompt_tokens, "completion_tokens": fact.completion_tokens}
-    return (fact.request_id, fact.at, fact.route, fact.experiment, fact.variant, fact.adapter, fact.backend, fact.key,
-            fact.status, fact.latency_s, fact.ttft_s, usage)

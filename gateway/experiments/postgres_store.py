@@ -159,7 +159,7 @@ class PostgresExperimentStore(PostgresPool):
     # --- facts, shadow calls, feedback --------------------------------------------------------------------
 
     async def add_facts(self, facts: Sequence[RequestFact], shadows: Sequence[ShadowCall]) -> None:
-        fact_rows, shadow_rows = [row(f) for f in facts], [row(s) for s in shadows]
+        fact_rows, shadow_rows = facts, [row(s) for s in shadows]   # a RequestFact is its row
         async with self._transaction() as conn:
             if fact_rows:
                 await conn.executemany(INSERT_FACT, fact_rows)

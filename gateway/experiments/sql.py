@@ -10,17 +10,24 @@ from dataclasses import fields
 from gateway.experiments.store import RequestFact, ShadowCall
 
 
+def names(record_type) -> tuple[str, ...]:
+    """The columns of a record type: a NamedTuple's fields (RequestFact) or a dataclass's (the others)."""
+    return getattr(record_type, "_fields", None) or tuple(field.name for field in fields(record_type))
+
+
 def columns(record_type) -> str:
-    return ", ".join(field.name for field in fields(record_type))
+    return ", ".join(names(record_type))
 
 
 def row(record) -> tuple:
-    """A fact's or shadow call's values in column order."""
+    """A fact's or shadow call's values in column order (a RequestFact already is that tuple)."""
+    if isinstance(record, tuple):
+        return record
     return tuple(getattr(record, field.name) for field in fields(record))
 
 
 def _params(record_type) -> str:
-    return ",".join(f"${n}" for n in range(1, len(fields(record_type)) + 1))
+    return ",".join(f"${n}" for n in range(1, len(names(record_type)) + 1))
 
 
 def for_sqlite(statement: str) -> str:

@@ -129,7 +129,7 @@ class SqliteExperimentStore(SqliteFile):
         return await self._run(work)
 
     async def add_facts(self, facts: Sequence[RequestFact], shadows: Sequence[ShadowCall]) -> None:
-        fact_rows, shadow_rows = [row(f) for f in facts], [row(s) for s in shadows]
+        fact_rows, shadow_rows = facts, [row(s) for s in shadows]   # a RequestFact is its row
 
         def work(db: sqlite3.Connection) -> None:
             db.executemany(INSERT_FACT, fact_rows)

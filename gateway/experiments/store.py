@@ -17,11 +17,13 @@ shared by replicas and announces route changes to `watch()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFact:
+class RequestFact(NamedTuple):
+    """A tuple in column order (one per request the gateway serves): the writer passes it to the store as its
+    row, with no per-field copy (sql.row)."""
+
     request_id: str
     at: float                    # when the request finished
     route: str                   # the model the client named (an experiment's name, or any route)
