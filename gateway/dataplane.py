@@ -33,6 +33,7 @@ from gateway.logs import REQUEST_ID
 from gateway.metrics import QueueRecorder, RequestRecorder
 from gateway.policies.admission import PRIORITIES, AdmissionQueue, priority_of
 from gateway.policies.content import ImagePolicy, MessageLimits
+from gateway.policies.ratelimit import RateLimiter
 from gateway.policies.retry import retry_after, with_retries
 from gateway.policies.sampling import apply_sampling_policy
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
@@ -75,6 +76,8 @@ class DataPlane:
         self.message_limits = MessageLimits(limits.max_messages, limits.max_tokens)   # read per request
         self.sampling = state.config.sampling
         self.rate_limiter = state.shared.limiter        # in process, or Redis for a fleet (gateway/shared.py)
+        # in process: checked with a plain call (no coroutine per request)
+        self.rate_check = self.rate_limiter.check if isinstance(self.rate_limiter, RateLimiter) else None
         self.retry_policies = {backend.name: backend.retry for backend in state.config.backends}
         self.agents = AgentSupport(state.config.reasoning_memory, state.shared.memory)
         self.tracer = state.tracer
@@ -202,7 +205,11 @@ class DataPlane:
         model = doc["model"]
         principal.require(model)
         if principal.rpm or principal.tpm:
-            await self.rate_limiter.admit(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
+            if self.rate_check is not None:
+                self.rate_check(principal, size, doc.get("max_tokens") or doc.get("max_completion_tokens"))
+            else:
+                await self.rate_limiter.admit(principal, size,
+                                              doc.get("max_tokens") or doc.get("max_completion_tokens"))
         resolved = state.routes.plain(model)
         if resolved is None:  # an experiment (or no such route): only then is its sticky key asked for
             resolved = state.routes.resolve(model, partial(sticky_key, doc=doc, headers=headers, principal=principal))

@@ -66,9 +66,12 @@ class RateLimiter:
         return entry
 
     async def admit(self, principal: Principal, body_bytes: int, max_tokens: int | None) -> None:
+        self.check(principal, body_bytes, max_tokens)
+
+    def check(self, principal: Principal, body_bytes: int, max_tokens: int | None) -> None:
+        """admit() without a coroutine: the data plane calls this one directly when the buckets are local."""
         if principal.rpm is None and principal.tpm is None:
             return
-        tokens = body_bytes // BYTES_PER_TOKEN + (max_tokens or DEFAULT_COMPLETION_CHARGE)
         entry = self._pairs.get(id(principal))
         if entry is None or entry[0] is not principal:
             entry = self._buckets_of(principal)
@@ -76,9 +79,10 @@ class RateLimiter:
         now = time.monotonic()
         if requests is not None and (wait := requests.wait_for(1, now)) > 0:
             raise RateLimitedError("requests", wait)
-        if budget is not None and (wait := budget.wait_for(tokens, now)) > 0:
-            raise RateLimitedError("tokens", wait)
-        if requests is not None:
-            requests.take(1)
         if budget is not None:
+            tokens = body_bytes // BYTES_PER_TOKEN + (max_tokens or DEFAULT_COMPLETION_CHARGE)
+            if (wait := budget.wait_for(tokens, now)) > 0:
+                raise RateLimitedError("tokens", wait)
             budget.take(tokens)
+        if requests is not None:   # taken only once both fit
+            requests.take(1)
