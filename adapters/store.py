@@ -119,6 +119,13 @@ def state_row(s: ReplicaState) -> tuple:
     return s.adapter, s.version, s.backend, s.replica, s.state.value, s.reason, s.updated_at
 
 
+# A None parameter has no adapter registered, so the sqlite3 module looks for `__adapt__` on its protocol type and
+# `__conform__` on None, each a failed attribute lookup with its exception, before binding NULL: about 2k
+# instructions per None, and a request fact carries three or four (bench/README.md). An adapter found in the
+# registry ends the search; `{}.get` is a C callable that returns None for None (NULL, as before).
+sqlite3.register_adapter(type(None), {}.get)
+
+
 class SqliteFile:
     """One SQLite file, one connection, used from one worker thread: SQLite work never blocks the event loop,
     and writes are serialised without any lock the caller could hold. WAL: readers never block the writer, and

@@ -89,3 +89,15 @@ async def test_the_first_registry_is_carried_over(tmp_path):
     finally:
         await store.close()
     assert record.spec.name == "legal" and record.origin == "admin" and record.active is None
+
+
+def test_a_none_parameter_binds_null_through_the_registered_adapter():
+    """adapters.store registers an adapter for None (the sqlite3 module's attribute search per None costs ~2k
+    instructions); None must still bind as SQL NULL, in every column type, and read back as None."""
+    assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)](None) is None
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (a TEXT, b INTEGER, c REAL)")
+    db.executemany("INSERT INTO t VALUES (?, ?, ?)", [(None, None, None), ("x", 1, 2.5)])
+    assert db.execute("SELECT a IS NULL, b IS NULL, c IS NULL, typeof(a) FROM t ORDER BY rowid").fetchall() == [
+        (1, 1, 1, "null"), (0, 0, 0, "text")]
+    assert db.execute("SELECT a, b, c FROM t WHERE a IS NULL").fetchone() == (None, None, None)
