@@ -316,7 +316,7 @@ def count_instructions(runs: Runs, server: str, app: str, requests: int) -> dict
     port = runs.h.free_port()
     out = runs.work / f"callgrind.{server}.{app}.out"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
-                "--trace-children=yes", "--vgdb=yes"]
+                "--trace-children=yes", "--vgdb=yes"] + (["--separate-threads=yes"] if os.environ.get("KIMI_BENCH_THREADS") else [])
     started = time.monotonic()
     proc = runs.start_server(server, app, port, valgrind=valgrind)
     try:
