@@ -95,14 +95,15 @@ class GgufLora:
 # --- paths and hashing -------------------------------------------------------------------------------------
 
 def resolve_inside(raw: str, roots: Sequence[str], what: str) -> Path:
-    """The real path of `raw`, which must lie inside a root: no `..`, no absolute escape, no symlink escape."""
+    """The real path of `raw`, which must lie inside a root: no `..`, no absolute escape, no symlink escape.
+    `~` is expanded in both, as a shell would (the gateway's user's home)."""
     if not roots:
         raise AdapterValidationError(f"{what}: no adapter_roots are configured, so no adapter path is allowed")
     if ".." in Path(raw).parts:
         raise AdapterValidationError(f"{what}: '..' is not allowed in adapter paths")
-    real = Path(os.path.realpath(raw))
+    real = Path(os.path.realpath(os.path.expanduser(raw)))
     for root in roots:
-        real_root = Path(os.path.realpath(root))
+        real_root = Path(os.path.realpath(os.path.expanduser(root)))
         if real == real_root or real_root in real.parents:
             if not real.exists():
                 raise AdapterValidationError(f"{what}: {raw} does not exist")

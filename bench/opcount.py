@@ -152,6 +152,9 @@ def report(requests: int, top: int) -> None:
     print(f"{'ops/req':>9} {'%':>5} {'calls/req':>9}  function")
     for code, ops in OPS.most_common(top):
         print(f"{ops / requests:9,.0f} {100 * ops / total:5.1f} {CALLS[code] / requests:9.2f}  {name_of(code)}")
+    print("\nmost called (calls per request; a coroutine's resumptions count as calls):")
+    for code, calls in CALLS.most_common(top):
+        print(f"{calls / requests:9.2f} {OPS[code] / requests:9,.0f}  {name_of(code)}")
     by_file: Counter = Counter()
     for code, ops in OPS.items():
         by_file[name_of(code).split(":")[0]] += ops

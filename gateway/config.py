@@ -290,9 +290,9 @@ def check_adapter_roots(config: GatewayConfig) -> None:
     """Each adapter root must be a directory here (`check` and `serve`, not every load: a config is also read
     where its paths are not, to launch or to test it). A typo would otherwise surface later, as every adapter
     under it refused for resolving "outside the adapter roots". Paths are taken as adapters/validation.py
-    takes them: relative to the working directory, `~` not expanded."""
+    takes them: relative to the working directory, `~` expanded."""
     for i, root in enumerate(config.adapter_roots):
-        path = Path(root)
+        path = Path(root).expanduser()
         if not path.is_dir():
             raise ConfigError(f"adapter_roots[{i}]: {root} {'is not a directory' if path.exists() else 'does not exist'}")
 

@@ -189,3 +189,13 @@ def test_content_hash_is_stable_and_follows_every_byte(tmp_path, tiny):
     data[-1] ^= 0x01
     changed.write_bytes(bytes(data))
     assert validate_adapter(None, str(changed), [str(root)]).content_hash != gguf_hash
+
+
+def test_a_tilde_in_roots_and_paths_is_the_home_directory(tmp_path, monkeypatch):
+    """`~/adapters` in adapter_roots and `~/adapters/a` as a source mean the gateway user's home, as in a shell."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_peft(tmp_path / "adapters" / "a")
+    facts = validate_adapter("~/adapters/a", None, ["~/adapters"])
+    assert facts.source_path == str((tmp_path / "adapters" / "a").resolve())
+    with pytest.raises(AdapterValidationError, match="resolves outside the adapter roots"):
+        validate_adapter("~/adapters/a", None, ["~/elsewhere"])

@@ -143,3 +143,19 @@ def test_an_adapter_root_that_is_not_a_directory_stops_check_and_serve_on_one_li
     assert capsys.readouterr().err == f"error: {path}: adapter_roots[1]: {root} {what}\n"
     with pytest.raises(ConfigError, match=f"^{path}: adapter_roots\\[1\\]: {root} {what}$"):
         load_checked(str(path))
+
+
+def test_a_tilde_adapter_root_is_the_home_directory(tmp_path, capsys, monkeypatch):
+    from gateway.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "adapters").mkdir()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "adapter_roots": ["~/adapters"],
+        "backends": [{"name": "llama", "kind": "llamacpp", "url": "http://127.0.0.1:9"}],
+        "routes": [{"name": "kimi", "targets": ["llama"]}]}))
+    assert main(["check", str(path)]) == 0, capsys.readouterr().err
+    (tmp_path / "adapters").rmdir()
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().err.endswith("adapter_roots[0]: ~/adapters does not exist\n")
