@@ -26,7 +26,9 @@ sys.path.insert(0, str(HERE.parent))
 
 OPS: Counter = Counter()
 CALLS: Counter = Counter()
+LINES: Counter = Counter()
 ON = [False]
+BY_LINE = set(filter(None, os.environ.get("KIMI_OPCOUNT_LINES", "").split(",")))  # qualnames to count per line
 
 
 def tracer(frame, event, arg):
@@ -35,6 +37,8 @@ def tracer(frame, event, arg):
     code = frame.f_code
     if event == "opcode":
         OPS[code] += 1
+        if code.co_qualname in BY_LINE:
+            LINES[code.co_filename, frame.f_lineno] += 1
     elif event == "call":
         CALLS[code] += 1
         frame.f_trace_opcodes = True
@@ -152,6 +156,8 @@ def report(requests: int, top: int) -> None:
     print(f"{'ops/req':>9} {'%':>5} {'calls/req':>9}  function")
     for code, ops in OPS.most_common(top):
         print(f"{ops / requests:9,.0f} {100 * ops / total:5.1f} {CALLS[code] / requests:9.2f}  {name_of(code)}")
+    for (path, line), ops in sorted(LINES.items()):
+        print(f"{ops / requests:9,.1f}  {path.rsplit('/', 1)[-1]}:{line}")
     print("\nmost called (calls per request; a coroutine's resumptions count as calls):")
     for code, calls in CALLS.most_common(top):
         print(f"{calls / requests:9.2f} {OPS[code] / requests:9,.0f}  {name_of(code)}")
