@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+def head_fields(received: bytes, interim: int) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of the head after `interim` 1xx heads in `received` (which starts with the response
+    and holds its whole head), as httptools' on_header gives them: llhttp accepted the head, so every line ends in
+    CRLF, none folds, and a value loses only its leading blanks."""
+    rest = received
+    for _ in range(interim + 1):   # (llhttp skips empty lines before a message)
+        head, _, rest = rest.lstrip(b"\r\n").partition(b"\r\n\r\n")
+    fields = []
+    for line in head.split(b"\r\n")[1:]:   # (after the status line)
+        name, _, value = line.partition(b":")
+        fields.append((name, value.lstrip(b" \t")))
+    return fields
+
+
 def _expire(waiter: asyncio.Future, make_error: Callable[[], BackendError]) -> None:
     if not waiter.done():
         waiter.set_exception(make_error())
@@ -90,7 +104,7 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "status", "_headers", "_raw_headers", "_conn", "_owner", "_parser", "_no_body", "_pieces",
+        "status", "_headers", "_head", "_interim", "_conn", "_owner", "_parser", "_no_body", "_pieces",
         "_buffered", "_head_done", "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter",
         "_deadline", "_first_pending", "_keep_conn", "_loop",
     )
@@ -98,9 +112,11 @@ class UpstreamResponse:
     def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool, keep_conn: bool = False) -> None:
         self._keep_conn = keep_conn  # at its end the connection stays with the caller (a connection check)
         self.status = 0
-        # the head as it came (name, value, name, value, ...): `headers` decodes it when someone asks (an error, a
-        # stream's content type), not for every JSON reply
-        self._raw_headers: list[bytes] = []
+        # the bytes received until the head ended: `headers` parses and decodes them when someone asks (an error, a
+        # stream's content type), not for every reply. No on_header callback: httptools calls none when the target
+        # has none, and each one cost more than the whole lazy parse.
+        self._head = b""
+        self._interim = 0  # 1xx heads before the real one
         self._headers: dict[str, str] | None = None
         self._conn: _Connection | None = conn
         self._owner = owner
@@ -123,10 +139,9 @@ class UpstreamResponse:
         headers = self._headers
         if headers is None:
             headers = self._headers = {}
-            raw = self._raw_headers
-            for index in range(0, len(raw), 2):
-                key = raw[index].decode("latin-1").lower()
-                text = raw[index + 1].decode("latin-1")
+            for name, value in head_fields(self._head, self._interim):
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return headers
 
@@ -162,13 +177,10 @@ class UpstreamResponse:
 
     # httptools callbacks, called inside feed_data
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers += (name, value)
-
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: an interim head we never asked for; the real one follows
-            self._raw_headers = []
+            self._interim += 1
             return
         self.status = status
         self._head_done = True
@@ -198,6 +210,8 @@ class UpstreamResponse:
 
     def _feed(self, data: bytes) -> None:
         self._received = True
+        if not self._head_done:   # (the parser has checked these bytes by the time anyone reads them)
+            self._head = self._head + data if self._head else data
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
