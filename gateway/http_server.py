@@ -447,10 +447,9 @@ class Exchange:
 
     def response_head(self, status: int, headers) -> bytes:
         parts = [STATUS[status], self.conn.server.date]
-        length, lines = None, 3   # the status line, `date`, the blank line
+        length = None
         for name, value in headers:
-            size = len(name)
-            if size == 14 or size == 10 or size == 17:   # only these names can be the three read here
+            if len(name) in {14, 10, 17}:   # only names this long can be the three read here (a constant frozenset)
                 lowered = name.lower()
                 if lowered == b"content-length":
                     length = int(value)
@@ -461,7 +460,7 @@ class Exchange:
                     if value.lower() == b"chunked":
                         length = -1
             parts += (name, b": ", value, b"\r\n")
-            lines += 1
+        lines = (len(parts) + 10) >> 2   # 4 parts a header; and the status line, `date`, the blank line
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
             lines += 1

@@ -12,8 +12,10 @@ import time
 
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.http_server import DISCONNECT_EXTENSION, Server, ServerLimits
+from gateway.http_server import DISCONNECT_EXTENSION, STATUS, Server, ServerLimits
 
 BODY_LIMIT = 1000
 
@@ -568,3 +570,73 @@ def test_failed_startup_logs_the_apps_message_once_and_exits_3(caplog):
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert [r.getMessage() for r in errors] == ["cannot start: no store", "Application startup failed. Exiting."]
     assert not any(r.exc_info for r in errors)
+
+
+def _reference_response_head(exchange, status: int, headers) -> bytes:
+    """response_head() written plainly (each name lowered and compared, lines counted one by one): the reference
+    its faster loop must match."""
+    parts = [STATUS[status], exchange.conn.server.date]
+    length, lines = None, 3
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            length = int(value)
+        elif lowered == b"connection":
+            if b"close" in value.lower():
+                exchange.keep_alive = False
+        elif lowered == b"transfer-encoding":
+            if value.lower() == b"chunked":
+                length = -1
+        parts += (name, b": ", value, b"\r\n")
+        lines += 1
+    if not exchange.keep_alive:
+        parts.append(b"connection: close\r\n")
+        lines += 1
+    if length is None:
+        if not exchange.no_body and status not in (204, 304) and status >= 200:
+            exchange.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+            lines += 1
+    elif length == -1:
+        exchange.chunked = True
+    else:
+        exchange.remaining = length
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise RuntimeError("invalid response header: a name or value contains CR or LF")
+    return head
+
+
+def _bare_exchange(keep_alive: bool, no_body: bool):
+    from types import SimpleNamespace
+
+    from gateway.http_server import Exchange
+
+    exchange = Exchange.__new__(Exchange)
+    exchange.conn = SimpleNamespace(server=SimpleNamespace(date=b"date: Tue, 01 Dec 2026 22:00:00 GMT\r\n"))
+    exchange.keep_alive, exchange.no_body, exchange.chunked, exchange.remaining = keep_alive, no_body, False, 0
+    return exchange
+
+
+_names = st.sampled_from([b"content-length", b"Content-Length", b"connection", b"Connection", b"transfer-encoding",
+                          b"Transfer-Encoding", b"content-type", b"x-request-id", b"x-content-length", b"connectionx",
+                          b"server-timing", b"a\r\nb", b"content-length\n", b""])
+_values = st.sampled_from([b"0", b"12", b" 7 ", b"close", b"Keep-Alive, Close", b"keep-alive", b"chunked", b"CHUNKED",
+                           b"gzip, chunked", b"application/json", b"x\ny", b"x\rz", b"", b"abc"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([200, 201, 204, 304, 101, 404, 500]), st.lists(st.tuples(_names, _values), max_size=8),
+       st.booleans(), st.booleans(), st.sampled_from([list, tuple, iter]))
+def test_response_head_matches_the_plain_reference(status, headers, keep_alive, no_body, shape):
+    """response_head() gives the plain loop's head, framing and keep-alive, or the same error."""
+    new, old = _bare_exchange(keep_alive, no_body), _bare_exchange(keep_alive, no_body)
+    try:
+        expected = _reference_response_head(old, status, headers)
+    except (RuntimeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            new.response_head(status, shape(headers))
+        return
+    assert new.response_head(status, shape(headers)) == expected
+    assert (new.keep_alive, new.chunked, new.remaining) == (old.keep_alive, old.chunked, old.remaining)
