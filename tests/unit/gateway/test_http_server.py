@@ -640,3 +640,61 @@ def test_response_head_matches_the_plain_reference(status, headers, keep_alive, 
         return
     assert new.response_head(status, shape(headers)) == expected
     assert (new.keep_alive, new.chunked, new.remaining) == (old.keep_alive, old.chunked, old.remaining)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+_request = st.builds(
+    lambda crlf, method, path, version, body: (
+        crlf + f"{method} {path} HTTP/{version}\r\nHost: x\r\nContent-Length: {len(body)}\r\n"   # (1.0: kept alive)
+        f"{'Connection: keep-alive' if version == '1.0' else 'X: y'}\r\n\r\n".encode() + body,
+        version),
+    st.sampled_from([b"", b"\r\n"]), st.sampled_from(["GET", "POST", "OPTIONS"]),
+    st.sampled_from(["/", "/v1/chat/completions", "/a?b=c", "http://h/x", "*", "/%41"]),
+    st.sampled_from(["1.1", "1.0"]),
+    st.sampled_from([b"", b"hi", b"GET / HTTP/1.1\r\n", b"POST /v1/chat/completions HTTP/1.1\r\n", b" HTTP/1.1\r\n"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_request, min_size=1, max_size=4), st.lists(st.integers(1, 120), max_size=4))
+def test_scope_http_version_wherever_the_request_begins(requests, cuts):
+    """The scope's http_version read from the request line (a request at the start of the bytes received) is the
+    parser's, however the requests are split into reads or queued behind one another."""
+    from types import SimpleNamespace
+
+    from gateway.http_server import Connection, Exchange
+
+    seen = []
+
+    def start(exchange):
+        seen.append(exchange.scope["http_version"])
+        exchange.complete = True   # answered at once: the next request starts when it arrives
+
+    server = SimpleNamespace(loop=None, now=0.0, limits=ServerLimits(), state={}, sockname=("127.0.0.1", 1))
+    conn = Connection(server)
+    conn.transport, conn.client = _Transport(), None
+    data = b"".join(raw for raw, _ in requests)
+    edges = sorted({0, len(data), *(min(cut, len(data)) for cut in cuts)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Exchange, "start", start)
+        for begin, end in zip(edges, edges[1:]):
+            conn.data_received(data[begin:end])
+    assert seen == [version for _, version in requests]
