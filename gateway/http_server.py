@@ -89,7 +89,8 @@ def json_error_response(code: int, message: str) -> bytes:
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, runs one Exchange (the app's request) at a time."""
 
-    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_size", "max_head", "expect",
+    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_bytes", "received",
+                 "max_head", "expect",
                  "exchange", "pipeline", "reading", "write_paused", "drained", "phase", "since", "upgrade", "between",
                  "start")
 
@@ -105,7 +106,10 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.drained: asyncio.Future | None = None
         self.phase, self.since = IDLE, server.now
-        self.url, self.headers, self.head_size, self.expect, self.upgrade = b"", [], 0, False, False
+        self.url, self.headers, self.expect, self.upgrade = b"", [], False, False
+        # The head's size as max_head_bytes counts it (head_size()) is worked out only when the bytes received since
+        # the request began (head_bytes, from the read it began in) could reach it: not per header, for every request
+        self.head_bytes = self.received = 0
         self.max_head = server.limits.max_head_bytes
         # `start`: the bytes received, when they begin where a request begins (the parser was between messages),
         # so that on_headers_complete reads the HTTP version there: the parser's get_http_version() formats a str,
@@ -155,6 +159,8 @@ class Connection(asyncio.Protocol):
             self.phase, self.since = HEAD, self.server.now
         self.start = data if self.between else None
         self.between = False
+        self.received = size = len(data)
+        self.head_bytes += size
         try:
             self.parser.feed_data(data)
         except HeadTooLarge:
@@ -164,10 +170,21 @@ class Connection(asyncio.Protocol):
                 self.exchange.keep_alive = False
             self.pause_reading()
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, HeadTooLarge):
+            if isinstance(exc.__context__, HeadTooLarge) or (self.phase == HEAD and self.head_too_large()):
                 self.refuse(431, "Request header fields too large.")
             else:
                 self.refuse(400, "Invalid HTTP request received.")
+        else:
+            if self.phase == HEAD and self.head_too_large():   # a head still arriving
+                self.refuse(431, "Request header fields too large.")
+
+    def head_too_large(self) -> bool:
+        """Whether the head so far (the URL and each header's name and value, 4 bytes more a header) is over the
+        limit. It is at most 5/4 of the bytes it came in (each header line takes 4 or more), so those decide first
+        whether to add it up."""
+        if self.head_bytes * 5 <= self.max_head * 4:
+            return False
+        return len(self.url) + sum([len(name) + len(value) + 4 for name, value in self.headers]) > self.max_head
 
     def refuse(self, code: int, text: str) -> None:
         """A request that cannot be parsed (or a slow one): answered here, then the connection closes. With a
@@ -196,26 +213,22 @@ class Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- parser callbacks
 
     def on_message_begin(self) -> None:
-        self.url, self.headers, self.head_size, self.expect = b"", [], 0, False
+        self.url, self.headers, self.head_bytes, self.expect = b"", [], self.received, False
         if self.phase != HEAD:   # (data_received set it when the connection was idle)
             self.phase, self.since = HEAD, self.server.now
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size = size = self.head_size + len(url)
-        if size > self.max_head:
-            raise HeadTooLarge
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size = size = self.head_size + len(name) + len(value) + 4
-        if size > self.max_head:
-            raise HeadTooLarge
+    def on_header(self, name: bytes, value: bytes) -> None:   # (its size is counted in head_too_large())
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.head_too_large():
+            raise HeadTooLarge
         parser, url = self.parser, self.url
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")

@@ -698,3 +698,67 @@ def test_scope_http_version_wherever_the_request_begins(requests, cuts):
         for begin, end in zip(edges, edges[1:]):
             conn.data_received(data[begin:end])
     assert seen == [version for _, version in requests]
+
+
+class _PerCallbackCount:
+    """The head limit as it was counted per parser callback (URL, then each header's name and value plus 4): the
+    reference for whether a head is too large by the time the parser stops."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.over, self.complete = limit, 0, False, False
+
+    def on_message_begin(self) -> None:
+        if not self.over and not self.complete:
+            self.size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.add(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.add(len(name) + len(value) + 4)
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def add(self, size: int) -> None:
+        if not self.complete:
+            self.size += size
+            self.over = self.over or self.size > 300
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text("/abc", min_size=1, max_size=80), st.lists(st.tuples(st.text("ab-", min_size=1, max_size=30),
+                                                                     st.text("xy ", max_size=60)), max_size=12),
+       st.booleans(), st.sampled_from([b"", b"\x00bad"]), st.lists(st.integers(1, 400), max_size=4))
+def test_head_limit_decided_as_per_header_counting_did(path, fields, complete, junk, cuts):
+    """A 431 exactly when the URL and the headers the parser delivered (each name and value, 4 bytes more) went over
+    max_head_bytes, whatever the reads; a broken head under the limit is a 400."""
+    import httptools
+    from types import SimpleNamespace
+
+    from gateway.http_server import Connection, Exchange
+
+    head = (f"GET /{path} HTTP/1.1\r\n" + "".join(f"{name}:{value}\r\n" for name, value in fields)
+            + ("\r\n" if complete else "")).encode() + junk
+    reference = _PerCallbackCount(300)
+    try:
+        httptools.HttpRequestParser(reference).feed_data(head)
+    except httptools.HttpParserError:
+        pass
+    server = SimpleNamespace(loop=None, now=0.0, limits=ServerLimits(max_head_bytes=300), state={},
+                             sockname=("127.0.0.1", 1))
+    conn = Connection(server)
+    conn.transport, conn.client = _Transport(), None
+    written = []
+    conn.transport.write = written.append
+    edges = sorted({0, len(head), *(min(cut, len(head)) for cut in cuts)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Exchange, "start", lambda exchange: setattr(exchange, "complete", True))   # answered at once
+        for begin, end in zip(edges, edges[1:]):
+            if not conn.transport.closed:
+                conn.data_received(head[begin:end])
+    status = int(written[0].split(b" ", 2)[1]) if written else None
+    if reference.over:
+        assert status == 431
+    else:
+        assert status in (None, 400) and (status == 400) == (junk != b"")
