@@ -397,6 +397,9 @@ class _Pool:
         self._connect, self._max = connect, max_connections
         self._wait_timeout_s, self._backend = wait_timeout_s, backend
         self._idle: collections.deque[_Connection] = collections.deque()
+        # how many of them are checked, kept as they come and go (a connection is checked before it is ever idle):
+        # asked for on every request of a backend that keeps checked connections ready
+        self._idle_checked = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._open = 0
         self.closed = False
@@ -406,9 +409,11 @@ class _Pool:
         if self.closed:
             raise BackendUnavailableError("transport closed", backend=self._backend)
         if self._idle and not fresh:
-            return self._idle.pop()
+            return self._pop_idle()
         if fresh and self._idle and self._open >= self._max:
-            self._idle.popleft().close()  # make room; its slot goes to the longest waiter, maybe us
+            conn = self._idle.popleft()
+            self._idle_checked -= conn.checked
+            conn.close()  # make room; its slot goes to the longest waiter, maybe us
         if self._open < self._max:
             self._open += 1
             return await self._open_connection()
@@ -420,8 +425,13 @@ class _Pool:
     def take_idle(self) -> _Connection | None:
         """The warmest idle connection, without a coroutine (the common case); None: acquire() it."""
         if self._idle and not self.closed:
-            return self._idle.pop()
+            return self._pop_idle()
         return None
+
+    def _pop_idle(self) -> _Connection:
+        conn = self._idle.pop()
+        self._idle_checked -= conn.checked
+        return conn
 
     def release(self, conn: _Connection) -> None:
         """A connection whose response ended cleanly: to the longest waiter, else idle."""
@@ -432,16 +442,18 @@ class _Pool:
         conn.reused = True
         if not self._hand_over(conn):
             self._idle.append(conn)
+            self._idle_checked += conn.checked
 
     def forget(self, conn: _Connection) -> None:
         """A connection died: drop it from idle and pass its slot on."""
         if conn in self._idle:
             self._idle.remove(conn)
+            self._idle_checked -= conn.checked
         self._free_slot()
 
     def close_idle(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            self._pop_idle().close()
 
     def reserve(self) -> bool:
         """A slot for a connection opened ahead of need, when one is free now (never waits, never takes a slot a
@@ -455,14 +467,8 @@ class _Pool:
         return await self._open_connection()
 
     def idle_checked(self, enough: int) -> int:
-        """How many idle connections are checked, counting up to `enough` (the warmest first)."""
-        count = 0
-        for conn in reversed(self._idle):
-            if conn.checked:
-                count += 1
-                if count >= enough:
-                    break
-        return count
+        """How many idle connections are checked, counting up to `enough`."""
+        return min(self._idle_checked, enough)
 
     def close(self) -> None:
         self.closed = True
@@ -471,7 +477,7 @@ class _Pool:
             if not waiter.done():
                 waiter.set_exception(BackendUnavailableError("transport closed", backend=self._backend))
         while self._idle:
-            self._idle.pop().close()
+            self._pop_idle().close()
 
     async def _open_connection(self) -> _Connection:
         conn = _Connection(self)

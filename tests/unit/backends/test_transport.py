@@ -771,3 +771,27 @@ def test_head_fields_matches_httptools_on_header(heads, tail, split):
         pass
     if seen.done:
         assert transport_module.head_fields(fed, seen.interim) == seen.fields
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["release", "take", "die", "close_idle"]), st.integers(0, 5),
+                          st.booleans()), max_size=40))
+def test_idle_checked_count_follows_the_idle_connections(steps):
+    """The pool's running count of checked idle connections equals a count of them, whatever comes and goes."""
+    pool = transport_module._Pool(None, 100, 1.0, "b")
+    conns = []
+    for op, index, checked in steps:
+        if op == "release":
+            conn = transport_module._Connection(pool)
+            conn.checked = checked
+            pool._open += 1
+            conns.append(conn)
+            pool.release(conn)
+        elif op == "take":
+            pool.take_idle()
+        elif op == "die" and conns:
+            conns[index % len(conns)].close()
+        elif op == "close_idle":
+            pool.close_idle()
+        for enough in (1, 3, 100):
+            assert pool.idle_checked(enough) == min(sum(c.checked for c in pool._idle), enough)
