@@ -227,7 +227,7 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.head_too_large():
+        if self.head_bytes * 5 > self.max_head * 4 and self.head_too_large():   # (its first test, without a call)
             raise HeadTooLarge
         parser, url = self.parser, self.url
         if url[:1] == b"/":
@@ -276,14 +276,16 @@ class Connection(asyncio.Protocol):
         exchange.buffered += len(body)
         if exchange.buffered > HIGH_WATER:
             self.pause_reading()
-        exchange.wake()
+        if exchange.waiter is not None:   # (most often none: the body came with the head)
+            exchange.wake()
 
     def on_message_complete(self) -> None:
         self.start, self.between = None, True   # (a request after this one in the same bytes does not begin them)
         exchange = self.pipeline[-1] if self.pipeline else self.exchange
         exchange.more_body = False
         self.phase = IDLE if exchange.complete else APP
-        exchange.wake()
+        if exchange.waiter is not None:
+            exchange.wake()
 
     # ---------------------------------------------------------------- between requests
 
@@ -467,7 +469,8 @@ class Exchange:
                 raise RuntimeError("response body shorter than its content-length")
             self.complete = True
             self.on_lost = None
-            self.wake()
+            if self.waiter is not None:
+                self.wake()
             conn.finished(self)
 
     def response_head(self, status: int, headers) -> bytes:
