@@ -33,17 +33,17 @@ log = logging.getLogger(__name__)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def head_fields(received: bytes, interim: int) -> list[tuple[bytes, bytes]]:
+def head_fields(received: bytes, interim: int) -> list[tuple[str, str]]:
     """The (name, value) pairs of the head after `interim` 1xx heads in `received` (which starts with the response
-    and holds its whole head), as httptools' on_header gives them: llhttp accepted the head, so every line ends in
-    CRLF, none folds, and a value loses only its leading blanks."""
+    and holds its whole head), as httptools' on_header gives them, decoded as latin-1: llhttp accepted the head, so
+    every line ends in CRLF, none folds, and a value loses only its leading blanks."""
     rest = received
     for _ in range(interim + 1):   # (llhttp skips empty lines before a message)
         head, _, rest = rest.lstrip(b"\r\n").partition(b"\r\n\r\n")
     fields = []
-    for line in head.split(b"\r\n")[1:]:   # (after the status line)
-        name, _, value = line.partition(b":")
-        fields.append((name, value.lstrip(b" \t")))
+    for line in head.decode("latin-1").split("\r\n")[1:]:   # (after the status line)
+        name, _, value = line.partition(":")
+        fields.append((name, value.lstrip(" \t")))
     return fields
 
 
@@ -139,9 +139,8 @@ class UpstreamResponse:
         headers = self._headers
         if headers is None:
             headers = self._headers = {}
-            for name, value in head_fields(self._head, self._interim):
-                key = name.decode("latin-1").lower()
-                text = value.decode("latin-1")
+            for name, text in head_fields(self._head, self._interim):
+                key = name.lower()
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return headers
 
