@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+def head_fields(received: bytes, interim: int) -> list[tuple[str, str]]:
+    """The (name, value) pairs of the head after `interim` 1xx heads in `received` (which starts with the response
+    and holds its whole head), as httptools' on_header gives them, decoded as latin-1: llhttp accepted the head, so
+    every line ends in CRLF, none folds, and a value loses only its leading blanks."""
+    rest = received
+    for _ in range(interim + 1):   # (llhttp skips empty lines before a message)
+        head, _, rest = rest.lstrip(b"\r\n").partition(b"\r\n\r\n")
+    fields = []
+    for line in head.decode("latin-1").split("\r\n")[1:]:   # (after the status line)
+        name, _, value = line.partition(":")
+        fields.append((name, value.lstrip(" \t")))
+    return fields
+
+
 def _expire(waiter: asyncio.Future, make_error: Callable[[], BackendError]) -> None:
     if not waiter.done():
         waiter.set_exception(make_error())
@@ -90,7 +104,7 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "status", "_headers", "_raw_headers", "_conn", "_owner", "_parser", "_no_body", "_pieces",
+        "status", "_headers", "_head", "_interim", "_conn", "_owner", "_parser", "_no_body", "_pieces",
         "_buffered", "_head_done", "_done", "_until_close", "_keep_alive", "_extra", "_received", "_error", "_waiter",
         "_deadline", "_first_pending", "_keep_conn", "_loop",
     )
@@ -98,9 +112,11 @@ class UpstreamResponse:
     def __init__(self, conn: _Connection, owner: LeanTransport, no_body: bool, keep_conn: bool = False) -> None:
         self._keep_conn = keep_conn  # at its end the connection stays with the caller (a connection check)
         self.status = 0
-        # the head as it came (name, value, name, value, ...): `headers` decodes it when someone asks (an error, a
-        # stream's content type), not for every JSON reply
-        self._raw_headers: list[bytes] = []
+        # the bytes received until the head ended: `headers` parses and decodes them when someone asks (an error, a
+        # stream's content type), not for every reply. No on_header callback: httptools calls none when the target
+        # has none, and each one cost more than the whole lazy parse.
+        self._head = b""
+        self._interim = 0  # 1xx heads before the real one
         self._headers: dict[str, str] | None = None
         self._conn: _Connection | None = conn
         self._owner = owner
@@ -123,10 +139,8 @@ class UpstreamResponse:
         headers = self._headers
         if headers is None:
             headers = self._headers = {}
-            raw = self._raw_headers
-            for index in range(0, len(raw), 2):
-                key = raw[index].decode("latin-1").lower()
-                text = raw[index + 1].decode("latin-1")
+            for name, text in head_fields(self._head, self._interim):
+                key = name.lower()
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return headers
 
@@ -162,13 +176,10 @@ class UpstreamResponse:
 
     # httptools callbacks, called inside feed_data
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers += (name, value)
-
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: an interim head we never asked for; the real one follows
-            self._raw_headers = []
+            self._interim += 1
             return
         self.status = status
         self._head_done = True
@@ -198,6 +209,8 @@ class UpstreamResponse:
 
     def _feed(self, data: bytes) -> None:
         self._received = True
+        if not self._head_done:   # (the parser has checked these bytes by the time anyone reads them)
+            self._head = self._head + data if self._head else data
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -383,6 +396,9 @@ class _Pool:
         self._connect, self._max = connect, max_connections
         self._wait_timeout_s, self._backend = wait_timeout_s, backend
         self._idle: collections.deque[_Connection] = collections.deque()
+        # how many of them are checked, kept as they come and go (a connection is checked before it is ever idle):
+        # asked for on every request of a backend that keeps checked connections ready
+        self._idle_checked = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._open = 0
         self.closed = False
@@ -392,9 +408,11 @@ class _Pool:
         if self.closed:
             raise BackendUnavailableError("transport closed", backend=self._backend)
         if self._idle and not fresh:
-            return self._idle.pop()
+            return self._pop_idle()
         if fresh and self._idle and self._open >= self._max:
-            self._idle.popleft().close()  # make room; its slot goes to the longest waiter, maybe us
+            conn = self._idle.popleft()
+            self._idle_checked -= conn.checked
+            conn.close()  # make room; its slot goes to the longest waiter, maybe us
         if self._open < self._max:
             self._open += 1
             return await self._open_connection()
@@ -406,8 +424,13 @@ class _Pool:
     def take_idle(self) -> _Connection | None:
         """The warmest idle connection, without a coroutine (the common case); None: acquire() it."""
         if self._idle and not self.closed:
-            return self._idle.pop()
+            return self._pop_idle()
         return None
+
+    def _pop_idle(self) -> _Connection:
+        conn = self._idle.pop()
+        self._idle_checked -= conn.checked
+        return conn
 
     def release(self, conn: _Connection) -> None:
         """A connection whose response ended cleanly: to the longest waiter, else idle."""
@@ -418,16 +441,18 @@ class _Pool:
         conn.reused = True
         if not self._hand_over(conn):
             self._idle.append(conn)
+            self._idle_checked += conn.checked
 
     def forget(self, conn: _Connection) -> None:
         """A connection died: drop it from idle and pass its slot on."""
         if conn in self._idle:
             self._idle.remove(conn)
+            self._idle_checked -= conn.checked
         self._free_slot()
 
     def close_idle(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            self._pop_idle().close()
 
     def reserve(self) -> bool:
         """A slot for a connection opened ahead of need, when one is free now (never waits, never takes a slot a
@@ -441,14 +466,8 @@ class _Pool:
         return await self._open_connection()
 
     def idle_checked(self, enough: int) -> int:
-        """How many idle connections are checked, counting up to `enough` (the warmest first)."""
-        count = 0
-        for conn in reversed(self._idle):
-            if conn.checked:
-                count += 1
-                if count >= enough:
-                    break
-        return count
+        """How many idle connections are checked, counting up to `enough`."""
+        return min(self._idle_checked, enough)
 
     def close(self) -> None:
         self.closed = True
@@ -457,7 +476,7 @@ class _Pool:
             if not waiter.done():
                 waiter.set_exception(BackendUnavailableError("transport closed", backend=self._backend))
         while self._idle:
-            self._idle.pop().close()
+            self._pop_idle().close()
 
     async def _open_connection(self) -> _Connection:
         conn = _Connection(self)

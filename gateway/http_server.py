@@ -89,8 +89,10 @@ def json_error_response(code: int, message: str) -> bytes:
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, runs one Exchange (the app's request) at a time."""
 
-    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_size", "max_head", "expect",
-                 "exchange", "pipeline", "reading", "write_paused", "drained", "phase", "since", "upgrade")
+    __slots__ = ("server", "loop", "parser", "transport", "client", "url", "headers", "head_bytes", "received",
+                 "max_head", "expect",
+                 "exchange", "pipeline", "reading", "write_paused", "drained", "phase", "since", "upgrade", "between",
+                 "start")
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -104,8 +106,15 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.drained: asyncio.Future | None = None
         self.phase, self.since = IDLE, server.now
-        self.url, self.headers, self.head_size, self.expect, self.upgrade = b"", [], 0, False, False
+        self.url, self.headers, self.expect, self.upgrade = b"", [], False, False
+        # The head's size as max_head_bytes counts it (head_size()) is worked out only when the bytes received since
+        # the request began (head_bytes, from the read it began in) could reach it: not per header, for every request
+        self.head_bytes = self.received = 0
         self.max_head = server.limits.max_head_bytes
+        # `start`: the bytes received, when they begin where a request begins (the parser was between messages),
+        # so that on_headers_complete reads the HTTP version there: the parser's get_http_version() formats a str,
+        # ~2,300 instructions
+        self.between, self.start = True, None
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -148,6 +157,10 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase == IDLE:
             self.phase, self.since = HEAD, self.server.now
+        self.start = data if self.between else None
+        self.between = False
+        self.received = size = len(data)
+        self.head_bytes += size
         try:
             self.parser.feed_data(data)
         except HeadTooLarge:
@@ -157,10 +170,21 @@ class Connection(asyncio.Protocol):
                 self.exchange.keep_alive = False
             self.pause_reading()
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, HeadTooLarge):
+            if isinstance(exc.__context__, HeadTooLarge) or (self.phase == HEAD and self.head_too_large()):
                 self.refuse(431, "Request header fields too large.")
             else:
                 self.refuse(400, "Invalid HTTP request received.")
+        else:
+            if self.phase == HEAD and self.head_too_large():   # a head still arriving
+                self.refuse(431, "Request header fields too large.")
+
+    def head_too_large(self) -> bool:
+        """Whether the head so far (the URL and each header's name and value, 4 bytes more a header) is over the
+        limit. It is at most 5/4 of the bytes it came in (each header line takes 4 or more), so those decide first
+        whether to add it up."""
+        if self.head_bytes * 5 <= self.max_head * 4:
+            return False
+        return len(self.url) + sum([len(name) + len(value) + 4 for name, value in self.headers]) > self.max_head
 
     def refuse(self, code: int, text: str) -> None:
         """A request that cannot be parsed (or a slow one): answered here, then the connection closes. With a
@@ -188,27 +212,23 @@ class Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- parser callbacks
 
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.head_size, self.expect = b"", [], 0, False
-        if self.phase != HEAD:   # (data_received set it when the connection was idle)
-            self.phase, self.since = HEAD, self.server.now
+    # No on_message_begin: a parser callback costs ~1,800 instructions, the most of it the call. What it would do
+    # is done where a request ends (its fields start empty again) and at its URL (its head's clock starts).
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size = size = self.head_size + len(url)
-        if size > self.max_head:
-            raise HeadTooLarge
+        if self.phase != HEAD:   # (data_received set it when the connection was idle)
+            self.phase, self.since = HEAD, self.server.now
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size = size = self.head_size + len(name) + len(value) + 4
-        if size > self.max_head:
-            raise HeadTooLarge
+    def on_header(self, name: bytes, value: bytes) -> None:   # (its size is counted in head_too_large())
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.head_bytes * 5 > self.max_head * 4 and self.head_too_large():   # (its first test, without a call)
+            raise HeadTooLarge
         parser, url = self.parser, self.url
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
@@ -221,9 +241,13 @@ class Connection(asyncio.Protocol):
             raise httptools.HttpParserError("non-ASCII request target") from None
         if "%" in path:
             path = unquote(path)
-        version = parser.get_http_version()
-        server = self.server
         method = parser.get_method()
+        start, at = self.start, len(method) + len(url) + 1   # (where the request line's version is)
+        if start is not None and start[at:at + 11] == b" HTTP/1.1\r\n":
+            version = "1.1"
+        else:   # a head that arrived in pieces or behind another request, after empty lines, or not HTTP/1.1
+            version = parser.get_http_version()
+        server = self.server
         method = METHODS.get(method) or method.decode("ascii")
         scope = {"type": "http", "asgi": ASGI, "http_version": version, "method": method,
                  "scheme": "http", "path": path, "raw_path": raw_path, "query_string": query, "root_path": "",
@@ -232,6 +256,7 @@ class Connection(asyncio.Protocol):
             scope["state"] = server.state.copy()
         exchange = Exchange(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect)
         scope["extensions"] = {DISCONNECT_EXTENSION: exchange.on_disconnect}
+        self.url, self.headers, self.expect = b"", [], False   # (the next request's)
         self.phase, self.since = BODY, server.now
         current = self.exchange
         if current is None or current.complete:
@@ -252,13 +277,17 @@ class Connection(asyncio.Protocol):
         exchange.buffered += len(body)
         if exchange.buffered > HIGH_WATER:
             self.pause_reading()
-        exchange.wake()
+        if exchange.waiter is not None:   # (most often none: the body came with the head)
+            exchange.wake()
 
     def on_message_complete(self) -> None:
+        # a request after this one in the same bytes neither begins them nor has more of them than they hold
+        self.start, self.between, self.head_bytes = None, True, self.received
         exchange = self.pipeline[-1] if self.pipeline else self.exchange
         exchange.more_body = False
         self.phase = IDLE if exchange.complete else APP
-        exchange.wake()
+        if exchange.waiter is not None:
+            exchange.wake()
 
     # ---------------------------------------------------------------- between requests
 
@@ -442,15 +471,15 @@ class Exchange:
                 raise RuntimeError("response body shorter than its content-length")
             self.complete = True
             self.on_lost = None
-            self.wake()
+            if self.waiter is not None:
+                self.wake()
             conn.finished(self)
 
     def response_head(self, status: int, headers) -> bytes:
         parts = [STATUS[status], self.conn.server.date]
-        length, lines = None, 3   # the status line, `date`, the blank line
+        length = None
         for name, value in headers:
-            size = len(name)
-            if size == 14 or size == 10 or size == 17:   # only these names can be the three read here
+            if len(name) in {14, 10, 17}:   # only names this long can be the three read here (a constant frozenset)
                 lowered = name.lower()
                 if lowered == b"content-length":
                     length = int(value)
@@ -461,7 +490,7 @@ class Exchange:
                     if value.lower() == b"chunked":
                         length = -1
             parts += (name, b": ", value, b"\r\n")
-            lines += 1
+        lines = (len(parts) + 10) >> 2   # 4 parts a header; and the status line, `date`, the blank line
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
             lines += 1

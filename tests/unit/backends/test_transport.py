@@ -719,3 +719,81 @@ async def test_a_readied_connection_the_server_dropped_is_not_used(start):
     begun = events.index(("request", 1))
     post = next(event for event in events[begun:] if event[0] == "post")
     assert post[1] != ready_index and ("check", post[1]) in events[begun:]
+
+
+class _Callbacks:
+    """What httptools' on_header gives for the final head: the pairs head_fields() must reproduce."""
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.interim = 0
+        self.parser = None
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.done:   # (a message after the response is not its head)
+            self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            return
+        if self.parser.get_status_code() < 200:
+            self.fields, self.interim = [], self.interim + 1
+        else:
+            self.done = True
+
+
+_token = st.text("abcXYZ-_!#.~019", min_size=1, max_size=8)
+_value = st.text("ab Z:;,=\t\"/()é09", max_size=12)
+_head = st.builds(
+    lambda line, fields: line + "".join(f"{name}:{value}\r\n" for name, value in fields) + "\r\n",
+    st.sampled_from(["HTTP/1.1 200 OK\r\n", "HTTP/1.1 404 Not Found\r\n", "HTTP/1.0 502 \r\n", "HTTP/1.1 100 Continue\r\n",
+                     "\r\nHTTP/1.1 204 No Content\r\n", "HTTP/1.1 103 Early Hints\r\n"]),
+    st.lists(st.tuples(_token, _value), max_size=6))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_head, min_size=1, max_size=3), st.text("x\r\n", max_size=20), st.integers(1, 200))
+def test_head_fields_matches_httptools_on_header(heads, tail, split):
+    """head_fields() on the received bytes (split into two reads) gives what httptools' per-header callback gave
+    (decoded as latin-1)."""
+    import httptools
+
+    received = "".join(heads).encode("latin-1") + tail.encode()
+    seen = _Callbacks()
+    seen.parser = parser = httptools.HttpResponseParser(seen)
+    fed = b""
+    try:
+        for piece in (received[:split], received[split:]):
+            if not seen.done:
+                fed += piece
+                parser.feed_data(piece)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        pass
+    if seen.done:
+        assert transport_module.head_fields(fed, seen.interim) == [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in seen.fields]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["release", "take", "die", "close_idle"]), st.integers(0, 5),
+                          st.booleans()), max_size=40))
+def test_idle_checked_count_follows_the_idle_connections(steps):
+    """The pool's running count of checked idle connections equals a count of them, whatever comes and goes."""
+    pool = transport_module._Pool(None, 100, 1.0, "b")
+    conns = []
+    for op, index, checked in steps:
+        if op == "release":
+            conn = transport_module._Connection(pool)
+            conn.checked = checked
+            pool._open += 1
+            conns.append(conn)
+            pool.release(conn)
+        elif op == "take":
+            pool.take_idle()
+        elif op == "die" and conns:
+            conns[index % len(conns)].close()
+        elif op == "close_idle":
+            pool.close_idle()
+        for enough in (1, 3, 100):
+            assert pool.idle_checked(enough) == min(sum(c.checked for c in pool._idle), enough)

@@ -12,8 +12,10 @@ import time
 
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.http_server import DISCONNECT_EXTENSION, Server, ServerLimits
+from gateway.http_server import DISCONNECT_EXTENSION, STATUS, Server, ServerLimits
 
 BODY_LIMIT = 1000
 
@@ -568,3 +570,195 @@ def test_failed_startup_logs_the_apps_message_once_and_exits_3(caplog):
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert [r.getMessage() for r in errors] == ["cannot start: no store", "Application startup failed. Exiting."]
     assert not any(r.exc_info for r in errors)
+
+
+def _reference_response_head(exchange, status: int, headers) -> bytes:
+    """response_head() written plainly (each name lowered and compared, lines counted one by one): the reference
+    its faster loop must match."""
+    parts = [STATUS[status], exchange.conn.server.date]
+    length, lines = None, 3
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            length = int(value)
+        elif lowered == b"connection":
+            if b"close" in value.lower():
+                exchange.keep_alive = False
+        elif lowered == b"transfer-encoding":
+            if value.lower() == b"chunked":
+                length = -1
+        parts += (name, b": ", value, b"\r\n")
+        lines += 1
+    if not exchange.keep_alive:
+        parts.append(b"connection: close\r\n")
+        lines += 1
+    if length is None:
+        if not exchange.no_body and status not in (204, 304) and status >= 200:
+            exchange.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+            lines += 1
+    elif length == -1:
+        exchange.chunked = True
+    else:
+        exchange.remaining = length
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise RuntimeError("invalid response header: a name or value contains CR or LF")
+    return head
+
+
+def _bare_exchange(keep_alive: bool, no_body: bool):
+    from types import SimpleNamespace
+
+    from gateway.http_server import Exchange
+
+    exchange = Exchange.__new__(Exchange)
+    exchange.conn = SimpleNamespace(server=SimpleNamespace(date=b"date: Tue, 01 Dec 2026 22:00:00 GMT\r\n"))
+    exchange.keep_alive, exchange.no_body, exchange.chunked, exchange.remaining = keep_alive, no_body, False, 0
+    return exchange
+
+
+_names = st.sampled_from([b"content-length", b"Content-Length", b"connection", b"Connection", b"transfer-encoding",
+                          b"Transfer-Encoding", b"content-type", b"x-request-id", b"x-content-length", b"connectionx",
+                          b"server-timing", b"a\r\nb", b"content-length\n", b""])
+_values = st.sampled_from([b"0", b"12", b" 7 ", b"close", b"Keep-Alive, Close", b"keep-alive", b"chunked", b"CHUNKED",
+                           b"gzip, chunked", b"application/json", b"x\ny", b"x\rz", b"", b"abc"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([200, 201, 204, 304, 101, 404, 500]), st.lists(st.tuples(_names, _values), max_size=8),
+       st.booleans(), st.booleans(), st.sampled_from([list, tuple, iter]))
+def test_response_head_matches_the_plain_reference(status, headers, keep_alive, no_body, shape):
+    """response_head() gives the plain loop's head, framing and keep-alive, or the same error."""
+    new, old = _bare_exchange(keep_alive, no_body), _bare_exchange(keep_alive, no_body)
+    try:
+        expected = _reference_response_head(old, status, headers)
+    except (RuntimeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            new.response_head(status, shape(headers))
+        return
+    assert new.response_head(status, shape(headers)) == expected
+    assert (new.keep_alive, new.chunked, new.remaining) == (old.keep_alive, old.chunked, old.remaining)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+_request = st.builds(
+    lambda crlf, method, path, version, body: (
+        crlf + f"{method} {path} HTTP/{version}\r\nHost: x\r\nContent-Length: {len(body)}\r\n"   # (1.0: kept alive)
+        f"{'Connection: keep-alive' if version == '1.0' else 'X: y'}\r\n\r\n".encode() + body,
+        version),
+    st.sampled_from([b"", b"\r\n"]), st.sampled_from(["GET", "POST", "OPTIONS"]),
+    st.sampled_from(["/", "/v1/chat/completions", "/a?b=c", "http://h/x", "*", "/%41"]),
+    st.sampled_from(["1.1", "1.0"]),
+    st.sampled_from([b"", b"hi", b"GET / HTTP/1.1\r\n", b"POST /v1/chat/completions HTTP/1.1\r\n", b" HTTP/1.1\r\n"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_request, min_size=1, max_size=4), st.lists(st.integers(1, 120), max_size=4))
+def test_scope_http_version_wherever_the_request_begins(requests, cuts):
+    """The scope's http_version read from the request line (a request at the start of the bytes received) is the
+    parser's, however the requests are split into reads or queued behind one another."""
+    from types import SimpleNamespace
+
+    from gateway.http_server import Connection, Exchange
+
+    seen = []
+
+    def start(exchange):
+        seen.append(exchange.scope["http_version"])
+        exchange.complete = True   # answered at once: the next request starts when it arrives
+
+    server = SimpleNamespace(loop=None, now=0.0, limits=ServerLimits(), state={}, sockname=("127.0.0.1", 1))
+    conn = Connection(server)
+    conn.transport, conn.client = _Transport(), None
+    data = b"".join(raw for raw, _ in requests)
+    edges = sorted({0, len(data), *(min(cut, len(data)) for cut in cuts)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Exchange, "start", start)
+        for begin, end in zip(edges, edges[1:]):
+            conn.data_received(data[begin:end])
+    assert seen == [version for _, version in requests]
+
+
+class _PerCallbackCount:
+    """The head limit as it was counted per parser callback (URL, then each header's name and value plus 4): the
+    reference for whether a head is too large by the time the parser stops."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.over, self.complete = limit, 0, False, False
+
+    def on_message_begin(self) -> None:
+        if not self.over and not self.complete:
+            self.size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.add(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.add(len(name) + len(value) + 4)
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def add(self, size: int) -> None:
+        if not self.complete:
+            self.size += size
+            self.over = self.over or self.size > 300
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text("/abc", min_size=1, max_size=80), st.lists(st.tuples(st.text("ab-", min_size=1, max_size=30),
+                                                                     st.text("xy ", max_size=60)), max_size=12),
+       st.booleans(), st.sampled_from([b"", b"\x00bad"]), st.lists(st.integers(1, 400), max_size=4))
+def test_head_limit_decided_as_per_header_counting_did(path, fields, complete, junk, cuts):
+    """A 431 exactly when the URL and the headers the parser delivered (each name and value, 4 bytes more) went over
+    max_head_bytes, whatever the reads; a broken head under the limit is a 400."""
+    import httptools
+    from types import SimpleNamespace
+
+    from gateway.http_server import Connection, Exchange
+
+    head = (f"GET /{path} HTTP/1.1\r\n" + "".join(f"{name}:{value}\r\n" for name, value in fields)
+            + ("\r\n" if complete else "")).encode() + junk
+    reference = _PerCallbackCount(300)
+    try:
+        httptools.HttpRequestParser(reference).feed_data(head)
+    except httptools.HttpParserError:
+        pass
+    server = SimpleNamespace(loop=None, now=0.0, limits=ServerLimits(max_head_bytes=300), state={},
+                             sockname=("127.0.0.1", 1))
+    conn = Connection(server)
+    conn.transport, conn.client = _Transport(), None
+    written = []
+    conn.transport.write = written.append
+    edges = sorted({0, len(head), *(min(cut, len(head)) for cut in cuts)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Exchange, "start", lambda exchange: setattr(exchange, "complete", True))   # answered at once
+        for begin, end in zip(edges, edges[1:]):
+            if not conn.transport.closed:
+                conn.data_received(head[begin:end])
+    status = int(written[0].split(b" ", 2)[1]) if written else None
+    if reference.over:
+        assert status == 431
+    else:
+        assert status in (None, 400) and (status == 400) == (junk != b"")
