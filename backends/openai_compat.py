@@ -29,7 +29,7 @@ from backends.errors import (
 from backends.field_support import asks_for_any, check_best_of
 from backends.protocol import COMPLETIONS_PATH
 from backends.replica_traffic import ReplicaTraffic
-from backends.reply_shape import ReplyShape, SameField, TextTemplate
+from backends.reply_shape import ReplyShape, SameField, TextTemplate, drop_null_details
 from backends.transport import UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,24 @@ def usage_of(doc: dict) -> dict | None:
 TEMPLATE_TRIES = 16   # blocks rewritten in full in a row (no template matched) before a stream stops making templates
 REASONING_FIELD = re.compile(rb',?"reasoning_content":(?:null|"(?:[^"\\]|\\.)*")')
 USAGE_KEY = b'"usage"'
+USAGE_FIELD = b'"usage":'
 
 
 def has_usage_object(data: bytes) -> bool:
     """A usage object, not SGLang's `"usage":null` on every chunk: three substring scans, no parsing."""
     return data.find(USAGE_KEY) >= 0 and (data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0)
+
+
+def object_at(data: bytes, start: int) -> bytes:
+    """The JSON object that starts at `start`, by its braces (each `{` before a `}` is one that `}` closes).
+    A brace inside a string can make it end elsewhere; then it is not JSON, which the parser says: JSON text
+    that parses from the object's `{` to where this ends is exactly that object."""
+    end = data.find(b"}", start)
+    inner = data.find(b"{", start + 1, end)
+    while inner >= 0:
+        end = data.find(b"}", end + 1)
+        inner = data.find(b"{", inner + 1, end)
+    return data[start:end + 1]
 
 
 def take_usage(doc: dict) -> dict | None:
@@ -121,13 +134,28 @@ def strip_reasoning(doc: dict) -> None:
                 choice[part].pop("reasoning_content", None)
 
 
+_model_fields: dict[str, SameField] = {}   # model name -> its rewrite; as many as the names clients use
+
+
+def model_field(model: str) -> SameField:
+    """The `model` rewrite for a name, shared by the streams that ask for it: SameField's state only caches the
+    raw field a backend wrote last, checked by every sub(), so one stream's serves the next."""
+    field = _model_fields.get(model)
+    if field is None:
+        field = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(model))
+        if len(_model_fields) < 64:
+            _model_fields[model] = field
+    return field
+
+
 class RelayReply:
     """A success reply from an OpenAI-compatible backend, relayed with as little work as possible.
 
     Per stream block (one TCP read's worth of whole events) it always rewrites `model`, and `id`, `created`
     and build details to OpenAI's shape (backends/reply_shape.py); everything else happens only for
     requests that asked for it, or for the one or two events that carry a usage object (parsed: counted for
-    metrics, then shown to the client only as the single usage chunk it asked for), stripping reasoning, and
+    metrics, then shown to the client only as the single usage chunk it asked for; the chunk the gateway asked
+    for and hides is dropped with only its usage object parsed), stripping reasoning, and
     showing tool-using replies to the request's observer.
 
     The first `data:` event ends the upstream's first-byte deadline (`first_event_received()`): a head
@@ -138,7 +166,7 @@ class RelayReply:
                  "_stream_error", "_fix_document", "_fix_block", "_usage_shown", "_usage_head", "shape", "_cut_guard",
                  "_templates", "_template")
 
-    def __init__(self, upstream: UpstreamResponse, request: BackendRequest, *, backend: str,
+    def __init__(self, upstream: UpstreamResponse, request: BackendRequest, backend: str,
                  stream_error: Callable[[bytes], StreamErrorEvent] | None = None,
                  fix_document: Callable[[dict, BackendRequest], None] | None = None,
                  fix_block: Callable[[bytes, BackendRequest], bytes] | None = None,
@@ -150,8 +178,7 @@ class RelayReply:
         self.usage: dict | None = None
         self._upstream = upstream
         self._request = request
-        self._models = SameField(MODEL_FIELD, b'"model":', b'"model":' + orjson.dumps(request.model)) \
-            if request.stream else None
+        self._models = model_field(request.model) if request.stream else None
         self._backend = backend
         self._stream_error = stream_error
         self._fix_document = fix_document
@@ -254,6 +281,16 @@ class RelayReply:
 
     def _rewrite_fields(self, block: bytes) -> bytes:
         request = self._request
+        at = block.find(b'"usage":{') if request.hide_usage_chunk else -1
+        hidden = at >= 0
+        if hidden:
+            rest = self._without_hidden_usage(block, at)
+            if rest is None:
+                hidden = False
+            elif request.observer is None and (not rest or rest == DONE_EVENT):
+                return rest   # (every rewrite leaves `data: [DONE]` as it is; an observer sees every block)
+            else:
+                block = rest
         block = self.shape.block(self._models.sub(block))
         if block.find(REASONING_ALIAS_KEY) >= 0:
             block = reasoning_alias_block(block)
@@ -261,7 +298,7 @@ class RelayReply:
             block = self._fix_block(block, request)
         if self._cut_guard is not None:
             block = self._cut_guard.block(block)
-        if block.find(USAGE_KEY) >= 0:
+        if hidden or block.find(USAGE_KEY) >= 0:   # (the rest of a hidden chunk's block: rewritten as with it)
             block = self.shape.usage_block(block)
             if block.find(b'"usage":{') >= 0 or block.find(b'"usage": {') >= 0:   # has_usage_object()
                 block = self._route_usage(block)
@@ -270,6 +307,35 @@ class RelayReply:
         if request.rules.strip_reasoning and block.find(b'"reasoning_content"') >= 0:
             block = REASONING_FIELD.sub(b"", block).replace(b'{,"', b'{"')
         return block
+
+    def _without_hidden_usage(self, block: bytes, at: int) -> bytes | None:
+        """The block without the usage chunk the gateway asked for and hides (`choices: []`), its usage counted:
+        only that chunk's usage object (at `at`, the block's first) is parsed, and nothing is rewritten first
+        to be dropped (issue 22: the rewrite and parse of llama.cpp's chunk cost about 100,000 instructions a
+        stream, its timings' floats most of the parse). Of the rewrites, only usage_block()'s cut of null
+        details reaches a usage object as backends write it: drop_null_details() does that here. None where the
+        full rewrite must decide: the block holds another usage (or a spaced one, or an empty event, which
+        _route_usage() would drop), the chunk is not a `data: {` event with `"choices":[]` and one usage, or
+        its usage object does not parse."""
+        if block.find(EVENT_END) == len(block) - 2:   # one event, as a backend's own write of it comes
+            event = block
+        elif block.count(b'"usage":{') != 1 or block.find(b'"usage": {') >= 0 or block.startswith(EVENT_END) \
+                or block.find(b"\n\n\n\n") >= 0:
+            return None
+        else:
+            start = block.rfind(EVENT_END, 0, at) + 2
+            event = block[start if start > 1 else 0:block.find(EVENT_END, at) + 2]
+        if not event.startswith(b"data: {") or event.find(b'"choices":[]') < 0 or event.count(USAGE_FIELD) != 1:
+            return None   # (a spaced usage is a second `"usage":` there)
+        try:
+            usage = orjson.loads(object_at(block, at + 8))
+        except orjson.JSONDecodeError:
+            return None
+        if usage:
+            drop_null_details(usage)
+            self.usage = usage
+        # (_usage_head is for a stand-in usage chunk, which a client who did not ask for usage never gets)
+        return b"" if event is block else block.replace(event, b"", 1)
 
     def _route_usage(self, block: bytes) -> bytes:
         events = [event for event in block.split(EVENT_END) if event]
@@ -420,9 +486,9 @@ class OpenAICompatDriver(ReplicaTraffic):
                 continue
             outliers.in_a_row[replica] = 0  # outliers.success(replica), without the call
             outliers.ok[replica] += 1
-            return RelayReply(upstream, request, backend=self.name, stream_error=self.stream_error_for(replica),
-                              fix_document=self.fix_document, fix_block=self.fix_block, release=lease.release,
-                              failed_early=lambda: self._replica_failed(replica, request, None))
+            # positional: a class called with keywords gets them as a dict (backends/base.py forwarded_request)
+            return RelayReply(upstream, request, self.name, self.stream_error_for(replica), self.fix_document,
+                              self.fix_block, lease.release, lambda: self._replica_failed(replica, request, None))
 
     async def _open(self, replica: int, request: BackendRequest) -> UpstreamResponse:
         upstream = await self._post(replica, request)

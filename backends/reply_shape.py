@@ -73,10 +73,10 @@ def _fingerprint_field(match: re.Match) -> bytes:
 def map_fingerprints(block: bytes) -> bytes:
     """bytes.replace for the value seen last (the common case), the regex only when another one remains."""
     raw, mapped = _last_fingerprint
-    block = block.replace(raw, mapped)
-    if block.count(b'"system_fingerprint"') != block.count(mapped):
-        block = FINGERPRINT_FIELD.sub(_fingerprint_field, block)
-    return block
+    replaced = block.replace(raw, mapped)
+    if replaced.count(b'"system_fingerprint"') != replaced.count(mapped):
+        return FINGERPRINT_FIELD.sub(_fingerprint_field, block)   # the raw block: a mapped value is not mapped again
+    return replaced
 
 
 class SameField:
@@ -123,6 +123,20 @@ NULL_ONLY_KEY = re.compile(rb'"(?:usage|tool_calls|role)":\s*null')   # in every
 # null fields by bytes.replace of their compact forms was tried: its many scans cost more than the one regex.)
 
 
+_last_created: tuple[int, SameField | None] = (-1, None)
+
+
+def created_field(created: int) -> SameField:
+    """The `created` rewrite for a second, shared by the streams that start in it (see model_field() in
+    backends/openai_compat.py: SameField's state is a checked cache)."""
+    global _last_created
+    second, field = _last_created
+    if second != created or field is None:
+        field = SameField(CREATED_FIELD, b'"created":', b'"created":%d' % created, True)
+        _last_created = (created, field)
+    return field
+
+
 class ReplyShape:
     """One request's id and clock, applied to its whole reply or to each block of its stream."""
 
@@ -132,7 +146,7 @@ class ReplyShape:
         self.id, self.created, self._chat = completion_id(path), created, path == CHAT_PATH
         if stream:
             self._ids = SameField(ID_FIELD, b"cmpl-", f'"id":"{self.id}"'.encode())
-            self._createds = SameField(CREATED_FIELD, b'"created":', f'"created":{created}'.encode(), tail=True)
+            self._createds = created_field(created)
 
     def document(self, doc: dict) -> None:
         doc["id"], doc["created"] = self.id, self.created
@@ -140,10 +154,7 @@ class ReplyShape:
             self._backend_extensions(doc)
         usage = doc.get("usage")
         if usage.__class__ is dict:
-            if usage.get("prompt_tokens_details", 0) is None:
-                del usage["prompt_tokens_details"]
-            if usage.get("completion_tokens_details", 0) is None:
-                del usage["completion_tokens_details"]
+            drop_null_details(usage)
         for choice in doc.get("choices") or ():
             if choice.__class__ is not dict:
                 continue
@@ -184,6 +195,13 @@ class ReplyShape:
         if block.find(DETAILS_KEY) >= 0:
             block = cut_null_details(block).replace(b'{,"', b'{"')
         return block
+
+
+def drop_null_details(usage: dict) -> None:
+    if usage.get("prompt_tokens_details", 0) is None:
+        del usage["prompt_tokens_details"]
+    if usage.get("completion_tokens_details", 0) is None:
+        del usage["completion_tokens_details"]
 
 
 def field_start(block: bytes, at: int, start: int) -> int:

@@ -330,3 +330,94 @@ def test_done_alone_is_what_the_full_rewrite_makes_of_it(fields):
                        fix_block=fix_reasoning_stream)
     reply._rewrite(llamacpp_event(__import__("random").Random(0), "x", "content"))
     assert reply._rewrite(DONE_EVENT) == DONE_EVENT
+
+
+# --- the usage chunk the gateway asked for and hides: counted from its bytes, never rewritten ------------------
+
+class Observer:
+    def __init__(self) -> None:
+        self.blocks = []
+
+    def on_block(self, block: bytes) -> None:
+        self.blocks.append(block)
+
+    def on_document(self, doc: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.blocks.append(b"finished")
+
+
+def usage_event(rng) -> bytes:
+    """A usage chunk as some backend writes it (llama.cpp's timings and cached tokens, SGLang's null details and
+    usage:null, the hosted API's usage in a choice), now and then one the fast path must leave to the full rewrite."""
+    usage = dict(USAGE)
+    if rng.random() < 0.3:
+        usage["prompt_tokens_details"] = rng.choice([None, {"cached_tokens": 0}])
+    if rng.random() < 0.3:
+        usage["completion_tokens_details"] = rng.choice([None, {"reasoning_tokens": 2}])
+    usage["completion_tokens"] = rng.randrange(100)
+    doc = {"choices": [], "created": rng.choice([1, 17, 170]), "id": "chatcmpl-up1", "model": rng.choice(["up", "u2"]),
+           "object": "chat.completion.chunk", "usage": usage}
+    if rng.random() < 0.3:
+        doc["timings"] = {"cache_n": 0, "prompt_n": 9, "predicted_per_second": 199.7}
+    if rng.random() < 0.3:
+        doc["system_fingerprint"] = "b1-0c1e570"
+    if rng.random() < 0.15:
+        doc["choices"] = [{"index": 0, "delta": {"content": "z"}, "finish_reason": "stop", "usage": usage}]
+    if rng.random() < 0.1:
+        del doc["choices"]
+    raw = event(doc)
+    if rng.random() < 0.1:
+        raw = raw.replace(b":", b": ")   # spaced JSON
+    if rng.random() < 0.05:
+        raw = raw.replace(b'"usage":{', b'"usage":{"x":', 1)   # broken JSON: the full rewrite keeps it
+    return raw
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_hidden_usage_chunk_fast_path_relays_what_the_full_rewrite_relays(seed, monkeypatch):
+    """Random SGLang and llama.cpp streams whose usage chunks (one or several, in every backend's shape, some
+    with choices, spaced, broken) share reads with other events, [DONE], SSE comments and blank lines: with the
+    hidden chunk dropped from its raw bytes and with every block rewritten in full first, the same bytes, the
+    same usage, the same blocks seen by an observer."""
+    import random
+    rng = random.Random(seed)
+    make = sglang_event if seed % 2 else llamacpp_event
+    monkeypatch.setattr("backends.openai_compat.time.time", lambda: 1764604800.5)
+    dropped = []
+    for _ in range(30):
+        events = [make(rng, rng.choice(TEXTS), "content") for _ in range(rng.randrange(1, 6))]
+        for _ in range(rng.choice([1, 1, 1, 2])):
+            events.insert(rng.randrange(len(events) + 1), usage_event(rng))
+        if rng.random() < 0.2:
+            events.insert(rng.randrange(len(events) + 1), rng.choice([b": keep-alive\n\n", b"\n\n"]))
+        events.append(done())
+        pieces, at = [], 0
+        while at < len(events):
+            take = rng.choice([1, 2, 3, 5])
+            pieces.append(b"".join(events[at:at + take]))
+            at += take
+        fields = rng.choice([dict(), dict(thinking=False), dict(rules=AgentRules(strip_reasoning=True)),
+                             dict(body={"tools": [{"type": "function"}]}), dict(observer=Observer())])
+        results = []
+        for fast in (True, False):
+            if fast:
+                def counted(self, block, at, original=RelayReply._without_hidden_usage):
+                    rest = original(self, block, at)
+                    dropped.append(rest is not None)
+                    return rest
+                monkeypatch.setattr(RelayReply, "_without_hidden_usage", counted)
+            else:
+                monkeypatch.setattr(RelayReply, "_without_hidden_usage", lambda self, block, at: None)
+            random.seed(7)   # the same completion id for both
+            observer = Observer() if "observer" in fields else None
+            req = request(**{**fields, "hide_usage_chunk": True, "observer": observer})
+            reply = RelayReply(Upstream(pieces), req, backend="b", stream_error=stream_error,
+                               fix_block=fix_reasoning_stream)
+            out = [block async for block in reply.events()]
+            results.append((out, reply.usage, observer.blocks if observer else None))
+        monkeypatch.undo()
+        monkeypatch.setattr("backends.openai_compat.time.time", lambda: 1764604800.5)
+        assert results[0] == results[1], pieces
+    assert any(dropped) and not all(dropped)   # both the fast path and the full rewrite's cases came up

@@ -216,3 +216,12 @@ def test_llamacpp_usage_chunk_loses_timings_and_keeps_its_details():
            b'{"cached_tokens":0}},"timings":{"cache_n":0,"prompt_n":9,"predicted_per_second":199.7}}\n\n')
     assert ReplyShape.usage_block(raw) == TIMINGS_REGEX.sub(b"", raw) == raw.replace(
         b',"timings":{"cache_n":0,"prompt_n":9,"predicted_per_second":199.7}', b"")
+
+
+def test_a_block_with_two_builds_maps_each_fingerprint_once():
+    from backends.reply_shape import map_fingerprints
+    one, two = b'"system_fingerprint":"b1-abc"', b'"system_fingerprint":"b2-def"'
+    map_fingerprints(b"data: {" + one + b"}\n\n")   # the value seen last: mapped by bytes.replace
+    out = map_fingerprints(b"data: {" + one + b"}\n\ndata: {" + two + b"}\n\n")
+    assert out == (b'data: {"system_fingerprint":"' + fingerprint("b1-abc").encode() + b'"}\n\n'
+                   b'data: {"system_fingerprint":"' + fingerprint("b2-def").encode() + b'"}\n\n')
