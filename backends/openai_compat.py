@@ -196,8 +196,9 @@ class RelayReply:
     async def events(self) -> AsyncIterator[bytes]:
         buffer = b""
         upstream, waiting_first = self._upstream, True
+        pieces = upstream.iter_bytes()
         try:
-            async for piece in upstream.iter_bytes():
+            async for piece in pieces:
                 # One read, one token event that a template covers: most of a stream (TextTemplate.event says
                 # why it cannot be [DONE] or an error event).
                 template = self._template
@@ -231,6 +232,9 @@ class RelayReply:
                 if done:
                     if self._request.observer is not None:
                         self._request.observer.finish()
+                    # closed here, not left suspended for the GC: the loop's async-generator finalizer would
+                    # close it in a task of its own, through call_soon_threadsafe (a wake-up write per stream)
+                    await pieces.aclose()
                     return
         except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
             if waiting_first and self._failed_early is not None:
