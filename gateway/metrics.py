@@ -150,10 +150,13 @@ class Series:
         prompt = completion = None
         if usage:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        # Per output token when the backend reported them (no chunk parsing: the usage chunk is read anyway);
-        # else per streamed event, which is one token per event on SGLang and llama.cpp.
-        gaps = completion - 1 if isinstance(completion, int) and completion > 1 else events
-        per_token = streamed / gaps if streamed is not None and gaps > 0 and events > 0 else None
+        per_token = None
+        if streamed is not None and events > 0:
+            # Per output token when the backend reported them (no chunk parsing: the usage chunk is read anyway);
+            # else per streamed event, which is one token per event on SGLang and llama.cpp.
+            gaps = completion - 1 if isinstance(completion, int) and completion > 1 else events
+            if gaps > 0:
+                per_token = streamed / gaps
         prompt = prompt if isinstance(prompt, int) and prompt > 0 else None
         completion = completion if isinstance(completion, int) and completion > 0 else None
         if not self.direct:
