@@ -422,7 +422,11 @@ class RequestRecorder:
             add_to(self._series.in_flight, -1.0)
         self.route, self.adapter, self.version, self.backend = route, adapter or "", version or "", backend
         self._series = series = self._metrics.series(route, self.adapter, self.version, backend)
-        add_to(series.in_flight or series.bind("in_flight"))
+        cell = series.in_flight or series.bind("in_flight")
+        if series.direct:
+            cell._value += 1.0
+        else:
+            add_to(cell)
 
     def sampled(self, overrides) -> None:
         for param in overrides:
