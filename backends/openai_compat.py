@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 import time
+from functools import partial
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import orjson
@@ -223,8 +224,14 @@ class RelayReply:
     async def events(self) -> AsyncIterator[bytes]:
         buffer = b""
         upstream, waiting_first = self._upstream, True
+        # The lean transport's pieces are awaited one by one, without an async generator between (a hop per event,
+        # and one more generator for the loop to track); other upstreams (httpx, test doubles) through iter_bytes().
+        next_piece = getattr(upstream, "next_piece", None)
+        pieces = None if next_piece is not None else upstream.iter_bytes()
+        if pieces is not None:
+            next_piece = partial(anext, pieces, None)
         try:
-            async for piece in upstream.iter_bytes():
+            while (piece := await next_piece()) is not None:
                 # One read, one token event that a template covers: most of a stream (TextTemplate.event says
                 # why it cannot be [DONE] or an error event).
                 template = self._template
@@ -258,6 +265,8 @@ class RelayReply:
                 if done:
                     if self._request.observer is not None:
                         self._request.observer.finish()
+                    if pieces is not None:   # closed here, not left to the loop's async-generator finalizer
+                        await pieces.aclose()   # (a task of its own, through call_soon_threadsafe)
                     return
         except (BackendUnavailableError, BackendProtocolError, BackendTimeoutError):
             if waiting_first and self._failed_early is not None:

@@ -269,6 +269,10 @@ class UpstreamResponse:
             self._conn.resume()
         return data
 
+    # iter_bytes() one piece at a time, None at the end, without an async generator between (RelayReply.events);
+    # the caller's aclose() abandons what is left of the body
+    next_piece = _next_piece
+
     async def _wait(self, deadline: float, make_error: Callable[[], BackendError]) -> None:
         """Until the connection has news for this response, or `deadline` (loop time) passes."""
         loop = self._loop

@@ -120,6 +120,7 @@ class CannedResponse:
     def __init__(self, stream: bool, pieces: list[bytes] | None = None, paced: bool = False) -> None:
         self.headers = {"content-type": "text/event-stream" if stream else "application/json"}
         self.pieces, self.paced = pieces if pieces is not None else STREAM_PIECES, paced
+        self._rest, self._left = iter(self.pieces), len(self.pieces)
 
     async def read(self) -> bytes:
         return REPLY
@@ -132,6 +133,13 @@ class CannedResponse:
         for piece in self.pieces:
             await asyncio.sleep(0)   # a turn of the loop before each piece, as a socket's read wakes the relay
             yield piece
+
+    async def next_piece(self) -> bytes | None:
+        """iter_bytes() one piece at a time (None at the end), as the lean transport's UpstreamResponse.next_piece()."""
+        if self.paced and self._left:
+            self._left -= 1
+            await asyncio.sleep(0)
+        return next(self._rest, None)
 
     def first_event_received(self) -> None:
         pass

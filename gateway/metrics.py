@@ -14,6 +14,7 @@ from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import values as prometheus_values
 from prometheus_client.values import MutexValue
 
 PREFIX = "kimi_gateway_"
@@ -109,13 +110,16 @@ class Series:
     as labels() would make it then: the exposition is the same."""
 
     __slots__ = ("_metrics", "_labels", "codes", "in_flight", "duration", "ttft", "overhead", "inter_token",
-                 "prompt", "completion")
+                 "prompt", "completion", "direct")
 
     def __init__(self, metrics: Metrics, route: str, adapter: str, version: str, backend: str) -> None:
         self._metrics, self._labels = metrics, (route, adapter, version, backend)
         self.codes: dict[int, object] = {}   # status -> the requests counter's cell
         self.in_flight = self.duration = self.ttft = self.overhead = self.inter_token = None
         self.prompt = self.completion = None
+        # the value class prometheus_client makes every child with (one per process): MutexValue unless values
+        # live in files shared between `--workers` processes, whose writes go through the children's methods
+        self.direct = prometheus_values.ValueClass is MutexValue
 
     def requests(self, code: int):
         cell = self.codes[code] = self._metrics.requests.cell((*self._labels, str(code)))
@@ -136,6 +140,58 @@ class Series:
             cell = getattr(metrics, name).histogram_cell((route, backend))
         setattr(self, name, cell)
         return cell
+
+    def finished(self, code: int, duration: float, overhead: float, streamed: float | None, events: int,
+                 usage: dict | None) -> None:
+        """A request's writes as it ends (RequestRecorder.finished): its status, one in flight less, its duration
+        and the gateway's own time (`overhead`, at least 0), the mean gap between output tokens (`streamed`: first
+        event to end, None without one), the tokens the backend reported. Direct: each value's float, bucket by
+        bisect (the values are differences of perf_counter() readings: never NaN, which observe_in() sees to)."""
+        prompt = completion = None
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        per_token = None
+        if streamed is not None and events > 0:
+            # Per output token when the backend reported them (no chunk parsing: the usage chunk is read anyway);
+            # else per streamed event, which is one token per event on SGLang and llama.cpp.
+            gaps = completion - 1 if isinstance(completion, int) and completion > 1 else events
+            if gaps > 0:
+                per_token = streamed / gaps
+        prompt = prompt if isinstance(prompt, int) and prompt > 0 else None
+        completion = completion if isinstance(completion, int) and completion > 0 else None
+        if not self.direct:
+            self._finished_shared(code, duration, overhead, per_token, prompt, completion)
+            return
+        (self.codes.get(code) or self.requests(code))._value += 1.0
+        self.in_flight._value -= 1.0
+        total, buckets, bounds, _, _ = self.duration or self.bind("duration")
+        total._value += duration
+        buckets[bisect_left(bounds, duration)]._value += 1.0
+        total, buckets, bounds, _, _ = self.overhead or self.bind("overhead")
+        total._value += overhead
+        buckets[bisect_left(bounds, overhead)]._value += 1.0
+        if per_token is not None:
+            total, buckets, bounds, _, _ = self.inter_token or self.bind("inter_token")
+            total._value += per_token
+            buckets[bisect_left(bounds, per_token)]._value += 1.0
+        if prompt is not None:
+            (self.prompt or self.bind("prompt"))._value += prompt
+        if completion is not None:
+            (self.completion or self.bind("completion"))._value += completion
+
+    def _finished_shared(self, code: int, duration: float, overhead: float, per_token: float | None,
+                         prompt: int | None, completion: int | None) -> None:
+        """finished() through the children's methods (values in files shared between processes)."""
+        add_to(self.codes.get(code) or self.requests(code))
+        add_to(self.in_flight, -1.0)
+        observe_in(self.duration or self.bind("duration"), duration)
+        observe_in(self.overhead or self.bind("overhead"), overhead)
+        if per_token is not None:
+            observe_in(self.inter_token or self.bind("inter_token"), per_token)
+        if prompt is not None:
+            add_to(self.prompt or self.bind("prompt"), prompt)
+        if completion is not None:
+            add_to(self.completion or self.bind("completion"), completion)
 
 
 class Metrics:
@@ -366,7 +422,11 @@ class RequestRecorder:
             add_to(self._series.in_flight, -1.0)
         self.route, self.adapter, self.version, self.backend = route, adapter or "", version or "", backend
         self._series = series = self._metrics.series(route, self.adapter, self.version, backend)
-        add_to(series.in_flight or series.bind("in_flight"))
+        cell = series.in_flight or series.bind("in_flight")
+        if series.direct:
+            cell._value += 1.0
+        else:
+            add_to(cell)
 
     def sampled(self, overrides) -> None:
         for param in overrides:
@@ -425,41 +485,20 @@ class RequestRecorder:
         self._events += count
 
     def finished(self, code: int, usage: dict | None = None) -> None:
-        metrics, now = self._metrics, time.perf_counter()
+        now = time.perf_counter()
         self.code, self.usage = code, usage
-        self.duration_s = now - self.start
+        self.duration_s = duration = now - self.start
         series = self._series   # bound by routed(): the series of the route, adapter version and backend
-        if series is None:
-            metrics.requests.add((self.route, self.adapter, self.version, self.backend, str(code)))
+        if series is None:   # answered by the gateway alone: counted, and the log says so (no other metric)
+            self.overhead_s = duration
+            self._finished_unrouted(code, usage)
         else:
-            add_to(series.codes.get(code) or series.requests(code))
+            first = self._first
+            streamed = now - first if first else None
+            self.overhead_s = overhead = duration - self.upstream_s - (streamed or 0.0)
+            series.finished(code, duration, max(overhead, 0.0), streamed, self._events, usage)
         if self.variant is not None:
-            metrics.experiment_requests.add((self.route, self.variant, str(code)))
-        completion = usage.get("completion_tokens") if usage else None
-        if series is None:
-            self.overhead_s = self.duration_s   # answered by the gateway alone (the log says so; no metric)
-        else:
-            add_to(series.in_flight, -1.0)
-            observe_in(series.duration or series.bind("duration"), self.duration_s)
-            self.overhead_s = self.duration_s - self.upstream_s - (now - self._first if self._first else 0.0)
-            observe_in(series.overhead or series.bind("overhead"), max(self.overhead_s, 0.0))
-            # Per output token when the backend reported them (no chunk parsing: the usage chunk is read anyway);
-            # else per streamed event, which is one token per event on SGLang and llama.cpp.
-            gaps = completion - 1 if isinstance(completion, int) and completion > 1 else self._events
-            if self._first and gaps > 0 and self._events > 0:
-                observe_in(series.inter_token or series.bind("inter_token"), (now - self._first) / gaps)
-        if usage:
-            prompt = usage.get("prompt_tokens")
-            if isinstance(prompt, int) and prompt > 0:
-                if series is None:
-                    metrics.tokens.add((self.route, self.adapter, "prompt"), prompt)
-                else:
-                    add_to(series.prompt or series.bind("prompt"), prompt)
-            if isinstance(completion, int) and completion > 0:
-                if series is None:
-                    metrics.tokens.add((self.route, self.adapter, "completion"), completion)
-                else:
-                    add_to(series.completion or series.bind("completion"), completion)
+            self._metrics.experiment_requests.add((self.route, self.variant, str(code)))
         if self.facts is not None and self.route:
             first = self._first - self.start if self._first else self.duration_s
             self.facts.record(self.request_id, self.route, self.route if self.variant else None, self.variant,
@@ -467,3 +506,12 @@ class RequestRecorder:
                               usage)
         if self.after is not None:
             self.after.start()
+
+    def _finished_unrouted(self, code: int, usage: dict | None) -> None:
+        metrics = self._metrics
+        metrics.requests.add((self.route, self.adapter, self.version, self.backend, str(code)))
+        if usage:
+            for kind in ("prompt", "completion"):
+                count = usage.get(f"{kind}_tokens")
+                if isinstance(count, int) and count > 0:
+                    metrics.tokens.add((self.route, self.adapter, kind), count)

@@ -50,15 +50,29 @@ STREAM = (event({"model": "up", "choices": [{"index": 0, "delta": {"reasoning_co
           + b"data: [DONE]\n\n")
 
 
-async def relay(pieces, req, **hooks) -> bytes:
-    reply = RelayReply(Upstream(pieces), req, backend="b", **hooks)
+class PieceUpstream(Upstream):
+    """The lean transport's shape (UpstreamResponse.next_piece): pieces awaited one by one, no iter_bytes."""
+
+    async def next_piece(self):
+        if self.yielded == len(self.pieces):
+            return None
+        self.yielded += 1
+        return self.pieces[self.yielded - 1]
+
+    def iter_bytes(self):
+        raise AssertionError("RelayReply reads a next_piece() upstream piece by piece")
+
+
+async def relay(pieces, req, upstream=Upstream, **hooks) -> bytes:
+    reply = RelayReply(upstream(pieces), req, backend="b", **hooks)
     return b"".join([block async for block in reply.events()]), reply
 
 
+@pytest.mark.parametrize("upstream", [Upstream, PieceUpstream])
 @pytest.mark.parametrize("split", [1, 7, 50, len(STREAM)])
-async def test_stream_is_relayed_whatever_the_tcp_split(split):
+async def test_stream_is_relayed_whatever_the_tcp_split(split, upstream):
     pieces = [STREAM[i:i + split] for i in range(0, len(STREAM), split)]
-    text, reply = await relay(pieces, request())
+    text, reply = await relay(pieces, request(), upstream)
     assert text == STREAM.replace(b'"model":"up"', b'"model":"asked"')
     assert reply.usage == {"prompt_tokens": 3, "completion_tokens": 1}
 
@@ -74,9 +88,10 @@ async def test_strip_reasoning_keeps_valid_json():
     assert first["choices"][0]["delta"] == {"content": "a"}
 
 
-async def test_stream_without_done_is_a_protocol_error():
+@pytest.mark.parametrize("upstream", [Upstream, PieceUpstream])
+async def test_stream_without_done_is_a_protocol_error(upstream):
     with pytest.raises(BackendProtocolError):
-        await relay([STREAM[:40]], request())
+        await relay([STREAM[:40]], request(), upstream)
 
 
 def test_llamacpp_thinking_off_answer_moves_to_content():

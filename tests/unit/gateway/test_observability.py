@@ -397,15 +397,20 @@ def test_the_access_line_as_text_is_the_line_orjson_writes(seed, monkeypatch):
         handler.pending.clear()
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_recorder_series_expose_what_labels_writes_expose(seed, monkeypatch):
+def test_recorder_series_expose_what_labels_writes_expose(seed, shared, monkeypatch):
     """RequestRecorder writes through per-combination series (Metrics.series) bound once: the exposition is what
     the same requests give written by prometheus_client's labels(…).inc()/observe(), and no series more (one is
-    made at its first write: random requests, JSON and streams, fallbacks, answers without a route, odd usage)."""
+    made at its first write: random requests, JSON and streams, fallbacks, answers without a route, odd usage).
+    `shared`: the writes as with values in files shared between `--workers` (through the children's methods)."""
     from prometheus_client import generate_latest
 
     from gateway import metrics as metrics_module
     from gateway.metrics import Metrics, RequestRecorder
+
+    if shared:   # no value counts as one written directly
+        monkeypatch.setattr(metrics_module, "MutexValue", type("Shared", (), {}))
 
     rng = random.Random(seed)
     clock, now = iter(range(10 ** 6)), [0.0]
