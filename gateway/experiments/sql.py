@@ -20,9 +20,7 @@ def columns(record_type) -> str:
 
 
 def row(record) -> tuple:
-    """A fact's or shadow call's values in column order (a RequestFact already is that tuple)."""
-    if isinstance(record, tuple):
-        return record
+    """A shadow call's values in column order (a RequestFact already is that tuple)."""
     return tuple(getattr(record, field.name) for field in fields(record))
 
 
